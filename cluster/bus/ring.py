@@ -1,0 +1,45 @@
+"""Which queue shard owns a domain: rendezvous (highest random weight) hashing over the shard list.
+
+DESIGN.md contract 3: all state about one destination lives in one shard. The key is the recipient domain,
+lower-cased and IDNA-encoded, so "Example.COM", "example.com" and "bücher.de" / "xn--bcher-kva.de" each map
+to exactly one shard. Rendezvous hashing moves only about 1/N of the domains when a shard is added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+
+def domain_key(domain: str) -> str:
+    """Normalise a domain for hashing and queueing: lower-case, IDNA (A-label) form, no trailing dot."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.startswith("[") or domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        # Not valid IDNA2003 (the stdlib codec): keep the Unicode form so the key is still stable.
+        return domain
+
+
+def _weight(shard: str, key: str) -> int:
+    digest = hashlib.blake2b(f"{shard}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def shard_for_domain(domain: str, shards: Sequence[str]) -> int:
+    """Index of the shard (in `shards`, the configured endpoint list) that owns `domain`."""
+    if not shards:
+        raise ValueError("no shards configured")
+    key = domain_key(domain)
+    # Weight by shard number, not endpoint text, so renaming an endpoint (pod IP change) moves nothing.
+    return max(range(len(shards)), key=lambda index: _weight(str(index), key))
+
+
+def shard_for_address(address: str, shards: Sequence[str]) -> int:
+    """Shard owning the domain of a mailbox address; the null sender and bare local parts go to shard 0."""
+    _, at, domain = address.rpartition("@")
+    if not at or not domain:
+        return 0
+    return shard_for_domain(domain, shards)

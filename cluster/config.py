@@ -1,0 +1,410 @@
+"""Configuration: one TOML file -> frozen, validated dataclasses.
+
+Every limit and timeout of the cluster has its default here, and only here. `load_config(path)` reads the
+file (or uses the built-in defaults when `path` is None), applies environment overrides, checks every value
+against its bounds and returns a `Config`. A bad value raises `ConfigError` naming the key and why.
+
+Environment overrides: `MTACLUSTER_<SECTION>_<KEY>=value`, for example `MTACLUSTER_SMTP_HOSTNAME=mx.example`
+or `MTACLUSTER_QUEUE_SHARDS='["tcp://10.0.0.5:5570"]'`. The value is read as a TOML value when it parses as
+one, else as a plain string.
+
+Durations accept an integer or float number of seconds, or a string with a unit: "90s", "5m", "2h", "5d".
+Sizes accept a number of bytes or a string with a unit: "512KiB", "25MiB", "1GiB".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MTACLUSTER_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of bounds."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key = key
+        self.why = why
+
+
+class Duration(float):
+    """Seconds, written in TOML as a number or as "5m"-style text."""
+
+
+class Size(int):
+    """Bytes, written in TOML as a number or as "25MiB"-style text."""
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    # The name this MTA gives itself in the greeting, EHLO reply and Received headers.
+    hostname: str = "localhost"
+    # Addresses the frontends listen on, "host:port" ("[::1]:25" for IPv6).
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    # Clients in these networks may relay to any domain (CIDR notation).
+    relay_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Domains that anyone may send to; mail to them is accepted from any client.
+    local_domains: tuple[str, ...] = ()
+    # RFC 5321 4.5.3.1.4: at least 64 KiB; 25 MiB matches common practice.
+    max_message_size: Size = Size(25 * 1024 * 1024)
+    # RFC 5321 4.5.3.1.8: at least 100 recipients per transaction.
+    max_recipients: int = 100
+    # RFC 5321 4.5.3.1.4/5: command line 512 octets, text line 1000 octets, both counting CRLF.
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    # Protocol errors tolerated per session before the connection is closed (Postfix smtpd_hard_error_limit).
+    max_errors: int = 20
+    # Concurrent connections from one client address, per frontend process.
+    max_connections_per_client: int = 50
+    # Concurrent connections per frontend process.
+    max_connections: int = 2000
+    # RFC 5321 4.5.3.2.7: server timeout while waiting for a command, 5 minutes.
+    command_timeout: Duration = Duration(300)
+    # RFC 5321 4.5.3.2.5/6: 3 minutes between data blocks.
+    data_timeout: Duration = Duration(180)
+    # How long the frontend waits for every shard's Stored before answering 451 4.3.0.
+    inject_timeout: Duration = Duration(60)
+    # Expect a PROXY protocol v1/v2 header from the load balancer on every connection.
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    # ZeroMQ endpoints of the queue shards; the index in this list is the shard number.
+    shards: tuple[str, ...] = ("tcp://127.0.0.1:5570",)
+    # Each shard keeps its spool under <spool_dir>/shard-<N>.
+    spool_dir: str = "./var/spool"
+    # Most messages committed in one spool transaction (group commit).
+    commit_batch_max: int = 512
+    # A job not finished (nor listed in a worker heartbeat) within this time goes back to ready.
+    lease_time: Duration = Duration(600)
+    # A worker not heard from within this time is presumed gone and its jobs go back to ready.
+    worker_timeout: Duration = Duration(10)
+    # Interval of heartbeats between workers and shards.
+    heartbeat_interval: Duration = Duration(1)
+    # Retry schedule: first retry after retry_first, doubling, capped at retry_max, with jitter.
+    retry_first: Duration = Duration(300)
+    retry_max: Duration = Duration(4000)
+    # Deferred recipients older than this fail with 4.4.7 and bounce.
+    max_lifetime: Duration = Duration(5 * 86400)
+    # Send one "delayed" DSN after this long in the queue; 0 = never.
+    delay_warning: Duration = Duration(0)
+    # Refuse new mail (452 4.3.1) when the spool's file system has less free space than this.
+    min_free_space: Size = Size(100 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    # "host:port" to send all outbound mail through; empty = route by MX.
+    smarthost: str = ""
+    # TCP port used for MX hosts.
+    port: int = 25
+    # DNS servers, "host" or "host:port"; empty = the system resolver.
+    nameservers: tuple[str, ...] = ()
+    # Name sent in EHLO; empty = smtp.hostname.
+    helo_name: str = ""
+    # Concurrent deliveries a worker accepts from each shard (its credits).
+    concurrency: int = 100
+    # Most connections to one destination domain at once, per shard.
+    destination_concurrency: int = 20
+    # Most recipients per SMTP transaction (RFC 5321 4.5.3.1.8 allows servers to refuse above 100).
+    max_recipients_per_transaction: int = 50
+    # Most MX addresses tried in one delivery attempt.
+    max_mx_addresses: int = 5
+    # Client timeouts, RFC 5321 4.5.3.2.
+    connect_timeout: Duration = Duration(30)
+    greeting_timeout: Duration = Duration(300)
+    helo_timeout: Duration = Duration(300)
+    mail_timeout: Duration = Duration(300)
+    rcpt_timeout: Duration = Duration(300)
+    data_timeout: Duration = Duration(120)
+    data_block_timeout: Duration = Duration(180)
+    data_done_timeout: Duration = Duration(600)
+    # Idle connections are kept for reuse this long.
+    connection_idle_timeout: Duration = Duration(30)
+    # A cached connection is closed after this many transactions.
+    max_deliveries_per_connection: int = 100
+    # STARTTLS: "opportunistic" (default, no certificate check), "verify" (required and checked) or "none".
+    tls: str = "opportunistic"
+    # Routing table: domain or ".parent" -> "smtp:[host]:port", "smtp:host", "local" or "error:5.x.y text".
+    transports: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # HTTP listener for /metrics, /healthz and /readyz ("" = disabled).
+    listen: str = "127.0.0.1:9450"
+    # Destination domains that get their own metric label; all others count as "other".
+    top_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    # Processes started by `mtacluster up`.
+    frontends: int = 2
+    workers: int = 2
+    # Restart a child that exits unexpectedly, after this delay.
+    restart_delay: Duration = Duration(1)
+
+
+@dataclass(frozen=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    up: UpConfig = field(default_factory=UpConfig)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}
+_TRANSPORT = re.compile(r"smtp:\[[^\]]+\](:\d+)?|smtp:[A-Za-z0-9.-]+(:\d+)?|local|error:[45]\.\d{1,3}\.\d{1,3}( .*)?")
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: object, key: str) -> Duration:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _NUMBER_UNIT.match(value)) and m.group(2).lower() in _DURATION_UNITS:
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower() or "s"]
+    elif isinstance(value, str) and (m := _NUMBER_UNIT.match(value)) and not m.group(2):
+        seconds = float(m.group(1))
+    else:
+        raise ConfigError(key, f'expected a duration such as 30, "90s", "5m", "2h" or "5d", got {value!r}')
+    if seconds < 0:
+        raise ConfigError(key, "must not be negative")
+    return Duration(seconds)
+
+
+def parse_size(value: object, key: str) -> Size:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _NUMBER_UNIT.match(value)) and m.group(2).lower() in _SIZE_UNITS:
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise ConfigError(key, f'expected a size such as 1048576, "512KiB" or "25MiB", got {value!r}')
+    if size < 0:
+        raise ConfigError(key, "must not be negative")
+    return Size(size)
+
+
+def _convert(value: object, annotation: Any, key: str) -> object:
+    """Convert one TOML value to the field's declared type, or raise ConfigError."""
+    if annotation is Duration:
+        return parse_duration(value, key)
+    if annotation is Size:
+        return parse_size(value, key)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        for item in value:
+            if not isinstance(item, str):
+                raise ConfigError(key, f"expected a list of strings, got an item {item!r}")
+        return tuple(value)
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table of strings, got {value!r}")
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"{key}.{k}", f"expected a string, got {v!r}")
+        return types.MappingProxyType(dict(value))
+    raise ConfigError(key, f"unsupported type {annotation!r}")  # pragma: no cover - a programming error
+
+
+def _build_section(cls: type[Any], section: str, raw: object) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(section, f"expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{section}.{name}", f"unknown key (known keys: {', '.join(sorted(known))})")
+    values = {name: _convert(value, hints[name], f"{section}.{name}") for name, value in raw.items()}
+    return cls(**values)
+
+
+def _split_host_port(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port"; the port may be omitted when `default_port` is given."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text.strip())
+    if not m:
+        raise ConfigError(key, f'expected "host:port", got {text!r}')
+    host = m.group(1) or m.group(3)
+    port_text = m.group(2) or m.group(4)
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(key, f'expected "host:port" with a port, got {text!r}')
+        return host, default_port
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ConfigError(key, f"port {port} is out of range 1-65535")
+    return host, port
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Public form of the "host:port" parser, for values that were validated already."""
+    return _split_host_port(text, "address", default_port)
+
+
+def _check_bounds(config: Config) -> None:
+    def at_least(key: str, value: float, minimum: float) -> None:
+        if value < minimum:
+            raise ConfigError(key, f"must be at least {minimum:g}, got {value:g}")
+
+    s, q, d = config.smtp, config.queue, config.delivery
+    if not s.hostname or not re.fullmatch(r"[A-Za-z0-9.-]+", s.hostname):
+        raise ConfigError("smtp.hostname", f"expected a host name, got {s.hostname!r}")
+    if not s.listen:
+        raise ConfigError("smtp.listen", "needs at least one address")
+    for address in s.listen:
+        _split_host_port(address, "smtp.listen")
+    for network in s.relay_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError("smtp.relay_networks", f"{network!r} is not a network: {exc}") from None
+    at_least("smtp.max_message_size", s.max_message_size, 65536)  # RFC 5321 4.5.3.1.7
+    at_least("smtp.max_recipients", s.max_recipients, 1)
+    at_least("smtp.max_command_line", s.max_command_line, 512)  # RFC 5321 4.5.3.1.4
+    at_least("smtp.max_text_line", s.max_text_line, 1000)  # RFC 5321 4.5.3.1.6
+    at_least("smtp.max_errors", s.max_errors, 1)
+    at_least("smtp.max_connections_per_client", s.max_connections_per_client, 1)
+    at_least("smtp.max_connections", s.max_connections, 1)
+    at_least("smtp.command_timeout", s.command_timeout, 1)
+    at_least("smtp.data_timeout", s.data_timeout, 1)
+    at_least("smtp.inject_timeout", s.inject_timeout, 0.1)
+    if not q.shards:
+        raise ConfigError("queue.shards", "needs at least one shard endpoint")
+    for endpoint in q.shards:
+        if not re.fullmatch(r"(tcp://[^\s]+:\d+|ipc://\S+)", endpoint):
+            raise ConfigError("queue.shards", f'expected "tcp://host:port" or "ipc://path", got {endpoint!r}')
+    if len(set(q.shards)) != len(q.shards):
+        raise ConfigError("queue.shards", "lists the same endpoint twice")
+    if not q.spool_dir:
+        raise ConfigError("queue.spool_dir", "must not be empty")
+    at_least("queue.commit_batch_max", q.commit_batch_max, 1)
+    at_least("queue.lease_time", q.lease_time, 1)
+    at_least("queue.heartbeat_interval", q.heartbeat_interval, 0.05)
+    at_least("queue.worker_timeout", q.worker_timeout, 2 * q.heartbeat_interval)
+    at_least("queue.retry_first", q.retry_first, 0.1)
+    at_least("queue.retry_max", q.retry_max, q.retry_first)
+    at_least("queue.max_lifetime", q.max_lifetime, 1)
+    if d.smarthost:
+        _split_host_port(d.smarthost, "delivery.smarthost", 25)
+    if not 0 < d.port < 65536:
+        raise ConfigError("delivery.port", f"port {d.port} is out of range 1-65535")
+    for server in d.nameservers:
+        _split_host_port(server, "delivery.nameservers", 53)
+    at_least("delivery.concurrency", d.concurrency, 1)
+    at_least("delivery.destination_concurrency", d.destination_concurrency, 1)
+    at_least("delivery.max_recipients_per_transaction", d.max_recipients_per_transaction, 1)
+    at_least("delivery.max_mx_addresses", d.max_mx_addresses, 1)
+    at_least("delivery.max_deliveries_per_connection", d.max_deliveries_per_connection, 1)
+    if d.tls not in ("opportunistic", "verify", "none"):
+        raise ConfigError("delivery.tls", f'expected "opportunistic", "verify" or "none", got {d.tls!r}')
+    for domain, route in d.transports.items():
+        if not _TRANSPORT.fullmatch(route):
+            raise ConfigError(
+                f"delivery.transports.{domain}",
+                f'expected "smtp:[host]:port", "smtp:host", "local" or "error:5.x.y text", got {route!r}',
+            )
+    if config.metrics.listen:
+        _split_host_port(config.metrics.listen, "metrics.listen")
+    at_least("up.frontends", config.up.frontends, 1)
+    at_least("up.workers", config.up.workers, 1)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "smtp": SmtpConfig,
+    "queue": QueueConfig,
+    "delivery": DeliveryConfig,
+    "metrics": MetricsConfig,
+    "up": UpConfig,
+}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    overrides: dict[str, dict[str, object]] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in _SECTIONS or not key:
+            continue
+        try:
+            value: object = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
+    """Build a validated Config from parsed TOML (plus environment overrides)."""
+    for section in raw:
+        if section not in _SECTIONS:
+            raise ConfigError(section, f"unknown section (known sections: {', '.join(_SECTIONS)})")
+    merged: dict[str, dict[str, object]] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(section, f"expected a table, got {table!r}")
+        merged[section] = dict(table)
+    for section, table in _env_overrides(os.environ if environ is None else environ).items():
+        merged.setdefault(section, {}).update(table)
+    sections = {name: _build_section(cls, name, merged.get(name, {})) for name, cls in _SECTIONS.items()}
+    config = Config(**sections)
+    _check_bounds(config)
+    return config
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML configuration file; None means the built-in defaults."""
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return config_from_dict(raw, environ)
+
+
+def with_overrides(config: Config, **sections: Mapping[str, object]) -> Config:
+    """Return a copy of `config` with some fields of some sections replaced (used by the supervisor)."""
+    changes = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(config, **changes)
