@@ -1,0 +1,127 @@
+"""`mtacluster up`: run the whole cluster on one machine as child processes, and watch them.
+
+Starts every queue shard of `queue.shards`, `up.frontends` frontends (sharing the SMTP port with SO_REUSEPORT)
+and `up.workers` workers, each as `python -m cluster serve ROLE`. Each child gets its own metrics port: the
+port of `metrics.listen` plus the child's index. A child that exits unexpectedly is restarted after
+`up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then the workers, then the
+shards (spool closed cleanly); a child still running after the grace period is killed. Children are tied to
+this process with PR_SET_PDEATHSIG, so even a kill -9 of the supervisor leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from cluster.config import Config, split_host_port
+
+GRACE_SECONDS = 15.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    role: str
+    args: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: deliver SIGTERM to it when the supervisor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: children then outlive a kill -9 of the supervisor, as with any process tree
+
+
+def plan_children(config: Config, config_path: str | None) -> list[Child]:
+    """The processes `up` runs, in start order: shards, workers, frontends."""
+    base = [sys.executable, "-m", "cluster", "serve"]
+    config_args = ["--config", config_path] if config_path else []
+    metrics_host, metrics_port = split_host_port(config.metrics.listen) if config.metrics.listen else ("", 0)
+    children: list[Child] = []
+
+    def add(role: str, extra: list[str]) -> None:
+        env = dict(os.environ)
+        if config.metrics.listen:
+            env["MTACLUSTER_METRICS_LISTEN"] = f'"{metrics_host}:{metrics_port + len(children)}"'
+        children.append(Child(role, [*base, role, *config_args, *extra], env))
+
+    for index in range(len(config.queue.shards)):
+        add("queue", ["--shard", str(index)])
+    for _ in range(config.up.workers):
+        add("worker", [])
+    for _ in range(config.up.frontends):
+        add("frontend", [])
+    return children
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str | None) -> None:
+        self.config = config
+        self.children = plan_children(config, config_path)
+        self.stopping = False
+
+    def _start(self, child: Child) -> None:
+        # A session of its own: Ctrl-C at the terminal reaches only the supervisor, which stops children in order.
+        child.process = subprocess.Popen(child.args, env=child.env, preexec_fn=_die_with_parent,
+                                         start_new_session=True)
+        child.started_at = time.monotonic()
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        for child in self.children:
+            self._start(child)
+        print(f"mtacluster up: pid={os.getpid()} {len(self.children)} processes "
+              f"(shards={len(self.config.queue.shards)} workers={self.config.up.workers} "
+              f"frontends={self.config.up.frontends}); SMTP on {', '.join(self.config.smtp.listen)}; "
+              f"spool under {self.config.queue.spool_dir}; Ctrl-C stops", flush=True)
+        while not self.stopping:
+            self._restart_exited()
+            time.sleep(0.2)
+        return self._shutdown()
+
+    def _restart_exited(self) -> None:
+        for child in self.children:
+            assert child.process is not None
+            code = child.process.poll()
+            if code is None or self.stopping:
+                continue
+            if time.monotonic() - child.started_at < self.config.up.restart_delay:
+                continue
+            child.restarts += 1
+            print(f"mtacluster up: {child.role} pid={child.process.pid} exited with {code}; restarting "
+                  f"(restart #{child.restarts})", file=sys.stderr, flush=True)
+            self._start(child)
+
+    def _shutdown(self) -> int:
+        print("mtacluster up: stopping (frontends, then workers, then shards)", flush=True)
+        for role in ("frontend", "worker", "queue"):
+            group = [c.process for c in self.children if c.role == role and c.process is not None]
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + GRACE_SECONDS
+            for process in group:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    print(f"mtacluster up: {role} pid={process.pid} did not stop in {GRACE_SECONDS:g}s; killing",
+                          file=sys.stderr, flush=True)
+                    process.kill()
+                    process.wait()
+        print("mtacluster up: stopped", flush=True)
+        return 0
