@@ -150,6 +150,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class BusConfig:
+    # File holding the cluster's CURVE key pair (made by `mtacluster keys`): every process of the cluster
+    # encrypts and authenticates bus traffic with it. Required when a shard endpoint is not on loopback.
+    curve_key_file: str = ""
+
+
+@dataclass(frozen=True)
 class UpConfig:
     # Processes started by `mtacluster up`.
     frontends: int = 2
@@ -164,6 +171,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
     up: UpConfig = field(default_factory=UpConfig)
 
 
@@ -312,6 +320,11 @@ def _check_bounds(config: Config) -> None:
             raise ConfigError("queue.shards", f'expected "tcp://host:port" or "ipc://path", got {endpoint!r}')
     if len(set(q.shards)) != len(q.shards):
         raise ConfigError("queue.shards", "lists the same endpoint twice")
+    # DESIGN.md contract 5: bus traffic that leaves the host is encrypted and authenticated (CURVE).
+    off_host = [e for e in q.shards if not _is_loopback_endpoint(e)]
+    if off_host and not config.bus.curve_key_file:
+        raise ConfigError("bus.curve_key_file", f"required: shard endpoint {off_host[0]} is not on loopback, and "
+                          "bus traffic off the host must be encrypted (make a key file with `mtacluster keys`)")
     if not q.spool_dir:
         raise ConfigError("queue.spool_dir", "must not be empty")
     at_least("queue.commit_batch_max", q.commit_batch_max, 1)
@@ -346,11 +359,24 @@ def _check_bounds(config: Config) -> None:
     at_least("up.workers", config.up.workers, 1)
 
 
+def _is_loopback_endpoint(endpoint: str) -> bool:
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 _SECTIONS: dict[str, type[Any]] = {
     "smtp": SmtpConfig,
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
     "metrics": MetricsConfig,
+    "bus": BusConfig,
     "up": UpConfig,
 }
 
