@@ -139,6 +139,8 @@ class DeliveryConfig:
     tls: str = "opportunistic"
     # Routing table: domain or ".parent" -> "smtp:[host]:port", "smtp:host", "local" or "error:5.x.y text".
     transports: Mapping[str, str] = field(default_factory=dict)
+    # The "local" transport delivers to the Maildir <maildir_root>/<localpart>/ (new, cur, tmp).
+    maildir_root: str = "./var/maildir"
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,8 @@ def _check_bounds(config: Config) -> None:
     at_least("delivery.max_deliveries_per_connection", d.max_deliveries_per_connection, 1)
     if d.tls not in ("opportunistic", "verify", "none"):
         raise ConfigError("delivery.tls", f'expected "opportunistic", "verify" or "none", got {d.tls!r}')
+    if not d.maildir_root:
+        raise ConfigError("delivery.maildir_root", "must not be empty")
     for domain, route in d.transports.items():
         if not _TRANSPORT.fullmatch(route):
             raise ConfigError(

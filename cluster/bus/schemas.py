@@ -183,7 +183,7 @@ def decode(frame: bytes) -> BusMessage:
         raise SchemaError(f"not msgpack: {exc}") from None
     if not isinstance(payload, dict):
         raise SchemaError("not a msgpack map")
-    cls = MESSAGE_TYPES.get(payload.pop("t", None))  # type: ignore[arg-type]
+    cls = MESSAGE_TYPES.get(payload.pop("t", None))
     if cls is None:
         raise SchemaError("unknown or missing message type")
     names = {f.name for f in dataclasses.fields(cls)}

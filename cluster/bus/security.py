@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth.asyncio
@@ -69,7 +70,7 @@ def cluster_keys(bus: BusConfig) -> CurveKeys | None:
     return load_key_file(bus.curve_key_file) if bus.curve_key_file else None
 
 
-def secure_client(socket: zmq.Socket[bytes], keys: CurveKeys | None) -> None:
+def secure_client(socket: zmq.Socket[Any], keys: CurveKeys | None) -> None:
     """Make `socket` (before connect) a CURVE client presenting the cluster key pair."""
     if keys is None:
         return
@@ -78,7 +79,7 @@ def secure_client(socket: zmq.Socket[bytes], keys: CurveKeys | None) -> None:
     socket.curve_serverkey = keys.public
 
 
-def secure_server(socket: zmq.Socket[bytes], keys: CurveKeys | None) -> None:
+def secure_server(socket: zmq.Socket[Any], keys: CurveKeys | None) -> None:
     """Make `socket` (before bind) a CURVE server; pair it with `start_authenticator`."""
     if keys is None:
         return

@@ -1,0 +1,78 @@
+"""Idle SMTP connections kept for reuse, per destination (address, port).
+
+`take(target)` hands out an idle session to that destination (most recently used first) or None;
+`give_back(session)` keeps a session that finished a transaction cleanly, unless it has done
+`max_deliveries` transactions or is no longer usable, in which case it is closed with QUIT. Sessions idle
+longer than `idle_timeout` are closed by `prune()` (the worker calls it periodically) and are never handed
+out. A session handed out may still turn out dead (the server timed it out); the caller reconnects once
+(see `HostUnavailable.stale`). Counts hits and misses in mtacluster_delivery_connection_cache_total.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cluster.delivery import metrics
+from cluster.delivery.mx import Target
+from cluster.delivery.session import SmtpSession
+
+Key = tuple[str, int]
+
+
+class ConnectionCache:
+    def __init__(self, idle_timeout: float, max_deliveries: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._idle_timeout = idle_timeout
+        self._max_deliveries = max_deliveries
+        self._clock = clock
+        self._idle: dict[Key, list[tuple[float, SmtpSession]]] = {}
+
+    @staticmethod
+    def key(target: Target) -> Key:
+        return target.address, target.port
+
+    def take(self, target: Target) -> SmtpSession | None:
+        sessions = self._idle.get(self.key(target))
+        now = self._clock()
+        while sessions:
+            since, session = sessions.pop()
+            if now - since < self._idle_timeout and session.usable:
+                metrics.CONNECTION_CACHE.labels(result="hit").inc()
+                return session
+            session.close(polite=True)
+        metrics.CONNECTION_CACHE.labels(result="miss").inc()
+        return None
+
+    def give_back(self, session: SmtpSession) -> None:
+        if self._idle_timeout <= 0 or session.transactions >= self._max_deliveries or not session.usable:
+            session.close(polite=True)
+            return
+        self._idle.setdefault(self.key(session.target), []).append((self._clock(), session))
+
+    def prune(self) -> int:
+        """Close sessions idle too long or closed by the server; return how many are still kept."""
+        now = self._clock()
+        kept = 0
+        for key in list(self._idle):
+            alive = []
+            for since, session in self._idle[key]:
+                if now - since < self._idle_timeout and session.usable:
+                    alive.append((since, session))
+                else:
+                    session.close(polite=True)
+            if alive:
+                self._idle[key] = alive
+                kept += len(alive)
+            else:
+                del self._idle[key]
+        return kept
+
+    def close_all(self) -> None:
+        for sessions in self._idle.values():
+            for _, session in sessions:
+                session.close(polite=True)
+        self._idle.clear()
+
+    def __len__(self) -> int:
+        return sum(len(sessions) for sessions in self._idle.values())

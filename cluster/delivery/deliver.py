@@ -1,0 +1,225 @@
+"""One delivery attempt of one job: route, resolve, talk SMTP (or write Maildir), one `Outcome` per recipient.
+
+`Deliverer.deliver(job) -> list[Outcome]` never raises for anything the network, DNS or the remote server
+does: every recipient of the job gets exactly one Outcome, in the job's order.
+
+- Recipients are grouped by domain and each group is routed (`cluster.delivery.routing`).
+- SMTP routes: the targets come from `find_targets` (MX order, backup hosts). Hosts are tried in order within
+  this attempt: a host that is unavailable (see `session.HostUnavailable`: refused, timeout, TLS failure, 421,
+  4xx to greeting/EHLO/MAIL) or answers 4xx to every RCPT of a transaction passes the still-undecided
+  recipients to the next host. Only when every host failed are they deferred, with the last host's words.
+  A 5xx to RCPT fails that recipient, a 4xx to some RCPTs defers only those (they are not retried on another
+  host in this attempt: the host is working, it just does not want them now).
+- At most `max_recipients_per_transaction` recipients per transaction; more are sent in further transactions
+  on the same connection. A message larger than the server's SIZE fails with 552 5.3.4 without being sent
+  (RFC 1870 6.1).
+- Connections come from and go back to the `ConnectionCache`; a cached one that turns out stale is replaced
+  by one fresh connection.
+- Outcome status: 2xx delivered, 4xx deferred, 5xx failed; `remote` names the host that answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cluster.bus.schemas import Deliver, Outcome
+from cluster.config import Config
+from cluster.delivery import metrics
+from cluster.delivery.connections import ConnectionCache
+from cluster.delivery.mx import DnsFailure, MxResolver, Target, find_targets
+from cluster.delivery.routing import ErrorRoute, LocalRoute, Router, SmtpRoute
+from cluster.delivery.session import HostUnavailable, SessionSettings, SmtpSession, TransactionResult
+from cluster.mailbox.maildir import MailboxNameError, MaildirStore
+from cluster.smtp.reply import Reply
+
+log = logging.getLogger(__name__)
+
+
+def outcome_from_reply(recipient: str, reply: Reply, remote: str) -> Outcome:
+    if 200 <= reply.code < 300:
+        status = "delivered"
+    elif reply.is_permanent:
+        status = "failed"
+    else:
+        status = "deferred"  # 4xx, and anything odd (a 3xx where a final reply belongs): retry later
+    enhanced = reply.enhanced or default_enhanced(reply.code)
+    return Outcome(recipient=recipient, status=status, code=reply.code, enhanced=enhanced,
+                   text=reply.text or str(reply.code), remote=remote)
+
+
+def default_enhanced(code: int) -> str:
+    """An enhanced code for a server that sent none (RFC 3463: X.0.0 = other/undefined)."""
+    return f"{code // 100}.0.0" if code // 100 in (2, 4, 5) else "4.0.0"
+
+
+def as_deferral(reply: Reply) -> Reply:
+    """A reply that made a host unusable, reported as a deferral: a 5xx greeting or HELO refusal of one host
+    is no reason to bounce mail that another host (or a later attempt) may take."""
+    if not reply.is_permanent:
+        return reply
+    enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.0.0"
+    return Reply(451, enhanced, reply.lines)
+
+
+@dataclass
+class _HostFailure:
+    reply: Reply
+    remote: str
+
+
+class Deliverer:
+    def __init__(self, config: Config, resolver: MxResolver, cache: ConnectionCache,
+                 rng: random.Random | None = None, settings: SessionSettings | None = None) -> None:
+        self._config = config
+        self._delivery = config.delivery
+        self._router = Router(config.delivery)
+        self._resolver = resolver
+        self._cache = cache
+        self._rng = rng or random.Random()
+        helo = config.delivery.helo_name or config.smtp.hostname
+        self._settings = settings or SessionSettings.from_config(config.delivery, helo)
+        self._maildir = MaildirStore(config.delivery.maildir_root, config.smtp.hostname)
+        # How many TCP connections this deliverer opened (the cache's effect is visible in tests).
+        self.connections_opened = 0
+
+    @property
+    def cache(self) -> ConnectionCache:
+        return self._cache
+
+    async def deliver(self, job: Deliver) -> list[Outcome]:
+        by_domain: dict[str, list[str]] = {}
+        for recipient in job.recipients:
+            domain = recipient.rpartition("@")[2] or job.domain
+            by_domain.setdefault(domain.lower().rstrip("."), []).append(recipient)
+        decided: dict[str, Outcome] = {}
+        for domain, recipients in by_domain.items():
+            for outcome in await self._deliver_domain(job, domain, recipients):
+                decided[outcome.recipient] = outcome
+        outcomes = [decided[recipient] for recipient in job.recipients]
+        top = self._config.metrics.top_domains
+        for outcome in outcomes:
+            label = metrics.domain_label(outcome.recipient.rpartition("@")[2], top)
+            metrics.ATTEMPTS.labels(outcome=outcome.status, domain=label).inc()
+            metrics.STATUS.labels(status_class=metrics.status_class(outcome.enhanced, outcome.code)).inc()
+        return outcomes
+
+    async def _deliver_domain(self, job: Deliver, domain: str, recipients: list[str]) -> list[Outcome]:
+        route = self._router.route(domain)
+        if isinstance(route, ErrorRoute):
+            reply = Reply.of(route.code, route.enhanced, route.text)
+            return [outcome_from_reply(r, reply, "") for r in recipients]
+        if isinstance(route, LocalRoute):
+            return [await self._deliver_local(job, r) for r in recipients]
+        return await self._deliver_smtp(job, route, recipients)
+
+    async def _deliver_local(self, job: Deliver, recipient: str) -> Outcome:
+        localpart = recipient.rpartition("@")[0] or recipient
+        try:
+            path = await asyncio.to_thread(self._maildir.deliver, localpart, job.sender, job.body)
+        except MailboxNameError as exc:
+            return outcome_from_reply(recipient, Reply.of(550, "5.1.3", str(exc)), "")
+        except OSError as exc:
+            log.warning("maildir delivery for %s failed: %s", recipient, exc)
+            return outcome_from_reply(recipient, Reply.of(451, "4.3.0", f"Mailbox write failed: {exc.strerror}"),
+                                      "")
+        return outcome_from_reply(recipient, Reply.of(250, "2.0.0", f"Delivered to maildir as {path.name}"), "local")
+
+    async def _deliver_smtp(self, job: Deliver, route: SmtpRoute, recipients: list[str]) -> list[Outcome]:
+        targets = await find_targets(self._resolver, route, self._delivery.max_mx_addresses, self._rng)
+        if isinstance(targets, DnsFailure):
+            reply = Reply.of(targets.code, targets.enhanced, targets.text)
+            return [outcome_from_reply(r, reply, "") for r in recipients]
+        decided: dict[str, Outcome] = {}
+        pending = list(recipients)
+        last_failure: _HostFailure | None = None
+        for target in targets:
+            pending, failure = await self._deliver_via(target, job, pending, decided)
+            last_failure = failure or last_failure
+            if not pending:
+                break
+        if pending:
+            failure = last_failure or _HostFailure(Reply.of(451, "4.4.0", "No host could be tried"), "")
+            reply = as_deferral(failure.reply)
+            for recipient in pending:
+                decided[recipient] = outcome_from_reply(recipient, reply, failure.remote)
+        return [decided[r] for r in recipients]
+
+    async def _session(self, target: Target) -> SmtpSession:
+        session = self._cache.take(target)
+        if session is None:
+            session = await self._open(target)
+        return session
+
+    async def _open(self, target: Target) -> SmtpSession:
+        self.connections_opened += 1
+        return await SmtpSession.open(target, self._settings)
+
+    async def _deliver_via(self, target: Target, job: Deliver, recipients: Sequence[str],
+                           decided: dict[str, Outcome]) -> tuple[list[str], _HostFailure | None]:
+        """Send to one host. Returns the recipients it left undecided (for the next host) and why."""
+        chunk_size = self._delivery.max_recipients_per_transaction
+        chunks = [list(recipients[i:i + chunk_size]) for i in range(0, len(recipients), chunk_size)]
+        try:
+            session = await self._session(target)
+        except HostUnavailable as exc:
+            return list(recipients), _HostFailure(exc.reply, exc.remote)
+        for index, chunk in enumerate(chunks):
+            undecided = [r for chunk_rest in chunks[index:] for r in chunk_rest]
+            limit = session.capabilities.size_limit
+            if limit and len(job.body) > limit:
+                # RFC 1870 6.1: do not send what the server said it will not take.
+                reply = Reply.of(552, "5.3.4", f"Message size {len(job.body)} exceeds the limit of {limit} "
+                                               f"bytes of {session.remote}")
+                for recipient in undecided:
+                    decided[recipient] = outcome_from_reply(recipient, reply, session.remote)
+                self._cache.give_back(session)
+                return [], None
+            if not session.capabilities.smtputf8:
+                chunk = self._without_utf8_addresses(job.sender, chunk, decided, session.remote)
+                if not chunk:
+                    continue
+                undecided = [*chunk, *(r for later in chunks[index + 1:] for r in later)]
+            try:
+                result = await self._transaction(session, target, job, chunk)
+            except HostUnavailable as exc:
+                return undecided, _HostFailure(exc.reply, exc.remote)
+            session = result[0]
+            replies = result[1].replies
+            if result[1].all_recipients_deferred:
+                # Every RCPT got 4xx: this host is not taking mail now; the next one may.
+                self._cache.give_back(session)
+                return undecided, _HostFailure(replies[chunk[-1]], session.remote)
+            for recipient in chunk:
+                decided[recipient] = outcome_from_reply(recipient, replies[recipient], session.remote)
+        self._cache.give_back(session)
+        return [], None
+
+    @staticmethod
+    def _without_utf8_addresses(sender: str, chunk: list[str], decided: dict[str, Outcome],
+                                remote: str) -> list[str]:
+        """RFC 6531 3.2: non-ASCII addresses need SMTPUTF8; without it they fail (553 5.6.7, RFC 6531 3.6.1)."""
+        needs = chunk if not sender.isascii() else [r for r in chunk if not r.isascii()]
+        for recipient in needs:
+            reply = Reply.of(553, "5.6.7", f"{remote} does not support SMTPUTF8, needed for this address")
+            decided[recipient] = outcome_from_reply(recipient, reply, remote)
+        return [r for r in chunk if r not in needs]
+
+    async def _transaction(self, session: SmtpSession, target: Target, job: Deliver,
+                           chunk: list[str]) -> tuple[SmtpSession, TransactionResult]:
+        try:
+            return session, await session.transaction(job.sender, chunk, job.body)
+        except HostUnavailable as exc:
+            if not exc.stale:
+                raise
+        # The cached connection had died while idle: one fresh connection (RFC 5321 4.5.4.1 allows retrying).
+        log.debug("cached connection to %s was stale; reconnecting", target.label)
+        fresh = await self._open(target)
+        try:
+            return fresh, await fresh.transaction(job.sender, chunk, job.body)
+        except HostUnavailable:
+            fresh.close()
+            raise

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the delivery worker (names: mtacluster_delivery_*; see /tmp/brief/metrics.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from cluster.observability import domain_label
+
+__all__ = ["domain_label", "status_class"]
+
+ATTEMPTS = Counter("mtacluster_delivery_attempts", "Delivery attempts per recipient, by outcome and domain.",
+                   ["outcome", "domain"])
+STATUS = Counter("mtacluster_delivery_status", "Per-recipient results by enhanced status class (e.g. 4.4).",
+                 ["status_class"])
+DURATION = Histogram("mtacluster_delivery_duration_seconds", "Time from a job received to its result sent.",
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+DNS_LOOKUPS = Counter("mtacluster_delivery_dns_lookups", "MX resolutions, by result.", ["result"])
+CONNECTION_CACHE = Counter("mtacluster_delivery_connection_cache", "Connection cache lookups (hit or miss).",
+                           ["result"])
+CONNECTIONS_OPEN = Gauge("mtacluster_delivery_connections_open", "Outbound SMTP connections open now.")
+JOBS_IN_FLIGHT = Gauge("mtacluster_delivery_jobs_in_flight", "Jobs this worker is delivering now.")
+SHARDS_CONNECTED = Gauge("mtacluster_delivery_shards_connected", "Queue shards that acknowledged a heartbeat recently.")
+
+
+def status_class(enhanced: str, code: int) -> str:
+    """First two parts of an enhanced status code ("4.4"); from the basic code when there is none ("4.0")."""
+    parts = enhanced.split(".")
+    if len(parts) == 3 and all(part.isdigit() for part in parts):
+        return f"{parts[0]}.{parts[1]}"
+    return f"{code // 100}.0"

@@ -1,0 +1,336 @@
+"""One outbound SMTP connection over asyncio streams, driven by the sans-I/O `cluster.smtp.client`.
+
+`SmtpSession.open(target, settings)` connects, reads the greeting, says EHLO (HELO when EHLO gets 5xx, RFC 5321
+4.1.1.1), upgrades with STARTTLS when offered (RFC 3207; opportunistic without a certificate check unless
+`delivery.tls = "verify"`) and returns a session ready for transactions. `session.transaction(sender,
+recipients, body)` runs MAIL, RCPT..., DATA (pipelined under RFC 2920 when offered) and returns the reply that
+decided each recipient. The session can then take another transaction (connection reuse).
+
+Failure modes: anything that makes the host unusable for this attempt raises `HostUnavailable` carrying the
+reply to report (the server's own, or one we make up for network trouble) and the host's label; the session
+is then closed. That is: refused or timed-out connections, TLS failures, 421 at any point, 4xx/5xx to the
+greeting, 4xx to EHLO/HELO or MAIL, connection loss, and replies that break the protocol. A 5xx to MAIL, or
+any reply to RCPT or to the end of data, is returned, not raised: it belongs to the recipients.
+Every wait has the RFC 5321 4.5.3.2 timeout given in `delivery.*_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from cluster.config import DeliveryConfig
+from cluster.delivery import metrics
+from cluster.delivery.mx import Target
+from cluster.smtp.client import (
+    Capabilities,
+    ClientConnection,
+    Command,
+    SmtpProtocolError,
+    has_8bit,
+)
+from cluster.smtp.reply import Reply
+
+READ_CHUNK = 65536
+# Body bytes written before waiting for the socket to drain (each wait bounded by data_block_timeout).
+WRITE_BLOCK = 256 * 1024
+
+
+class HostUnavailable(Exception):
+    """This host cannot take the mail now; try the next one. `reply` is what to report if none can."""
+
+    def __init__(self, reply: Reply, remote: str, stale: bool = False) -> None:
+        super().__init__(f"{remote}: {reply}")
+        self.reply = reply
+        self.remote = remote
+        # True when a reused connection failed before the server said anything about this transaction:
+        # the connection had gone stale while idle, and one fresh connection is worth a try.
+        self.stale = stale
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    helo_name: str
+    tls_mode: str  # "opportunistic", "verify" or "none"
+    connect_timeout: float
+    greeting_timeout: float
+    helo_timeout: float
+    mail_timeout: float
+    rcpt_timeout: float
+    data_timeout: float
+    data_block_timeout: float
+    data_done_timeout: float
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_config(cls, config: DeliveryConfig, helo_name: str,
+                    ssl_context: ssl.SSLContext | None = None) -> SessionSettings:
+        return cls(helo_name=helo_name, tls_mode=config.tls, connect_timeout=config.connect_timeout,
+                   greeting_timeout=config.greeting_timeout, helo_timeout=config.helo_timeout,
+                   mail_timeout=config.mail_timeout, rcpt_timeout=config.rcpt_timeout,
+                   data_timeout=config.data_timeout, data_block_timeout=config.data_block_timeout,
+                   data_done_timeout=config.data_done_timeout,
+                   ssl_context=ssl_context or client_ssl_context(config.tls))
+
+
+def client_ssl_context(tls_mode: str) -> ssl.SSLContext:
+    """Opportunistic TLS encrypts without checking the certificate (RFC 7435: better than plain text);
+    "verify" checks the chain and the host name against the system trust store."""
+    context = ssl.create_default_context()
+    if tls_mode != "verify":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class TransactionResult:
+    """The reply that decided each recipient of one transaction (RCPT reply, or the reply to the message)."""
+
+    replies: dict[str, Reply]
+    message_sent: bool
+    # True when the server answered 4xx to every RCPT: it takes no mail now (the next MX host may).
+    all_recipients_deferred: bool = False
+
+
+def _completed(reply: Reply) -> bool:
+    """RFC 5321 4.2.1: 2yz is a positive completion; 3yz to MAIL or RCPT would be a protocol error."""
+    return 200 <= reply.code < 300
+
+
+def _network_reply(text: str, enhanced: str = "4.4.2") -> Reply:
+    return Reply.of(451, enhanced, text)
+
+
+class SmtpSession:
+    def __init__(self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 settings: SessionSettings) -> None:
+        self.target = target
+        self.remote = target.label
+        self._reader = reader
+        self._writer = writer
+        self._settings = settings
+        self._conn = ClientConnection()
+        self.capabilities = Capabilities.helo_only()
+        self.transactions = 0
+        self.tls = False
+        self.last_used = time.monotonic()
+        self._closed = False
+        metrics.CONNECTIONS_OPEN.inc()
+
+    @classmethod
+    async def open(cls, target: Target, settings: SessionSettings) -> SmtpSession:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(target.address, target.port, limit=READ_CHUNK * 4),
+                settings.connect_timeout)
+        except TimeoutError:
+            raise HostUnavailable(_network_reply(
+                f"connect to {target.label}:{target.port}: timed out", "4.4.1"), target.label) from None
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise HostUnavailable(_network_reply(
+                f"connect to {target.label}:{target.port}: {why}", "4.4.1"), target.label) from None
+        session = cls(target, reader, writer, settings)
+        try:
+            await session._start()
+        except BaseException:  # HostUnavailable, or the job being cancelled: never leave the socket open
+            session.close()
+            raise
+        return session
+
+    async def _start(self) -> None:
+        greeting = await self._read("greeting", self._settings.greeting_timeout)
+        if greeting.code != 220:
+            # RFC 5321 3.1: 554 instead of 220 means "no service here"; any way, this host is not usable now.
+            raise HostUnavailable(greeting, self.remote)
+        await self._hello()
+        if self._settings.tls_mode != "none" and self.capabilities.starttls:
+            await self._starttls()
+        elif self._settings.tls_mode == "verify":
+            raise HostUnavailable(Reply.of(451, "4.7.10", f"{self.remote} does not offer STARTTLS, and "
+                                                          "delivery.tls requires it"), self.remote)
+
+    async def _hello(self) -> None:
+        ehlo = await self._command(Command.ehlo(self._settings.helo_name), self._settings.helo_timeout)
+        if ehlo.code == 250:
+            self.capabilities = Capabilities.from_ehlo(ehlo)
+            return
+        if ehlo.is_permanent:
+            helo = await self._command(Command.helo(self._settings.helo_name), self._settings.helo_timeout)
+            if helo.code == 250:
+                self.capabilities = Capabilities.helo_only()
+                return
+            raise HostUnavailable(helo, self.remote)
+        raise HostUnavailable(ehlo, self.remote)
+
+    async def _starttls(self) -> None:
+        reply = await self._command(Command.starttls(), self._settings.helo_timeout)
+        if reply.code != 220:
+            if self._settings.tls_mode == "verify":
+                raise HostUnavailable(reply, self.remote)
+            return  # RFC 3207 4: the server may refuse; opportunistic TLS then goes on in plain text
+        if self._conn.awaiting or self._conn.has_unread_bytes:
+            # Bytes after the 220 and before the handshake would be read as if they had come over TLS
+            # (the STARTTLS injection family, CVE-2011-0411): refuse the host.
+            raise HostUnavailable(_network_reply(f"{self.remote} sent data after 220 to STARTTLS", "4.7.5"),
+                                  self.remote)
+        context = self._settings.ssl_context or client_ssl_context(self._settings.tls_mode)
+        server_name = self.target.name if self._settings.tls_mode == "verify" else None
+        try:
+            await self._writer.start_tls(context, server_hostname=server_name,
+                                         ssl_handshake_timeout=self._settings.helo_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            raise HostUnavailable(_network_reply(f"TLS handshake with {self.remote} failed: {exc}", "4.7.5"),
+                                  self.remote) from None
+        self.tls = True
+        self._conn = ClientConnection.after_starttls()
+        # RFC 3207 4.2: forget what the server said before TLS and ask again.
+        await self._hello()
+
+    async def transaction(self, sender: str, recipients: list[str], body: bytes) -> TransactionResult:
+        """One mail transaction. Raises HostUnavailable (see the module docstring)."""
+        caps = self.capabilities
+        reused = self.transactions > 0
+        self.transactions += 1
+        self.last_used = time.monotonic()
+        size = len(body) if caps.size_limit is not None else None
+        smtputf8 = caps.smtputf8 and not (sender.isascii() and all(r.isascii() for r in recipients))
+        mail = Command.mail(sender, size=size, body_8bit=caps.eight_bit_mime and has_8bit(body), smtputf8=smtputf8)
+        rcpts = [Command.rcpt(recipient) for recipient in recipients]
+        replies: dict[str, Reply] = {}
+        try:
+            if caps.pipelining:
+                await self._write(self._conn.send_group([mail, *rcpts, Command.data()]), self._settings.mail_timeout)
+                mail_reply = await self._read_first("MAIL", self._settings.mail_timeout, reused)
+                # Each reply is checked for 421 as it comes: the server closes right after it (RFC 5321 3.8),
+                # and its words are worth more than "connection lost" on the next read.
+                self._raise_if_closing(mail_reply)
+                for recipient in recipients:
+                    replies[recipient] = await self._read("RCPT", self._settings.rcpt_timeout)
+                    self._raise_if_closing(replies[recipient])
+                data_reply = await self._read("DATA", self._settings.data_timeout)
+            else:
+                await self._write(self._conn.send(mail), self._settings.mail_timeout)
+                mail_reply = await self._read_first("MAIL", self._settings.mail_timeout, reused)
+                data_reply = None
+                if _completed(mail_reply):
+                    for recipient, command in zip(recipients, rcpts, strict=True):
+                        replies[recipient] = await self._command(command, self._settings.rcpt_timeout)
+                        self._raise_if_closing(replies[recipient])
+            self._raise_if_closing(mail_reply)
+            if not _completed(mail_reply):
+                if mail_reply.is_transient:
+                    raise HostUnavailable(mail_reply, self.remote)
+                await self._abort_transaction(data_reply)
+                return TransactionResult(dict.fromkeys(recipients, mail_reply), message_sent=False)
+            for reply in replies.values():
+                self._raise_if_closing(reply)
+            accepted = [r for r in recipients if _completed(replies[r])]
+            if not accepted:
+                await self._abort_transaction(data_reply)
+                all_transient = bool(replies) and all(reply.is_transient for reply in replies.values())
+                return TransactionResult(replies, message_sent=False, all_recipients_deferred=all_transient)
+            if data_reply is None:
+                data_reply = await self._command(Command.data(), self._settings.data_timeout)
+            self._raise_if_closing(data_reply)
+            if data_reply.code != 354:
+                await self._abort_transaction(None)
+                return TransactionResult({**replies, **dict.fromkeys(accepted, data_reply)}, message_sent=False)
+            await self._write(self._conn.send_message(body), self._settings.data_block_timeout)
+            final = await self._read("message", self._settings.data_done_timeout)
+            self._raise_if_closing(final)
+            return TransactionResult({**replies, **dict.fromkeys(accepted, final)}, message_sent=True)
+        except BaseException:  # HostUnavailable, or the job being cancelled: the conversation is unusable
+            self.close()
+            raise
+
+    async def _abort_transaction(self, pipelined_data_reply: Reply | None) -> None:
+        """Leave the connection ready for the next transaction after one that sent no message."""
+        if pipelined_data_reply is not None and pipelined_data_reply.code == 354:
+            # RFC 2920 3.1: DATA was accepted although no recipient was: end it with an empty message.
+            await self._write(self._conn.send_message(b""), self._settings.data_block_timeout)
+            await self._read("message", self._settings.data_done_timeout)
+        reply = await self._command(Command.rset(), self._settings.helo_timeout)
+        self._raise_if_closing(reply)
+        if reply.code != 250:
+            raise HostUnavailable(reply, self.remote)
+
+    def _raise_if_closing(self, reply: Reply) -> None:
+        # RFC 5321 3.8: 421 means the server is closing the connection.
+        if reply.code == 421:
+            raise HostUnavailable(reply, self.remote)
+
+    async def _read_first(self, what: str, timeout: float, reused: bool) -> Reply:
+        """The first reply of a transaction. On a reused connection, a drop or 421 here means it went stale."""
+        try:
+            reply = await self._read(what, timeout)
+        except HostUnavailable as exc:
+            exc.stale = reused
+            raise
+        if reused and reply.code == 421:
+            raise HostUnavailable(reply, self.remote, stale=True)
+        return reply
+
+    async def _command(self, command: Command, timeout: float) -> Reply:
+        await self._write(self._conn.send(command), timeout)
+        return await self._read(command.verb, timeout)
+
+    async def _write(self, data: bytes, timeout: float) -> None:
+        try:
+            for start in range(0, len(data), WRITE_BLOCK):
+                self._writer.write(data[start:start + WRITE_BLOCK])
+                await asyncio.wait_for(self._writer.drain(), timeout)
+        except TimeoutError:
+            raise HostUnavailable(_network_reply(f"timeout writing to {self.remote}"), self.remote) from None
+        except (OSError, RuntimeError) as exc:
+            raise HostUnavailable(_network_reply(f"lost connection with {self.remote} while sending: {exc}"),
+                                  self.remote) from None
+
+    async def _read(self, what: str, timeout: float) -> Reply:
+        """The next reply, which must answer `what`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    answer = self._conn.next_reply()
+                    if answer is not None:
+                        break
+                    data = await self._reader.read(READ_CHUNK)
+                    if not data:
+                        raise HostUnavailable(_network_reply(
+                            f"lost connection with {self.remote} while waiting for the reply to {what}"), self.remote)
+                    self._conn.receive_data(data)
+        except TimeoutError:
+            text = f"timeout after {timeout:g}s waiting for the reply to {what} from {self.remote}"
+            raise HostUnavailable(_network_reply(text), self.remote) from None
+        except SmtpProtocolError as exc:
+            raise HostUnavailable(Reply.of(451, "4.5.0", f"protocol error from {self.remote} after {what}: {exc}"),
+                                  self.remote) from None
+        except OSError as exc:
+            raise HostUnavailable(_network_reply(f"lost connection with {self.remote}: {exc}"), self.remote) from None
+        command, reply = answer
+        if command != what:
+            raise HostUnavailable(Reply.of(451, "4.5.0", f"protocol error: {self.remote} answered {command} "
+                                                         f"while {what} was expected"), self.remote)
+        return reply
+
+    @property
+    def usable(self) -> bool:
+        """Worth keeping for another transaction: open, and not closed by the server meanwhile."""
+        return not self._closed and not self._writer.is_closing() and not self._reader.at_eof()
+
+    def close(self, polite: bool = False) -> None:
+        """Close now. `polite` sends QUIT first without waiting for its reply (RFC 5321 4.1.1.10 asks for
+        QUIT; waiting for the 221 would only delay us)."""
+        if self._closed:
+            return
+        self._closed = True
+        metrics.CONNECTIONS_OPEN.dec()
+        if polite and not self._writer.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._writer.write(Command.quit().line)
+        self._writer.close()

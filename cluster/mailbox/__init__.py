@@ -1,0 +1,1 @@
+"""Local mailboxes: Maildir delivery and the POP3 server."""

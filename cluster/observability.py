@@ -1,0 +1,192 @@
+"""Observability shared by every role: common metrics and the HTTP endpoint for /metrics, /healthz, /readyz.
+
+Inputs: a listen address ("host:port", "[v6]:port"; port 0 picks a free port), the role name, and a
+`ready()` callable owned by the role (frontend: every shard reachable; shard: spool open and recovered; worker:
+connected to every shard).
+
+Outputs: an `asyncio.Server` (its `sockets[0].getsockname()` gives the bound port) answering, over HTTP/1.1
+(RFC 9112), one request per connection (`Connection: close`):
+
+    GET /metrics   200, Prometheus text format of the default registry (`CONTENT_TYPE_LATEST`)
+    GET /healthz   200 "ok" for as long as the event loop serves requests (liveness)
+    GET /readyz    200 "ready" when ready() is true, else 503 "not ready" (readiness)
+    HEAD           same as GET without a body
+    other paths    404; other methods 405 (with `Allow`)
+
+Failure modes: a malformed request line or header block gets 400, a request head over `MAX_REQUEST_HEAD` bytes
+gets 431, a client that does not finish its request head within `READ_TIMEOUT` gets 408, a client that does not
+read the answer within `WRITE_TIMEOUT` is dropped, and over `MAX_CONNECTIONS` concurrent clients get 503 at once.
+Input the client sent beyond its request head is drained (bounded) before the close, so the answer is not lost
+to a TCP reset. A connection still open when the event loop stops is aborted quietly.
+Nothing a client sends raises out of the handler; a `ready()` that raises is logged and reported as not ready.
+
+Common metrics: `mtacluster_build_info{version,role}` (always 1) and `mtacluster_up_ready{role}` (0/1, refreshed
+on every /readyz and /metrics request); the process and platform collectors come with prometheus_client.
+`domain_label()` bounds destination-domain label values to the configured top domains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Collection
+
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from cluster.version import VERSION
+
+log = logging.getLogger(__name__)
+
+BUILD_INFO = Gauge("mtacluster_build_info", "Build of this process: always 1, labelled with the version and role.",
+                   ["version", "role"])
+UP_READY = Gauge("mtacluster_up_ready", "1 when this process answers /readyz with 200, else 0.", ["role"])
+
+OTHER_DOMAIN = "other"
+
+# Limits for the HTTP endpoint: probes and scrapes send a few hundred bytes and read at once.
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+# After answering, read and drop what the client still sends (up to this much, for this long) before closing:
+# closing a socket with unread input sends a TCP reset, which can destroy the answer before the client reads it.
+LINGER_BYTES = 256 * 1024
+LINGER_TIMEOUT = 2.0
+
+_ALLOWED_METHODS = ("GET", "HEAD")
+# RFC 9112 section 3: request-line = method SP request-target SP HTTP-version.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/(\d)\.(\d)")
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+def domain_label(domain: str, top_domains: Collection[str]) -> str:
+    """The label value for a destination domain: the domain itself when it is a top domain, else "other".
+
+    Comparison is case-insensitive and ignores a trailing root dot; `top_domains` should hold lower-case names.
+    """
+    name = domain.strip().rstrip(".").lower()
+    return name if name and name in top_domains else OTHER_DOMAIN
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port" (port 0..65535; 0 means any free port); ValueError when malformed."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", listen.strip())
+    if not m:
+        raise ValueError(f'metrics listen address: expected "host:port", got {listen!r}')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ValueError(f"metrics listen address: port {port} is out of range 0-65535")
+    return host, port
+
+
+class _Endpoint:
+    """Answers one HTTP request per connection; see the module docstring for the routes."""
+
+    def __init__(self, role: str, ready: Callable[[], bool]) -> None:
+        self._role = role
+        self._ready = ready
+        self._connections = 0
+
+    def is_ready(self) -> bool:
+        try:
+            ready = bool(self._ready())
+        except Exception:  # the role's readiness check is not ours to crash on; report it and say "not ready"
+            log.exception("readiness check of role %s raised", self._role)
+            ready = False
+        UP_READY.labels(role=self._role).set(1 if ready else 0)
+        return ready
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections += 1
+        try:
+            if self._connections > MAX_CONNECTIONS:
+                await self._respond(writer, 503, b"too many connections\n", head_only=False)
+            else:
+                status, body, extra, head_only = await self._answer(reader)
+                await self._respond(writer, status, body, head_only=head_only, extra=extra)
+                await self._linger(reader, writer)
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), WRITE_TIMEOUT)
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("metrics client went away: %r", exc)
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            # The event loop is shutting down: drop the connection at once. Not re-raised: this task is a leaf
+            # nobody awaits, and on Python 3.11 asyncio's done-callback for a cancelled stream handler logs a
+            # spurious traceback.
+            writer.transport.abort()
+        finally:
+            self._connections -= 1
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then drain the client's leftover input until it closes (bounded in bytes and time)."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINGER_TIMEOUT
+        discarded = 0
+        while discarded < LINGER_BYTES and (remaining := deadline - loop.time()) > 0:
+            chunk = await asyncio.wait_for(reader.read(65536), remaining)
+            if not chunk:
+                return
+            discarded += len(chunk)
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, bytes, dict[str, str], bool]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        except TimeoutError:
+            return 408, b"request timeout\n", {}, False
+        except asyncio.LimitOverrunError:
+            return 431, b"request head too large\n", {}, False
+        except asyncio.IncompleteReadError as exc:
+            if len(exc.partial) >= MAX_REQUEST_HEAD:
+                return 431, b"request head too large\n", {}, False
+            return 400, b"incomplete request\n", {}, False
+        request_line = head.split(b"\r\n", 1)[0]
+        m = _REQUEST_LINE.fullmatch(request_line)
+        if m is None:
+            return 400, b"malformed request line\n", {}, False
+        method, target, major = m.group(1).decode("ascii"), m.group(2), m.group(3)
+        if major != b"1":
+            return 505, b"only HTTP/1.x\n", {}, False
+        if method not in _ALLOWED_METHODS:
+            return 405, b"method not allowed\n", {"Allow": ", ".join(_ALLOWED_METHODS)}, False
+        head_only = method == "HEAD"
+        path = target.split(b"?", 1)[0]
+        if path == b"/metrics":
+            self.is_ready()
+            return 200, generate_latest(), {"Content-Type": CONTENT_TYPE_LATEST}, head_only
+        if path == b"/healthz":
+            return 200, b"ok\n", {}, head_only
+        if path == b"/readyz":
+            if self.is_ready():
+                return 200, b"ready\n", {}, head_only
+            return 503, b"not ready\n", {}, head_only
+        return 404, b"not found\n", {}, head_only
+
+    @staticmethod
+    async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, *, head_only: bool,
+                       extra: dict[str, str] | None = None) -> None:
+        headers = {"Content-Type": "text/plain; charset=utf-8", **(extra or {}),
+                   "Content-Length": str(len(body)), "Connection": "close"}
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"] + [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        if not head_only:
+            writer.write(body)
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+async def serve_http(listen: str, role: str, ready: Callable[[], bool]) -> asyncio.Server:
+    """Start the /metrics, /healthz, /readyz endpoint for `role` on `listen`; close() the server to stop it.
+
+    Raises ValueError for a malformed address and OSError when the address cannot be bound.
+    """
+    host, port = parse_listen(listen)
+    BUILD_INFO.labels(version=VERSION, role=role).set(1)
+    endpoint = _Endpoint(role, ready)
+    endpoint.is_ready()
+    return await asyncio.start_server(endpoint.handle, host, port, limit=MAX_REQUEST_HEAD, reuse_address=True)

@@ -1,0 +1,1 @@
+"""A queue shard: durable spool, scheduler, dispatch to workers, retries, bounces and admin operations."""

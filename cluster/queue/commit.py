@@ -1,0 +1,81 @@
+"""Group commit: many callers, one spool transaction.
+
+Callers `await submit(batch)`; a single writer task merges every batch that arrived while the previous
+transaction was running (up to `batch_max` new messages) into one `Spool.commit`, run in the spool's
+dedicated thread. Each caller's await returns once the transaction holding its batch is durable, or raises
+the SpoolError that made it fail (DESIGN.md contract 1: Stored only after fsync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from cluster.queue.spool import Batch, Spool, SpoolError
+
+log = logging.getLogger("mtacluster.queue")
+
+
+class GroupCommitter:
+    def __init__(self, spool: Spool, executor: Executor, batch_max: int,
+                 observe: Callable[[int, float], None] | None = None) -> None:
+        self._spool = spool
+        self._executor = executor
+        self._batch_max = batch_max
+        self._observe = observe
+        self._pending: deque[tuple[Batch, asyncio.Future[None]]] = deque()
+        self._wake = asyncio.Event()
+        self.transactions = 0
+
+    async def submit(self, batch: Batch) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((batch, future))
+        self._wake.set()
+        await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                taken = self._take()
+                merged = Batch()
+                for part, _ in taken:
+                    merged.stores.extend(part.stores)
+                    merged.bodies.update(part.bodies)
+                    merged.updates.extend(part.updates)
+                    merged.flags.update(part.flags)
+                    merged.removals.extend(part.removals)
+                started = time.perf_counter()
+                try:
+                    await loop.run_in_executor(self._executor, self._spool.commit, merged)
+                except Exception as exc:  # the writer must outlive any failed transaction
+                    failure = exc if isinstance(exc, SpoolError) else SpoolError(f"spool transaction failed: {exc!r}")
+                    if not isinstance(exc, SpoolError):
+                        log.exception("unexpected error in a spool transaction")
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(failure)
+                    continue
+                self.transactions += 1
+                if self._observe is not None:
+                    self._observe(len(merged.stores), time.perf_counter() - started)
+                for _, future in taken:
+                    if not future.done():
+                        future.set_result(None)
+
+    def _take(self) -> list[tuple[Batch, asyncio.Future[None]]]:
+        taken: list[tuple[Batch, asyncio.Future[None]]] = []
+        stored = 0
+        while self._pending:
+            part = self._pending[0][0]
+            if taken and stored + len(part.stores) > self._batch_max:
+                break
+            stored += len(part.stores)
+            taken.append(self._pending.popleft())
+        return taken

@@ -1,0 +1,121 @@
+"""What a shard stores about a message and its recipients, and the states a recipient goes through.
+
+A message is stored once with its body; each recipient has its own state:
+
+    ready -> in_flight -> delivered | failed           (done: never looked at again)
+                       -> deferred(next_attempt) -> ready
+    any pending state <-> held                          (admin hold / release)
+
+A message leaves the spool when every recipient is done. Queue ids are short, unique and sort by arrival time.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+
+from cluster.bus.ring import domain_key
+
+
+class State(enum.StrEnum):
+    READY = "ready"
+    DEFERRED = "deferred"
+    IN_FLIGHT = "in_flight"
+    HELD = "held"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (State.DELIVERED, State.FAILED)
+
+
+PENDING_STATES = (State.READY, State.DEFERRED, State.IN_FLIGHT, State.HELD)
+
+
+@dataclass
+class Recipient:
+    index: int
+    address: str
+    state: State = State.READY
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+    remote: str = ""
+    domain: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.domain = recipient_domain(self.address)
+
+
+@dataclass
+class Message:
+    queue_id: str
+    sender: str
+    arrival: float
+    recipients: list[Recipient]
+    size: int
+    client: dict[str, str] = field(default_factory=dict)
+    # Set once a "delayed" DSN was sent for this message (queue.delay_warning), so there is only one.
+    warned: bool = False
+    # -1: delivered from this shard; N >= 0: a bounce waiting to be injected into shard N (the outbox).
+    forward_shard: int = -1
+
+    @property
+    def done(self) -> bool:
+        return all(r.state.done for r in self.recipients)
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    """The durable part of one recipient's new state, written to the spool before memory trusts it."""
+
+    queue_id: str
+    index: int
+    state: State
+    attempts: int
+    next_attempt: float
+    last_reply: str
+    remote: str
+
+    @staticmethod
+    def of(queue_id: str, recipient: Recipient) -> RecipientUpdate:
+        return RecipientUpdate(queue_id, recipient.index, recipient.state, recipient.attempts,
+                               recipient.next_attempt, recipient.last_reply, recipient.remote)
+
+
+def recipient_domain(address: str) -> str:
+    """The queueing key of an address: its domain via `domain_key`; an address without one queues under ""."""
+    _, at, domain = address.rpartition("@")
+    return domain_key(domain) if at else ""
+
+
+_BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's alphabet: sorts like the numbers it encodes
+
+
+def _base32(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        chars.append(_BASE32[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class QueueIdFactory:
+    """Queue ids: 10 base32 digits of milliseconds, 4 of a sequence number, 2 of the shard index (16 chars).
+
+    Ids of one shard sort by creation time; the sequence starts at a random value per process so a restart
+    within the same millisecond does not repeat an id, and it carries into the time part when it overflows.
+    """
+
+    def __init__(self, shard: int) -> None:
+        self._shard = _base32(shard, 2)
+        self._last = 0
+        self._start = int.from_bytes(os.urandom(2), "big")
+
+    def new(self, now: float) -> str:
+        stamp = (int(now * 1000) << 20) | self._start
+        stamp = max(stamp, self._last + 1)
+        self._last = stamp
+        return _base32(stamp >> 20, 10) + _base32(stamp & 0xFFFFF, 4) + self._shard

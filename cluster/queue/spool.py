@@ -1,0 +1,307 @@
+"""The durable spool of one shard: an interface and its SQLite implementation.
+
+Operations (all blocking; the shard calls them from one dedicated thread):
+    open()                 create or open the spool directory and database
+    load()                 enumerate every stored message (recovery); a record that fails its checks is
+                           quarantined and reported, never deleted
+    commit(batch)          one transaction: store new messages (with their bodies), update recipient states,
+                           remove finished messages; returns after the transaction is durable (fsync)
+    read_bodies(ids)       message bodies for dispatch (bodies are not kept in memory)
+    quarantine(id, why)    move a record aside: <dir>/quarantine/<queue_id>.msgpack, then drop it from the db
+    free_space()           bytes available to unprivileged users on the spool's file system
+
+SQLite runs in WAL mode with synchronous=FULL: a commit appends to the write-ahead log and fsyncs it, so one
+fsync makes a whole batch durable (group commit), and a crash at any point leaves the last committed state.
+Each message row carries a checksum of its immutable parts (sender, arrival, body, recipient addresses);
+a mismatch on load means the record is damaged and it is quarantined.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgpack
+
+from cluster.queue.records import Message, Recipient, RecipientUpdate, State
+
+
+class SpoolError(OSError):
+    """The spool cannot be used (unreadable, full, or a transaction failed): an I/O error of the shard."""
+
+    def __init__(self, text: str, disk_full: bool = False) -> None:
+        super().__init__(text)
+        self.disk_full = disk_full
+
+
+@dataclass
+class Batch:
+    stores: list[Message] = field(default_factory=list)
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    updates: list[RecipientUpdate] = field(default_factory=list)
+    # queue_id -> new (warned, forward_shard) flags
+    flags: dict[str, tuple[bool, int]] = field(default_factory=dict)
+    removals: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.stores or self.updates or self.flags or self.removals)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    queue_id: str
+    reason: str
+    path: str
+
+
+@dataclass
+class LoadResult:
+    messages: list[Message]
+    quarantined: list[Quarantined]
+
+
+class Spool(Protocol):
+    def open(self) -> None: ...
+
+    def load(self) -> LoadResult: ...
+
+    def commit(self, batch: Batch) -> None: ...
+
+    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]: ...
+
+    def read_headers(self, queue_id: str) -> bytes | None: ...
+
+    def quarantine(self, queue_id: str, reason: str) -> Quarantined: ...
+
+    def free_space(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    arrival REAL NOT NULL,
+    size INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    warned INTEGER NOT NULL DEFAULT 0,
+    forward_shard INTEGER NOT NULL DEFAULT -1,
+    checksum TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_reply TEXT NOT NULL DEFAULT '',
+    remote TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (queue_id, idx)
+) WITHOUT ROWID;
+"""
+
+
+def checksum(sender: str, arrival: float, body: bytes, addresses: Iterable[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(sender.encode("utf-8", "surrogateescape") + b"\0" + repr(float(arrival)).encode() + b"\0")
+    for address in addresses:
+        digest.update(address.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+class SqliteSpool:
+    """Spool in `<directory>/spool.sqlite3`; quarantined records under `<directory>/quarantine/`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._db: sqlite3.Connection | None = None
+        self._lock: int | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise SpoolError("spool is not open")
+        return self._db
+
+    def open(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / "quarantine").mkdir(exist_ok=True)
+            self._take_lock()
+            db = sqlite3.connect(self.directory / "spool.sqlite3", isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            self._release_lock()
+            raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from None
+        self._db = db
+
+    def _take_lock(self) -> None:
+        """One process per spool: a second shard on the same directory would re-queue the first one's jobs."""
+        descriptor = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise OSError(f"the spool {self.directory} is in use by another process") from None
+        self._lock = descriptor
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._release_lock()
+
+    def load(self) -> LoadResult:
+        db = self.db
+        rows: dict[str, list[tuple[int, str, str, int, float, str, str]]] = {}
+        for queue_id, *rest in db.execute(
+                "SELECT queue_id, idx, address, state, attempts, next_attempt, last_reply, remote FROM recipients "
+                "ORDER BY queue_id, idx"):
+            rows.setdefault(queue_id, []).append(tuple(rest))
+        messages: list[Message] = []
+        damaged: list[tuple[str, str]] = []
+        for queue_id, sender, arrival, size, client, warned, forward_shard, stored_sum, body in db.execute(
+                "SELECT queue_id, sender, arrival, size, client, warned, forward_shard, checksum, body "
+                "FROM messages ORDER BY queue_id"):
+            problem = _check_message(queue_id, sender, arrival, body, stored_sum, rows.get(queue_id, []))
+            if problem:
+                damaged.append((queue_id, problem))
+                continue
+            recipients = [Recipient(idx, address, State(state), attempts, float(next_attempt), last_reply, remote)
+                          for idx, address, state, attempts, next_attempt, last_reply, remote in rows[queue_id]]
+            try:
+                client_facts = json.loads(client)
+            except ValueError:
+                client_facts = {}
+            messages.append(Message(queue_id, sender, float(arrival), recipients, int(size),
+                                    client_facts if isinstance(client_facts, dict) else {},
+                                    bool(warned), int(forward_shard)))
+        known = {m.queue_id for m in messages} | {q for q, _ in damaged}
+        orphans = [q for q in rows if q not in known]
+        damaged.extend((q, "recipients without a message record") for q in orphans)
+        quarantined = [self.quarantine(queue_id, reason) for queue_id, reason in damaged]
+        return LoadResult(messages, quarantined)
+
+    def commit(self, batch: Batch) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for message in batch.stores:
+                    body = batch.bodies[message.queue_id]
+                    addresses = [r.address for r in message.recipients]
+                    db.execute(
+                        "INSERT INTO messages (queue_id, sender, arrival, size, client, warned, forward_shard, "
+                        "checksum, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (message.queue_id, message.sender, message.arrival, message.size, json.dumps(message.client),
+                         int(message.warned), message.forward_shard,
+                         checksum(message.sender, message.arrival, body, addresses), body))
+                    db.executemany(
+                        "INSERT INTO recipients (queue_id, idx, address, state, attempts, next_attempt, last_reply,"
+                        " remote) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(message.queue_id, r.index, r.address, r.state.value, r.attempts, r.next_attempt,
+                          r.last_reply, r.remote) for r in message.recipients])
+                db.executemany(
+                    "UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?, remote=? "
+                    "WHERE queue_id=? AND idx=?",
+                    [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.remote, u.queue_id, u.index)
+                     for u in batch.updates])
+                db.executemany("UPDATE messages SET warned=?, forward_shard=? WHERE queue_id=?",
+                               [(int(w), f, q) for q, (w, f) in batch.flags.items()])
+                db.executemany("DELETE FROM recipients WHERE queue_id=?", [(q,) for q in batch.removals])
+                db.executemany("DELETE FROM messages WHERE queue_id=?", [(q,) for q in batch.removals])
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+            raise SpoolError(f"spool transaction failed: {exc}", disk_full=full) from None
+
+    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
+        bodies: dict[str, bytes] = {}
+        for queue_id in queue_ids:
+            body = self._body(queue_id)
+            if body is not None:
+                bodies[queue_id] = body
+        return bodies
+
+    def _body(self, queue_id: str) -> bytes | None:
+        try:
+            row = self.db.execute("SELECT body FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read {queue_id}: {exc}") from None
+        return None if row is None else bytes(row[0])
+
+    def read_headers(self, queue_id: str) -> bytes | None:
+        body = self._body(queue_id)
+        if body is None:
+            return None
+        end = body.find(b"\r\n\r\n")
+        return body if end < 0 else body[:end + 2]
+
+    def quarantine(self, queue_id: str, reason: str) -> Quarantined:
+        """Write every column of the record to a file (fsynced), then drop it from the database."""
+        db = self.db
+        message = db.execute("SELECT * FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
+        recipients = db.execute("SELECT * FROM recipients WHERE queue_id=?", (queue_id,)).fetchall()
+        record = {"queue_id": queue_id, "reason": reason,
+                  "message": list(message) if message else None, "recipients": [list(r) for r in recipients]}
+        safe_name = "".join(c if c.isalnum() else "_" for c in queue_id)[:64] or "unnamed"
+        path = self.directory / "quarantine" / f"{safe_name}.msgpack"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(msgpack.packb(record, use_bin_type=True, default=repr))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
+            db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot quarantine {queue_id}: {exc}") from None
+        return Quarantined(queue_id, reason, str(path))
+
+    def free_space(self) -> int:
+        stats = os.statvfs(self.directory)
+        return stats.f_bavail * stats.f_frsize
+
+
+def _check_message(queue_id: object, sender: object, arrival: object, body: object, stored_sum: object,
+                   recipients: list[tuple[int, str, str, int, float, str, str]]) -> str:
+    """Why a stored record cannot be trusted, or "" when it is sound."""
+    if not isinstance(queue_id, str) or not isinstance(sender, str) or not isinstance(arrival, int | float):
+        return "message columns have the wrong types"
+    if not isinstance(body, bytes):
+        return "body is not a blob"
+    if not recipients:
+        return "message has no recipients"
+    if [r[0] for r in recipients] != list(range(len(recipients))):
+        return "recipient rows are missing"
+    states = {s.value for s in State}
+    for _, address, state, attempts, next_attempt, _, _ in recipients:
+        if not isinstance(address, str) or state not in states or not isinstance(attempts, int) \
+                or not isinstance(next_attempt, int | float):
+            return "recipient row has bad values"
+    if checksum(sender, float(arrival), body, [r[1] for r in recipients]) != stored_sum:
+        return "checksum mismatch"
+    return ""

@@ -1,0 +1,92 @@
+"""Run one role of the cluster (frontend, queue shard, worker) in this process: what `mtacluster serve` does.
+
+Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, starts the role's /metrics /healthz /readyz HTTP
+listener, prints one startup line once the role is ready, and returns the process exit code.
+Failure modes: a configuration the role cannot use (port taken, spool unreadable) ends with a one-line error
+on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+import uvloop
+
+from cluster.config import Config
+
+ROLES = ("frontend", "queue", "worker")
+log = logging.getLogger("mtacluster")
+
+
+class Service(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    def is_ready(self) -> bool: ...
+
+
+def build_service(role: str, config: Config, shard: int) -> tuple[Service, str]:
+    """The role's service object and a short description of where it listens, for the startup line."""
+    if role == "frontend":
+        from cluster.frontend.server import Frontend
+
+        return Frontend(config), "smtp=" + ",".join(config.smtp.listen)
+    if role == "queue":
+        from cluster.queue.shard import Shard
+
+        if not 0 <= shard < len(config.queue.shards):
+            raise ValueError(f"--shard {shard}: queue.shards has {len(config.queue.shards)} entries")
+        return Shard(config, shard), f"shard={shard} endpoint={config.queue.shards[shard]}"
+    if role == "worker":
+        from cluster.delivery.worker import Worker
+
+        return Worker(config), f"shards={len(config.queue.shards)}"
+    raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+
+
+async def _serve(role: str, config: Config, shard: int) -> int:
+    from cluster.observability import serve_http
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    service, where = build_service(role, config, shard)
+    http = None
+    metrics_where = "metrics=off"
+    if config.metrics.listen:
+        http = await serve_http(config.metrics.listen, role, service.is_ready)
+        host, port = http.sockets[0].getsockname()[:2]
+        metrics_where = f"metrics={host}:{port}"
+    task = asyncio.create_task(service.run(stop))
+    announced = asyncio.create_task(_announce_when_ready(service.is_ready, f"{role} pid={os.getpid()} {where} "
+                                                         f"{metrics_where}"))
+    try:
+        await task
+    finally:
+        announced.cancel()
+        if http is not None:
+            http.close()
+    return 0
+
+
+async def _announce_when_ready(ready: Callable[[], bool], line: str) -> None:
+    while not ready():
+        await asyncio.sleep(0.05)
+    print(f"mtacluster: ready role={line}", flush=True)
+
+
+def serve(role: str, config: Config, shard: int = 0) -> int:
+    """Run one role until SIGTERM/SIGINT; return the exit code."""
+    logging.basicConfig(level=os.environ.get("MTACLUSTER_LOG_LEVEL", "INFO").upper(),
+                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    try:
+        return uvloop.run(_serve(role, config, shard))
+    except (OSError, ValueError) as exc:
+        print(f"mtacluster serve {role}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,637 @@
+"""Sans-I/O ESMTP server state machine (RFC 5321, with RFC 1870 SIZE, RFC 2920 PIPELINING, RFC 6152
+8BITMIME, RFC 6531 SMTPUTF8, RFC 2034 ENHANCEDSTATUSCODES and, when enabled, RFC 3030 CHUNKING), in the
+style of h11.
+
+The glue owns the socket and calls: `start()` once, `receive_data(bytes)` with what arrived (b"" on EOF),
+`next_event()` until it returns `NeedData`, `respond(reply)` for each decision event, and sends
+`data_to_send()` to the client. When `closed` becomes True it flushes `data_to_send()` and closes.
+
+Decision events (MailRequested, RcptRequested, MessageReceived) pause the machine: until `respond()`,
+`next_event()` returns `Paused` and new input is only buffered, so replies leave in command order even when
+the client pipelines. The machine answers everything else itself (EHLO, RSET, NOOP, syntax errors, limits).
+The glue should stop reading from the socket while `Paused` (back-pressure): input is buffered unbounded then.
+
+Extensions the glue implements (STARTTLS, AUTH) are listed in `ServerSettings.extension_commands` and
+`extra_extensions`; they arrive as `ExtensionCommand` / `ExtensionLine` decision events (see events.py).
+An optional `SessionObserver` sees every command verb and every reply, for metrics.
+
+Failure modes: every malformed input gets an SMTP reply from `cluster.smtp.replies`; after `max_errors`
+client errors the session ends with 421 4.7.0. Client errors are: every 4xx/5xx the machine sends for bad
+syntax, bad sequence, bad lines or a refused DATA, and every 4xx/5xx the glue answers to MAIL, RCPT or an
+extension command (relay denied, failed AUTH). Not counted: 452 too many recipients (RFC 5321 4.5.3.1.10 says
+the client should just continue in a new transaction) and the glue's answer to end of DATA (a storage
+failure is not the client's fault). Calling `respond()` with no decision pending is a glue bug and
+raises `ProtocolUsageError`. Nothing here raises on any client input.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+from cluster.smtp import replies
+from cluster.smtp.address import (
+    Address,
+    SmtpSyntaxError,
+    parse_forward_path,
+    parse_mail_parameters,
+    parse_reverse_path,
+    split_path_and_parameters,
+)
+from cluster.smtp.events import (
+    DecisionEvent,
+    Event,
+    ExtensionCommand,
+    ExtensionLine,
+    MailRequested,
+    MessageReceived,
+    NeedData,
+    Paused,
+    RcptRequested,
+    SessionEnded,
+)
+from cluster.smtp.lines import OVERLONG, ChunkReader, CommandFramer, DataReader, DataResult
+from cluster.smtp.reply import Reply
+
+if TYPE_CHECKING:
+    from cluster.config import SmtpConfig
+
+# The events are re-exported so the glue can import the whole API from this module.
+__all__ = [
+    "Event",
+    "ExtensionCommand",
+    "ExtensionLine",
+    "MailRequested",
+    "MessageReceived",
+    "NeedData",
+    "Paused",
+    "ProtocolUsageError",
+    "RcptRequested",
+    "ServerConnection",
+    "ServerSettings",
+    "SessionEnded",
+    "SessionObserver",
+]
+
+# Parameters this server implements on MAIL (RFC 1870, RFC 6152, RFC 6531); none on RCPT yet.
+_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
+_RCPT_PARAMETERS: frozenset[str] = frozenset()
+
+# A command handler takes the text after the verb.
+_Handler = Callable[[str], None]
+
+
+class SessionObserver(Protocol):
+    """Optional hooks for metrics (DESIGN: commands_total{command}, replies_total{class}, rejections)."""
+
+    def command(self, verb: str) -> None:
+        """A command line was read; `verb` is one of the known verbs upper-cased, or "other"."""
+
+    def reply(self, reply: Reply) -> None:
+        """A reply was queued for the client (compare with `cluster.smtp.replies` constants for reasons)."""
+
+
+class ProtocolUsageError(RuntimeError):
+    """The glue called the state machine wrongly (e.g. `respond()` with no decision pending)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    hostname: str
+    max_command_line: int = 512  # octets incl. CRLF (RFC 5321 4.5.3.1.4)
+    max_text_line: int = 1000  # octets incl. CRLF (RFC 5321 4.5.3.1.6)
+    max_message_size: int = 25 * 2**20  # advertised in EHLO SIZE (RFC 1870)
+    max_recipients: int = 100  # RFC 5321 4.5.3.1.10: the 101st RCPT gets 452 4.5.3
+    max_errors: int = 20  # client errors before 421 4.7.0 and close
+    # Extra EHLO keywords (e.g. "STARTTLS", "AUTH PLAIN LOGIN") advertised once the glue implements them.
+    extra_extensions: tuple[str, ...] = ()
+    # Verbs (upper case) handed to the glue as ExtensionCommand events instead of 500 5.5.2, e.g. STARTTLS, AUTH.
+    extension_commands: frozenset[str] = frozenset()
+    # RFC 4954 4: an AUTH response line may be up to 12288 octets.
+    max_continuation_line: int = 12288
+    # MAIL / RCPT parameter keywords (upper case) the glue implements (e.g. AUTH, RET, ENVID / NOTIFY, ORCPT):
+    # passed through in the event's params for the glue to check, instead of 555 5.5.4.
+    extra_mail_parameters: frozenset[str] = frozenset()
+    extra_rcpt_parameters: frozenset[str] = frozenset()
+    # RFC 3030 CHUNKING (BDAT): off by default; when on, EHLO advertises CHUNKING and BDAT is accepted.
+    chunking: bool = False
+
+    @classmethod
+    def from_config(cls, smtp: SmtpConfig) -> ServerSettings:
+        return cls(
+            hostname=smtp.hostname,
+            max_command_line=smtp.max_command_line,
+            max_text_line=smtp.max_text_line,
+            max_message_size=int(smtp.max_message_size),
+            max_recipients=smtp.max_recipients,
+            max_errors=smtp.max_errors,
+        )
+
+
+class _Phase(Enum):
+    COMMAND = "command"
+    DATA = "data"
+    BDAT = "bdat"  # reading the octets of a BDAT chunk
+    CLOSED = "closed"
+
+
+@dataclass
+class _Transaction:
+    """One mail transaction (RFC 5321 3.3), from an accepted MAIL to the end of DATA or RSET."""
+
+    sender: Address | None
+    smtputf8: bool
+    body_8bitmime: bool
+    recipients: list[Address]
+    # The BDAT chunks received so far (RFC 3030); None while no BDAT was sent in this transaction.
+    chunks: ChunkReader | None = None
+
+
+@dataclass
+class _BdatCommand:
+    """The BDAT command whose chunk is being read: what to answer once its octets are consumed."""
+
+    size: int
+    last: bool
+    reader: ChunkReader
+    refusal: Reply | None  # the command was refused: discard the chunk, then send this
+
+
+class ServerConnection:
+    """One SMTP session, server side. See the module docstring for the calling protocol."""
+
+    def __init__(self, settings: ServerSettings, observer: SessionObserver | None = None) -> None:
+        self.settings = settings
+        self.observer = observer
+        self.helo_name: str | None = None
+        # True after EHLO (not HELO): the Received header says "with ESMTP" (RFC 3848).
+        self.esmtp = False
+        self._phase = _Phase.COMMAND
+        self._input = bytearray()
+        self._output = bytearray()
+        self._eof = False
+        self._events: deque[Event] = deque()
+        self._pending: DecisionEvent | None = None
+        self._transaction: _Transaction | None = None
+        self._errors = 0
+        self._framer = CommandFramer(settings.max_command_line)
+        self._data_reader: DataReader | None = None
+        self._bdat: _BdatCommand | None = None
+        self._ended = False
+        # The extension verb whose exchange continues (after a 334 reply), and the STARTTLS handshake wait.
+        self._continuation_verb: str | None = None
+        self._awaiting_tls = False
+        self._handlers: dict[str, _Handler] = {
+            "EHLO": self._ehlo,
+            "HELO": self._helo,
+            "MAIL": self._mail,
+            "RCPT": self._rcpt,
+            "DATA": self._data,
+            "RSET": self._rset,
+            "NOOP": self._noop,
+            "QUIT": self._quit,
+            "HELP": self._help,
+            "VRFY": self._vrfy,
+            "EXPN": self._expn,
+        }
+        if settings.chunking:
+            self._handlers["BDAT"] = self._bdat_command
+
+    # --- glue-facing API ---
+
+    @property
+    def closed(self) -> bool:
+        """True once the session must end: flush data_to_send(), then close the connection."""
+        return self._phase is _Phase.CLOSED
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between an accepted MAIL and the end of DATA or RSET (RFC 4954 4: no AUTH then)."""
+        return self._transaction is not None
+
+    @property
+    def current_timeout_kind(self) -> str:
+        """Which timeout runs now: "data" while reading message content (RFC 5321 4.5.3.2.5), else "command"."""
+        return "data" if self._phase in (_Phase.DATA, _Phase.BDAT) else "command"
+
+    def start(self) -> None:
+        self._send(replies.greeting(self.settings.hostname))
+
+    def receive_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if data:
+            self._input += data
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._output)
+        self._output.clear()
+        return out
+
+    def next_event(self) -> Event | type[NeedData] | type[Paused]:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._pending is not None or self._awaiting_tls:
+                return Paused
+            if self.closed:
+                return NeedData
+            if not self._step():
+                return NeedData
+
+    def respond(self, reply: Reply) -> None:
+        """Answer the pending decision event. After the session closed (e.g. timed out) this does nothing."""
+        event = self._pending
+        if event is None:
+            if self.closed:
+                return
+            raise ProtocolUsageError("respond() called with no decision pending")
+        self._pending = None
+        accepted = 200 <= reply.code < 300
+        if isinstance(event, ExtensionCommand | ExtensionLine):
+            self._respond_extension(event.verb, reply)
+        elif isinstance(event, MailRequested):
+            if accepted:
+                self._transaction = _Transaction(
+                    sender=event.sender,
+                    smtputf8="SMTPUTF8" in event.params,
+                    body_8bitmime=(event.params.get("BODY") or "").upper() == "8BITMIME",
+                    recipients=[],
+                )
+            self._send_result(reply, client_error=reply.code >= 400)
+        elif isinstance(event, RcptRequested):
+            if accepted and self._transaction is not None:
+                self._transaction.recipients.append(event.recipient)
+            self._send_result(reply, client_error=reply.code >= 400)
+        else:
+            # End of DATA: accepted or not, the transaction is over (RFC 5321 4.1.1.4).
+            self._transaction = None
+            self._send(reply)
+
+    def starttls_completed(self) -> None:
+        """The glue finished the TLS handshake after its 2xx to STARTTLS: start over (RFC 3207 4.2).
+
+        The server forgets everything learnt from the client before TLS: the EHLO name and any transaction.
+        """
+        if not self._awaiting_tls:
+            raise ProtocolUsageError("starttls_completed() without an accepted STARTTLS")
+        self._awaiting_tls = False
+        self.helo_name = None
+        self.esmtp = False
+        self._transaction = None
+
+    def timed_out(self) -> None:
+        """The glue's timer for `current_timeout_kind` expired (RFC 5321 4.5.3.2): 421 4.4.2 and close."""
+        if self.closed:
+            return
+        self._send(replies.TIMEOUT)
+        self._end("timeout")
+
+    # --- internals ---
+
+    def _respond_extension(self, verb: str, reply: Reply) -> None:
+        if reply.code == 334:
+            # RFC 4954 4: the next line is a response to the challenge, not a command.
+            self._continuation_verb = verb
+            self._framer.max_line = max(self.settings.max_command_line, self.settings.max_continuation_line)
+            self._send(reply)
+            return
+        self._continuation_verb = None
+        self._framer.max_line = self.settings.max_command_line
+        if verb == "STARTTLS" and 200 <= reply.code < 300:
+            # RFC 3207 4.2 / CVE-2011-0411: anything the client sent before the handshake is plaintext
+            # injection and must not be executed after it.
+            self._input.clear()
+            self._awaiting_tls = True
+        self._send_result(reply, client_error=reply.code >= 400)
+
+    def _send(self, reply: Reply) -> None:
+        if reply.code == 334 and not reply.text:
+            # RFC 4954 4: continue-req = "334" SP [base64] CRLF; the space stays even with no challenge.
+            self._output += b"334 \r\n"
+        else:
+            self._output += reply.to_bytes()
+        if self.observer is not None:
+            self.observer.reply(reply)
+
+    def _send_result(self, reply: Reply, *, client_error: bool) -> None:
+        """Send a reply; count it against max_errors when the client caused it."""
+        self._send(reply)
+        if client_error:
+            self._errors += 1
+            if self._errors >= self.settings.max_errors and not self.closed:
+                self._send(replies.TOO_MANY_ERRORS)
+                self._end("too many errors")
+
+    def _error(self, reply: Reply) -> None:
+        self._send_result(reply, client_error=True)
+
+    def _end(self, reason: str) -> None:
+        self._phase = _Phase.CLOSED
+        self._pending = None
+        self._awaiting_tls = False
+        self._input.clear()
+        self._data_reader = None
+        self._bdat = None
+        self._transaction = None
+        if not self._ended:
+            self._ended = True
+            self._events.append(SessionEnded(reason))
+
+    def _step(self) -> bool:
+        """Process input until an event is queued or a decision is pending; False when more data is needed."""
+        if self._phase is _Phase.DATA:
+            return self._step_data()
+        if self._phase is _Phase.BDAT:
+            return self._step_bdat()
+        item = self._framer.next_line(self._input)
+        if item is None:
+            if self._eof:
+                self._end("client closed the connection")
+                return True
+            return False
+        verb = self._continuation_verb
+        if verb is not None:
+            self._continuation_verb = None
+            self._framer.max_line = self.settings.max_command_line
+            self._decide(ExtensionLine(verb, item if isinstance(item, bytes) else None))
+        elif item is OVERLONG:
+            self._error(replies.COMMAND_TOO_LONG)
+        elif isinstance(item, bytes):
+            self._handle_command_line(item)
+        return True
+
+    def _step_data(self) -> bool:
+        assert self._data_reader is not None
+        result = self._data_reader.feed(self._input)
+        if result is None:
+            if self._eof:
+                # A partial message is never emitted (RFC 5321 4.1.1.4: no ".", no transaction).
+                self._end("client closed the connection during DATA")
+                return True
+            return False
+        self._data_reader = None
+        self._phase = _Phase.COMMAND
+        self._finish_data(result)
+        return True
+
+    def _step_bdat(self) -> bool:
+        command = self._bdat
+        assert command is not None
+        if not command.reader.feed(self._input):
+            if self._eof:
+                self._end("client closed the connection during BDAT")
+                return True
+            return False
+        self._bdat = None
+        self._phase = _Phase.COMMAND
+        if command.refusal is not None:
+            self._error(command.refusal)
+        elif command.reader.refused:
+            # RFC 3030 2: after a failed chunk the transaction is over; later chunks get 503 and are discarded.
+            self._finish_data(command.reader.result(final=command.last))
+        elif command.last:
+            self._finish_data(command.reader.result())
+        else:
+            self._send(replies.chunk_received(command.size))
+        return True
+
+    def _finish_data(self, result: DataResult) -> None:
+        transaction = self._transaction
+        assert transaction is not None
+        refusal: Reply | None = None
+        if result.bare_line_ending:
+            refusal = replies.BARE_LINE_ENDING_IN_DATA
+        elif result.too_big:
+            refusal = replies.MESSAGE_TOO_BIG
+        elif result.line_too_long:
+            refusal = replies.TEXT_LINE_TOO_LONG
+        if refusal is not None or result.data is None:
+            self._transaction = None
+            self._error(refusal or replies.BARE_LINE_ENDING_IN_DATA)
+            return
+        self._decide(
+            MessageReceived(
+                sender=transaction.sender,
+                recipients=tuple(transaction.recipients),
+                data=result.data,
+                body_8bit=transaction.body_8bitmime or result.has_8bit,
+                smtputf8=transaction.smtputf8,
+            )
+        )
+
+    def _decide(self, event: DecisionEvent) -> None:
+        self._pending = event
+        self._events.append(event)
+
+    def _handle_command_line(self, raw: bytes) -> None:
+        if CommandFramer.has_forbidden_octets(raw):
+            self._error(replies.BARE_LINE_ENDING_IN_COMMAND)
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(replies.COMMAND_NOT_UTF8)
+            return
+        verb, _, argument = line.partition(" ")
+        verb = verb.upper()
+        if verb in self.settings.extension_commands:
+            self._observe_command(verb)
+            self._decide(ExtensionCommand(verb, argument))
+            return
+        handler = self._handlers.get(verb)
+        self._observe_command(verb if handler is not None else "other")
+        if handler is None:
+            self._error(replies.UNKNOWN_COMMAND)
+            return
+        handler(argument)
+
+    def _observe_command(self, verb: str) -> None:
+        if self.observer is not None:
+            self.observer.command(verb)
+
+    # --- commands (RFC 5321 4.1.1) ---
+
+    def _greeting_name(self, argument: str) -> str | None:
+        name = argument.strip(" ")
+        return name if name and " " not in name else None
+
+    def _ehlo(self, argument: str) -> None:
+        name = self._greeting_name(argument)
+        if name is None:
+            self._error(replies.HELO_SYNTAX)
+            return
+        self.helo_name = name
+        self.esmtp = True
+        self._transaction = None  # RFC 5321 4.1.4: EHLO implies RSET
+        extensions = (
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            *(("CHUNKING",) if self.settings.chunking else ()),
+            *self.settings.extra_extensions,
+        )
+        self._send(replies.ehlo_reply(self.settings.hostname, name, extensions))
+
+    def _helo(self, argument: str) -> None:
+        name = self._greeting_name(argument)
+        if name is None:
+            self._error(replies.HELO_SYNTAX)
+            return
+        self.helo_name = name
+        self.esmtp = False
+        self._transaction = None
+        self._send(replies.helo_reply(self.settings.hostname, name))
+
+    def _mail(self, argument: str) -> None:
+        if self.helo_name is None:
+            self._error(replies.NEED_HELO)
+            return
+        if self._transaction is not None:
+            self._error(replies.NESTED_MAIL)
+            return
+        if argument[:5].upper() != "FROM:":
+            self._error(replies.MAIL_SYNTAX)
+            return
+        path_text, params_text = split_path_and_parameters(argument[5:])
+        try:
+            params = parse_mail_parameters(params_text)
+            size = self._check_mail_parameters(params)
+            sender = parse_reverse_path(path_text, smtputf8="SMTPUTF8" in params)
+        except SmtpSyntaxError as problem:
+            self._error(problem.reply)
+            return
+        self._decide(MailRequested(sender=sender, params=params, size=size))
+
+    def _check_mail_parameters(self, params: dict[str, str | None]) -> int | None:
+        unknown = set(params) - _MAIL_PARAMETERS - self.settings.extra_mail_parameters
+        if unknown:
+            raise SmtpSyntaxError(replies.UNKNOWN_MAIL_PARAMETER)
+        if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
+            raise SmtpSyntaxError(replies.SMTPUTF8_SYNTAX)
+        if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
+            raise SmtpSyntaxError(replies.BODY_SYNTAX)
+        if "SIZE" not in params:
+            return None
+        text = params["SIZE"] or ""
+        if not (text.isascii() and text.isdigit()) or len(text) > 20:
+            raise SmtpSyntaxError(replies.SIZE_SYNTAX)
+        size = int(text)
+        if size > self.settings.max_message_size:
+            raise SmtpSyntaxError(replies.MESSAGE_SIZE_EXCEEDS_LIMIT)  # RFC 1870 6.1
+        return size
+
+    def _rcpt(self, argument: str) -> None:
+        if self.helo_name is None:
+            self._error(replies.NEED_HELO)
+            return
+        transaction = self._transaction
+        if transaction is None:
+            self._error(replies.NEED_MAIL_BEFORE_RCPT)
+            return
+        if argument[:3].upper() != "TO:":
+            self._error(replies.RCPT_SYNTAX)
+            return
+        path_text, params_text = split_path_and_parameters(argument[3:])
+        try:
+            params = parse_mail_parameters(params_text)
+            if set(params) - _RCPT_PARAMETERS - self.settings.extra_rcpt_parameters:
+                raise SmtpSyntaxError(replies.UNKNOWN_RCPT_PARAMETER)
+            recipient = parse_forward_path(path_text, smtputf8=transaction.smtputf8)
+        except SmtpSyntaxError as problem:
+            self._error(problem.reply)
+            return
+        if not recipient.domain:
+            # RFC 5321 4.1.1.3: <Postmaster> without a domain means the postmaster of this server.
+            recipient = Address(recipient.local_part, self.settings.hostname)
+        if len(transaction.recipients) >= self.settings.max_recipients:
+            # RFC 5321 4.5.3.1.10: a temporary refusal; the client sends the rest in another transaction.
+            self._send(replies.TOO_MANY_RECIPIENTS)
+            return
+        self._decide(RcptRequested(recipient=recipient, params=params))
+
+    def _data(self, argument: str) -> None:
+        if argument.strip(" "):
+            self._error(replies.NO_ARGUMENTS_ALLOWED)
+            return
+        if self.helo_name is None:
+            self._error(replies.NEED_HELO)
+            return
+        if self._transaction is None:
+            self._error(replies.NEED_MAIL_BEFORE_DATA)
+            return
+        if not self._transaction.recipients:
+            self._error(replies.NO_VALID_RECIPIENTS)
+            return
+        if self._transaction.chunks is not None:
+            self._error(replies.DATA_AFTER_BDAT)
+            return
+        self._send(replies.START_DATA)
+        self._phase = _Phase.DATA
+        self._data_reader = DataReader(self.settings.max_text_line, self.settings.max_message_size)
+
+    def _bdat_command(self, argument: str) -> None:
+        """RFC 3030 2: "BDAT size [LAST]"; the chunk's octets follow the CRLF whatever the reply will be."""
+        words = argument.split(" ")
+        size_text = words[0] if words else ""
+        if not (size_text.isascii() and size_text.isdigit()) or len(size_text) > 20 or len(words) > 2:
+            self._error(replies.BDAT_SYNTAX)  # without a size nothing can be skipped: read on as commands
+            return
+        if len(words) == 2 and words[1].upper() != "LAST":
+            self._error(replies.BDAT_SYNTAX)
+            return
+        size = int(size_text)
+        refusal: Reply | None = None
+        transaction = self._transaction
+        if self.helo_name is None:
+            refusal = replies.NEED_HELO
+        elif transaction is None:
+            refusal = replies.NEED_MAIL_BEFORE_DATA
+        elif not transaction.recipients:
+            refusal = replies.NO_VALID_RECIPIENTS
+        if transaction is not None and refusal is None:
+            if transaction.chunks is None:
+                transaction.chunks = ChunkReader(self.settings.max_text_line, self.settings.max_message_size)
+            reader = transaction.chunks
+        else:
+            reader = ChunkReader(self.settings.max_text_line, self.settings.max_message_size)
+        reader.start_chunk(size, keep=refusal is None)
+        self._bdat = _BdatCommand(size=size, last=len(words) == 2, reader=reader, refusal=refusal)
+        self._phase = _Phase.BDAT
+
+    def _rset(self, argument: str) -> None:
+        if argument.strip(" "):
+            self._error(replies.NO_ARGUMENTS_ALLOWED)
+            return
+        self._transaction = None
+        self._send(replies.RESET_OK)
+
+    def _noop(self, argument: str) -> None:
+        # RFC 5321 4.1.1.9: NOOP may carry a string argument, which is ignored.
+        self._send(replies.OK)
+
+    def _quit(self, argument: str) -> None:
+        if argument.strip(" "):
+            self._error(replies.NO_ARGUMENTS_ALLOWED)
+            return
+        self._send(replies.BYE)
+        self._end("quit")
+
+    def _help(self, argument: str) -> None:
+        self._send(replies.HELP)
+
+    def _vrfy(self, argument: str) -> None:
+        if not argument.strip(" "):
+            self._error(replies.VRFY_SYNTAX)
+            return
+        self._send(replies.CANNOT_VRFY)
+
+    def _expn(self, argument: str) -> None:
+        self._error(replies.EXPN_NOT_AVAILABLE)

@@ -1,0 +1,189 @@
+{{/* Names, labels and shared pod pieces for every component. */}}
+
+{{- define "mtacluster.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mtacluster.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mtacluster.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource. */}}
+{{- define "mtacluster.labels" -}}
+helm.sh/chart: {{ include "mtacluster.chart" . }}
+{{ include "mtacluster.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "mtacluster.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mtacluster.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of one component: include with (dict "ctx" $ "component" "frontend"). */}}
+{{- define "mtacluster.componentLabels" -}}
+{{ include "mtacluster.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "mtacluster.componentSelectorLabels" -}}
+{{ include "mtacluster.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "mtacluster.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mtacluster.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mtacluster.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "mtacluster.clusterKeysSecret" -}}
+{{- default (printf "%s-cluster-keys" (include "mtacluster.fullname" .)) .Values.clusterKeys.existingSecret }}
+{{- end }}
+
+{{- define "mtacluster.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "mtacluster.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{- define "mtacluster.tlsEnabled" -}}
+{{- if or .Values.tls.existingSecret .Values.tls.certificate }}true{{ end }}
+{{- end }}
+
+{{- define "mtacluster.queueHeadless" -}}
+{{- printf "%s-queue-headless" (include "mtacluster.fullname" .) }}
+{{- end }}
+
+{{/* The bus endpoint of every shard: one per StatefulSet replica, in ordinal order (= shard number). */}}
+{{- define "mtacluster.shardEndpoints" -}}
+{{- $fullname := include "mtacluster.fullname" . }}
+{{- $headless := include "mtacluster.queueHeadless" . }}
+{{- $endpoints := list }}
+{{- range $i := until (int .Values.queue.replicas) }}
+{{- $endpoints = append $endpoints (printf "tcp://%s-queue-%d.%s.%s.svc:%d" $fullname $i $headless $.Release.Namespace (int $.Values.queue.busPort)) }}
+{{- end }}
+{{- toJson $endpoints }}
+{{- end }}
+
+{{/* One TOML value: string, whole or fractional number, boolean, list or table of strings. */}}
+{{- define "mtacluster.tomlValue" -}}
+{{- $v := . }}
+{{- if kindIs "string" $v }}{{ toJson $v }}
+{{- else if kindIs "bool" $v }}{{ ternary "true" "false" $v }}
+{{- else if or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v) }}
+{{- if eq (float64 $v) (floor $v) }}{{ int64 $v }}{{ else }}{{ $v }}{{ end }}
+{{- else if kindIs "slice" $v }}[{{ range $i, $item := $v }}{{ if $i }}, {{ end }}{{ include "mtacluster.tomlValue" $item }}{{ end }}]
+{{- else if kindIs "map" $v }}{ {{- range $i, $k := keys $v | sortAlpha }}{{ if $i }}, {{ end }}{{ toJson $k }} = {{ include "mtacluster.tomlValue" (get $v $k) }}{{ end -}} }
+{{- else }}{{ fail (printf "config: cannot write %v (%s) as TOML" $v (kindOf $v)) }}
+{{- end }}
+{{- end }}
+
+{{/* The whole configuration file: values.config plus the keys the chart owns. */}}
+{{- define "mtacluster.configToml" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $smtp := mergeOverwrite (default dict $config.smtp) (dict
+      "listen" (list (printf "0.0.0.0:%d" (int .Values.frontend.smtpPort)))
+      "proxy_protocol" .Values.frontend.service.proxyProtocol) }}
+{{- $queue := mergeOverwrite (default dict $config.queue) (dict
+      "shards" (include "mtacluster.shardEndpoints" . | fromJsonArray)
+      "spool_dir" "/var/lib/mtacluster/spool") }}
+{{- $metrics := dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "top_domains" .Values.metrics.topDomains }}
+{{- $bus := mergeOverwrite (default dict $config.bus) (dict "curve_key_file" "/etc/mtacluster/keys/curve.key") }}
+{{- $sections := dict "smtp" $smtp "queue" $queue "delivery" (default dict $config.delivery) "metrics" $metrics "bus" $bus }}
+# Generated by the mtacluster Helm chart from its values; see cluster/config.py for every key.
+{{- range $name := list "smtp" "queue" "delivery" "metrics" "bus" }}
+{{- $section := get $sections $name }}
+
+[{{ $name }}]
+{{- range $key := keys $section | sortAlpha }}
+{{ $key }} = {{ include "mtacluster.tomlValue" (get $section $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes every pod mounts: config, cluster keys, /tmp. */}}
+{{- define "mtacluster.commonVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "mtacluster.fullname" . }}-config
+- name: cluster-keys
+  secret:
+    secretName: {{ include "mtacluster.clusterKeysSecret" . }}
+    defaultMode: 0440
+- name: tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 64Mi
+{{- end }}
+
+{{- define "mtacluster.commonVolumeMounts" -}}
+- name: config
+  mountPath: /etc/mtacluster/mtacluster.toml
+  subPath: mtacluster.toml
+  readOnly: true
+- name: cluster-keys
+  mountPath: /etc/mtacluster/keys
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* Probes on the metrics port: /healthz (alive) and /readyz (ready for traffic). */}}
+{{- define "mtacluster.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: metrics
+  initialDelaySeconds: {{ .Values.probes.liveness.initialDelaySeconds }}
+  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+  timeoutSeconds: 5
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: metrics
+  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+  timeoutSeconds: 5
+{{- end }}
+
+{{/* Pod-level settings shared by every component. */}}
+{{- define "mtacluster.podSpecCommon" -}}
+serviceAccountName: {{ include "mtacluster.serviceAccountName" . }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Annotations that roll pods when the configuration or the keys change. */}}
+{{- define "mtacluster.podAnnotations" -}}
+checksum/config: {{ include "mtacluster.configToml" . | sha256sum }}
+checksum/cluster-keys: {{ .Values.clusterKeys | toJson | sha256sum }}
+{{- end }}

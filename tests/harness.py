@@ -1,0 +1,263 @@
+"""Real processes for integration tests: smtp-sink peers, dnsmasq, and mtacluster roles.
+
+Every helper waits for a condition with a deadline (never a fixed sleep) and cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.tooling import free_port, require_tool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class SinkMessage:
+    """One message as smtp-sink dumped it: envelope and the message text (LF line ends, as dumped)."""
+
+    sender: str
+    recipients: list[str]
+    text: str
+    path: Path
+
+    @property
+    def message_id(self) -> str | None:
+        m = re.search(r"^Message-ID:\s*(\S+)", self.text, re.IGNORECASE | re.MULTILINE)
+        return m.group(1) if m else None
+
+    def without_trace_headers(self) -> str:
+        """The message text after the leading Received headers (ours and the sink's)."""
+        lines = self.text.split("\n")
+        index = 0
+        while index < len(lines) and (lines[index].startswith("Received:") or lines[index].startswith("\t")):
+            index += 1
+        return "\n".join(lines[index:])
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on host:port, dumping every transaction to its own file."""
+
+    def __init__(self, directory: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+                 options: list[str] | None = None) -> None:
+        self.binary = require_tool("smtp-sink")
+        self.host = host
+        self.port = port or free_port(host)
+        # smtp-sink writes as "nobody", who cannot enter pytest's private (0700) temporary directories: the dump
+        # directory lives in the system temporary directory instead, and is removed by stop().
+        del directory
+        self.dump_dir = Path(tempfile.mkdtemp(prefix="mtacluster-sink-"))
+        self.dump_dir.chmod(0o755)
+        nobody = pwd.getpwnam("nobody")
+        os.chown(self.dump_dir, nobody.pw_uid, nobody.pw_gid)
+        self.options = options or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SmtpSink:
+        self.process = subprocess.Popen(
+            [self.binary, "-u", "nobody", "-d", f"{self.dump_dir}/%Y%m%d%H%M%S.", *self.options,
+             f"{self.host}:{self.port}", "256"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: port_open(self.host, self.port), 10, f"smtp-sink on {self.host}:{self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(5)
+        shutil.rmtree(self.dump_dir, ignore_errors=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def messages(self) -> list[SinkMessage]:
+        found = []
+        for path in sorted(self.dump_dir.iterdir()):
+            raw = path.read_bytes().decode("latin-1")  # byte-exact: every byte maps to one char
+            # The dump ends with an empty line; a file still being written has not got it yet.
+            if not raw.endswith("\n\n"):
+                continue
+            header, _, rest = raw.partition("\nReceived: from ")
+            sender = ""
+            recipients = []
+            for line in header.split("\n"):
+                if line.startswith("X-Mail-Args: "):
+                    sender = line.split(" ", 1)[1].split(" ")[0].strip("<>")
+                elif line.startswith("X-Rcpt-Args: "):
+                    recipients.append(line.split(" ", 1)[1].split(" ")[0].strip("<>"))
+            # Drop the rest of the sink's own three-line Received header.
+            text = rest.split("\n", 3)[3] if rest.count("\n") >= 3 else ""
+            found.append(SinkMessage(sender, recipients, text[:-1], path))
+        return found
+
+    def wait_for_messages(self, count: int, timeout: float = 30) -> list[SinkMessage]:
+        wait_for(lambda: len(self.messages()) >= count, timeout,
+                 f"{count} messages at smtp-sink {self.address} (have {len(self.messages())})", interval=0.1)
+        return self.messages()
+
+
+@dataclass
+class RoleProcess:
+    role: str
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RoleProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "cluster", *self.args], stdout=log,
+                                            stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.role} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            return self.log().count("mtacluster: ready") > getattr(self, "_ready_seen", 0)
+
+        wait_for(ready, timeout, f"{self.role} to be ready; log:\n{self.log()[-2000:]}")
+        self._ready_seen = self.log().count("mtacluster: ready")
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(5)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            raise AssertionError(f"{self.role} did not stop within {timeout}s after SIGTERM") from None
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class Cluster:
+    """Queue shards, workers and frontends started one by one with `mtacluster serve` (so tests can kill one)."""
+
+    directory: Path
+    shards: int = 1
+    frontends: int = 1
+    workers: int = 1
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    smtp_port: int = 0
+    processes: list[RoleProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.smtp_port = self.smtp_port or free_port()
+        shard_ports = [free_port() for _ in range(self.shards)]
+        sections: dict[str, dict[str, Any]] = {
+            "smtp": {"hostname": "mta.test", "listen": [f"127.0.0.1:{self.smtp_port}"],
+                     "local_domains": ["local.test"]},
+            "queue": {"shards": [f"tcp://127.0.0.1:{p}" for p in shard_ports],
+                      "spool_dir": str(self.directory / "spool"), "heartbeat_interval": 0.2,
+                      "worker_timeout": 2},
+            "delivery": {},
+            "metrics": {"listen": ""},
+        }
+        for section, values in self.overrides.items():
+            sections.setdefault(section, {}).update(values)
+        self.sections = sections
+        self.config_path = write_config(self.directory / "mtacluster.toml", sections)
+
+    def role(self, role: str, *extra: str) -> RoleProcess:
+        name = f"{role}{''.join(extra).replace('--shard', '')}-{len(self.processes)}"
+        process = RoleProcess(role, ["serve", role, "--config", str(self.config_path), *extra],
+                              self.directory / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def start(self) -> Cluster:
+        started = [self.role("queue", "--shard", str(i)).start() for i in range(self.shards)]
+        started += [self.role("worker").start() for _ in range(self.workers)]
+        started += [self.role("frontend").start() for _ in range(self.frontends)]
+        for process in started:
+            process.wait_ready()
+        return self
+
+    def shard_process(self, index: int) -> RoleProcess:
+        return [p for p in self.processes if p.role == "queue"][index]
+
+    def stop(self) -> None:
+        for role in ("frontend", "worker", "queue"):
+            for process in self.processes:
+                if process.role == role:
+                    with contextlib.suppress(AssertionError):
+                        process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {p.log_path.name}\n{p.log()[-4000:]}" for p in self.processes)
+
+
+@contextlib.contextmanager
+def running(thing: Any) -> Iterator[Any]:
+    try:
+        yield thing.start()
+    finally:
+        thing.stop()

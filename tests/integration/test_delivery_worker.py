@@ -1,0 +1,234 @@
+"""Worker.run against a fake queue shard (a ROUTER socket in the test speaking the real bus schemas) and a real
+smtp-sink as the smarthost: heartbeats announce credits, jobs are delivered, results come back, connections are
+reused, a shard restart (new epoch) is noticed, and bad frames do not stop the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, Result, decode
+from cluster.config import Config, config_from_dict
+from cluster.delivery.mx import StaticMxResolver
+from cluster.delivery.worker import Worker
+from tests.harness import SmtpSink
+from tests.tooling import free_port
+
+pytestmark = pytest.mark.integration
+
+BODY = b"Received: from test\r\nSubject: worker test\r\nMessage-ID: <w1@test>\r\n\r\n.leading dot\r\nbody\r\n"
+
+
+class FakeShard:
+    """The shard side of the dispatch protocol, driven step by step by the test."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.epoch = "epoch-1"
+        self.worker_identity: bytes | None = None
+
+    async def receive(self, timeout: float = 10) -> Heartbeat | Result:
+        identity, frame = await asyncio.wait_for(self.socket.recv_multipart(), timeout)
+        self.worker_identity = identity
+        message = decode(frame)
+        assert isinstance(message, Heartbeat | Result), message
+        return message
+
+    async def next_of(self, kind: type, timeout: float = 10) -> Heartbeat | Result:
+        """The next message of `kind`, answering heartbeats on the way."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.receive(timeout)
+                if isinstance(message, Heartbeat):
+                    await self.ack()
+                if isinstance(message, kind):
+                    return message
+
+    async def ack(self) -> None:
+        assert self.worker_identity is not None
+        await self.socket.send_multipart([self.worker_identity, HeartbeatAck(shard=0, shard_epoch=self.epoch).encode()])
+
+    async def send(self, frame: bytes) -> None:
+        assert self.worker_identity is not None
+        await self.socket.send_multipart([self.worker_identity, frame])
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink(host="127.0.0.1").start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def config(sink: SmtpSink) -> Config:
+    return config_from_dict({
+        "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "heartbeat_interval": 0.1, "worker_timeout": 2},
+        "delivery": {"smarthost": sink.address, "concurrency": 3},
+        "metrics": {"listen": ""},
+    }, environ={})
+
+
+@pytest.fixture
+async def running(config: Config) -> AsyncIterator[tuple[Worker, FakeShard]]:
+    shard = FakeShard(config.queue.shards[0])
+    worker = Worker(config, name="worker-test", resolver=StaticMxResolver({}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker, shard
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        shard.close()
+
+
+def job(job_id: str, *recipients: str) -> Deliver:
+    return Deliver(job_id=job_id, queue_id="Q" + job_id, sender="sender@origin.test", recipients=list(recipients),
+                   domain="dest.test", body=BODY, attempt=1)
+
+
+async def test_heartbeat_announces_credits_and_readiness(running: tuple[Worker, FakeShard]) -> None:
+    worker, shard = running
+    first = await shard.next_of(Heartbeat)
+    assert isinstance(first, Heartbeat)
+    assert (first.worker, first.free, first.in_flight) == ("worker-test", 3, [])
+    await shard.next_of(Heartbeat)  # answered: the worker has now heard an ack
+    async with asyncio.timeout(5):
+        while not worker.is_ready():
+            await asyncio.sleep(0.02)
+
+
+async def test_jobs_are_delivered_and_results_returned(running: tuple[Worker, FakeShard], sink: SmtpSink) -> None:
+    worker, shard = running
+    await shard.next_of(Heartbeat)
+    await shard.send(job("j1", "a@dest.test", "b@dest.test").encode())
+    result = await shard.next_of(Result)
+    assert isinstance(result, Result)
+    assert result.job_id == "j1" and result.worker == "worker-test"
+    assert [(o.recipient, o.status, o.code) for o in result.outcomes] == [
+        ("a@dest.test", "delivered", 250), ("b@dest.test", "delivered", 250)], result.outcomes
+    await shard.send(job("j2", "c@dest.test").encode())
+    result = await shard.next_of(Result)
+    assert isinstance(result, Result) and result.outcomes[0].status == "delivered"
+    messages = await asyncio.to_thread(sink.wait_for_messages, 2)
+    assert sorted(r for m in messages for r in m.recipients) == ["a@dest.test", "b@dest.test", "c@dest.test"]
+    # Byte-identical body (the sink dumps LF line ends) with the leading dot un-stuffed again.
+    for message in messages:
+        assert "Received: from test\nSubject: worker test\n" in message.text
+        assert message.without_trace_headers() == "Subject: worker test\nMessage-ID: <w1@test>\n\n.leading dot\nbody\n"
+    # Both jobs went over one cached connection.
+    assert worker.deliverer.connections_opened == 1
+
+
+async def test_in_flight_jobs_are_listed_in_heartbeats(config: Config, tmp_path: Path) -> None:
+    # A smarthost that accepts the connection but never greets: the job stays in flight.
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    slow = config_from_dict({
+        "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+        "delivery": {"smarthost": f"127.0.0.1:{port}", "concurrency": 3, "greeting_timeout": 30},
+        "metrics": {"listen": ""},
+    }, environ={})
+    shard = FakeShard(slow.queue.shards[0])
+    worker = Worker(slow, name="w-slow", resolver=StaticMxResolver({}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await shard.next_of(Heartbeat)
+        await shard.send(job("slow1", "x@dest.test").encode())
+        async with asyncio.timeout(5):
+            while True:
+                beat = await shard.next_of(Heartbeat)
+                assert isinstance(beat, Heartbeat)
+                if beat.in_flight == ["slow1"]:
+                    assert beat.free == 2
+                    break
+    finally:
+        stop.set()
+        # The stuck job is abandoned within the shutdown grace period.
+        await asyncio.wait_for(task, 15)
+        shard.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+async def test_shard_restart_is_noticed_and_bad_frames_ignored(running: tuple[Worker, FakeShard]) -> None:
+    _, shard = running
+    await shard.next_of(Heartbeat)
+    await shard.send(b"\xc1 not msgpack")
+    await shard.send(HeartbeatAck(shard=0, shard_epoch="x").encode()[:5])
+    shard.epoch = "epoch-2"
+    await shard.ack()
+    # Re-announced at once (not only at the next interval), and still working afterwards.
+    beat = await shard.next_of(Heartbeat)
+    assert isinstance(beat, Heartbeat) and beat.free == 3
+    await shard.send(job("j3", "d@dest.test").encode())
+    result = await shard.next_of(Result)
+    assert isinstance(result, Result) and result.outcomes[0].status == "delivered"
+
+
+async def test_result_kept_while_the_shard_is_away_and_sent_when_it_returns(config: Config) -> None:
+    # The smarthost holds the job in its greeting until the shard has gone away.
+    release = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def slow_greeting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await release.wait()
+        writer.write(b"421 4.3.2 not today\r\n")
+        await writer.drain()
+        writer.close()
+
+    slow = await asyncio.start_server(slow_greeting, "127.0.0.1", 0)
+    port = slow.sockets[0].getsockname()[1]
+    away = config_from_dict({
+        "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+        "delivery": {"smarthost": f"127.0.0.1:{port}", "concurrency": 3},
+        "metrics": {"listen": ""},
+    }, environ={})
+    shard = FakeShard(away.queue.shards[0])
+    worker = Worker(away, name="w-away", resolver=StaticMxResolver({}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await shard.next_of(Heartbeat)
+        await shard.send(job("kept", "x@dest.test").encode())
+        async with asyncio.timeout(5):
+            while not held:
+                await asyncio.sleep(0.01)
+        shard.close()
+        release.set()
+        async with asyncio.timeout(5):
+            while "kept" not in worker._links[0].unsent:
+                await asyncio.sleep(0.02)
+        shard = FakeShard(away.queue.shards[0])
+        shard.epoch = "epoch-2"
+        result = await shard.next_of(Result)
+        assert isinstance(result, Result) and result.job_id == "kept"
+        assert (result.outcomes[0].status, result.outcomes[0].code) == ("deferred", 421)
+        beat = await shard.next_of(Heartbeat)
+        assert isinstance(beat, Heartbeat) and beat.in_flight == [] and beat.free == 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        shard.close()
+        for writer in held:
+            writer.close()
+        slow.close()
+        await slow.wait_closed()

@@ -1,0 +1,156 @@
+"""The frontend's contract 1 against scripted shards: 250 only after every shard's Stored, else 451/452.
+
+The shards here are real ZeroMQ ROUTER sockets in the test, speaking the real bus schemas, so each test decides
+what a shard answers (Stored, InjectRefused, or nothing at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import smtplib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from cluster.bus.ring import shard_for_domain
+from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, Inject, InjectRefused, Stored, decode
+from cluster.config import config_from_dict
+from cluster.frontend.server import Frontend
+from tests.tooling import free_port
+
+pytestmark = pytest.mark.integration
+
+Answer = Callable[[Inject], BusMessage | None]
+
+
+class ScriptedShard:
+    def __init__(self, endpoint: str, answer: Answer) -> None:
+        self.socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.answer = answer
+        self.injects: list[Inject] = []
+
+    async def serve(self) -> None:
+        while True:
+            identity, frame = await self.socket.recv_multipart()
+            message = decode(frame)
+            if isinstance(message, AdminRequest):
+                reply: BusMessage | None = AdminReply(req=message.req, ok=True, data="pong")
+            elif isinstance(message, Inject):
+                self.injects.append(message)
+                reply = self.answer(message)
+            else:
+                reply = None
+            if reply is not None:
+                await self.socket.send_multipart([identity, reply.encode()])
+
+
+@contextlib.asynccontextmanager
+async def frontend_with(answers: list[Answer], inject_timeout: float = 1.0,
+                        **smtp: object) -> AsyncIterator[
+        tuple[int, list[ScriptedShard], list[str]]]:
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in answers]
+    shards = [ScriptedShard(e, a) for e, a in zip(endpoints, answers, strict=True)]
+    tasks = [asyncio.create_task(s.serve()) for s in shards]
+    port = free_port()
+    config = config_from_dict({"smtp": {"listen": [f"127.0.0.1:{port}"], "inject_timeout": inject_timeout, **smtp},
+                               "queue": {"shards": endpoints}}, environ={})
+    frontend = Frontend(config)
+    stop = asyncio.Event()
+    running = asyncio.create_task(frontend.run(stop))
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not frontend.is_ready():
+            assert asyncio.get_running_loop().time() < deadline, "frontend never became ready"
+            await asyncio.sleep(0.02)
+        yield port, shards, endpoints
+    finally:
+        stop.set()
+        await running
+        for task in tasks:
+            task.cancel()
+        for shard in shards:
+            shard.socket.close(linger=0)
+
+
+def send(port: int, recipients: list[str]) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("sender@client.test")
+        for recipient in recipients:
+            assert client.rcpt(recipient)[0] == 250
+        code, text = client.data(b"Subject: x\r\n\r\nbody\r\n")
+        return code, text
+
+
+def stored(message: Inject) -> BusMessage:
+    return Stored(req=message.req, queue_id=f"Q{message.req}")
+
+
+def split_domains(endpoints: list[str]) -> tuple[str, str]:
+    owners: dict[int, str] = {}
+    for i in range(200):
+        owners.setdefault(shard_for_domain(f"d{i}.test", endpoints), f"d{i}.test")
+    return owners[0], owners[1]
+
+
+async def test_250_after_every_shard_stored_its_part(tmp_path: Path) -> None:
+    async with frontend_with([stored, stored]) as (port, shards, endpoints):
+        domain0, domain1 = split_domains(endpoints)
+        code, text = await asyncio.to_thread(send, port, [f"a@{domain0}", f"b@{domain1}", f"c@{domain1}"])
+        assert code == 250 and text.startswith(b"2.0.0 Ok: queued as Q")
+        assert [i.recipients for i in shards[0].injects] == [[f"a@{domain0}"]]
+        assert [i.recipients for i in shards[1].injects] == [[f"b@{domain1}", f"c@{domain1}"]]
+        body = shards[0].injects[0].body
+        assert body.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+        assert body.endswith(b"Subject: x\r\n\r\nbody\r\n")
+        assert shards[0].injects[0].sender == "sender@client.test"
+
+
+async def test_451_when_one_shard_never_answers(tmp_path: Path) -> None:
+    async with frontend_with([stored, lambda m: None], inject_timeout=0.5) as (port, _, endpoints):
+        domain0, domain1 = split_domains(endpoints)
+        code, text = await asyncio.to_thread(send, port, [f"a@{domain0}", f"b@{domain1}"])
+        assert (code, text[:5]) == (451, b"4.3.0")
+
+
+async def test_shard_refusal_is_passed_on(tmp_path: Path) -> None:
+    def disk_full(message: Inject) -> BusMessage:
+        return InjectRefused(req=message.req, code=452, enhanced="4.3.1", text="Insufficient system storage")
+
+    async with frontend_with([disk_full]) as (port, _, _):
+        code, text = await asyncio.to_thread(send, port, ["a@x.test"])
+        assert (code, text) == (452, b"4.3.1 Insufficient system storage")
+
+
+async def test_connections_over_the_per_client_limit_get_421() -> None:
+    async with frontend_with([stored], max_connections_per_client=2) as (port, _, _):
+        first = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", port, timeout=10)
+        second = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", port, timeout=10)
+        try:
+            with pytest.raises(smtplib.SMTPConnectError) as refused:
+                await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", port, timeout=10)
+            assert refused.value.smtp_code == 421 and refused.value.smtp_error.startswith(b"4.7.0")
+            # Another address is not affected by this client's limit.
+            other = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", port, timeout=10,
+                                            source_address=("127.0.0.9", 0))
+            other.close()
+        finally:
+            first.close()
+            second.close()
+
+
+async def test_timeout_waiting_for_a_command_closes_with_421() -> None:
+    async with frontend_with([stored], command_timeout=1) as (port, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        greeting = await reader.readline()
+        assert greeting.startswith(b"220 ")
+        farewell = await asyncio.wait_for(reader.read(1000), 10)
+        assert farewell.startswith(b"421 4.4.2")
+        assert await reader.read(1000) == b""
+        writer.close()

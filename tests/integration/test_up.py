@@ -1,0 +1,104 @@
+"""`mtacluster up`: the whole cluster as child processes, one startup line each, clean stop, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, SmtpSink, port_open, wait_for, write_config
+from tests.tooling import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
+    sink = SmtpSink(tmp_path / "sink").start()
+    smtp_port = free_port()
+    metrics_port = free_port()
+    config = write_config(tmp_path / "up.toml", {
+        "smtp": {"listen": [f"127.0.0.1:{smtp_port}"], "hostname": "up.test"},
+        "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
+        "delivery": {"smarthost": sink.address},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "up": {"frontends": 2, "workers": 2},
+    })
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "cluster", "up", "--config", str(config)], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 5, 30,
+                 "5 ready lines (1 shard, 2 workers, 2 frontends)")
+        text = log_path.read_text()
+        for role, count in (("queue", 1), ("worker", 2), ("frontend", 2)):
+            assert text.count(f"ready role={role} pid=") == count, text
+        assert f"smtp=127.0.0.1:{smtp_port}" in text
+        for offset in range(5):
+            assert f"metrics=127.0.0.1:{metrics_port + offset}" in text
+        children = children_of(up.pid)
+        assert len(children) == 5
+
+        marker = uuid.uuid4().hex
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+            client.sendmail("a@sender.test", ["b@dest.test"], f"Subject: {marker}\r\n\r\nhello\r\n".encode())
+        wait_for(lambda: any(marker in m.text for m in sink.messages()), 30, "delivery through `up`")
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+        assert not [pid for pid in children if alive(pid)], "children left running after the supervisor stopped"
+        assert not port_open("127.0.0.1", smtp_port)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        sink.stop()
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    smtp_port = free_port()
+    config = write_config(tmp_path / "up.toml", {
+        "smtp": {"listen": [f"127.0.0.1:{smtp_port}"]},
+        "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
+        "metrics": {"listen": ""},
+        "up": {"frontends": 1, "workers": 1},
+    })
+    up = subprocess.Popen([sys.executable, "-m", "cluster", "up", "--config", str(config)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_for(lambda: port_open("127.0.0.1", smtp_port), 30, "the frontend to listen")
+        children = children_of(up.pid)
+        assert len(children) == 3
+        os.kill(up.pid, signal.SIGKILL)
+        up.wait(10)
+        wait_for(lambda: not [pid for pid in children if alive(pid)], 20, "children to exit after a kill -9")
+    finally:
+        if up.poll() is None:
+            up.kill()

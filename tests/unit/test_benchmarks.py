@@ -1,0 +1,255 @@
+"""Pure helpers of benchmarks/: percentile math, argument parsing, generated configurations, output parsing."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.cluster_instance import ClusterSettings, cpu_seconds_from_stat, render_config, role_from_cmdline
+from benchmarks.cluster_metrics import shard_summary, sum_by_name
+from benchmarks.e2e import SideResult, figures, json_line, parse_args, render_table, smtp_source_command
+from benchmarks.ports import free_ports_and_block
+from benchmarks.postfix_instance import PostfixSettings, render_main_cf, render_master_cf
+from benchmarks.profiler import top_frames
+from benchmarks.sink import parse_counter, sink_command
+from benchmarks.smtp_probe import make_body
+from benchmarks.stats import percentile, rate, ratio, summarize_latencies
+from cluster.config import config_from_dict
+
+# --- percentiles, rates, ratios
+
+
+def test_percentile_interpolates_between_closest_ranks() -> None:
+    samples = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(samples, 0.0) == 1.0
+    assert percentile(samples, 1.0) == 4.0
+    assert percentile(samples, 0.5) == pytest.approx(2.5)
+    assert percentile(samples, 0.9) == pytest.approx(3.7)
+
+
+def test_percentile_of_one_sample_and_of_none() -> None:
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) is None
+
+
+def test_percentile_rejects_fraction_outside_0_1() -> None:
+    with pytest.raises(ValueError, match=r"within 0\.\.1"):
+        percentile([1.0], 99)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200),
+       st.floats(min_value=0, max_value=1), st.floats(min_value=0, max_value=1))
+def test_percentile_is_bounded_and_monotone(samples: list[float], a: float, b: float) -> None:
+    low, high = sorted((a, b))
+    p_low, p_high = percentile(samples, low), percentile(samples, high)
+    assert p_low is not None and p_high is not None
+    assert min(samples) <= p_low <= p_high <= max(samples)
+
+
+def test_summarize_latencies_reports_milliseconds() -> None:
+    summary = summarize_latencies([0.001 * i for i in range(1, 101)])
+    assert summary.count == 100
+    assert summary.p50_ms == pytest.approx(50.5)
+    assert summary.p99_ms == pytest.approx(99.01)
+    assert summary.max_ms == pytest.approx(100.0)
+    assert summarize_latencies([]).p50_ms is None
+
+
+def test_rate_and_ratio_handle_missing_values() -> None:
+    assert rate(2000, 4.0) == 500.0
+    assert rate(10, 0.0) is None
+    assert rate(10, None) is None
+    assert ratio(300.0, 600.0) == 0.5
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, 0.0) is None
+
+
+# --- arguments
+
+
+def test_defaults_match_the_issue() -> None:
+    args = parse_args([])
+    assert (args.messages, args.size_kib, args.sessions) == (2000, 4, 20)
+    assert args.systems == ("ours", "postfix")
+    assert args.profile_dir is None
+    assert args.time_limit < 180
+    assert args.rounds == 3
+
+
+def test_flags_are_parsed() -> None:
+    args = parse_args(["--messages", "50", "--size", "16", "--sessions", "5", "--only", "postfix",
+                       "--profile", "/tmp/p", "--profile-format", "raw", "--reuse-connections"])
+    assert (args.messages, args.size_kib, args.sessions, args.systems) == (50, 16, 5, ("postfix",))
+    assert args.profile_dir == Path("/tmp/p")
+    assert args.profile_format == "raw"
+    assert args.reuse_connections
+
+
+@pytest.mark.parametrize("argv", [["--messages", "0"], ["--only", "exim"], ["--sessions", "x"],
+                                  ["--time-limit", "0"], ["--probe-interval", "-1"]])
+def test_bad_arguments_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_smtp_source_command() -> None:
+    command = smtp_source_command("/usr/sbin/smtp-source", parse_args(["--messages", "10", "--size", "2"]), 2525)
+    assert command[0] == "/usr/sbin/smtp-source"
+    assert command[-1] == "127.0.0.1:2525"
+    assert command[command.index("-m") + 1] == "10"
+    assert command[command.index("-l") + 1] == "2048"
+    assert command[command.index("-s") + 1] == "20"
+    assert "-d" not in command
+    assert "-d" in smtp_source_command("smtp-source", parse_args(["--reuse-connections"]), 1)
+
+
+# --- generated configurations
+
+
+def test_cluster_config_is_valid_for_mtacluster(tmp_path: Path) -> None:
+    settings = ClusterSettings(tmp_path, smtp_port=30025, shard_port=30026, metrics_port=30100, sink_port=30027,
+                               frontends=3, workers=4)
+    config = config_from_dict(tomllib.loads(render_config(settings)), environ={})
+    assert config.smtp.listen == ("127.0.0.1:30025",)
+    assert config.queue.shards == ("tcp://127.0.0.1:30026",)
+    assert config.queue.spool_dir == str(tmp_path / "spool")
+    assert config.delivery.smarthost == "127.0.0.1:30027"
+    assert config.metrics.listen == "127.0.0.1:30100"
+    assert (config.up.frontends, config.up.workers) == (3, 4)
+    assert settings.processes == 8
+
+
+def test_postfix_main_cf_relays_everything_to_the_sink(tmp_path: Path) -> None:
+    settings = PostfixSettings(tmp_path / "postfix", smtp_port=30025, relay_port=30027)
+    lines = dict(line.split(" = ", 1) for line in render_main_cf(settings).splitlines())
+    assert lines["relayhost"] == "[127.0.0.1]:30027"
+    assert lines["inet_interfaces"] == "127.0.0.1"
+    assert lines["queue_directory"] == str(tmp_path / "postfix" / "queue")
+    assert lines["data_directory"] == str(tmp_path / "postfix" / "data")
+    assert lines["maillog_file"].startswith(lines["maillog_file_prefixes"])
+    assert lines["mydestination"] == ""
+
+
+MASTER_CF = """\
+# comment line
+smtp      inet  n       -       y       -       -       smtpd
+#submission inet n       -       y       -       -       smtpd
+pickup    unix  n       -       y       60      1       pickup
+relay     unix  -       -       y       -       -       smtp
+        -o syslog_name=postfix/$service_name
+local     unix  -       n       n       -       -       local
+"""
+
+
+def test_postfix_master_cf_moves_the_listener_and_turns_chroot_off() -> None:
+    lines = render_master_cf(MASTER_CF, 30025).splitlines()
+    assert lines[0] == "# comment line"
+    assert lines[1].split() == ["127.0.0.1:30025", "inet", "n", "-", "n", "-", "-", "smtpd"]
+    assert lines[2].startswith("#submission")
+    assert lines[3].split()[4] == "n"
+    assert lines[4].split()[:5] == ["relay", "unix", "-", "-", "n"]
+    assert lines[5] == "        -o syslog_name=postfix/$service_name"
+    assert lines[6].split()[4] == "n"
+
+
+# --- parsing tool output
+
+
+def test_parse_counter_reads_smtp_sink_counters() -> None:
+    assert parse_counter(b"sess=4 quit=4 mesg=17") == 17
+    assert parse_counter(b"smtp-sink: warning: something") is None
+
+
+def test_sink_drops_root_privileges() -> None:
+    assert "-u" in sink_command("smtp-sink", "127.0.0.1", 1, as_root=True)
+    assert "-u" not in sink_command("smtp-sink", "127.0.0.1", 1, as_root=False)
+    assert sink_command("smtp-sink", "127.0.0.1", 1, as_root=False)[-2:] == ["127.0.0.1:1", "1024"]
+
+
+def test_role_from_cmdline() -> None:
+    assert role_from_cmdline(["/venv/bin/python", "-m", "cluster", "serve", "queue", "--shard", "0"]) == "queue"
+    assert role_from_cmdline(["mtacluster", "serve", "frontend"]) == "frontend"
+    assert role_from_cmdline(["mtacluster", "up"]) is None
+
+
+def test_top_frames_counts_self_and_inclusive_samples() -> None:
+    collapsed = "main;loop;parse 30\nmain;loop;write 50\nmain;idle 20\nnot a stack line\n"
+    total, shares = top_frames(collapsed, limit=2)
+    assert total == 100
+    assert [(s.frame, s.self_samples) for s in shares] == [("write", 50), ("parse", 30)]
+    assert shares[0].inclusive_percent == 50.0
+    assert top_frames("", 5) == (0, [])
+
+
+def test_probe_body_has_the_requested_payload_and_crlf_lines() -> None:
+    body = make_body(4096, "a@b.example", "c@b.example")
+    payload = body.split(b"\r\n\r\n", 1)[1]
+    assert len(payload) == 4096
+    assert b"\n" not in payload.replace(b"\r\n", b"")
+    assert not any(line.startswith(b".") for line in body.split(b"\r\n"))
+
+
+# --- output
+
+
+def test_table_and_json_line_carry_every_figure() -> None:
+    args = parse_args([])
+    ours = SideResult("ours", accepted_per_s=300.0, delivered_per_s=250.0,
+                      cpu_ms_per_message={"frontend": 1.0, "queue": 0.5})
+    postfix = SideResult("postfix", accepted_per_s=600.0, delivered_per_s=500.0)
+    table = render_table({"ours": [ours], "postfix": [postfix]})
+    assert "accepted/s" in table and "600.0" in table and "0.50" in table
+    payload = json.loads(json_line(args, {"ours": [ours], "postfix": [postfix]}))
+    assert payload["ratio"]["delivered_per_s"] == 0.5
+    assert payload["ours"]["cpu_ms_per_message"] == 1.5
+    assert payload["postfix"]["p99_ms"] is None
+    assert payload["messages"] == 2000
+
+
+def test_free_ports_and_block_are_distinct_and_consecutive() -> None:
+    singles, base = free_ports_and_block(3, 5)
+    block = set(range(base, base + 5))
+    assert len(set(singles)) == 3
+    assert not block & set(singles)
+
+
+def test_figures_are_medians_over_measured_rounds() -> None:
+    rounds = [SideResult("ours", accepted_per_s=100.0), SideResult("ours", accepted_per_s=300.0),
+              SideResult("ours", accepted_per_s=200.0), SideResult("ours", error="sink died")]
+    assert figures(rounds)["accepted_per_s"] == 200.0
+    assert figures(rounds)["p99_ms"] is None
+    assert figures([])["delivered_per_s"] is None
+
+
+METRICS_TEXT = """\
+# HELP mtacluster_queue_spool_commit_batch_messages Messages per spool transaction
+# TYPE mtacluster_queue_spool_commit_batch_messages histogram
+mtacluster_queue_spool_commit_batch_messages_bucket{shard="0",le="1.0"} 3.0
+mtacluster_queue_spool_commit_batch_messages_count{shard="0"} 40.0
+mtacluster_queue_spool_commit_batch_messages_sum{shard="0"} 200.0
+mtacluster_queue_spool_commit_duration_seconds_count{shard="0"} 40.0
+mtacluster_queue_spool_commit_duration_seconds_sum{shard="0"} 0.2
+mtacluster_queue_leases_expired_total{shard="0"} 2.0
+"""
+
+
+def test_shard_summary_from_metrics_text() -> None:
+    summary = shard_summary(sum_by_name(METRICS_TEXT))
+    assert summary["spool_commits"] == 40.0
+    assert summary["messages_per_commit"] == 5.0
+    assert summary["commit_ms_mean"] == pytest.approx(5.0)
+    assert summary["leases_expired"] == 2.0
+    assert shard_summary(sum_by_name("")) == {}
+
+
+def test_cpu_seconds_from_proc_stat_survives_spaces_in_the_command_name() -> None:
+    stat = "1234 (python -m x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0"
+    assert cpu_seconds_from_stat(stat, 100) == 3.0
+    assert cpu_seconds_from_stat(stat.replace(" 250 50 0 0 ", " 250 50 70 30 "), 100, reaped_children=True) == 4.0

@@ -1,0 +1,322 @@
+"""helm/mtacluster: lints clean, renders with default values and every ci/ file, and the result is sound.
+
+Rendering uses helm-python-sdk (Helm's Go SDK, offline). For each rendering: the generated configuration passes
+`cluster.config.config_from_dict` (what `mtacluster config check` runs), the shard endpoints follow the
+StatefulSet replicas, every container has probes, resources and a non-root, read-only securityContext, and
+values.schema.json refuses invalid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster import config as config_module
+from cluster.config import Config, config_from_dict
+from tests.promql_names import REPO
+
+helm_python = pytest.importorskip("helm_python")
+
+CHART = REPO / "helm" / "mtacluster"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+RELEASE, NAMESPACE = "mail", "mta"
+FULLNAME = f"{RELEASE}-mtacluster"
+# Config keys the chart sets itself (not accepted under `config` in values).
+CHART_OWNED_KEYS = {"smtp": {"listen", "proxy_protocol"}, "queue": {"shards", "spool_dir"},
+                    "metrics": {"listen", "top_domains"}, "bus": {"curve_key_file"}}
+LINT_WARNING = 2  # helm's support.WarningSev; 1 is INFO ("icon is recommended")
+
+
+def values_file(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    return loaded
+
+
+def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+    with helm_python.Chart.load(str(CHART)) as chart:
+        rendered: dict[str, str] = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+        return rendered
+
+
+def manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for path, text in render(values).items():
+        if path.endswith(".txt"):
+            continue
+        found.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return found
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: found {len(matches)}"
+    return matches[0]
+
+
+def workloads(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            yield doc
+
+
+def rendered_config(docs: list[dict[str, Any]]) -> Config:
+    configmap = named(docs, "ConfigMap", f"{FULLNAME}-config")
+    raw = tomllib.loads(configmap["data"]["mtacluster.toml"])
+    return config_from_dict(raw, environ={})
+
+
+VALUE_SETS = [pytest.param({}, id="default")] + [pytest.param(values_file(p), id=p.name) for p in CI_VALUES]
+
+
+def test_ci_values_exist() -> None:
+    assert len(CI_VALUES) >= 2
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_chart_lints_clean(values: dict[str, Any]) -> None:
+    report = helm_python.lint(str(CHART), values, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= LINT_WARNING] == []
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_rendered_config_passes_config_check_and_lists_one_endpoint_per_shard(values: dict[str, Any]) -> None:
+    docs = manifests(values)
+    config = rendered_config(docs)
+    replicas = named(docs, "StatefulSet", f"{FULLNAME}-queue")["spec"]["replicas"]
+    assert replicas == values.get("queue", {}).get("replicas", 1)
+    headless = f"{FULLNAME}-queue-headless"
+    assert config.queue.shards == tuple(
+        f"tcp://{FULLNAME}-queue-{i}.{headless}.{NAMESPACE}.svc:5570" for i in range(replicas))
+    assert config.queue.spool_dir == "/var/lib/mtacluster/spool"
+    assert config.metrics.listen == "0.0.0.0:9450"
+    assert config.bus.curve_key_file == "/etc/mtacluster/keys/curve.key"
+    assert config.metrics.top_domains == tuple(values.get("metrics", {}).get("topDomains", []))
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_every_container_has_probes_resources_and_a_locked_down_security_context(values: dict[str, Any]) -> None:
+    docs = manifests(values)
+    found = {d["metadata"]["name"] for d in workloads(docs)}
+    assert found == {f"{FULLNAME}-frontend", f"{FULLNAME}-queue", f"{FULLNAME}-worker"}
+    for workload in workloads(docs):
+        pod = workload["spec"]["template"]["spec"]
+        where = workload["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert pod["automountServiceAccountToken"] is False, where
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, where
+            assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, where
+            assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == 9450, where
+            assert container["resources"]["requests"] and container["resources"]["limits"], where
+            security = container["securityContext"]
+            assert security["runAsNonRoot"] is True, where
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["capabilities"]["drop"] == ["ALL"], where
+            assert security["seccompProfile"]["type"] == "RuntimeDefault", where
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]], where
+            assert mounts["/etc/mtacluster/mtacluster.toml"] == "config", where
+            assert mounts["/etc/mtacluster/keys"] == "cluster-keys", where
+
+
+def test_each_role_runs_its_own_serve_command() -> None:
+    docs = manifests()
+    frontend = named(docs, "Deployment", f"{FULLNAME}-frontend")["spec"]["template"]["spec"]["containers"][0]
+    worker = named(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0]
+    queue = named(docs, "StatefulSet", f"{FULLNAME}-queue")["spec"]["template"]["spec"]["containers"][0]
+    config_args = ["--config", "/etc/mtacluster/mtacluster.toml"]
+    assert frontend["args"] == ["serve", "frontend", *config_args]
+    assert worker["args"] == ["serve", "worker", *config_args]
+    assert queue["command"] == ["sh", "-c"]
+    assert queue["args"] == ['exec mtacluster serve queue --config /etc/mtacluster/mtacluster.toml '
+                             '--shard "${HOSTNAME##*-}"']
+
+
+def test_hostname_suffix_is_the_shard_number() -> None:
+    # What "${HOSTNAME##*-}" yields for StatefulSet pod names (release names may contain dashes).
+    for ordinal in (0, 7, 12):
+        hostname = f"{FULLNAME}-queue-{ordinal}"
+        assert re.sub(r"^.*-", "", hostname) == str(ordinal)
+
+
+def test_queue_statefulset_has_a_volume_per_shard_a_pdb_and_graceful_shutdown() -> None:
+    docs = manifests({"queue": {"replicas": 3, "persistence": {"size": "20Gi", "storageClass": "fast"}}})
+    statefulset = named(docs, "StatefulSet", f"{FULLNAME}-queue")
+    spec = statefulset["spec"]
+    assert spec["serviceName"] == f"{FULLNAME}-queue-headless"
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    mounts = {m["name"]: m["mountPath"] for m in spec["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["spool"] == "/var/lib/mtacluster/spool"
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    headless = named(docs, "Service", f"{FULLNAME}-queue-headless")["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    assert named(docs, "PodDisruptionBudget", f"{FULLNAME}-queue")["spec"]["maxUnavailable"] == 1
+
+
+def test_frontend_service_keeps_client_addresses_and_proxy_protocol_sets_the_config() -> None:
+    docs = manifests()
+    service = named(docs, "Service", f"{FULLNAME}-smtp")["spec"]
+    assert service["type"] == "LoadBalancer"
+    assert service["externalTrafficPolicy"] == "Local"
+    assert service["ports"] == [{"name": "smtp", "port": 25, "targetPort": "smtp", "protocol": "TCP"}]
+    assert rendered_config(docs).smtp.proxy_protocol is False
+    assert rendered_config(manifests({"frontend": {"service": {"proxyProtocol": True}}})).smtp.proxy_protocol is True
+
+
+def test_autoscaling_replaces_fixed_replicas() -> None:
+    docs = manifests()
+    for role in ("frontend", "worker"):
+        assert "replicas" not in named(docs, "Deployment", f"{FULLNAME}-{role}")["spec"]
+        hpa = named(docs, "HorizontalPodAutoscaler", f"{FULLNAME}-{role}")["spec"]
+        assert hpa["scaleTargetRef"]["name"] == f"{FULLNAME}-{role}"
+    fixed = manifests({"frontend": {"replicas": 3, "autoscaling": {"enabled": False}},
+                       "worker": {"replicas": 5, "autoscaling": {"enabled": False}}})
+    assert of_kind(fixed, "HorizontalPodAutoscaler") == []
+    assert named(fixed, "Deployment", f"{FULLNAME}-frontend")["spec"]["replicas"] == 3
+    assert named(fixed, "Deployment", f"{FULLNAME}-worker")["spec"]["replicas"] == 5
+
+
+def pod_annotations(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    return {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["annotations"] for w in workloads(docs)}
+
+
+def test_config_checksum_rolls_every_pod_when_the_config_changes() -> None:
+    before = pod_annotations(manifests())
+    after = pod_annotations(manifests({"config": {"smtp": {"hostname": "mx.changed.example"}}}))
+    for name, pod in before.items():
+        assert re.fullmatch(r"[0-9a-f]{64}", pod["checksum/config"])
+        assert after[name]["checksum/config"] != pod["checksum/config"], name
+
+
+def test_monitoring_resources_are_gated_on_their_crds_and_values() -> None:
+    assert of_kind(manifests(), "ServiceMonitor") == []  # an offline render sees no monitoring.coreos.com API
+    assert of_kind(manifests(), "PrometheusRule") == []
+    docs = manifests({"monitoring": {"assumeCrdsInstalled": True}})
+    monitor = named(docs, "ServiceMonitor", FULLNAME)["spec"]
+    metrics_service = named(docs, "Service", f"{FULLNAME}-metrics")
+    assert monitor["endpoints"][0]["port"] == "metrics"
+    assert monitor["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
+    rule = named(docs, "PrometheusRule", FULLNAME)["spec"]
+    assert rule["groups"] == yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    off = manifests({"monitoring": {"assumeCrdsInstalled": True, "serviceMonitor": {"enabled": False},
+                                    "prometheusRule": {"enabled": False}}})
+    assert of_kind(off, "ServiceMonitor") == [] and of_kind(off, "PrometheusRule") == []
+
+
+def test_dashboard_configmap_carries_the_grafana_dashboard() -> None:
+    docs = manifests()
+    configmap = named(docs, "ConfigMap", f"{FULLNAME}-dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    deployed = json.loads((REPO / "deploy/grafana/mtacluster.json").read_text())
+    assert json.loads(configmap["data"]["mtacluster.json"]) == deployed
+    assert (CHART / "dashboards/mtacluster.json").read_bytes() == (REPO / "deploy/grafana/mtacluster.json").read_bytes()
+
+
+def test_secrets_from_values_or_existing_secrets() -> None:
+    key_file = "public = " + "a" * 40 + "\nsecret = " + "b" * 40 + "\n"
+    docs = manifests({"clusterKeys": {"keyFile": key_file}, "tls": {"certificate": "CERT", "privateKey": "KEY"}})
+    assert set(named(docs, "Secret", f"{FULLNAME}-cluster-keys")["data"]) == {"curve.key"}
+    assert named(docs, "Secret", f"{FULLNAME}-tls")["type"] == "kubernetes.io/tls"
+    frontend = named(docs, "Deployment", f"{FULLNAME}-frontend")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in frontend["volumes"]}["tls"]["secret"]["secretName"] == f"{FULLNAME}-tls"
+
+    existing = manifests({"clusterKeys": {"existingSecret": "keys"}, "tls": {"existingSecret": "certs"}})
+    assert of_kind(existing, "Secret") == []
+    for workload in workloads(existing):
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["cluster-keys"]["secret"]["secretName"] == "keys"
+    frontend = named(existing, "Deployment", f"{FULLNAME}-frontend")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in frontend["volumes"]}["tls"]["secret"]["secretName"] == "certs"
+
+
+def test_network_policies_limit_the_bus_to_the_release() -> None:
+    docs = manifests()
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {f"{FULLNAME}-frontend", f"{FULLNAME}-queue", f"{FULLNAME}-worker"}
+    bus_rule = next(r for r in policies[f"{FULLNAME}-queue"]["ingress"] if r["ports"][0]["port"] == "bus")
+    assert bus_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mtacluster",
+                                                                 "app.kubernetes.io/instance": RELEASE}}}]
+    assert of_kind(manifests({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [({"queue": {"replicas": -1}}, "/queue/replicas"),
+     ({"queue": {"replicas": 0}}, "/queue/replicas"),
+     ({"frontend": {"replicas": "two"}}, "/frontend/replicas"),
+     ({"unknownKey": True}, "unknownKey"),
+     ({"frontend": {"service": {"type": "Ingress"}}}, "/frontend/service/type"),
+     ({"frontend": {"service": {"externalTrafficPolicy": "Nearest"}}}, "externalTrafficPolicy"),
+     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+     ({"metrics": {"port": 70000}}, "/metrics/port"),
+     ({"config": {"smtp": {"max_recipent": 5}}}, "max_recipent"),
+     ({"config": {"queue": {"shards": ["tcp://elsewhere:5570"]}}}, "shards"),
+     ({"config": {"smtp": {"max_recipients": "many"}}}, "/config/smtp/max_recipients"),
+     ({"queue": {"persistence": {"size": "lots"}}}, "/queue/persistence/size")],
+)
+def test_schema_refuses_invalid_values(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=re.escape(complaint)):
+        render(values)
+
+
+def test_schema_config_sections_match_config_py() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config_schema = schema["properties"]["config"]["properties"]
+    sections = {"smtp": config_module.SmtpConfig, "queue": config_module.QueueConfig,
+                "delivery": config_module.DeliveryConfig, "bus": config_module.BusConfig}
+    for name, cls in sections.items():
+        expected = {f.name for f in dataclasses.fields(cls)} - CHART_OWNED_KEYS.get(name, set())
+        assert set(config_schema[name]["properties"]) == expected, f"values.schema.json config.{name} is stale"
+        assert config_schema[name]["additionalProperties"] is False
+
+
+def test_every_value_is_documented() -> None:
+    """Each key in values.yaml has a `# --` comment, or sits under a key that has one (helm-docs style)."""
+    undocumented = []
+    documented_indents: list[int] = []  # indentation of the documented ancestors of the current line
+    comment_block: list[str] = []
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment_block.append(stripped)
+            continue
+        key = re.match(r"^(\s*)([A-Za-z_][\w.-]*):", line)
+        if not key:
+            if not stripped:
+                comment_block = []
+            continue
+        indent = len(key.group(1))
+        documented_indents = [i for i in documented_indents if i < indent]
+        has_doc = any(c.startswith("# --") for c in comment_block)
+        is_parent = line.rstrip().endswith(":")
+        if has_doc:
+            documented_indents.append(indent)
+        elif not documented_indents and not is_parent:
+            undocumented.append(key.group(2))
+        comment_block = []
+    assert undocumented == []
+
+
+def test_chart_has_a_readme_describing_every_component() -> None:
+    readme = (CHART / "README.md").read_text()
+    for word in ("frontend", "queue", "worker", "ServiceMonitor", "PROXY", "existingSecret", "values.schema.json"):
+        assert word in readme

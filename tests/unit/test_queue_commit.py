@@ -1,0 +1,124 @@
+"""Group commit: injects that arrive while a transaction runs share the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cluster.queue.commit import GroupCommitter
+from cluster.queue.records import Message, Recipient
+from cluster.queue.spool import Batch, LoadResult, Quarantined, SpoolError
+
+
+class SlowSpool:
+    """Records each commit's size; the first commit blocks until released, so later submits pile up."""
+
+    def __init__(self) -> None:
+        self.commits: list[int] = []
+        self.release = threading.Event()
+        self.fail_next = False
+
+    def commit(self, batch: Batch) -> None:
+        self.release.wait(5)
+        if self.fail_next:
+            self.fail_next = False
+            raise SpoolError("disk on fire")
+        self.commits.append(len(batch.stores))
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def load(self) -> LoadResult:
+        return LoadResult([], [])
+
+    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
+        return {}
+
+    def read_headers(self, queue_id: str) -> bytes | None:
+        return None
+
+    def quarantine(self, queue_id: str, reason: str) -> Quarantined:
+        raise NotImplementedError
+
+    def free_space(self) -> int:
+        return 1 << 40
+
+
+def one(queue_id: str) -> Batch:
+    return Batch(stores=[Message(queue_id, "", 0.0, [Recipient(0, "a@b.test")], 1)], bodies={queue_id: b"x"})
+
+
+async def test_concurrent_submits_share_transactions() -> None:
+    spool = SlowSpool()
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=8)
+        runner = asyncio.create_task(committer.run())
+        first = asyncio.create_task(committer.submit(one("Q0")))
+        await asyncio.sleep(0)
+        others = [asyncio.create_task(committer.submit(one(f"Q{i}"))) for i in range(1, 20)]
+        await asyncio.sleep(0.05)
+        assert not first.done()  # nobody is answered before their transaction is durable
+        spool.release.set()
+        await asyncio.gather(first, *others)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert sum(spool.commits) == 20
+    assert spool.commits[0] == 1 and max(spool.commits) == 8  # batched, capped at batch_max
+    assert committer.transactions == len(spool.commits) <= 4
+
+
+async def test_a_failed_transaction_fails_every_submit_in_it() -> None:
+    spool = SlowSpool()
+    spool.fail_next = True
+    spool.release.set()
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=8)
+        runner = asyncio.create_task(committer.run())
+        results = await asyncio.gather(committer.submit(one("A")), committer.submit(one("B")),
+                                       return_exceptions=True)
+        assert all(isinstance(r, SpoolError) for r in results)
+        await committer.submit(one("C"))
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert spool.commits == [1]
+
+
+@pytest.mark.parametrize("batch_max", [1, 3])
+async def test_batch_max_is_respected(batch_max: int) -> None:
+    spool = SlowSpool()
+    spool.release.set()
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=batch_max)
+        runner = asyncio.create_task(committer.run())
+        await asyncio.gather(*(committer.submit(one(f"Q{i}")) for i in range(10)))
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert sum(spool.commits) == 10 and max(spool.commits) <= batch_max
+
+
+async def test_the_writer_survives_an_unexpected_error() -> None:
+    class BrokenOnce(SlowSpool):
+        calls = 0
+
+        def commit(self, batch: Batch) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyError("a bug")
+            super().commit(batch)
+
+    spool = BrokenOnce()
+    spool.release.set()
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=8)
+        runner = asyncio.create_task(committer.run())
+        with pytest.raises(SpoolError, match="a bug"):
+            await committer.submit(one("A"))
+        await committer.submit(one("B"))
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert spool.commits == [1]

@@ -1,0 +1,140 @@
+"""CHUNKING (RFC 3030): BDAT chunks are exact octet counts; the same content rules as DATA apply."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.smtp import replies
+from cluster.smtp.address import Address
+from cluster.smtp.events import MessageReceived, SessionEnded
+from cluster.smtp.reply import Reply
+from cluster.smtp.server import ServerSettings
+from tests.unit.smtp_driver import Session, greeted, run
+
+CHUNKING = ServerSettings(hostname="mx.example.test", chunking=True)
+OPENING = greeted(b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>")
+
+
+def bdat(data: bytes, *, last: bool = False) -> bytes:
+    return b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data
+
+
+def feed(data: bytes, chunking: str, settings: ServerSettings = CHUNKING) -> Session:
+    if chunking == "one":
+        return run([data], settings)
+    return run([data[i : i + 1] for i in range(len(data))], settings)
+
+
+def test_chunking_is_advertised_only_when_enabled() -> None:
+    assert "CHUNKING" in run([b"EHLO c\r\n"], CHUNKING).replies[-1].lines
+    assert "CHUNKING" not in run([b"EHLO c\r\n"]).replies[-1].lines
+    assert run([OPENING + bdat(b"x\r\n", last=True)]).replies[-2] == replies.UNKNOWN_COMMAND
+
+
+@pytest.mark.parametrize("chunking", ["one", "bytes"])
+def test_message_in_several_chunks_is_exact(chunking: str) -> None:
+    # A CRLF split across two chunks, a lone "." line, and "\r\n.\r\n" inside: all plain content in BDAT.
+    parts = [b"Subject: x\r", b"\n\r\n.\r\n..dots\r\n", b"", b"end\r\n"]
+    wire = OPENING + b"".join(bdat(p) for p in parts[:-1]) + bdat(parts[-1], last=True) + b"QUIT\r\n"
+    session = feed(wire, chunking)
+    (message,) = session.messages
+    assert message == MessageReceived(
+        sender=Address("a", "b.example"),
+        recipients=(Address("c", "d.example"),),
+        data=b"".join(parts),
+        body_8bit=False,
+        smtputf8=False,
+    )
+    assert session.replies[4:] == [
+        replies.chunk_received(len(parts[0])),
+        replies.chunk_received(len(parts[1])),
+        replies.chunk_received(0),
+        replies.MESSAGE_ACCEPTED,
+        replies.BYE,
+    ]
+
+
+def test_bdat_zero_last_and_missing_final_crlf() -> None:
+    session = run([OPENING + bdat(b"no newline") + b"BDAT 0 last\r\n"], CHUNKING)
+    assert session.messages[0].data == b"no newline\r\n"
+
+
+def test_timeout_kind_is_data_while_reading_a_chunk() -> None:
+    session = run([OPENING + b"BDAT 10\r\nabc"], CHUNKING)
+    assert session.conn.current_timeout_kind == "data"
+    session.feed(b"defghij")
+    assert session.conn.current_timeout_kind == "command"
+
+
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
+        (b"EHLO c\r\n" + bdat(b"QUIT\r\n", last=True), replies.NEED_MAIL_BEFORE_DATA),
+        (bdat(b"QUIT\r\n", last=True), replies.NEED_HELO),
+        (greeted(b"MAIL FROM:<a@b.example>") + bdat(b"QUIT\r\n", last=True), replies.NO_VALID_RECIPIENTS),
+    ],
+)
+def test_refused_bdat_still_discards_its_chunk(commands: bytes, expected: Reply) -> None:
+    session = run([commands + b"NOOP\r\n"], CHUNKING)
+    assert session.replies[-2:] == [expected, replies.OK]
+    assert not session.conn.closed  # the QUIT inside the chunk was data, not a command
+
+
+@pytest.mark.parametrize("line", [b"BDAT", b"BDAT x", b"BDAT -1", b"BDAT 10 NOW", b"BDAT 1 LAST more"])
+def test_bdat_syntax(line: bytes) -> None:
+    assert run([OPENING + line + b"\r\n"], CHUNKING).replies[-1] == replies.BDAT_SYNTAX
+
+
+def test_data_after_bdat_is_refused() -> None:
+    session = run([OPENING + bdat(b"x\r\n") + b"DATA\r\n"], CHUNKING)
+    assert session.replies[-1] == replies.DATA_AFTER_BDAT
+
+
+@pytest.mark.parametrize("chunking", ["one", "bytes"])
+@pytest.mark.parametrize(
+    ("parts", "expected"),
+    [
+        ([b"a\nb\r\n"], replies.BARE_LINE_ENDING_IN_DATA),
+        ([b"a\r", b"b\r\n"], replies.BARE_LINE_ENDING_IN_DATA),
+        ([b"a\x00\r\n"], replies.BARE_LINE_ENDING_IN_DATA),
+        ([b"a\r"], replies.BARE_LINE_ENDING_IN_DATA),
+        ([b"x" * 600, b"y" * 399 + b"\r\n"], replies.TEXT_LINE_TOO_LONG),
+    ],
+)
+def test_content_rules_apply_across_chunks(parts: list[bytes], expected: Reply, chunking: str) -> None:
+    wire = OPENING + b"".join(bdat(p) for p in parts) + b"BDAT 0 LAST\r\nNOOP\r\n"
+    session = feed(wire, chunking)
+    assert session.messages == []
+    assert expected in session.replies
+    assert session.replies[-1] == replies.OK
+
+
+def test_oversized_chunks_fail_the_transaction_and_later_chunks_are_discarded() -> None:
+    settings = ServerSettings(hostname="mx.example.test", chunking=True, max_message_size=100)
+    wire = OPENING + bdat(b"z" * 98 + b"\r\n") + bdat(b"more\r\n") + bdat(b"RSET\r\n", last=True) + b"NOOP\r\n"
+    session = run([wire], settings)
+    assert session.replies[-4:] == [
+        replies.chunk_received(100),
+        replies.MESSAGE_TOO_BIG,
+        replies.NEED_MAIL_BEFORE_DATA,
+        replies.OK,
+    ]
+    assert session.messages == []
+
+
+def test_eof_inside_a_chunk_never_emits_a_message() -> None:
+    session = run([OPENING + b"BDAT 100 LAST\r\npartial", b""], CHUNKING)
+    assert session.messages == []
+    assert session.events[-1] == SessionEnded("client closed the connection during BDAT")
+
+
+def test_8bit_chunk_content_is_flagged() -> None:
+    (message,) = run([OPENING + bdat("caf\u00e9\r\n".encode(), last=True)], CHUNKING).messages
+    assert message.body_8bit and message.data == "caf\u00e9\r\n".encode()
+
+
+def test_final_bare_cr_counts_towards_the_line_length() -> None:
+    settings = ServerSettings(hostname="mx.example.test", chunking=True, max_text_line=5)
+    session = run([OPENING + bdat(b"abc\r", last=True)], settings)
+    assert session.replies[-1] == replies.BARE_LINE_ENDING_IN_DATA
+    assert session.messages == []
