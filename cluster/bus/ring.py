@@ -7,6 +7,7 @@ to exactly one shard. Rendezvous hashing moves only about 1/N of the domains whe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -28,13 +29,17 @@ def _weight(shard: str, key: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+@functools.lru_cache(maxsize=65536)
+def _owner(key: str, shard_count: int) -> int:
+    # Weight by shard number, not endpoint text, so renaming an endpoint (pod IP change) moves nothing.
+    return max(range(shard_count), key=lambda index: _weight(str(index), key))
+
+
 def shard_for_domain(domain: str, shards: Sequence[str]) -> int:
     """Index of the shard (in `shards`, the configured endpoint list) that owns `domain`."""
     if not shards:
         raise ValueError("no shards configured")
-    key = domain_key(domain)
-    # Weight by shard number, not endpoint text, so renaming an endpoint (pod IP change) moves nothing.
-    return max(range(len(shards)), key=lambda index: _weight(str(index), key))
+    return _owner(domain_key(domain), len(shards))
 
 
 def shard_for_address(address: str, shards: Sequence[str]) -> int:

@@ -10,14 +10,19 @@ Frontend -> shard (submission; DESIGN.md contract 1)
     shard -> InjectRefused(req, code, enhanced, text)   e.g. 452 4.3.1 when the disk is full
 
 Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases)
-    Heartbeat(worker, free, in_flight)   every `queue.heartbeat_interval`. `free` is the number of further
+    Heartbeat(worker, free, in_flight, seen, seen_epoch)
+                                         every `queue.heartbeat_interval`. `free` is the number of further
                                          jobs the worker takes from this shard. A shard that does not know
                                          the worker (first contact, or the shard restarted) sets the worker's
                                          credits to `free`; afterwards credits go down by one per Deliver and
                                          up by one per Result. `in_flight` lists the job ids the worker holds;
-                                         it renews their leases, and a job the shard believes in flight but
-                                         missing from it goes back to ready.
-    shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt)
+                                         it renews their leases. `seen` is the highest Deliver.seq the worker
+                                         has received from the shard instance `seen_epoch`: a job the shard
+                                         sent with seq <= seen that is missing from `in_flight` was lost and
+                                         goes back to ready. Jobs sent after `seen` are never taken back by a
+                                         heartbeat (it crossed the Deliver on the wire): no double delivery.
+    shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt, seq)
+                                         seq numbers the Delivers sent to one worker, from 1, per shard epoch.
     Result(job_id, outcomes)             one Outcome per recipient of the job; returns one credit.
     shard -> HeartbeatAck(shard_epoch)   lets the worker notice that the shard restarted.
     A worker silent for `queue.worker_timeout` is forgotten and all its jobs go back to ready.
@@ -94,6 +99,8 @@ class Heartbeat(BusMessage):
     worker: str
     free: int
     in_flight: list[str]
+    seen: int = 0
+    seen_epoch: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ class Deliver(BusMessage):
     domain: str
     body: bytes
     attempt: int
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,8 @@ def decode(frame: bytes) -> BusMessage:
 _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,
     "code": int, "enhanced": str, "text": str, "worker": str, "free": int, "in_flight": list,
-    "shard": int, "shard_epoch": str, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
+    "shard": int, "shard_epoch": str,
+    "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
     "op": str, "args": dict, "ok": bool, "error": str,
 }
 

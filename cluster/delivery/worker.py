@@ -1,7 +1,7 @@
 """The worker role: takes delivery jobs from every queue shard and sends back one Result per job.
 
 Protocol (cluster/bus/schemas.py): one DEALER socket per shard in `queue.shards`. Every
-`queue.heartbeat_interval` the worker sends Heartbeat(worker, free, in_flight) to each shard: `free` is how
+`queue.heartbeat_interval` the worker sends Heartbeat(worker, free, in_flight, seen) to each shard: `free` is how
 many more jobs it takes from that shard (`delivery.concurrency` minus the jobs it holds from it), `in_flight`
 the ids of those jobs (renewing their leases). Each Deliver starts an asyncio task running
 `Deliverer.deliver`; its outcomes go back as Result(job_id, worker, outcomes). A HeartbeatAck whose
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # Seconds that running jobs get to finish after stop is requested.
 SHUTDOWN_GRACE = 5.0
+# Frames handled from one shard before other tasks get a turn.
+FRAMES_PER_TURN = 100
 # How often idle cached connections are checked for expiry.
 PRUNE_INTERVAL = 1.0
 
@@ -76,6 +78,9 @@ class _ShardLink:
         self.slots = asyncio.Semaphore(config.delivery.concurrency)
         self.epoch: str | None = None
         self.last_ack = float("-inf")
+        # seq of the last Deliver received from the shard instance `epoch` (echoed in heartbeats, so the shard
+        # knows which jobs we must have: see bus/schemas.py).
+        self.seen = 0
 
     async def send(self, frame: bytes, what: str) -> bool:
         try:
@@ -155,7 +160,8 @@ class Worker:
             del link.unsent[job_id]
         held = [*link.jobs, *(job_id for job_id in link.unsent if job_id not in link.jobs)]
         free = max(0, self.config.delivery.concurrency - len(held))
-        await link.send(Heartbeat(worker=self.name, free=free, in_flight=held).encode(), "heartbeat")
+        await link.send(Heartbeat(worker=self.name, free=free, in_flight=held, seen=link.seen,
+                                  seen_epoch=link.epoch or "").encode(), "heartbeat")
 
     async def _prune_forever(self) -> None:
         while True:
@@ -170,13 +176,15 @@ class Worker:
         next_beat = time.monotonic()
         while True:
             wait_ms = max(0, int((next_beat - time.monotonic()) * 1000))
-            if await link.socket.poll(wait_ms, zmq.POLLIN):
-                while True:
+            if await link.socket.poll(timeout=wait_ms):
+                # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
+                for _ in range(FRAMES_PER_TURN):
                     try:
                         frames = await link.socket.recv_multipart(flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     await self._on_frame(link, frames[-1])
+                await asyncio.sleep(0)
             if time.monotonic() >= next_beat:
                 await self._heartbeat(link)
                 self._shards_connected()
@@ -200,12 +208,16 @@ class Worker:
     async def _on_ack(self, link: _ShardLink, ack: HeartbeatAck) -> None:
         link.last_ack = time.monotonic()
         restarted = link.epoch is not None and ack.shard_epoch != link.epoch
+        if ack.shard_epoch != link.epoch:
+            # A new shard instance numbers its Delivers from 1; its ack arrives before any of them.
+            link.seen = 0
         link.epoch = ack.shard_epoch
         if restarted:
             log.info("shard %d restarted (new epoch %s): announcing ourselves again", link.index, ack.shard_epoch)
             await self._heartbeat(link)
 
     async def _on_deliver(self, link: _ShardLink, job: Deliver) -> None:
+        link.seen = max(link.seen, job.seq)
         if self._stopping:
             return  # not in our heartbeats any more: the shard takes it back
         if job.job_id in link.jobs:

@@ -35,6 +35,8 @@ class Job:
     worker: str = ""
     assigned_at: float = 0.0
     lease_until: float = 0.0
+    # Number of the Deliver that carried this job to its worker (0 = not sent yet); see bus/schemas.py.
+    seq: int = 0
 
 
 @dataclass
@@ -44,6 +46,8 @@ class WorkerState:
     credits: int
     last_seen: float
     jobs: set[str] = field(default_factory=set)
+    # seq of the last Deliver sent to this worker.
+    last_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,17 +281,18 @@ class Scheduler:
 
     # -- workers ------------------------------------------------------------------------------------------
 
-    def heartbeat(self, name: str, identity: bytes, free: int, in_flight: list[str], now: float) -> list[Job]:
+    def heartbeat(self, name: str, identity: bytes, free: int, in_flight: list[str], now: float,
+                  seen: int = 0) -> list[Job]:
         """Renew the leases of the jobs a worker lists; jobs it should hold but does not list go back to ready.
 
-        A job counts as missing only when it was assigned before the worker's previous heartbeat arrived, so a
-        heartbeat that crossed a Deliver on the wire does not take back a job the worker just received.
+        A job counts as missing only when the worker says it received its Deliver (job.seq <= seen): a heartbeat
+        that crossed a Deliver on the wire never takes back the job the worker is about to receive.
+        `seen` must be 0 when the worker's count belongs to another shard instance (epoch).
         """
         worker = self.workers.get(name)
         if worker is None:
             self.workers[name] = WorkerState(name, identity, max(free, 0), now)
             return []
-        previous = worker.last_seen
         worker.identity = identity
         worker.last_seen = now
         listed = set(in_flight)
@@ -296,11 +301,18 @@ class Scheduler:
             job = self.jobs[job_id]
             if job_id in listed:
                 job.lease_until = now + self.limits.lease_time
-            elif job.assigned_at < previous:
+            elif 0 < job.seq <= seen:
                 taken_back = self.return_job(job_id)
                 if taken_back is not None:
                     returned.append(taken_back)
         return returned
+
+    def next_seq(self, job: Job) -> int:
+        """Number the Deliver about to carry `job` to its worker."""
+        worker = self.workers[job.worker]
+        worker.last_seq += 1
+        job.seq = worker.last_seq
+        return job.seq
 
     def seen(self, name: str, identity: bytes, now: float) -> None:
         """A worker sent something: it is alive, and replies go to its current socket."""

@@ -59,6 +59,8 @@ TIMER_INTERVAL = 0.1
 DISK_CHECK_INTERVAL = 1.0
 # On stop, requests already being stored get this long to finish and be answered.
 STOP_GRACE = 5.0
+# Room for the envelope and framing around the largest body in one bus frame.
+FRAME_SLACK = 1024 * 1024
 
 
 def bind_endpoint(endpoint: str) -> str:
@@ -124,6 +126,8 @@ class Shard:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
             socket.setsockopt(zmq.IPV6, 1)
+            # A frame far above the largest message we accept is an error or an attack: zmq drops the peer.
+            socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.smtp.max_message_size + FRAME_SLACK)
             secure_server(cast("zmq.Socket[bytes]", socket), keys)
             endpoint = bind_endpoint(self.config.queue.shards[self.index])
             try:
@@ -274,16 +278,12 @@ class Shard:
             return
         await self.send(identity, Stored(inject.req, stored.queue_id))
 
-    async def store_new(self, sender: str, recipients: list[str], body: bytes, client: dict[str, str],
-                        extra: Batch | None = None) -> Message:
-        """Store a new message (with `extra` changes in the same transaction) and start scheduling it."""
+    async def store_new(self, sender: str, recipients: list[str], body: bytes, client: dict[str, str]) -> Message:
+        """Store a new message (group commit) and start scheduling it once it is durable."""
         now = self.clock()
         message = Message(self.ids.new(now), sender, now, [Recipient(i, r) for i, r in enumerate(recipients)],
                           len(body), client)
-        batch = extra or Batch()
-        batch.stores.append(message)
-        batch.bodies[message.queue_id] = body
-        await self.commit(batch)
+        await self.commit(Batch(stores=[message], bodies={message.queue_id: body}))
         metrics.STORED.labels(self.label).inc()
         self.scheduler.add_message(message)
         self.bounces.track(message)
@@ -293,8 +293,9 @@ class Shard:
     # -- workers ------------------------------------------------------------------------------------------
 
     async def _on_heartbeat(self, identity: bytes, heartbeat: Heartbeat) -> None:
+        seen = heartbeat.seen if heartbeat.seen_epoch == self.epoch else 0
         returned = self.scheduler.heartbeat(heartbeat.worker, identity, heartbeat.free, heartbeat.in_flight,
-                                            self.clock())
+                                            self.clock(), seen)
         if returned:
             metrics.LEASES_EXPIRED.labels(self.label).inc(len(returned))
             log.warning("shard %d: worker %s no longer holds %d jobs; they are ready again", self.index,
@@ -334,7 +335,7 @@ class Shard:
         message = self.scheduler.messages[job.queue_id]
         recipients = [message.recipients[i].address for i in job.indices]
         await self.send(worker.identity, Deliver(job.job_id, job.queue_id, message.sender, recipients, job.domain,
-                                                 body, job.attempt))
+                                                 body, job.attempt, self.scheduler.next_seq(job)))
 
     def _on_result(self, identity: bytes, result: Result) -> None:
         """Take the job out of flight at once (before the next frame, e.g. a heartbeat no longer listing it),

@@ -202,11 +202,14 @@ async def test_job_missing_from_heartbeat_goes_back_to_ready(running: RunningSha
     frontend, worker = running.client(), running.client()
     stored = await inject(frontend, 1, "s@sender.test", ["r@c.test"], BODY)
     await worker.send(Heartbeat("w2", 1, []))
+    ack = await worker.recv_type(HeartbeatAck)
     first = await worker.recv_type(Deliver)
-    # Two heartbeats that do not list the job: the second one (after the job was assigned) takes it back.
-    await worker.send(Heartbeat("w2", 1, []))
+    # A heartbeat that has not seen the Deliver yet (it crossed it on the wire) takes nothing back...
+    await worker.send(Heartbeat("w2", 1, [], seen=first.seq - 1, seen_epoch=ack.shard_epoch))
     await worker.recv_type(HeartbeatAck)
-    await worker.send(Heartbeat("w2", 1, []))
+    assert running.shard.scheduler.messages[stored.queue_id].recipients[0].state is State.IN_FLIGHT
+    # ...one that has seen it but does not list the job says the job was lost: it goes back to ready.
+    await worker.send(Heartbeat("w2", 1, [], seen=first.seq, seen_epoch=ack.shard_epoch))
     await worker.recv_type(HeartbeatAck)
     # The job is ready again and, the credit being returned with it, delivered again.
     again = await worker.recv_type(Deliver)

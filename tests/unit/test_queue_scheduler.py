@@ -90,12 +90,17 @@ def test_silent_worker_is_forgotten_and_its_jobs_return(scheduler: Scheduler) ->
     assert scheduler.recipient_counts[State.READY] == 2 and scheduler.recipient_counts[State.IN_FLIGHT] == 0
 
 
-def test_job_missing_from_heartbeat_only_after_a_full_heartbeat(scheduler: Scheduler) -> None:
+def test_job_missing_from_heartbeat_only_once_the_worker_saw_its_deliver(scheduler: Scheduler) -> None:
     scheduler.add_message(msg("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=1)
-    assert scheduler.heartbeat("w", b"id", 5, [], now=1.5) == []  # may have crossed the Deliver on the wire
-    assert [j.job_id for j in scheduler.heartbeat("w", b"id", 5, [], now=2.5)] == [job.job_id]
+    assert scheduler.heartbeat("w", b"id", 5, [], now=1.5) == []  # not sent yet: nothing to miss
+    seq = scheduler.next_seq(job)
+    assert seq == 1
+    # However late it arrives, a heartbeat sent before the Deliver reached the worker takes nothing back.
+    assert scheduler.heartbeat("w", b"id", 5, [], now=60, seen=seq - 1) == []
+    assert scheduler.heartbeat("w", b"id", 5, [job.job_id], now=61, seen=seq) == []
+    assert [j.job_id for j in scheduler.heartbeat("w", b"id", 5, [], now=62, seen=seq)] == [job.job_id]
     assert scheduler.workers["w"].credits == 5  # no Result will come for it: the credit is back
 
 
