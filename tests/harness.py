@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.exception
+import dns.message
+import dns.query
+
 from tests.tooling import free_port, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +131,53 @@ class SmtpSink:
         wait_for(lambda: len(self.messages()) >= count, timeout,
                  f"{count} messages at smtp-sink {self.address} (have {len(self.messages())})", interval=0.1)
         return self.messages()
+
+
+class DnsServer:
+    """dnsmasq answering for a test zone under ".test" on a free loopback port.
+
+    `mx`: (domain, host, preference) records; `hosts`: name -> address (A records); names under .test that are
+    not defined answer NXDOMAIN. Always defined: null MX (RFC 7505) for nullmx.test, and SERVFAIL for
+    servfail.test (forwarded to a port where nobody answers).
+    """
+
+    def __init__(self, mx: list[tuple[str, str, int]], hosts: dict[str, str]) -> None:
+        self.binary = require_tool("dnsmasq")
+        self.port = free_port()
+        self.mx = mx
+        self.hosts = hosts
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> DnsServer:
+        args = [self.binary, "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
+                "--bind-interfaces", "--no-resolv", "--no-hosts", "--user=root", "--local=/test/",
+                "--dns-rr=nullmx.test,15,000000", "--server=/servfail.test/127.0.0.1#9", "--log-facility=-",
+                "--host-record=ready.test,127.0.0.1"]
+        args += [f"--mx-host={domain},{host},{preference}" for domain, host, preference in self.mx]
+        args += [f"--host-record={name},{address}" for name, address in self.hosts.items()]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 10, f"dnsmasq on {self.address} to answer")
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"dnsmasq exited with {self.process.returncode}")
+        query = dns.message.make_query("ready.test", "A")
+        try:
+            answer = dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+        except (dns.exception.Timeout, OSError):
+            return False
+        return bool(answer.answer)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(5)
 
 
 @dataclass

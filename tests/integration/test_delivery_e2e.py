@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import REPO, Cluster, SmtpSink, wait_for
+from tests.harness import REPO, Cluster, DnsServer, SmtpSink, wait_for
 from tests.scripted_smtp import ScriptedSmtpServer
-from tests.tooling import free_port, require_tool
+from tests.tooling import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -69,15 +69,8 @@ def bodies_with(sink: SmtpSink, marker: str) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    dnsmasq = require_tool("dnsmasq")
     port = free_port("127.0.0.42")
-    dns_port = free_port()
-    args = [dnsmasq, "--keep-in-foreground", f"--port={dns_port}", "--listen-address=127.0.0.1",
-            "--bind-interfaces", "--no-resolv", "--no-hosts", "--user=root", "--local=/test/",
-            "--dns-rr=nullmx.test,15,000000", "--server=/servfail.test/127.0.0.1#9", "--log-facility=-"]
-    args += [f"--mx-host={domain},{host},{pref}" for domain, host, pref in MX]
-    args += [f"--host-record={name},{address}" for name, address in HOSTS.items()]
-    dns = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dns = DnsServer(MX, HOSTS).start()
     sinks: dict[str, SmtpSink] = {}
     # "later" refuses its first two connections: attempts 1 and 2 defer, attempt 3 delivers.
     later = ScriptedSmtpServer(HOSTS["later.test"], port, greeting_reply=lambda n: "421 4.3.2 Not yet" if n <= 2
@@ -89,14 +82,13 @@ def world() -> Iterator[World]:
                               ("never.test", ["-r", "rcpt"]), ("mx.senders.test", []), ("aonly.test", []),
                               ("routed.test", [])):
             sinks[name] = SmtpSink(host=HOSTS[name], port=port, options=options).start()
-        yield World(port, f"127.0.0.1:{dns_port}", sinks, later, picky)
+        yield World(port, dns.address, sinks, later, picky)
     finally:
         for sink in sinks.values():
             sink.stop()
         later.stop()
         picky.stop()
-        dns.terminate()
-        dns.wait(5)
+        dns.stop()
 
 
 def make_cluster(directory: Path, world: World, **queue: Any) -> Cluster:

@@ -4,7 +4,6 @@ several 127.0.0.x addresses sharing one port): MX order and backup hosts, DNS ou
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +15,8 @@ from cluster.config import Config, config_from_dict
 from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer
 from cluster.delivery.mx import CachingMxResolver, DnsMxResolver
-from tests.harness import SmtpSink, wait_for
-from tests.tooling import free_port, require_tool
+from tests.harness import DnsServer, SmtpSink
+from tests.tooling import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -61,32 +60,18 @@ class Peers:
 
 @pytest.fixture(scope="module")
 def peers() -> Iterator[Peers]:
-    dnsmasq = require_tool("dnsmasq")
     port = free_port("127.0.0.12")
-    dns_port = free_port()
-    args = [dnsmasq, "--keep-in-foreground", f"--port={dns_port}", "--listen-address=127.0.0.1",
-            "--bind-interfaces", "--no-resolv", "--no-hosts", "--user=root", "--local=/test/",
-            "--dns-rr=nullmx.test,15,000000", "--server=/servfail.test/127.0.0.1#9", "--log-facility=-"]
-    args += [f"--mx-host={domain},{host},{pref}" for domain, host, pref in MX]
-    args += [f"--host-record={name},{address}" for name, (address, _) in HOSTS.items()]
-    dns = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dns = DnsServer(MX, {name: address for name, (address, _) in HOSTS.items()}).start()
     sinks: dict[str, SmtpSink] = {}
     try:
         for name, (address, options) in HOSTS.items():
             if options is not None:
                 sinks[name] = SmtpSink(host=address, port=port, options=options).start()
-        wait_for(lambda: _dns_answers(dns_port), 10, "dnsmasq to answer")
-        yield Peers(port, f"127.0.0.1:{dns_port}", sinks)
+        yield Peers(port, dns.address, sinks)
     finally:
         for sink in sinks.values():
             sink.stop()
-        dns.terminate()
-        dns.wait(5)
-
-
-def _dns_answers(port: int) -> bool:
-    lookup = asyncio.run(DnsMxResolver((f"127.0.0.1:{port}",), timeout=1).mx("backup.test"))
-    return lookup.status == "ok"
+        dns.stop()
 
 
 async def deliver(config: Config, *recipients: str, deliverer: Deliverer | None = None) -> list[Outcome]:

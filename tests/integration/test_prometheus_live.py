@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import REPO, SmtpSink, port_open, wait_for, write_config
+from tests.harness import REPO, DnsServer, SmtpSink, port_open, wait_for, write_config
 from tests.tooling import free_port, require_tool
 
 pytestmark = pytest.mark.integration
@@ -88,15 +88,6 @@ class Prometheus:
             return False
 
 
-def start_dnsmasq(port: int) -> subprocess.Popen[bytes]:
-    dnsmasq = require_tool("dnsmasq")
-    return subprocess.Popen(
-        [dnsmasq, "--keep-in-foreground", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
-         "--no-resolv", "--no-hosts", "--user=root", "--local=/test/", "--mx-host=dns.test,mx.dns.test,10",
-         "--host-record=mx.dns.test,127.0.0.1", "--log-facility=-"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def stop(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
     if process is None or process.poll() is not None:
         return
@@ -123,8 +114,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     base = tmp_path_factory.mktemp("prometheus-live")
     base.chmod(0o755)  # smtp-sink writes its dumps as "nobody"
     sink = SmtpSink(base / "sink").start()
-    dns_port = free_port()
-    dns = start_dnsmasq(dns_port)
+    dns = DnsServer([("dns.test", "mx.dns.test", 10)], {"mx.dns.test": "127.0.0.1"}).start()
     smtp_port = free_port()
     metrics_base = consecutive_free_ports(PROCESSES)
     config = write_config(base / "mtacluster.toml", {
@@ -134,7 +124,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
                  "local_domains": ["sink.test", "dns.test", "bounce.test", "defer.test"]},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(base / "spool"),
                   "heartbeat_interval": 0.2, "worker_timeout": 2},
-        "delivery": {"smarthost": sink.address, "port": sink.port, "nameservers": [f"127.0.0.1:{dns_port}"],
+        "delivery": {"smarthost": sink.address, "port": sink.port, "nameservers": [dns.address],
                      "connect_timeout": 2,
                      "transports": {"dns.test": "smtp:dns.test", "bounce.test": "error:5.1.1 no such user",
                                     "defer.test": f"smtp:[127.0.0.1]:{free_port()}"}},
@@ -172,7 +162,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     finally:
         stop(prometheus)
         stop(up)
-        stop(dns)
+        dns.stop()
         sink.stop()
 
 

@@ -102,3 +102,27 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None:
+    """No configuration file at all: SMTP on 127.0.0.1:2525, spool under ./var, metrics from 9450."""
+    for port in (2525, 5570, *range(9450, 9455)):
+        assert not port_open("127.0.0.1", port), f"port {port} is taken: the defaults cannot be tested here"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTACLUSTER_")}
+    env["PYTHONPATH"] = str(REPO)
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "cluster", "up"], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=tmp_path, env=env)
+    try:
+        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 5, 30, "5 ready lines")
+        assert "smtp=127.0.0.1:2525" in log_path.read_text()
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
+            assert client.ehlo()[0] == 250
+        assert (tmp_path / "var" / "spool" / "shard-0").is_dir()
+        up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert up.wait(30) == 0
+        assert "mtacluster up: stopped" in log_path.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()

@@ -85,3 +85,15 @@ def test_transports_accept_every_documented_form() -> None:
         "a.test": "smtp:[127.0.0.9]:2525", ".b.test": "smtp:relay.b.test", "local.test": "local",
         "c.test": "error:5.1.1 no such domain here"}}}, environ={})
     assert config.delivery.transports["a.test"] == "smtp:[127.0.0.9]:2525"
+
+
+def test_readme_documents_every_key() -> None:
+    import dataclasses
+
+    from cluster.config import _SECTIONS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for section, cls in _SECTIONS.items():
+        assert f"`[{section}]`" in readme, section
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in readme, f"{section}.{f.name} is not in the README's configuration reference"
