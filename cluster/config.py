@@ -152,6 +152,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    # The users file (see cluster/users.py; `mtacluster user add`): who may log in with SMTP AUTH (to relay)
+    # and POP3 (to fetch mail). Empty = nobody can log in.
+    users_file: str = ""
+
+
+@dataclass(frozen=True)
 class BusConfig:
     # File holding the cluster's CURVE key pair (made by `mtacluster keys`): every process of the cluster
     # encrypts and authenticates bus traffic with it. Required when a shard endpoint is not on loopback.
@@ -174,6 +181,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     bus: BusConfig = field(default_factory=BusConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     up: UpConfig = field(default_factory=UpConfig)
 
 
@@ -381,6 +389,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "delivery": DeliveryConfig,
     "metrics": MetricsConfig,
     "bus": BusConfig,
+    "auth": AuthConfig,
     "up": UpConfig,
 }
 
