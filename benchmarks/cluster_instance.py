@@ -81,6 +81,7 @@ def render_config(settings: ClusterSettings) -> str:
         "[up]",
         f"frontends = {s.frontends}",
         f"workers = {s.workers}",
+        "pop3 = false  # the same work as the Postfix side: SMTP in, SMTP out",
         "",
     ])
 

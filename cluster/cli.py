@@ -1,10 +1,11 @@
 """The `mtacluster` command: run the cluster or one role, check configuration, administer the queue.
 
     mtacluster up [--config FILE]                      the whole cluster on this machine (built-in defaults)
-    mtacluster serve frontend|queue|worker [--config FILE] [--shard N]   one role (what a pod runs)
+    mtacluster serve frontend|queue|worker|pop3 [--config FILE] [--shard N]   one role (what a pod runs)
     mtacluster config check FILE                        validate a configuration file
     mtacluster keys FILE                                make the cluster's CURVE key pair (bus.curve_key_file)
     mtacluster queue list|show|flush|hold|release|delete|bounce ...      queue administration
+    mtacluster user add|remove|list [NAME] [--config FILE]              the users file (auth.users_file)
 
 Errors (a bad configuration, an unreachable shard) are one clear line on stderr and a non-zero exit code.
 """
@@ -35,7 +36,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
+    from cluster.config import check_files
+    from cluster.frontend.tls import server_context
+
     config = _load(args.file)
+    check_files(config)
+    server_context(config.smtp)
     print(f"{args.file}: ok ({len(config.queue.shards)} shards, listen {', '.join(config.smtp.listen)})")
     return 0
 
@@ -58,6 +64,12 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return run_queue_command(_load(args.config), args)
 
 
+def _cmd_user(args: argparse.Namespace) -> int:
+    from cluster.user_admin import run_user_command
+
+    return run_user_command(_load(args.config), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtacluster", description="A mail transfer agent that runs as a "
                                      "cluster of small processes.")
@@ -68,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_cmd_up)
 
     serve = commands.add_parser("serve", help="run one role")
-    serve.add_argument("role", choices=["frontend", "queue", "worker"])
+    serve.add_argument("role", choices=["frontend", "queue", "worker", "pop3"])
     serve.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
     serve.add_argument("--shard", type=int, default=0, help="shard number, for the queue role")
     serve.set_defaults(func=_cmd_serve)
@@ -99,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         one = queue_commands.add_parser(name, help=text)
         one.add_argument("queue_id")
     queue.set_defaults(func=_cmd_queue)
+
+    user = commands.add_parser("user", help="manage the users file (auth.users_file): who may log in")
+    user.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    user_add = user_commands.add_parser("add", help="add a user or change a password")
+    user_add.add_argument("name")
+    user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user_remove = user_commands.add_parser("remove", help="remove a user")
+    user_remove.add_argument("name")
+    for sub in (user_add, user_remove, user_commands.add_parser("list", help="list the users")):
+        sub.add_argument("--config", default=argparse.SUPPRESS, help="TOML configuration file")
+    user.set_defaults(func=_cmd_user)
     return parser
 
 

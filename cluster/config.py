@@ -77,6 +77,12 @@ class SmtpConfig:
     inject_timeout: Duration = Duration(60)
     # Expect a PROXY protocol v1/v2 header from the load balancer on every connection.
     proxy_protocol: bool = False
+    # RFC 3207 STARTTLS: PEM certificate chain and private key of the frontends (both or neither). When set,
+    # EHLO offers STARTTLS, and SMTP AUTH is offered only after it (DESIGN.md contract 5).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Failed SMTP AUTH exchanges per session before 421 4.7.0 and close (slows down password guessing).
+    max_auth_failures: int = 3
 
 
 @dataclass(frozen=True)
@@ -166,10 +172,30 @@ class BusConfig:
 
 
 @dataclass(frozen=True)
+class Pop3Config:
+    # Addresses the pop3 role listens on, "host:port" (RFC 1939 names port 110; 1110 needs no privileges).
+    listen: tuple[str, ...] = ("127.0.0.1:1110",)
+    # RFC 2595 STLS: PEM certificate chain and private key (both or neither). Without them, logins are accepted
+    # only from loopback clients (plaintext passwords never cross a network).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Failed logins (USER/PASS) per session before "-ERR [AUTH]" and close (slows down password guessing).
+    max_auth_failures: int = 3
+    # Other "-ERR" answers to client mistakes per session before the connection is closed.
+    max_errors: int = 10
+    # RFC 1939 3: the autologout timer of an idle session is at least 10 minutes.
+    idle_timeout: Duration = Duration(600)
+    # Concurrent POP3 connections per pop3 process; more get "-ERR [SYS/TEMP]" and are closed.
+    max_connections: int = 500
+
+
+@dataclass(frozen=True)
 class UpConfig:
     # Processes started by `mtacluster up`.
     frontends: int = 2
     workers: int = 2
+    # Also start one pop3 process (after the workers).
+    pop3: bool = True
     # Restart a child that exits unexpectedly, after this delay.
     restart_delay: Duration = Duration(1)
 
@@ -182,6 +208,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    pop3: Pop3Config = field(default_factory=Pop3Config)
     up: UpConfig = field(default_factory=UpConfig)
 
 
@@ -323,6 +350,10 @@ def _check_bounds(config: Config) -> None:
     at_least("smtp.command_timeout", s.command_timeout, 1)
     at_least("smtp.data_timeout", s.data_timeout, 1)
     at_least("smtp.inject_timeout", s.inject_timeout, 0.1)
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        missing = "smtp.tls_key_file" if s.tls_cert_file else "smtp.tls_cert_file"
+        raise ConfigError(missing, "smtp.tls_cert_file and smtp.tls_key_file must be set together (or neither)")
+    at_least("smtp.max_auth_failures", s.max_auth_failures, 1)
     if not q.shards:
         raise ConfigError("queue.shards", "needs at least one shard endpoint")
     for endpoint in q.shards:
@@ -369,6 +400,41 @@ def _check_bounds(config: Config) -> None:
         _split_host_port(config.metrics.listen, "metrics.listen")
     at_least("up.frontends", config.up.frontends, 1)
     at_least("up.workers", config.up.workers, 1)
+    p = config.pop3
+    if not p.listen:
+        raise ConfigError("pop3.listen", "needs at least one address")
+    for address in p.listen:
+        _split_host_port(address, "pop3.listen")
+    if bool(p.tls_cert_file) != bool(p.tls_key_file):
+        missing = "pop3.tls_key_file" if p.tls_cert_file else "pop3.tls_cert_file"
+        raise ConfigError(missing, "pop3.tls_cert_file and pop3.tls_key_file must be set together (or neither)")
+    at_least("pop3.max_auth_failures", p.max_auth_failures, 1)
+    at_least("pop3.max_errors", p.max_errors, 1)
+    at_least("pop3.idle_timeout", p.idle_timeout, 600)  # RFC 1939 3: "at least 10 minutes"
+    at_least("pop3.max_connections", p.max_connections, 1)
+
+
+def check_readable(key: str, path: str) -> None:
+    """Raise ConfigError naming `key` when the file `path` cannot be opened for reading."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def check_files(config: Config) -> None:
+    """Check that the files the configuration names can be read (what `config check` adds to `load_config`).
+
+    Kept out of `load_config` because every role reads the same file but only some mount these files (a
+    queue shard has no TLS certificate). Raises ConfigError naming the key.
+    """
+    files = (("smtp.tls_cert_file", config.smtp.tls_cert_file), ("smtp.tls_key_file", config.smtp.tls_key_file),
+             ("auth.users_file", config.auth.users_file),
+             ("pop3.tls_cert_file", config.pop3.tls_cert_file), ("pop3.tls_key_file", config.pop3.tls_key_file))
+    for key, path in files:
+        if path:
+            check_readable(key, path)
 
 
 def _is_loopback_endpoint(endpoint: str) -> bool:
@@ -390,6 +456,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "bus": BusConfig,
     "auth": AuthConfig,
+    "pop3": Pop3Config,
     "up": UpConfig,
 }
 

@@ -108,6 +108,9 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2, sort_keys=True, default=str))
     elif op in ("list", "show"):
         _print_messages([r for r in results if isinstance(r, dict)])
+        for message in results:
+            if op == "show" and isinstance(message, dict) and message.get("headers"):
+                print(f"\n{str(message['headers']).rstrip()}")
     else:
         summary = ", ".join(json.dumps(r, sort_keys=True, default=str) for r in results)
         print(f"{op}: done{' (' + summary + ')' if summary else ''}")

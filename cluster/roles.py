@@ -1,4 +1,4 @@
-"""Run one role of the cluster (frontend, queue shard, worker) in this process: what `mtacluster serve` does.
+"""Run one role of the cluster (frontend, queue shard, worker, pop3) in this process: what `mtacluster serve` does.
 
 Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, starts the role's /metrics /healthz /readyz HTTP
 listener, prints one startup line once the role is ready, and returns the process exit code.
@@ -20,7 +20,7 @@ import uvloop
 
 from cluster.config import Config
 
-ROLES = ("frontend", "queue", "worker")
+ROLES = ("frontend", "queue", "worker", "pop3")
 log = logging.getLogger("mtacluster")
 
 
@@ -46,6 +46,10 @@ def build_service(role: str, config: Config, shard: int) -> tuple[Service, str]:
         from cluster.delivery.worker import Worker
 
         return Worker(config), f"shards={len(config.queue.shards)}"
+    if role == "pop3":
+        from cluster.mailbox.pop3 import Pop3Server
+
+        return Pop3Server(config), "pop3=" + ",".join(config.pop3.listen)
     raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
 
 

@@ -18,6 +18,9 @@ ACCEPT_LATENCY = Histogram("mtacluster_smtp_accept_latency_seconds",
 INJECT_DURATION = Histogram("mtacluster_frontend_inject_duration_seconds",
                             "Round trip of one Inject to a shard until Stored.", ["shard"],
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+AUTH = Counter("mtacluster_smtp_auth", "SMTP AUTH exchanges that ended, by result (success|failure).", ["result"])
+TLS_HANDSHAKES = Counter("mtacluster_smtp_tls_handshakes",
+                         "STARTTLS handshakes, by result (success|failure).", ["result"])
 SHARDS_REACHABLE = Gauge("mtacluster_frontend_shards_reachable", "Queue shards that answered recently.")
 
 COMMAND_NAMES = frozenset(

@@ -1,8 +1,9 @@
 """Relay policy: who may send mail to which recipient (DESIGN.md contract 5: no open relay, ever).
 
 A recipient is accepted when its domain is one of `smtp.local_domains` (anyone may send to us), or when the
-client's address is inside `smtp.relay_networks` (our own users and trusted hosts). Everything else is refused
-with 554 5.7.1. SMTP AUTH over TLS will add a third way in; until then there is none.
+client's address is inside `smtp.relay_networks` (our own users and trusted hosts), or when the session has
+authenticated with SMTP AUTH over TLS (the session passes `client_may_relay=True` then, see
+`cluster.frontend.session`). Everything else is refused with 554 5.7.1.
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
 """The Received: trace header a frontend prepends to every message (RFC 5321 4.4, RFC 5322 3.6.7).
 
     Received: from <helo> ([<client ip>])
-            by <hostname> (mtacluster) with <ESMTP|SMTP|UTF8SMTP> id <trace id>
+            by <hostname> (mtacluster) with <protocol> id <trace id>
             for <recipient>; <date>
+
+The protocol name follows RFC 3848 and RFC 6531 (`protocol_name`): SMTP, ESMTP or UTF8SMTP, with "S" after
+STARTTLS and "A" after SMTP AUTH (ESMTPS, ESMTPA, ESMTPSA, UTF8SMTPSA...). The authenticated user's name is not
+written (Postfix does not either by default): it would tell every recipient who sent from which account.
 
 The "for" clause is added only for a single recipient, so that the names of other (Bcc) recipients never leak.
 """
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 
@@ -20,12 +25,20 @@ def _clean(text: str) -> str:
     return _UNSAFE.sub("?", text)[:255]
 
 
+def protocol_name(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:
+    if not esmtp:
+        return "SMTP"  # RFC 3848 defines the S and A suffixes for ESMTP only
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
 def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol: str, trace_id: str,
                     recipients: list[str], timestamp: float) -> bytes:
     helo_part = _clean(helo) if helo else "unknown"
     lines = [f"Received: from {helo_part} ([{_clean(client_ip)}])",
              f"\tby {hostname} (mtacluster) with {protocol} id {trace_id}"]
-    date = email.utils.formatdate(timestamp, localtime=False)
+    # RFC 5322 3.3: "+0000" is UTC ("-0000" would mean "time zone unknown").
+    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(timestamp, datetime.UTC))
     if len(recipients) == 1:
         lines.append(f"\tfor <{_clean(recipients[0])}>; {date}")
     else:

@@ -4,6 +4,9 @@ Listens on every `smtp.listen` address with SO_REUSEPORT, so several frontend pr
 port and the kernel spreads connections over them. Enforces the connection limits (`smtp.max_connections`
 per process, `smtp.max_connections_per_client` per client address) before any SMTP is spoken: a client over
 its limit gets 421 4.7.0 and the connection is closed. Stateless: nothing is kept once a session ends.
+STARTTLS is offered when `smtp.tls_cert_file`/`tls_key_file` are set (the TLS context is built once, here);
+AUTH PLAIN LOGIN is offered after STARTTLS when `auth.users_file` is set (see `cluster.frontend.session`).
+Failure modes: an unusable certificate or key raises ConfigError at startup, naming the key.
 Ready (for /readyz) when every shard answers.
 """
 
@@ -11,19 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections import Counter
 
 from cluster.bus.security import cluster_keys
 from cluster.config import Config, split_host_port
-from cluster.frontend import metrics
+from cluster.frontend import auth, metrics
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.policy import RelayPolicy
-from cluster.frontend.session import SmtpSession
+from cluster.frontend.session import Security, SmtpSession
+from cluster.frontend.tls import server_context
 from cluster.smtp.proxy import ProxyHeaderError, parse_proxy_header
 from cluster.smtp.reply import Reply
 from cluster.smtp.server import ServerSettings
+from cluster.users import UserDatabase
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +43,31 @@ PROXY_HEADER_TIMEOUT = 10.0
 class Frontend:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.settings = ServerSettings.from_config(config.smtp)
+        self.settings, self.security = self._security(config)
         self.policy = RelayPolicy(config.smtp.relay_networks, config.smtp.local_domains)
         self.shards: ShardClient | None = None
         self.servers: list[asyncio.Server] = []
         self.per_client: Counter[str] = Counter()
         self.sessions: dict[asyncio.Task[None], SmtpSession | None] = {}
+
+    @staticmethod
+    def _security(config: Config) -> tuple[ServerSettings, Security]:
+        """The protocol settings before TLS, and what sessions need for STARTTLS and AUTH."""
+        base = ServerSettings.from_config(config.smtp)
+        context = server_context(config.smtp)
+        users = UserDatabase(config.auth.users_file) if config.auth.users_file else None
+        # AUTH is a known verb whenever there are users: before TLS it gets 538 (RFC 4954 4), not 500.
+        verbs = {"AUTH"} if users is not None else set()
+        if context is None:
+            if users is not None:
+                log.warning("auth.users_file is set but smtp.tls_cert_file is not: SMTP AUTH needs STARTTLS, so "
+                            "every AUTH gets 538 5.7.11")
+            return dataclasses.replace(base, extension_commands=frozenset(verbs)), Security(users=users)
+        before_tls = dataclasses.replace(base, extra_extensions=("STARTTLS",),
+                                         extension_commands=frozenset(verbs | {"STARTTLS"}))
+        after_tls = dataclasses.replace(base, extra_extensions=(auth.EHLO_KEYWORD,) if users is not None else (),
+                                        extension_commands=frozenset(verbs | {"STARTTLS"}))
+        return before_tls, Security(tls_context=context, tls_settings=after_tls, users=users)
 
     def is_ready(self) -> bool:
         return bool(self.servers) and self.shards is not None and self.shards.all_reachable()
@@ -114,7 +139,7 @@ class Frontend:
         try:
             session = SmtpSession(reader, writer, config=self.config.smtp, settings=self.settings,
                                   policy=self.policy, shards=self.shards, client_ip=client_ip,
-                                  initial_data=leftover)
+                                  initial_data=leftover, security=self.security)
             self.sessions[task] = session
             await session.run()
         except (ConnectionError, OSError) as exc:

@@ -129,7 +129,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
                      "transports": {"dns.test": "smtp:dns.test", "bounce.test": "error:5.1.1 no such user",
                                     "defer.test": f"smtp:[127.0.0.1]:{free_port()}"}},
         "metrics": {"listen": f"127.0.0.1:{metrics_base}", "top_domains": ["sink.test"]},
-        "up": {"frontends": 1, "workers": 1},
+        "up": {"frontends": 1, "workers": 1, "pop3": False},  # PROCESSES: the 3 roles of the mail flow
     })
     log_path = base / "up.log"
     up: subprocess.Popen[bytes] | None = None

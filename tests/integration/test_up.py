@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import poplib
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import uuid
@@ -40,15 +43,31 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def free_port_run(count: int) -> int:
+    """A base port such that base..base+count-1 were all free a moment ago (`up` gives child N base + N)."""
+    for _ in range(50):
+        base = free_port()
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise AssertionError(f"no run of {count} free ports found")
+
+
 def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     sink = SmtpSink(tmp_path / "sink").start()
     smtp_port = free_port()
-    metrics_port = free_port()
+    pop3_port = free_port()
+    metrics_port = free_port_run(6)
     config = write_config(tmp_path / "up.toml", {
         "smtp": {"listen": [f"127.0.0.1:{smtp_port}"], "hostname": "up.test"},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
         "delivery": {"smarthost": sink.address},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "pop3": {"listen": [f"127.0.0.1:{pop3_port}"]},
         "up": {"frontends": 2, "workers": 2},
     })
     log_path = tmp_path / "up.log"
@@ -56,16 +75,17 @@ def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
         up = subprocess.Popen([sys.executable, "-m", "cluster", "up", "--config", str(config)], stdout=log,
                               stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 5, 30,
-                 "5 ready lines (1 shard, 2 workers, 2 frontends)")
+        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 6, 30,
+                 "6 ready lines (1 shard, 2 workers, 1 pop3, 2 frontends)")
         text = log_path.read_text()
-        for role, count in (("queue", 1), ("worker", 2), ("frontend", 2)):
+        for role, count in (("queue", 1), ("worker", 2), ("pop3", 1), ("frontend", 2)):
             assert text.count(f"ready role={role} pid=") == count, text
         assert f"smtp=127.0.0.1:{smtp_port}" in text
-        for offset in range(5):
+        assert f"pop3=127.0.0.1:{pop3_port}" in text
+        for offset in range(6):
             assert f"metrics=127.0.0.1:{metrics_port + offset}" in text
         children = children_of(up.pid)
-        assert len(children) == 5
+        assert len(children) == 6
 
         marker = uuid.uuid4().hex
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
@@ -76,6 +96,7 @@ def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
         assert up.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "children left running after the supervisor stopped"
         assert not port_open("127.0.0.1", smtp_port)
+        assert not port_open("127.0.0.1", pop3_port)
     finally:
         if up.poll() is None:
             up.kill()
@@ -88,14 +109,15 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         "smtp": {"listen": [f"127.0.0.1:{smtp_port}"]},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
         "metrics": {"listen": ""},
+        "pop3": {"listen": [f"127.0.0.1:{free_port()}"]},
         "up": {"frontends": 1, "workers": 1},
     })
     up = subprocess.Popen([sys.executable, "-m", "cluster", "up", "--config", str(config)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
         wait_for(lambda: port_open("127.0.0.1", smtp_port), 30, "the frontend to listen")
-        children = children_of(up.pid)
-        assert len(children) == 3
+        children = wait_for(lambda: c if len(c := children_of(up.pid)) == 4 else None, 10,
+                            "4 children (shard, worker, pop3, frontend)")
         os.kill(up.pid, signal.SIGKILL)
         up.wait(10)
         wait_for(lambda: not [pid for pid in children if alive(pid)], 20, "children to exit after a kill -9")
@@ -105,8 +127,8 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
 
 
 def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None:
-    """No configuration file at all: SMTP on 127.0.0.1:2525, spool under ./var, metrics from 9450."""
-    for port in (2525, 5570, *range(9450, 9455)):
+    """No configuration file at all: SMTP on 127.0.0.1:2525, POP3 on 1110, spool under ./var, metrics from 9450."""
+    for port in (2525, 1110, 5570, *range(9450, 9456)):
         assert not port_open("127.0.0.1", port), f"port {port} is taken: the defaults cannot be tested here"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTACLUSTER_")}
     env["PYTHONPATH"] = str(REPO)
@@ -115,10 +137,14 @@ def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None
         up = subprocess.Popen([sys.executable, "-m", "cluster", "up"], stdout=log, stderr=subprocess.STDOUT,
                               cwd=tmp_path, env=env)
     try:
-        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 5, 30, "5 ready lines")
+        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 6, 30, "6 ready lines")
         assert "smtp=127.0.0.1:2525" in log_path.read_text()
+        assert "pop3=127.0.0.1:1110" in log_path.read_text()
         with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
             assert client.ehlo()[0] == 250
+        pop = poplib.POP3("127.0.0.1", 1110, timeout=10)
+        assert pop.getwelcome().startswith(b"+OK")
+        pop.quit()
         assert (tmp_path / "var" / "spool" / "shard-0").is_dir()
         up.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert up.wait(30) == 0

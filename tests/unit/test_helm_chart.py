@@ -30,8 +30,9 @@ CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 RELEASE, NAMESPACE = "mail", "mta"
 FULLNAME = f"{RELEASE}-mtacluster"
 # Config keys the chart sets itself (not accepted under `config` in values).
-CHART_OWNED_KEYS = {"smtp": {"listen", "proxy_protocol"}, "queue": {"shards", "spool_dir"},
-                    "metrics": {"listen", "top_domains"}, "bus": {"curve_key_file"}}
+CHART_OWNED_KEYS = {"smtp": {"listen", "proxy_protocol", "tls_cert_file", "tls_key_file"},
+                    "queue": {"shards", "spool_dir"}, "metrics": {"listen", "top_domains"},
+                    "bus": {"curve_key_file"}, "auth": {"users_file"}}
 LINT_WARNING = 2  # helm's support.WarningSev; 1 is INFO ("icon is recommended")
 
 
@@ -248,6 +249,45 @@ def test_secrets_from_values_or_existing_secrets() -> None:
     assert {v["name"]: v for v in frontend["volumes"]}["tls"]["secret"]["secretName"] == "certs"
 
 
+def frontend_mounts(docs: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    pod = named(docs, "Deployment", f"{FULLNAME}-frontend")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    return mounts, {v["name"]: v for v in pod["volumes"]}
+
+
+def test_tls_secret_sets_the_starttls_certificate_in_the_config() -> None:
+    plain = rendered_config(manifests())
+    assert (plain.smtp.tls_cert_file, plain.smtp.tls_key_file) == ("", "")
+    docs = manifests({"tls": {"existingSecret": "certs"}})
+    config = rendered_config(docs)
+    assert config.smtp.tls_cert_file == "/etc/mtacluster/tls/tls.crt"
+    assert config.smtp.tls_key_file == "/etc/mtacluster/tls/tls.key"
+    mounts, _ = frontend_mounts(docs)
+    assert mounts["/etc/mtacluster/tls"] == "tls"
+
+
+def test_users_secret_is_mounted_on_frontends_only_and_sets_auth_users_file() -> None:
+    assert rendered_config(manifests()).auth.users_file == ""
+    assert "/etc/mtacluster/users" not in frontend_mounts(manifests())[0]
+    users_line = "alice@example.org:scrypt$16384$8$1$c2FsdA==$aGFzaA==\n"
+    docs = manifests({"users": {"file": users_line}})
+    assert rendered_config(docs).auth.users_file == "/etc/mtacluster/users/users"
+    secret = named(docs, "Secret", f"{FULLNAME}-users")
+    assert set(secret["data"]) == {"users"}
+    mounts, volumes = frontend_mounts(docs)
+    assert volumes[mounts["/etc/mtacluster/users"]]["secret"]["secretName"] == f"{FULLNAME}-users"
+    for workload in workloads(docs):
+        if not workload["metadata"]["name"].endswith("-frontend"):
+            pod = workload["spec"]["template"]["spec"]
+            assert all(v["name"] != "users" for v in pod["volumes"]), workload["metadata"]["name"]
+
+    existing = manifests({"users": {"existingSecret": "logins"}})
+    assert of_kind(existing, "Secret") == []
+    mounts, volumes = frontend_mounts(existing)
+    assert volumes[mounts["/etc/mtacluster/users"]]["secret"]["secretName"] == "logins"
+    assert rendered_config(existing).auth.users_file == "/etc/mtacluster/users/users"
+
+
 def test_network_policies_limit_the_bus_to_the_release() -> None:
     docs = manifests()
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
@@ -271,6 +311,10 @@ def test_network_policies_limit_the_bus_to_the_release() -> None:
      ({"config": {"smtp": {"max_recipent": 5}}}, "max_recipent"),
      ({"config": {"queue": {"shards": ["tcp://elsewhere:5570"]}}}, "shards"),
      ({"config": {"smtp": {"max_recipients": "many"}}}, "/config/smtp/max_recipients"),
+     ({"config": {"smtp": {"tls_cert_file": "/x.pem"}}}, "tls_cert_file"),
+     ({"config": {"smtp": {"max_auth_failures": 0}}}, "/config/smtp/max_auth_failures"),
+     ({"config": {"auth": {"users_file": "/x"}}}, "users_file"),
+     ({"users": {"file": 5}}, "/users/file"),
      ({"queue": {"persistence": {"size": "lots"}}}, "/queue/persistence/size")],
 )
 def test_schema_refuses_invalid_values(values: dict[str, Any], complaint: str) -> None:
@@ -282,7 +326,8 @@ def test_schema_config_sections_match_config_py() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     config_schema = schema["properties"]["config"]["properties"]
     sections = {"smtp": config_module.SmtpConfig, "queue": config_module.QueueConfig,
-                "delivery": config_module.DeliveryConfig, "bus": config_module.BusConfig}
+                "delivery": config_module.DeliveryConfig, "bus": config_module.BusConfig,
+                "auth": config_module.AuthConfig}
     for name, cls in sections.items():
         expected = {f.name for f in dataclasses.fields(cls)} - CHART_OWNED_KEYS.get(name, set())
         assert set(config_schema[name]["properties"]) == expected, f"values.schema.json config.{name} is stale"

@@ -1,0 +1,198 @@
+"""SMTP AUTH (RFC 4954) with the SASL mechanisms PLAIN (RFC 4616) and LOGIN, as pure logic (no sockets).
+
+One `SmtpAuth` per SMTP session. The glue hands it the AUTH command's argument (`command()`) and every line
+the client sends after a 334 challenge (`line()`); each call returns the next step:
+- a `Reply`: send it; 334 means the exchange goes on (the next client line is a response), any other code
+  ends the exchange;
+- `Verify(username, password)`: the client has sent its credentials. The glue checks them against the users
+  file (off the event loop: scrypt is slow on purpose) and calls `verified(ok)`, which returns the 235 or
+  535 reply to send.
+
+Rules (RFC 4954 4 and 6): AUTH only over TLS (538 5.7.11), only after EHLO, not during a mail transaction
+and not twice (503 5.5.1); unknown mechanism 504 5.5.4; a response that is not base64 501 5.5.2; "*"
+cancels (501 5.7.0); an initial response on the AUTH line is accepted ("=" is an empty one).
+PLAIN's authorization identity must be empty or the authentication identity itself: nobody may act as
+someone else. Every exchange that starts and does not succeed counts as a failure; `exhausted` becomes True
+after `max_failures` of them and the glue then ends the session with `TOO_MANY_FAILURES`.
+
+Passwords live only in `Verify` (left out of its repr) and are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+
+from cluster.smtp.reply import Reply
+
+MECHANISMS = ("PLAIN", "LOGIN")
+EHLO_KEYWORD = "AUTH " + " ".join(MECHANISMS)
+
+SUCCEEDED = Reply.of(235, "2.7.0", "Authentication successful")
+INVALID_CREDENTIALS = Reply.of(535, "5.7.8", "Authentication credentials invalid")
+ENCRYPTION_REQUIRED = Reply.of(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply.of(503, "5.5.1", "Already authenticated")
+NOT_IN_TRANSACTION = Reply.of(503, "5.5.1", "AUTH not permitted during a mail transaction")
+NEED_EHLO = Reply.of(503, "5.5.1", "Send EHLO first")
+UNKNOWN_MECHANISM = Reply.of(504, "5.5.4", "Unrecognized authentication type (use PLAIN or LOGIN)")
+AUTH_SYNTAX = Reply.of(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+CANNOT_DECODE = Reply.of(501, "5.5.2", "Cannot decode response")
+CANCELLED = Reply.of(501, "5.7.0", "Authentication cancelled")
+LINE_TOO_LONG = Reply.of(500, "5.5.6", "Authentication exchange line is too long")
+TEMPORARY_FAILURE = Reply.of(454, "4.7.0", "Temporary authentication failure")
+TOO_MANY_FAILURES = Reply.of(421, "4.7.0", "Too many failed authentication attempts, closing connection")
+
+# The LOGIN mechanism's prompts, base64 of "Username:" and "Password:" (draft-murchison-sasl-login).
+_USERNAME_PROMPT = base64.b64encode(b"Username:").decode("ascii")
+_PASSWORD_PROMPT = base64.b64encode(b"Password:").decode("ascii")
+# RFC 4616 2: each of authzid, authcid and passwd is at most 255 octets of UTF-8.
+_MAX_FIELD = 255
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Credentials to check; the glue answers with `SmtpAuth.verified(ok)`."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+Step = Reply | Verify
+
+
+class _Malformed(ValueError):
+    """A response that is not valid base64 or not a valid message of its mechanism."""
+
+
+def _challenge(text: str) -> Reply:
+    """RFC 4954 4: "334" SP [base64], without an enhanced status code."""
+    return Reply.of(334, "", text)
+
+
+def _decode(text: str) -> bytes:
+    """Strict base64 (RFC 4954 4): "=" stands for an empty response."""
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise _Malformed("not base64") from None
+
+
+def _utf8_field(octets: bytes, *, may_be_empty: bool) -> str:
+    if len(octets) > _MAX_FIELD or (not octets and not may_be_empty):
+        raise _Malformed("field length")
+    try:
+        return octets.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed("not UTF-8") from None
+
+
+def parse_plain(message: bytes) -> tuple[str, str, str]:
+    """RFC 4616 2: message = [authzid] UTF8NUL authcid UTF8NUL passwd -> (authzid, authcid, passwd)."""
+    parts = message.split(b"\0")
+    if len(parts) != 3:
+        raise _Malformed("PLAIN needs exactly two NULs")
+    authzid = _utf8_field(parts[0], may_be_empty=True)
+    authcid = _utf8_field(parts[1], may_be_empty=False)
+    password = _utf8_field(parts[2], may_be_empty=False)
+    return authzid, authcid, password
+
+
+class SmtpAuth:
+    """The AUTH state of one SMTP session: the exchange in progress, who logged in, how many failures."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+        self.user: str | None = None
+        self.failures = 0
+        self._mechanism: str | None = None
+        self._username: str | None = None  # LOGIN: the username, while waiting for the password
+        self._verifying: str | None = None  # the username being verified
+
+    @property
+    def exhausted(self) -> bool:
+        return self.failures >= self.max_failures
+
+    @property
+    def in_exchange(self) -> bool:
+        return self._mechanism is not None
+
+    def command(self, argument: str, *, tls: bool, greeted: bool, in_transaction: bool) -> Step:
+        """The AUTH command: "mechanism [initial-response]" (RFC 4954 4)."""
+        if not tls:
+            return ENCRYPTION_REQUIRED
+        if not greeted:
+            return NEED_EHLO
+        if self.user is not None:
+            return ALREADY_AUTHENTICATED
+        if in_transaction:
+            return NOT_IN_TRANSACTION
+        words = argument.strip(" ").split(" ")
+        if not words[0] or len(words) > 2:
+            return AUTH_SYNTAX
+        mechanism = words[0].upper()
+        if mechanism not in MECHANISMS:
+            return UNKNOWN_MECHANISM
+        self._mechanism = mechanism
+        if len(words) == 2:
+            return self._response(words[1])
+        return _challenge("" if mechanism == "PLAIN" else _USERNAME_PROMPT)
+
+    def line(self, line: bytes | None) -> Step:
+        """A client line after a 334 challenge (None: longer than the limit, discarded)."""
+        if self._mechanism is None:
+            return self._fail(CANNOT_DECODE)  # not reachable through the state machine; refuse safely
+        if line is None:
+            return self._fail(LINE_TOO_LONG)
+        try:
+            text = line.decode("ascii").strip(" ")
+        except UnicodeDecodeError:
+            return self._fail(CANNOT_DECODE)
+        if text == "*":
+            return self._fail(CANCELLED)  # RFC 4954 4: the client cancels the exchange
+        return self._response(text)
+
+    def verified(self, ok: bool) -> Reply:
+        """The result of checking the `Verify` step's credentials: the reply to send."""
+        username = self._verifying
+        self._verifying = None
+        if ok and username is not None:
+            self.user = username
+            return SUCCEEDED
+        return self._fail(INVALID_CREDENTIALS)
+
+    def temporary_failure(self) -> Reply:
+        """The credentials could not be checked (users file unreadable): 454, not counted as a failure."""
+        self._reset()
+        return TEMPORARY_FAILURE
+
+    def _response(self, text: str) -> Step:
+        try:
+            decoded = _decode(text)
+            if self._mechanism == "PLAIN":
+                authzid, authcid, password = parse_plain(decoded)
+                if authzid and authzid.lower() != authcid.lower():
+                    return self._fail(INVALID_CREDENTIALS)  # acting as another user is never allowed
+                return self._verify(authcid, password)
+            if self._username is None:
+                self._username = _utf8_field(decoded, may_be_empty=True)
+                return _challenge(_PASSWORD_PROMPT)
+            return self._verify(self._username, _utf8_field(decoded, may_be_empty=True))
+        except _Malformed:
+            return self._fail(CANNOT_DECODE)
+
+    def _verify(self, username: str, password: str) -> Verify:
+        self._reset()
+        self._verifying = username
+        return Verify(username, password)
+
+    def _fail(self, reply: Reply) -> Reply:
+        self._reset()
+        self.failures += 1
+        return reply
+
+    def _reset(self) -> None:
+        self._mechanism = None
+        self._username = None

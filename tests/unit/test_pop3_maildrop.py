@@ -1,0 +1,121 @@
+"""The pop3 role's decisions without sockets: who may log in without TLS, user -> Maildir, locks, UIDL, sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, Pop3Config, config_from_dict
+from cluster.mailbox.maildir import MaildirStore
+from cluster.mailbox.pop3 import (
+    Maildrop,
+    MaildropLocked,
+    mailbox_localpart,
+    message_size,
+    plaintext_login_allowed,
+    tls_context,
+    uid_for,
+)
+from cluster.mailbox.pop3_protocol import normalize_message
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("127.0.0.1", True), ("127.9.8.7", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.5", False), ("192.0.2.1", False), ("2001:db8::1", False), ("::ffff:192.0.2.1", False),
+    ("unknown", False), ("", False),
+])
+def test_plaintext_login_only_from_loopback(address: str, allowed: bool) -> None:
+    assert plaintext_login_allowed(address) is allowed
+
+
+def test_user_name_to_local_part() -> None:
+    assert mailbox_localpart("alice@example.org") == "alice"
+    assert mailbox_localpart("alice") == "alice"
+    assert mailbox_localpart('"odd@name"@example.org') == '"odd@name"'
+
+
+def test_uid_is_the_maildir_base_name_or_a_digest() -> None:
+    assert uid_for("1700000000.M1P2Q3.host:2,S") == "1700000000.M1P2Q3.host"
+    long_name = "x" * 71
+    assert uid_for(long_name).startswith("sha1-") and len(uid_for(long_name)) <= 70
+    assert uid_for("with space").startswith("sha1-")
+
+
+def test_message_size_counts_crlf_as_sent(tmp_path: Path) -> None:
+    for content in (b"a\r\nb\r\n", b"a\nb\n", b"a\rb", b"no end", b"", b"mixed\r\nbare\nlast"):
+        path = tmp_path / "m"
+        path.write_bytes(content)
+        assert message_size(path) == len(normalize_message(content)), content
+
+
+def deliver(root: Path, localpart: str, body: bytes) -> Path:
+    return MaildirStore(root, "host.test").deliver(localpart, "sender@example.net", body)
+
+
+def test_open_moves_new_to_cur_lists_in_order_and_locks(tmp_path: Path) -> None:
+    first = deliver(tmp_path, "alice", b"Subject: 1\r\n\r\none\r\n")
+    second = deliver(tmp_path, "alice", b"Subject: 2\r\n\r\ntwo\r\n")
+    box = tmp_path / "alice"
+    drop = Maildrop.open(box)
+    try:
+        assert list((box / "new").iterdir()) == []
+        assert sorted(p.name for p in (box / "cur").iterdir()) == sorted([f"{first.name}:2,", f"{second.name}:2,"])
+        assert [m.uid for m in drop.infos] == [first.name, second.name]
+        assert drop.read(first.name) == (box / "cur" / f"{first.name}:2,").read_bytes()
+        with pytest.raises(MaildropLocked):
+            Maildrop.open(box)
+        assert drop.remove((first.name,)) == 0
+        assert drop.remove((first.name,)) == 0  # already gone counts as removed
+        assert [p.name for p in (box / "cur").iterdir()] == [f"{second.name}:2,"]
+    finally:
+        drop.close()
+    again = Maildrop.open(box)  # the lock went with close()
+    assert [m.uid for m in again.infos] == [second.name]
+    again.close()
+
+
+def test_read_content_and_size(tmp_path: Path) -> None:
+    body = b"Subject: x\r\n\r\nhello\r\n"
+    path = deliver(tmp_path, "bob", body)
+    drop = Maildrop.open(tmp_path / "bob")
+    try:
+        content = drop.read(path.name)
+        assert content == b"Return-Path: <sender@example.net>\r\n" + body
+        assert drop.infos[0].size == len(content)
+        assert drop.read("no-such-uid") is None
+    finally:
+        drop.close()
+
+
+def test_open_of_an_empty_mailbox_creates_it(tmp_path: Path) -> None:
+    drop = Maildrop.open(tmp_path / "carol")
+    assert drop.infos == [] and (tmp_path / "carol" / "cur").is_dir()
+    drop.close()
+
+
+def test_pop3_config_defaults_and_bounds() -> None:
+    config = config_from_dict({}, environ={})
+    assert config.pop3 == Pop3Config()
+    assert config.pop3.listen == ("127.0.0.1:1110",) and float(config.pop3.idle_timeout) == 600.0 and config.up.pop3
+    with pytest.raises(ConfigError, match=r"pop3.idle_timeout"):
+        config_from_dict({"pop3": {"idle_timeout": "5m"}}, environ={})
+    with pytest.raises(ConfigError, match=r"pop3.tls_key_file"):
+        config_from_dict({"pop3": {"tls_cert_file": "/x.pem"}}, environ={})
+    with pytest.raises(ConfigError, match=r"pop3.listen"):
+        config_from_dict({"pop3": {"listen": ["nonsense"]}}, environ={})
+    with pytest.raises(ConfigError, match=r"pop3.max_auth_failures"):
+        config_from_dict({"pop3": {"max_auth_failures": 0}}, environ={})
+    with pytest.raises(ConfigError, match=r"pop3.max_connections"):
+        config_from_dict({"pop3": {"max_connections": 0}}, environ={})
+    with pytest.raises(ConfigError, match=r"up.pop3"):
+        config_from_dict({"up": {"pop3": "yes"}}, environ={})
+
+
+def test_tls_context_errors_name_the_key(tmp_path: Path) -> None:
+    assert tls_context(Pop3Config()) is None
+    with pytest.raises(ConfigError, match=r"pop3.tls_cert_file"):
+        tls_context(Pop3Config(tls_cert_file=str(tmp_path / "missing.pem"), tls_key_file=str(tmp_path / "k.pem")))
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"pop3.tls_key_file"):
+        tls_context(Pop3Config(tls_cert_file=str(tmp_path / "bad.pem"), tls_key_file=str(tmp_path / "bad.pem")))
