@@ -36,12 +36,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
+    from cluster.bus.security import cluster_keys
     from cluster.config import check_files
     from cluster.frontend.tls import server_context
 
     config = _load(args.file)
     check_files(config)
     server_context(config.smtp)
+    cluster_keys(config.bus)
     print(f"{args.file}: ok ({len(config.queue.shards)} shards, listen {', '.join(config.smtp.listen)})")
     return 0
 

@@ -87,7 +87,7 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     answers = ask_shards(config, op, {k: v for k, v in request.items() if v not in (None, False)}, args.timeout)
     failed = False
     results: list[Any] = []
-    found_one = op in ("list", "flush")
+    found_one = False
     for index, answer in answers:
         if isinstance(answer, str):
             print(f"mtacluster queue: {answer}", file=sys.stderr)
@@ -100,9 +100,11 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
             elif data is not None:
                 results.append({"shard": index, **data} if isinstance(data, dict) else data)
     if not found_one:
+        # Nobody answered yes: every shard was unreachable (already said), or none holds the queue id.
         errors = {a.error for _, a in answers if isinstance(a, AdminReply) and a.error}
-        print(f"mtacluster queue {op}: {'; '.join(sorted(errors)) or 'no shard accepted the request'}",
-              file=sys.stderr)
+        if errors or not failed:
+            print(f"mtacluster queue {op}: {'; '.join(sorted(errors)) or 'no shard accepted the request'}",
+                  file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True, default=str))

@@ -20,11 +20,14 @@ from typing import Any
 import zmq
 import zmq.auth.asyncio
 
-from cluster.config import BusConfig
+from cluster.config import BusConfig, ConfigError
 
 
-class KeyFileError(ValueError):
+class KeyFileError(ConfigError):
     """The CURVE key file is missing, unreadable or malformed (the message never contains the secret)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__("bus.curve_key_file", why)
 
 
 @dataclass(frozen=True)
