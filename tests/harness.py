@@ -268,7 +268,9 @@ class Cluster:
                      "local_domains": ["local.test"]},
             "queue": {"shards": [f"tcp://127.0.0.1:{p}" for p in shard_ports],
                       "spool_dir": str(self.directory / "spool"), "heartbeat_interval": 0.2,
-                      "worker_timeout": 2},
+                      # Generous: on a loaded 2-core machine a busy worker must not be taken for a dead one
+                      # (its jobs would be delivered twice), yet a killed worker is noticed within seconds.
+                      "worker_timeout": 5},
             "delivery": {},
             "metrics": {"listen": ""},
         }

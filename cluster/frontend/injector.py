@@ -8,7 +8,7 @@ If one shard stored its part and another did not, the client's retry stores that
 a loss (the contract allows duplicates, never losses).
 
 Readiness: each shard is pinged every second; `all_reachable()` is true when every shard answered within the
-last few seconds.
+last few seconds and said it is ready.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class _ShardLink:
         self.socket.connect(endpoint)
         self.pending: dict[int, asyncio.Future[Stored | InjectRefused | AdminReply | Error]] = {}
         self.last_answer = 0.0
+        self.ready = False
 
     async def receive_forever(self) -> None:
         while True:
@@ -98,7 +99,7 @@ class ShardClient:
 
     def all_reachable(self) -> bool:
         now = time.monotonic()
-        reachable = sum(1 for link in self.links if now - link.last_answer < REACHABLE_WITHIN)
+        reachable = sum(1 for link in self.links if link.ready and now - link.last_answer < REACHABLE_WITHIN)
         metrics.SHARDS_REACHABLE.set(reachable)
         return reachable == len(self.links)
 
@@ -110,7 +111,10 @@ class ShardClient:
             link.pending[req] = future
             try:
                 await link.socket.send(AdminRequest(req=req, op="ping").encode(), flags=zmq.NOBLOCK)
-                await asyncio.wait_for(future, PING_INTERVAL * 2)
+                answer = await asyncio.wait_for(future, PING_INTERVAL * 2)
+                # A shard still recovering its spool answers, but is not ready to store mail yet.
+                if isinstance(answer, AdminReply) and answer.ok and isinstance(answer.data, dict):
+                    link.ready = bool(answer.data.get("ready"))
             except (TimeoutError, zmq.Again):
                 pass
             finally:

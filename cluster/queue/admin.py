@@ -1,5 +1,6 @@
 """Admin operations of a shard, answered over AdminRequest(op, args) -> AdminReply(ok, data, error).
 
+    ping    {}                                                 -> {"shard", "epoch", "ready"}  (frontend readiness)
     list    {domain?: str, deferred_only?: bool, limit?: int}  -> [message, ...]
     show    {queue_id}                                         -> message + {"headers": str}
     flush   {domain?: str, queue_id?: str}                     -> {"flushed": n}   deferred -> ready now
@@ -59,7 +60,7 @@ class AdminOps:
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "list": self._list, "show": self._show, "flush": self._flush, "hold": self._hold,
+            "ping": self._ping, "list": self._list, "show": self._show, "flush": self._flush, "hold": self._hold,
             "release": self._release, "delete": self._delete, "bounce": self._bounce,
         }
         handler = handlers.get(op)
@@ -74,6 +75,9 @@ class AdminOps:
         if message is None:
             raise KeyError(f"unknown queue id {queue_id}")
         return message
+
+    async def _ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"shard": self.shard.index, "epoch": self.shard.epoch, "ready": self.shard.is_ready()}
 
     async def _list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         domain = _text_arg(args, "domain")

@@ -40,7 +40,8 @@ class ScriptedShard:
             identity, frame = await self.socket.recv_multipart()
             message = decode(frame)
             if isinstance(message, AdminRequest):
-                reply: BusMessage | None = AdminReply(req=message.req, ok=True, data="pong")
+                ping = {"shard": 0, "epoch": "e", "ready": True}
+                reply: BusMessage | None = AdminReply(req=message.req, ok=True, data=ping)
             elif isinstance(message, Inject):
                 self.injects.append(message)
                 reply = self.answer(message)

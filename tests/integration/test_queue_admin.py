@@ -115,3 +115,12 @@ async def test_delete_and_bounce(tmp_path: Path) -> None:
         assert (await admin(cli, "list")).data == []
     finally:
         await running.close()
+
+
+async def test_ping_says_which_shard_and_whether_it_is_ready(tmp_path: Path) -> None:
+    running = await RunningShard(shard_config(tmp_path / "spool")).start()
+    try:
+        reply = await admin(running.client(), "ping")
+        assert reply.ok and reply.data == {"shard": 0, "epoch": running.shard.epoch, "ready": True}
+    finally:
+        await running.close()
