@@ -38,11 +38,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from cluster.bus.security import cluster_keys
     from cluster.config import check_files
-    from cluster.frontend.tls import server_context
+    from cluster.tls import server_context
 
     config = _load(args.file)
     check_files(config)
-    server_context(config.smtp)
+    server_context(config.smtp.tls_cert_file, config.smtp.tls_key_file, "smtp")
+    server_context(config.pop3.tls_cert_file, config.pop3.tls_key_file, "pop3")
     cluster_keys(config.bus)
     print(f"{args.file}: ok ({len(config.queue.shards)} shards, listen {', '.join(config.smtp.listen)})")
     return 0

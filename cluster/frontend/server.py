@@ -25,10 +25,10 @@ from cluster.frontend import auth, metrics
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.policy import RelayPolicy
 from cluster.frontend.session import Security, SmtpSession
-from cluster.frontend.tls import server_context
 from cluster.smtp.proxy import ProxyHeaderError, parse_proxy_header
 from cluster.smtp.reply import Reply
 from cluster.smtp.server import ServerSettings
+from cluster.tls import server_context
 from cluster.users import UserDatabase
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Frontend:
     def _security(config: Config) -> tuple[ServerSettings, Security]:
         """The protocol settings before TLS, and what sessions need for STARTTLS and AUTH."""
         base = ServerSettings.from_config(config.smtp)
-        context = server_context(config.smtp)
+        context = server_context(config.smtp.tls_cert_file, config.smtp.tls_key_file, "smtp")
         users = UserDatabase(config.auth.users_file) if config.auth.users_file else None
         # AUTH is a known verb whenever there are users: before TLS it gets 538 (RFC 4954 4), not 500.
         verbs = {"AUTH"} if users is not None else set()

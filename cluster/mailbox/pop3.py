@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from cluster.config import Config, ConfigError, Pop3Config, split_host_port
+from cluster.config import Config, split_host_port
 from cluster.mailbox import metrics
 from cluster.mailbox.maildir import MailboxNameError, MaildirStore
 from cluster.mailbox.pop3_protocol import (
@@ -52,6 +52,7 @@ from cluster.mailbox.pop3_protocol import (
     StartTlsRequested,
     UpdateRequested,
 )
+from cluster.tls import server_context
 from cluster.users import UserDatabase, UsersFileError
 
 log = logging.getLogger(__name__)
@@ -183,25 +184,6 @@ class Maildrop:
 
     def close(self) -> None:
         self.lock.close()  # closing the descriptor releases the flock
-
-
-def tls_context(pop3: Pop3Config) -> ssl.SSLContext | None:
-    """The STLS server context (TLS 1.2 or newer), or None when no certificate is configured."""
-    if not pop3.tls_cert_file:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_NONE  # mail clients present no certificate
-    try:
-        context.load_cert_chain(pop3.tls_cert_file, pop3.tls_key_file)
-    except FileNotFoundError as exc:
-        raise ConfigError("pop3.tls_cert_file", f"cannot read {exc.filename}: {exc.strerror}") from None
-    except ssl.SSLError as exc:
-        raise ConfigError("pop3.tls_key_file", f"cannot use {pop3.tls_cert_file} with {pop3.tls_key_file}: "
-                          f"{exc.reason or exc}") from None
-    except OSError as exc:
-        raise ConfigError("pop3.tls_cert_file", f"cannot read: {exc.strerror}") from None
-    return context
 
 
 class Pop3Session:
@@ -342,7 +324,7 @@ class Pop3Server:
         self.config = config
         self.users = users or UserDatabase(config.auth.users_file)
         self.store = MaildirStore(config.delivery.maildir_root, config.smtp.hostname)
-        self.tls = tls_context(config.pop3)
+        self.tls = server_context(config.pop3.tls_cert_file, config.pop3.tls_key_file, "pop3")
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[asyncio.Task[None], Pop3Session | None] = {}
         for result in metrics.LOGIN_RESULTS:

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from cluster.config import ConfigError, config_from_dict
 from cluster.frontend.server import Frontend
-from cluster.frontend.tls import server_context
+from cluster.tls import server_context
 from cluster.users import add_user
 from tests.harness import Cluster, SmtpSink
 from tests.integration.test_frontend_inject import ScriptedShard, stored
@@ -265,10 +265,9 @@ async def test_failed_handshake_ends_the_session_quietly(pki: tuple[str, str], u
 
 
 def test_tls_context_accepts_tls_1_2_and_newer_only(pki: tuple[str, str]) -> None:
-    context = server_context(config_from_dict({"smtp": {"tls_cert_file": pki[0], "tls_key_file": pki[1]}},
-                                              environ={}).smtp)
+    context = server_context(pki[0], pki[1], "smtp")
     assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
-    assert server_context(config_from_dict({}, environ={}).smtp) is None
+    assert server_context("", "", "smtp") is None
 
 
 def test_tls_files_must_come_in_pairs_and_be_readable(pki: tuple[str, str], tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from cluster.mailbox.pop3 import (
     mailbox_localpart,
     message_size,
     plaintext_login_allowed,
-    tls_context,
     uid_for,
 )
 from cluster.mailbox.pop3_protocol import normalize_message
+from cluster.tls import server_context
 
 
 @pytest.mark.parametrize(("address", "allowed"), [
@@ -113,9 +113,9 @@ def test_pop3_config_defaults_and_bounds() -> None:
 
 
 def test_tls_context_errors_name_the_key(tmp_path: Path) -> None:
-    assert tls_context(Pop3Config()) is None
+    assert server_context("", "", "pop3") is None
     with pytest.raises(ConfigError, match=r"pop3.tls_cert_file"):
-        tls_context(Pop3Config(tls_cert_file=str(tmp_path / "missing.pem"), tls_key_file=str(tmp_path / "k.pem")))
+        server_context(str(tmp_path / "missing.pem"), str(tmp_path / "k.pem"), "pop3")
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match=r"pop3.tls_key_file"):
-        tls_context(Pop3Config(tls_cert_file=str(tmp_path / "bad.pem"), tls_key_file=str(tmp_path / "bad.pem")))
+        server_context(str(tmp_path / "bad.pem"), str(tmp_path / "bad.pem"), "pop3")
