@@ -6,8 +6,10 @@ body byte-identical after the Received header we add, for recipients in the doma
 
 from __future__ import annotations
 
+import json
 import smtplib
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,5 +133,26 @@ def test_relay_refused_for_outsiders_but_local_domains_accepted(tmp_path: Path, 
             insider.ehlo("insider.test")
             insider.mail("user@inside.test")
             assert insider.rcpt("friend@elsewhere.test")[0] == 250
+    finally:
+        cluster.stop()
+
+
+def test_low_disk_refuses_new_mail_with_452(tmp_path: Path, sink: SmtpSink) -> None:
+    # More free space required than any disk has: the shard's statvfs check refuses every inject.
+    cluster = Cluster(tmp_path, overrides={"delivery": {"smarthost": sink.address},
+                                           "queue": {"min_free_space": 2**62}})
+    try:
+        cluster.start()
+        with smtplib.SMTP("127.0.0.1", cluster.smtp_port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail("a@sender.test")
+            assert client.rcpt("b@dest.test")[0] == 250
+            code, text = client.data(b"Subject: full\r\n\r\nbody\r\n")
+            assert (code, text) == (452, b"4.3.1 Insufficient system storage")
+            # The session goes on: the client may try again later, nothing was half-stored.
+            assert client.noop()[0] == 250
+        listing = subprocess.run([sys.executable, "-m", "cluster", "queue", "--config", str(cluster.config_path),
+                                  "--json", "list"], capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(listing.stdout) == []  # nothing was stored, so nothing can be lost or duplicated
     finally:
         cluster.stop()
