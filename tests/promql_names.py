@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS_MODULES = ("cluster.observability", "cluster.frontend.metrics", "cluster.queue.metrics",
-                   "cluster.delivery.metrics")
+                   "cluster.delivery.metrics", "cluster.mailbox.metrics")
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
              "gauge": ("",), "info": ("_info",)}
 _NAME = re.compile(r"\b((?:mtacluster|process)_[a-z0-9_]+)\b")

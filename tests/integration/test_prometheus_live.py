@@ -1,20 +1,24 @@
 """The dashboard and the alert rules against a real Prometheus scraping a real cluster under a short load.
 
 Starts smtp-sink (the smarthost and the MX host), dnsmasq (a test zone, so workers do MX lookups), the whole
-cluster with `mtacluster up` (1 shard, 1 frontend, 1 worker; metrics ports printed on each "ready" line), and
-Debian's `prometheus` scraping every metrics port each second with deploy/prometheus/alerts.yml loaded. The load
-covers the paths the dashboard shows: plain deliveries, MX routing, a permanent failure (bounce), a deferral, an
-oversized message and refused connections. Then every PromQL expression of the dashboard (Grafana's variables
-substituted as Grafana would) must parse and return data, and every alert rule must parse, load and evaluate.
+cluster with `mtacluster up` (1 shard, 1 worker, 1 pop3, 1 frontend; metrics ports printed on each "ready" line;
+STARTTLS with a trustme certificate and a users file with one user), and Debian's `prometheus` scraping every
+metrics port each second with deploy/prometheus/alerts.yml loaded. The load covers the paths the dashboard shows:
+plain deliveries, MX routing, a permanent failure (bounce), a deferral, an oversized message, refused connections,
+STARTTLS with one failed and one successful SMTP AUTH, and a local delivery read and deleted over POP3. Then every
+PromQL expression of the dashboard (Grafana's variables substituted as Grafana would) must parse and return data,
+and every alert rule must parse, load and evaluate.
 """
 
 from __future__ import annotations
 
 import json
+import poplib
 import re
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -26,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
+from cluster.users import add_user
 from tests.harness import REPO, DnsServer, SmtpSink, port_open, wait_for, write_config
 from tests.tooling import free_port, require_tool
 
@@ -38,9 +44,11 @@ ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 # What Grafana puts in place of its variables ("All" is ".*", which also matches series without the label).
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1s", "$namespace": ".*", "$pod": ".*"}
 READY_LINE = re.compile(r"mtacluster: ready role=(\w+) pid=\d+ .*?metrics=(\S+)")
-PROCESSES = 3  # 1 shard, 1 worker, 1 frontend
+PROCESSES = 4  # 1 shard, 1 worker, 1 pop3, 1 frontend
 NORMAL_MESSAGES = 12
 MAX_MESSAGE_SIZE = 65536
+# The one user of the users file: logs in with SMTP AUTH and reads the Maildir "reader" over POP3.
+USER, PASSWORD = "reader@mailbox.test", "correct horse battery staple"
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -103,9 +111,21 @@ def stop(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
 class LiveCluster:
     sink: SmtpSink
     smtp_port: int
+    pop3_port: int
+    tls_client: ssl.SSLContext  # trusts the frontend's certificate
+    maildir: Path  # USER's Maildir, where the "local" transport delivers mail for mailbox.test
     targets: dict[str, str]  # metrics address -> role
     prometheus: Prometheus
     log_path: Path
+
+
+def issue_certificate(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
+    """The frontend's certificate chain and key, as PEM files."""
+    cert = ca.issue_cert("127.0.0.1", "live.test")
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return cert_file, key_file
 
 
 @pytest.fixture(scope="module")
@@ -115,21 +135,32 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     base.chmod(0o755)  # smtp-sink writes its dumps as "nobody"
     sink = SmtpSink(base / "sink").start()
     dns = DnsServer([("dns.test", "mx.dns.test", 10)], {"mx.dns.test": "127.0.0.1"}).start()
-    smtp_port = free_port()
+    smtp_port, pop3_port = free_port(), free_port()
     metrics_base = consecutive_free_ports(PROCESSES)
+    ca = trustme.CA()
+    cert_file, key_file = issue_certificate(ca, base)
+    users_file = base / "users"
+    add_user(str(users_file), USER, PASSWORD)
+    tls_client = ssl.create_default_context()
+    ca.configure_trust(tls_client)
     config = write_config(base / "mtacluster.toml", {
         # Nobody may relay: the test domains are local domains, and mail to any other domain is refused.
         "smtp": {"hostname": "live.test", "listen": [f"127.0.0.1:{smtp_port}"], "max_message_size": MAX_MESSAGE_SIZE,
                  "max_connections_per_client": 3, "relay_networks": ["192.0.2.0/24"],
-                 "local_domains": ["sink.test", "dns.test", "bounce.test", "defer.test"]},
+                 "local_domains": ["sink.test", "dns.test", "bounce.test", "defer.test", "mailbox.test"],
+                 "tls_cert_file": str(cert_file), "tls_key_file": str(key_file)},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(base / "spool"),
                   "heartbeat_interval": 0.2, "worker_timeout": 2},
         "delivery": {"smarthost": sink.address, "port": sink.port, "nameservers": [dns.address],
                      "connect_timeout": 2,
                      "transports": {"dns.test": "smtp:dns.test", "bounce.test": "error:5.1.1 no such user",
-                                    "defer.test": f"smtp:[127.0.0.1]:{free_port()}"}},
+                                    "defer.test": f"smtp:[127.0.0.1]:{free_port()}", "mailbox.test": "local"},
+                     "maildir_root": str(base / "maildir")},
         "metrics": {"listen": f"127.0.0.1:{metrics_base}", "top_domains": ["sink.test"]},
-        "up": {"frontends": 1, "workers": 1, "pop3": False},  # PROCESSES: the 3 roles of the mail flow
+        "auth": {"users_file": str(users_file)},
+        # Plaintext USER/PASS is accepted from loopback clients, so pop3 needs no certificate here.
+        "pop3": {"listen": [f"127.0.0.1:{pop3_port}"]},
+        "up": {"frontends": 1, "workers": 1, "pop3": True},  # PROCESSES: the 4 roles
     })
     log_path = base / "up.log"
     up: subprocess.Popen[bytes] | None = None
@@ -158,7 +189,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
                 stdout=prometheus_log, stderr=subprocess.STDOUT)
         server = Prometheus(f"http://127.0.0.1:{web_port}")
         wait_for(server.ready, 30, "prometheus to be ready")
-        yield LiveCluster(sink, smtp_port, targets, server, log_path)
+        yield LiveCluster(sink, smtp_port, pop3_port, tls_client, base / "maildir" / "reader", targets, server,
+                          log_path)
     finally:
         stop(prometheus)
         stop(up)
@@ -185,7 +217,8 @@ def apply_load(live: LiveCluster) -> int:
     send(live.smtp_port, "load@origin.test", ["user@dns.test"], message("mx routed"))
     send(live.smtp_port, "load@origin.test", ["nobody@bounce.test"], message("bounces"))
     send(live.smtp_port, "load@origin.test", ["later@defer.test"], message("deferred"))
-    accepted = NORMAL_MESSAGES + 3
+    send(live.smtp_port, "load@origin.test", [USER], message("for the mailbox"))
+    accepted = NORMAL_MESSAGES + 4
     # Oversized, without a SIZE parameter (smtplib's sendmail would send one): refused at end of DATA with 552.
     # Then a relay attempt. Each is a "rejected" reason on the dashboard.
     with smtplib.SMTP("127.0.0.1", live.smtp_port, timeout=30) as client:
@@ -199,7 +232,9 @@ def apply_load(live: LiveCluster) -> int:
         # Relaying is refused at RCPT.
         assert client.mail("load@origin.test")[0] == 250
         assert client.rcpt("someone@elsewhere.example")[0] // 100 == 5
-    # More connections than smtp.max_connections_per_client: the last ones are refused.
+    authenticate(live)
+    # Last, as the refused connections may count against the client's limit for a moment after they close:
+    # more connections than smtp.max_connections_per_client, so the last ones are refused.
     held = []
     try:
         for _ in range(5):
@@ -210,6 +245,39 @@ def apply_load(live: LiveCluster) -> int:
         for sock in held:
             sock.close()
     return accepted
+
+
+def authenticate(live: LiveCluster) -> None:
+    """STARTTLS, then one SMTP AUTH that fails (wrong password) and one that succeeds."""
+    with smtplib.SMTP("127.0.0.1", live.smtp_port, timeout=30) as client:
+        client.ehlo("load.test")
+        client.starttls(context=live.tls_client)
+        client.ehlo("load.test")
+        client.user, client.password = USER, "wrong password"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.auth("PLAIN", client.auth_plain)
+        assert refused.value.smtp_code == 535
+        client.password = PASSWORD
+        assert client.auth("PLAIN", client.auth_plain)[0] == 235
+
+
+def read_mailbox(live: LiveCluster) -> None:
+    """Wait for the local delivery to USER's Maildir, then log in over POP3, retrieve it and delete it."""
+    def delivered() -> bool:
+        return any(any((live.maildir / sub).glob("*")) for sub in ("new", "cur") if (live.maildir / sub).is_dir())
+
+    wait_for(delivered, 30, f"a message in the Maildir {live.maildir}", interval=0.1)
+    client = poplib.POP3("127.0.0.1", live.pop3_port, timeout=30)
+    try:
+        client.user(USER)
+        client.pass_(PASSWORD)
+        count, _size = client.stat()
+        assert count == 1
+        _response, lines, _octets = client.retr(1)
+        assert b"Subject: for the mailbox" in lines
+        client.dele(1)
+    finally:
+        client.quit()
 
 
 def substitute(expr: str) -> str:
@@ -232,6 +300,7 @@ def loaded(live: LiveCluster) -> LiveCluster:
     accepted = apply_load(live)
     # The normal messages and the MX-routed one (the bounce's DSN may still be on its way).
     live.sink.wait_for_messages(NORMAL_MESSAGES + 1, timeout=60)
+    read_mailbox(live)
     server = live.prometheus
 
     def scraped_everything() -> bool:
@@ -252,7 +321,7 @@ def test_every_target_is_up(loaded: LiveCluster) -> None:
     answer = loaded.prometheus.get("/api/v1/targets")
     health = {t["labels"]["instance"]: t["health"] for t in answer["data"]["activeTargets"]}
     assert health == {address: "up" for address in loaded.targets}
-    assert sorted(loaded.targets.values()) == ["frontend", "queue", "worker"]
+    assert sorted(loaded.targets.values()) == ["frontend", "pop3", "queue", "worker"]
 
 
 def test_every_dashboard_query_parses_and_returns_data(loaded: LiveCluster) -> None:

@@ -75,6 +75,18 @@ def test_the_panels_the_issue_asks_for_exist() -> None:
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
 
 
+def test_security_and_pop3_row_shows_auth_tls_and_pop3() -> None:
+    panels = dashboard()["panels"]
+    row = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Security and POP3")
+    following = next((i for i, p in enumerate(panels) if i > row and p["type"] == "row"), len(panels))
+    exprs = " ".join(t["expr"] for p in panels[row + 1:following] for t in p["targets"])
+    for metric in ("mtacluster_smtp_auth_total", "mtacluster_smtp_tls_handshakes_total",
+                   "mtacluster_pop3_connections_current", "mtacluster_pop3_logins_total",
+                   "mtacluster_pop3_messages_retrieved_total", "mtacluster_pop3_messages_deleted_total"):
+        assert metric in exprs, metric
+    assert "sum by (result) (rate(mtacluster_smtp_auth_total" in exprs
+
+
 def test_every_query_filters_by_pod_and_uses_only_exported_metrics() -> None:
     exported = exported_series_names()
     for panel in query_panels():

@@ -1,5 +1,6 @@
-"""deploy/: the example configurations pass the configuration check, and the Dockerfile is built the way
-DESIGN.md and the chart expect (one image for every role, non-root, no secrets baked in).
+"""deploy/: the example configurations pass the configuration check (also with their commented-out optional
+settings uncommented), and the Dockerfile is built the way DESIGN.md and the chart expect (one image for every
+role, non-root, no secrets baked in).
 
 There is no Docker engine in CI, so the Dockerfile is checked statically.
 """
@@ -26,6 +27,20 @@ def test_there_are_single_host_and_kubernetes_examples() -> None:
 def test_example_configuration_passes_the_check(example: Path) -> None:
     config = load_config(example, environ={})
     assert config.metrics.listen
+
+
+# A commented-out setting: "# key = value", the key in lower case (prose comments start otherwise).
+COMMENTED_SETTING = re.compile(r"^# ([a-z_][a-z0-9_]* = .+)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_commented_settings_are_valid_when_uncommented(example: Path, tmp_path: Path) -> None:
+    text = example.read_text()
+    assert COMMENTED_SETTING.search(text), "the example shows no optional settings"
+    uncommented = tmp_path / example.name
+    uncommented.write_text(COMMENTED_SETTING.sub(r"\1", text))
+    config = load_config(uncommented, environ={})
+    assert config.auth.users_file and config.smtp.tls_cert_file and config.pop3.tls_cert_file
 
 
 def test_kubernetes_example_encrypts_the_bus_and_listens_on_every_interface() -> None:
