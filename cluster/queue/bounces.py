@@ -104,8 +104,7 @@ class BounceMaker:
         made = self.build(message, pending, headers, now, "delayed")
         batch = Batch(flags={message.queue_id: (True, message.forward_shard)})
         if made is not None:
-            batch.stores.append(made[0])
-            batch.bodies[made[0].queue_id] = made[1]
+            batch.add_message(*made)
         try:
             await shard.commit(batch)
         except SpoolError as exc:

@@ -400,8 +400,7 @@ class Shard:
             headers = await self.read_headers(message.queue_id) or b""
             dsn = self.bounces.build(message, failed, headers, now, "failed", status)
             if dsn is not None:
-                batch.stores.append(dsn[0])
-                batch.bodies[dsn[0].queue_id] = dsn[1]
+                batch.add_message(*dsn)
         try:
             await self.commit(batch)
         except SpoolError as exc:

@@ -53,6 +53,11 @@ class Batch:
     def __bool__(self) -> bool:
         return bool(self.stores or self.updates or self.flags or self.removals)
 
+    def add_message(self, message: Message, body: bytes) -> None:
+        """Store a new message (and its body) in this batch's transaction."""
+        self.stores.append(message)
+        self.bodies[message.queue_id] = body
+
 
 @dataclass(frozen=True)
 class Quarantined:
