@@ -33,12 +33,14 @@ raises on any client input. Passwords appear only in `CredentialsReceived` (left
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
+from cluster.sansio import ByteMachine
+from cluster.sansio import NeedData as NeedData
+from cluster.sansio import Paused as Paused
 from cluster.smtp.lines import OVERLONG, CommandFramer
 
 CRLF = b"\r\n"
@@ -49,14 +51,6 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 class ProtocolUsageError(RuntimeError):
     """The glue called the state machine wrongly (an answer with no matching decision pending)."""
-
-
-class NeedData:
-    """Sentinel: feed more bytes with `receive_data()`."""
-
-
-class Paused:
-    """Sentinel: a decision event is waiting for the glue's answer."""
 
 
 class CredentialCheck(Enum):
@@ -193,20 +187,16 @@ def parse_number(text: str) -> int | None:
     return int(text)
 
 
-class Pop3Connection:
+class Pop3Connection(ByteMachine[Event, DecisionEvent]):
     """One POP3 session, server side. See the module docstring for the calling protocol."""
 
     def __init__(self, settings: Pop3Settings, *, plaintext_auth_allowed: bool) -> None:
+        super().__init__()
         self.settings = settings
         self.plaintext_auth_allowed = plaintext_auth_allowed
         self.tls_active = False
         self.username: str | None = None  # the logged-in user, once in TRANSACTION
         self._state = _State.AUTHORIZATION
-        self._input = bytearray()
-        self._output = bytearray()
-        self._eof = False
-        self._events: deque[Event] = deque()
-        self._pending: DecisionEvent | None = None
         self._framer = CommandFramer(settings.max_line)
         self._errors = 0
         self._auth_failures = 0
@@ -246,28 +236,6 @@ class Pop3Connection:
 
     def start(self) -> None:
         self._send(b"+OK " + self.settings.hostname.encode("ascii", "replace") + b" POP3 server ready")
-
-    def receive_data(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if data:
-            self._input += data
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._output)
-        self._output.clear()
-        return out
-
-    def next_event(self) -> Event | type[NeedData] | type[Paused]:
-        while True:
-            if self._events:
-                return self._events.popleft()
-            if self._pending is not None:
-                return Paused
-            if self.closed or not self._step():
-                return NeedData
 
     def timed_out(self) -> None:
         """RFC 1939 3: the autologout timer expired: close without entering UPDATE (nothing is deleted)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.sansio import NeedData as NeedData
+from cluster.sansio import Paused as Paused
 from cluster.smtp.address import Address
 
 
@@ -78,14 +80,6 @@ class SessionEnded:
     """
 
     reason: str
-
-
-class NeedData:
-    """Sentinel: no event until more bytes arrive."""
-
-
-class Paused:
-    """Sentinel: a decision event awaits `respond()`; input is buffered but not processed."""
 
 
 Event = MailRequested | RcptRequested | MessageReceived | ExtensionCommand | ExtensionLine | SessionEnded

@@ -26,12 +26,12 @@ raises `ProtocolUsageError`. Nothing here raises on any client input.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from cluster.sansio import ByteMachine, NeedData, Paused
 from cluster.smtp import replies
 from cluster.smtp.address import (
     Address,
@@ -48,8 +48,6 @@ from cluster.smtp.events import (
     ExtensionLine,
     MailRequested,
     MessageReceived,
-    NeedData,
-    Paused,
     RcptRequested,
     SessionEnded,
 )
@@ -160,21 +158,17 @@ class _BdatCommand:
     refusal: Reply | None  # the command was refused: discard the chunk, then send this
 
 
-class ServerConnection:
+class ServerConnection(ByteMachine[Event, DecisionEvent]):
     """One SMTP session, server side. See the module docstring for the calling protocol."""
 
     def __init__(self, settings: ServerSettings, observer: SessionObserver | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.observer = observer
         self.helo_name: str | None = None
         # True after EHLO (not HELO): the Received header says "with ESMTP" (RFC 3848).
         self.esmtp = False
         self._phase = _Phase.COMMAND
-        self._input = bytearray()
-        self._output = bytearray()
-        self._eof = False
-        self._events: deque[Event] = deque()
-        self._pending: DecisionEvent | None = None
         self._transaction: _Transaction | None = None
         self._errors = 0
         self._framer = CommandFramer(settings.max_command_line)
@@ -220,29 +214,8 @@ class ServerConnection:
     def start(self) -> None:
         self._send(replies.greeting(self.settings.hostname))
 
-    def receive_data(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if data:
-            self._input += data
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._output)
-        self._output.clear()
-        return out
-
-    def next_event(self) -> Event | type[NeedData] | type[Paused]:
-        while True:
-            if self._events:
-                return self._events.popleft()
-            if self._pending is not None or self._awaiting_tls:
-                return Paused
-            if self.closed:
-                return NeedData
-            if not self._step():
-                return NeedData
+    def _paused(self) -> bool:
+        return self._pending is not None or self._awaiting_tls
 
     def respond(self, reply: Reply) -> None:
         """Answer the pending decision event. After the session closed (e.g. timed out) this does nothing."""

@@ -1,0 +1,64 @@
+"""What the sans-I/O protocol machines (SMTP server, POP3 server) share: byte buffers and the event loop.
+
+The glue calls `receive_data(bytes)` (b"" at EOF), then `next_event()` until it returns `NeedData`, answers
+decision events, and sends `data_to_send()` (h11's calling convention). A subclass supplies `closed`,
+`_step()` (consume some input, queue events or output; False when nothing more can be done without more
+bytes) and, if it pauses for more than a pending decision, `_paused()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+EventT = TypeVar("EventT")
+DecisionT = TypeVar("DecisionT")
+
+
+class NeedData:
+    """Sentinel: no event until more bytes arrive."""
+
+
+class Paused:
+    """Sentinel: a decision event awaits the glue's answer; input is buffered but not processed."""
+
+
+class ByteMachine(Generic[EventT, DecisionT]):
+    def __init__(self) -> None:
+        self._input = bytearray()
+        self._output = bytearray()
+        self._eof = False
+        self._events: deque[EventT] = deque()
+        self._pending: DecisionT | None = None
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def receive_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if data:
+            self._input += data
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._output)
+        self._output.clear()
+        return out
+
+    def next_event(self) -> EventT | type[NeedData] | type[Paused]:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._paused():
+                return Paused
+            if self.closed or not self._step():
+                return NeedData
+
+    def _paused(self) -> bool:
+        return self._pending is not None
+
+    def _step(self) -> bool:
+        raise NotImplementedError
