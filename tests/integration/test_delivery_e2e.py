@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import REPO, Cluster, DnsServer, SmtpSink, wait_for
-from tests.scripted_smtp import ScriptedSmtpServer
-from tests.tooling import free_port
+from tests.support.harness import REPO, Cluster, DnsServer, SmtpSink, wait_for
+from tests.support.scripted_smtp import ScriptedSmtpServer
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

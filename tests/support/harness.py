@@ -25,9 +25,8 @@ import dns.exception
 import dns.message
 import dns.query
 
-from tests.tooling import free_port, require_tool
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+from tests.support.tooling import free_port, require_tool
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
