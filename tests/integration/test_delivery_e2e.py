@@ -12,7 +12,6 @@ import json
 import smtplib
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import REPO, Cluster, DnsServer, SmtpSink, wait_for
-from tests.scripted_smtp import ScriptedSmtpServer
-from tests.tooling import free_port
+from tests.support.harness import REPO, Cluster, DnsServer, SmtpSink, wait_for
+from tests.support.scripted_smtp import ScriptedSmtpServer
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -92,8 +91,9 @@ def world() -> Iterator[World]:
 
 
 def make_cluster(directory: Path, world: World, **queue: Any) -> Cluster:
-    return Cluster(directory, overrides={
+    return Cluster(directory, metrics=True, overrides={
         "smtp": {"hostname": "mta.test"},
+        "metrics": {"top_domains": ["backup.test"]},
         "queue": {"retry_first": RETRY_FIRST, "retry_max": RETRY_MAX, "max_lifetime": MAX_LIFETIME, **queue},
         "delivery": {"port": world.port, "nameservers": [world.dns], "connect_timeout": 2,
                      "transports": {"routed.test": f"smtp:[{HOSTS['routed.test']}]:{world.port}",
@@ -136,11 +136,23 @@ def dsn_fields(dsn: EmailMessage) -> tuple[dict[str, str], list[dict[str, str]]]
     return blocks[0], blocks[1:]
 
 
+def attempts(cluster: Cluster, outcome: str, domain: str) -> float:
+    """The (only) worker's count of per-recipient delivery attempts with `outcome` to `domain` (a top domain)."""
+    (worker,) = [p for p in cluster.processes if p.role == "worker"]
+    return worker.metric("mtacluster_delivery_attempts_total", outcome=outcome, domain=domain)
+
+
 def test_backup_mx_takes_over_in_the_same_attempt_when_the_primary_is_down(cluster: Cluster,
                                                                            world: World) -> None:
+    before = {outcome: attempts(cluster, outcome, "backup.test") for outcome in ("delivered", "deferred")}
     marker = uuid.uuid4().hex
     send(cluster, ["user@backup.test"], marker)
     wait_for(lambda: bodies_with(world.sinks["mx2.backup.test"], marker), 20, "delivery to the backup MX")
+    # One attempt that reached the backup, not a deferral followed by a retry (retry_first is only 1 s here).
+    wait_for(lambda: attempts(cluster, "delivered", "backup.test") == before["delivered"] + 1, 10,
+             "the worker to count the delivery")
+    deferred = attempts(cluster, "deferred", "backup.test") - before["deferred"]
+    assert deferred == 0, f"{deferred:g} deferred attempt(s) before the backup MX took the message"
 
 
 def test_primary_answering_4xx_to_every_rcpt_sends_mail_to_the_backup(cluster: Cluster, world: World) -> None:
@@ -212,15 +224,31 @@ def test_implicit_mx_and_transport_route(cluster: Cluster, world: World) -> None
     wait_for(lambda: bodies_with(world.sinks["routed.test"], marker), 20, "delivery through the transport")
 
 
+def dsns_generated(cluster: Cluster) -> float:
+    return cluster.shard_process(0).metric("mtacluster_queue_bounces_generated_total", shard="0", kind="failed")
+
+
+def queued_for(cluster: Cluster, address: str) -> list[dict[str, Any]]:
+    return [m for m in queue_command(cluster, "list") if any(r["address"] == address for r in m["recipients"])]
+
+
 def test_never_bounce_a_bounce(cluster: Cluster, world: World) -> None:
-    marker = uuid.uuid4().hex
-    send(cluster, ["user@nullmx.test"], marker, sender="")
-    time.sleep(0)  # nothing to wait for: the proof is below, after a message that is delivered
-    after = uuid.uuid4().hex
-    send(cluster, ["user@backup.test"], after, sender="")
-    wait_for(lambda: bodies_with(world.sinks["mx2.backup.test"], after), 20, "the later message")
-    assert not bounces_for(world, marker)
-    assert not [m for m in world.sinks["mx.senders.test"].messages() if marker in m.text]
+    """A permanent failure of a null-sender message makes no DSN (RFC 5321 6.1: never bounce a bounce).
+
+    Such a DSN could never reach a sink (its recipient would be the null sender), so the test watches the shard
+    instead: its count of generated DSNs and its queue. The same failure from a real sender, sent alongside,
+    shows that the count does move when a DSN is made.
+    """
+    before = dsns_generated(cluster)
+    null_marker, control_marker = uuid.uuid4().hex, uuid.uuid4().hex
+    null_recipient = f"null-{null_marker}@nullmx.test"
+    send(cluster, [null_recipient], null_marker, sender="")
+    send(cluster, [f"control-{control_marker}@nullmx.test"], control_marker)
+    wait_for(lambda: bounces_for(world, control_marker), 20, "the bounce of the control message")
+    wait_for(lambda: not queued_for(cluster, null_recipient), 20, "the null-sender message to fail")
+    assert dsns_generated(cluster) == before + 1, "a DSN was made for the null-sender message"
+    assert not queued_for(cluster, ""), "a message addressed to the null sender is queued"
+    assert not [m for m in world.sinks["mx.senders.test"].messages() if null_marker in m.text]
 
 
 def queue_command(cluster: Cluster, *args: str) -> Any:

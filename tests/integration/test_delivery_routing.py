@@ -15,8 +15,8 @@ from cluster.config import Config, config_from_dict
 from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer
 from cluster.delivery.mx import CachingMxResolver, DnsMxResolver
-from tests.harness import DnsServer, SmtpSink
-from tests.tooling import free_port
+from tests.support.harness import DnsServer, SmtpSink
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

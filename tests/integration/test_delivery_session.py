@@ -19,7 +19,7 @@ from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer
 from cluster.delivery.mx import StaticMxResolver
 from cluster.delivery.session import SessionSettings
-from tests.tooling import free_port
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -262,11 +262,6 @@ async def test_malformed_reply_defers_with_a_clear_text(servers: list[ScriptedSe
     assert "protocol error" in outcome.text and "550" in outcome.text
 
 
-@pytest.fixture(scope="module")
-def certificate_authority() -> trustme.CA:
-    return trustme.CA()
-
-
 def server_tls(ca: trustme.CA, name: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(name).configure_cert(context)
@@ -274,8 +269,8 @@ def server_tls(ca: trustme.CA, name: str) -> ssl.SSLContext:
 
 
 async def test_opportunistic_starttls_without_certificate_check(servers: list[ScriptedServer],
-                                                                certificate_authority: trustme.CA) -> None:
-    server = await serve(servers, Script(tls=server_tls(certificate_authority, "other-name.test")))
+                                                                ca: trustme.CA) -> None:
+    server = await serve(servers, Script(tls=server_tls(ca, "other-name.test")))
     deliverer = smarthost(server)
     (outcome,) = await run(deliverer, "a@d.test")
     assert outcome.status == "delivered", outcome
@@ -284,11 +279,11 @@ async def test_opportunistic_starttls_without_certificate_check(servers: list[Sc
 
 
 async def test_verified_tls_checks_the_certificate(servers: list[ScriptedServer],
-                                                   certificate_authority: trustme.CA) -> None:
-    server = await serve(servers, Script(tls=server_tls(certificate_authority, "127.0.0.1")))
+                                                   ca: trustme.CA) -> None:
+    server = await serve(servers, Script(tls=server_tls(ca, "127.0.0.1")))
     config = config_for(smarthost=f"127.0.0.1:{server.port}", tls="verify")
     client_context = ssl.create_default_context()
-    certificate_authority.configure_trust(client_context)
+    ca.configure_trust(client_context)
     trusted = made(Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100),
                              settings=SessionSettings.from_config(config.delivery, "client.test", client_context)))
     assert (await run(trusted, "a@d.test"))[0].status == "delivered"

@@ -16,8 +16,8 @@ from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, Result, decode
 from cluster.config import Config, config_from_dict
 from cluster.delivery.mx import StaticMxResolver
 from cluster.delivery.worker import Worker
-from tests.harness import SmtpSink
-from tests.tooling import free_port
+from tests.support.harness import SmtpSink
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

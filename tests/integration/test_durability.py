@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, SmtpSink, wait_for
+from tests.support.harness import Cluster, SmtpSink, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,47 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import smtplib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import zmq
-import zmq.asyncio
 
 from cluster.bus.ring import shard_for_domain
-from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, Inject, InjectRefused, Stored, decode
+from cluster.bus.schemas import BusMessage, Inject, InjectRefused
 from cluster.config import config_from_dict
 from cluster.frontend.server import Frontend
-from tests.tooling import free_port
+from tests.support.scripted_shard import Answer, ScriptedShard, stored
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
-
-Answer = Callable[[Inject], BusMessage | None]
-
-
-class ScriptedShard:
-    def __init__(self, endpoint: str, answer: Answer) -> None:
-        self.socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
-        self.answer = answer
-        self.injects: list[Inject] = []
-
-    async def serve(self) -> None:
-        while True:
-            identity, frame = await self.socket.recv_multipart()
-            message = decode(frame)
-            if isinstance(message, AdminRequest):
-                ping = {"shard": 0, "epoch": "e", "ready": True}
-                reply: BusMessage | None = AdminReply(req=message.req, ok=True, data=ping)
-            elif isinstance(message, Inject):
-                self.injects.append(message)
-                reply = self.answer(message)
-            else:
-                reply = None
-            if reply is not None:
-                await self.socket.send_multipart([identity, reply.encode()])
-
 
 @contextlib.asynccontextmanager
 async def frontend_with(answers: list[Answer], inject_timeout: float = 1.0,
@@ -87,10 +59,6 @@ def send(port: int, recipients: list[str]) -> tuple[int, bytes]:
             assert client.rcpt(recipient)[0] == 250
         code, text = client.data(b"Subject: x\r\n\r\nbody\r\n")
         return code, text
-
-
-def stored(message: Inject) -> BusMessage:
-    return Stored(req=message.req, queue_id=f"Q{message.req}")
 
 
 def split_domains(endpoints: list[str]) -> tuple[str, str]:

@@ -25,20 +25,15 @@ from cluster.config import ConfigError, config_from_dict
 from cluster.frontend.server import Frontend
 from cluster.tls import server_context
 from cluster.users import add_user
-from tests.harness import Cluster, SmtpSink
-from tests.integration.test_frontend_inject import ScriptedShard, stored
-from tests.tooling import free_port, require_tool
+from tests.support.harness import Cluster, SmtpSink
+from tests.support.scripted_shard import ScriptedShard, stored
+from tests.support.tooling import free_port, require_tool
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "alice@example.org", "correct horse battery staple"
 OUTSIDER = ("127.0.0.5", 0)  # outside relay_networks below
 MESSAGE = b"Subject: tls\r\n\r\nbody\r\n"
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 @pytest.fixture(scope="module")

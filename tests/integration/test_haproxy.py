@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Cluster, SmtpSink, port_open, wait_for
-from tests.tooling import free_port, require_tool
+from tests.support.harness import Cluster, SmtpSink, port_open, wait_for
+from tests.support.tooling import free_port, require_tool
 
 pytestmark = pytest.mark.integration
 

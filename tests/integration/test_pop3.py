@@ -16,8 +16,8 @@ import trustme
 from cluster.mailbox.maildir import MaildirStore
 from cluster.mailbox.pop3_protocol import normalize_message
 from cluster.users import add_user
-from tests.harness import Cluster, RoleProcess, wait_for
-from tests.tooling import free_port
+from tests.support.harness import Cluster, RoleProcess, wait_for
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

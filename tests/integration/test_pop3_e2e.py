@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster.users import add_user
-from tests.harness import Cluster, wait_for
-from tests.tooling import free_port
+from tests.support.harness import Cluster, wait_for
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

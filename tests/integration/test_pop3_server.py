@@ -17,7 +17,7 @@ from cluster.config import Config, Duration, Pop3Config, config_from_dict
 from cluster.mailbox.maildir import MaildirStore
 from cluster.mailbox.pop3 import Pop3Server
 from cluster.users import add_user
-from tests.tooling import free_port
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -34,8 +34,8 @@ import trustme
 import yaml
 
 from cluster.users import add_user
-from tests.harness import REPO, DnsServer, SmtpSink, port_open, wait_for, write_config
-from tests.tooling import free_port, require_tool
+from tests.support.harness import REPO, DnsServer, SmtpSink, port_open, wait_for, write_config
+from tests.support.tooling import free_port, require_tool
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cluster.bus.schemas import AdminReply, AdminRequest, Deliver, Heartbeat, Outcome, Result
-from tests.integration.test_queue_shard import BODY, BusClient, RunningShard, inject, shard_config
+from tests.support.shard import BODY, BusClient, RunningShard, inject, shard_config
 
 pytestmark = pytest.mark.integration
 

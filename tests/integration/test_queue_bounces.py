@@ -12,8 +12,8 @@ import pytest
 from cluster.bus.ring import shard_for_domain
 from cluster.bus.schemas import Deliver, Heartbeat, Outcome, Result
 from cluster.queue.records import State
-from tests.integration.test_queue_shard import BODY, BusClient, RunningShard, inject, shard_config, until
-from tests.unit.test_queue_dsn import status_blocks
+from tests.support.dsn import status_blocks
+from tests.support.shard import BODY, BusClient, RunningShard, inject, shard_config, until
 
 pytestmark = pytest.mark.integration
 

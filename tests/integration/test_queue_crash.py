@@ -13,8 +13,8 @@ import pytest
 import zmq
 
 from cluster.bus.schemas import BusMessage, Deliver, Heartbeat, Inject, Outcome, Result, Stored, decode
-from tests.harness import REPO, wait_for
-from tests.tooling import free_port
+from tests.support.harness import REPO, wait_for
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -4,146 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
-import zmq
-import zmq.asyncio
 from prometheus_client import REGISTRY
 
 from cluster.bus.schemas import (
-    BusMessage,
     Deliver,
     Error,
     Heartbeat,
     HeartbeatAck,
-    Inject,
     InjectRefused,
     Outcome,
     Result,
     Stored,
-    decode,
 )
-from cluster.config import Config, config_from_dict
 from cluster.queue.records import State
-from cluster.queue.shard import Shard
-from tests.tooling import free_port
+from tests.support.shard import BODY, RunningShard, inject, shard_config, until
 
 pytestmark = pytest.mark.integration
 
 
-def shard_config(spool: Path, shards: int = 1, **queue: Any) -> Config:
-    settings: dict[str, Any] = {"shards": [f"tcp://127.0.0.1:{free_port()}" for _ in range(shards)],
-                                "spool_dir": str(spool),
-                                "min_free_space": 0, "heartbeat_interval": 0.1, "worker_timeout": 1,
-                                "retry_first": 30, "retry_max": 60, **queue}
-    return config_from_dict({"queue": settings, "metrics": {"listen": ""}}, environ={})
-
-
-async def until(condition: Callable[[], Any], timeout: float = 10, what: str = "a condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-    return value
-
-
-class BusClient:
-    """A DEALER socket speaking the bus schemas, like a frontend, worker or the admin CLI."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.context = zmq.asyncio.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-
-    async def send(self, message: BusMessage) -> None:
-        await self.socket.send(message.encode())
-
-    async def send_raw(self, frame: bytes) -> None:
-        await self.socket.send(frame)
-
-    async def recv(self, timeout: float = 10) -> BusMessage:
-        if not await self.socket.poll(int(timeout * 1000)):
-            raise AssertionError("no message from the shard in time")
-        frames = await self.socket.recv_multipart()
-        return decode(frames[-1])
-
-    async def recv_type(self, kind: type[BusMessage], timeout: float = 10) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            message = await self.recv(max(deadline - time.monotonic(), 0.01))
-            if isinstance(message, kind):
-                return message
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-        self.context.term()
-
-
-class RunningShard:
-    def __init__(self, config: Config, index: int = 0) -> None:
-        self.config = config
-        self.index = index
-        self.shard = Shard(config, index)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        self.clients: list[BusClient] = []
-
-    @property
-    def endpoint(self) -> str:
-        return self.config.queue.shards[self.index]
-
-    async def start(self) -> RunningShard:
-        task = self.task = asyncio.create_task(self.shard.run(self.stop))
-        await until(lambda: self.shard.is_ready() or task.done(), what="the shard to be ready")
-        assert self.shard.is_ready()
-        return self
-
-    def client(self) -> BusClient:
-        client = BusClient(self.endpoint)
-        self.clients.append(client)
-        return client
-
-    async def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.stop.set()
-        if self.task is not None:
-            await self.task
-
-
-@pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[RunningShard]:
-    shard = await RunningShard(shard_config(tmp_path / "spool")).start()
-    try:
-        yield shard
-    finally:
-        await shard.close()
-
-
-async def inject(client: BusClient, req: int, sender: str, recipients: list[str], body: bytes) -> Any:
-    """Inject one message; returns the Stored or InjectRefused answer."""
-    await client.send(Inject(req, sender, recipients, body, {"client": "192.0.2.1"}))
-    reply = await client.recv()
-    assert isinstance(reply, Stored | InjectRefused) and reply.req == req
-    return reply
-
-
-BODY = b"From: a@sender.test\r\nSubject: hi\r\n\r\nhello\r\n"
-
-
-async def test_inject_deliver_result_cycle(running: RunningShard) -> None:
-    frontend, worker = running.client(), running.client()
+async def test_inject_deliver_result_cycle(running_shard: RunningShard) -> None:
+    frontend, worker = running_shard.client(), running_shard.client()
     stored = await inject(frontend, 1, "a@sender.test", ["x@a.test", "y@A.test", "z@b.test"], BODY)
     assert isinstance(stored, Stored) and len(stored.queue_id) == 16
     await worker.send(Heartbeat("w1", 10, []))
     ack = await worker.recv_type(HeartbeatAck)
-    assert ack.shard == 0 and ack.shard_epoch == running.shard.epoch
+    assert ack.shard == 0 and ack.shard_epoch == running_shard.shard.epoch
     jobs = [await worker.recv_type(Deliver), await worker.recv_type(Deliver)]
     by_domain = {job.domain: job for job in jobs}
     assert set(by_domain) == {"a.test", "b.test"}
@@ -156,7 +45,7 @@ async def test_inject_deliver_result_cycle(running: RunningShard) -> None:
         Outcome("y@A.test", "failed", 550, "5.1.1", "no such user", "mx.a.test[192.0.2.7]")]))
     await worker.send(Result(by_domain["b.test"].job_id, "w1", [
         Outcome("z@b.test", "deferred", 421, "4.4.2", "try later", "")]))
-    message = running.shard.scheduler.messages[stored.queue_id]
+    message = running_shard.shard.scheduler.messages[stored.queue_id]
     await until(lambda: [r.state for r in message.recipients] == [State.DELIVERED, State.FAILED, State.DEFERRED],
                 what="the outcomes applied")
     deferred = message.recipients[2]
@@ -166,8 +55,8 @@ async def test_inject_deliver_result_cycle(running: RunningShard) -> None:
     dsn = await worker.recv_type(Deliver)
     assert (dsn.sender, dsn.recipients, dsn.domain) == ("", ["a@sender.test"], "sender.test")
     assert b"Final-Recipient: rfc822; y@A.test" in dsn.body and b"Status: 5.1.1" in dsn.body
-    assert running.shard.scheduler.workers["w1"].credits == 9
-    assert list(running.shard.scheduler.jobs) == [dsn.job_id]
+    assert running_shard.shard.scheduler.workers["w1"].credits == 9
+    assert list(running_shard.shard.scheduler.jobs) == [dsn.job_id]
     await until(lambda: REGISTRY.get_sample_value("mtacluster_queue_recipients", {"shard": "0", "state": "in_flight"})
                 == 1, what="gauges refreshed")
     assert sample("mtacluster_queue_recipients", state="deferred") == 1
@@ -185,21 +74,21 @@ def sample(name: str, **labels: str) -> float:
     return value
 
 
-async def test_bad_frames_get_an_error(running: RunningShard) -> None:
-    client = running.client()
+async def test_bad_frames_get_an_error(running_shard: RunningShard) -> None:
+    client = running_shard.client()
     bad_outcome = msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [
         {"recipient": 5, "status": "delivered", "code": "x", "enhanced": "", "text": ""}]})
     bad_heartbeat = msgpack.packb({"t": "heartbeat", "worker": "w", "free": 1, "in_flight": [1, None]})
     for frame in (b"\xc1garbage", b"\x93\x01\x02\x03", Stored(1, "x").encode(), bad_outcome, bad_heartbeat):
         await client.send_raw(frame)
         assert isinstance(await client.recv(), Error)
-    assert running.shard.is_ready()
+    assert running_shard.shard.is_ready()
     refused = await inject(client, 7, "a@sender.test", [], BODY)
     assert isinstance(refused, InjectRefused) and refused.code == 554
 
 
-async def test_job_missing_from_heartbeat_goes_back_to_ready(running: RunningShard) -> None:
-    frontend, worker = running.client(), running.client()
+async def test_job_missing_from_heartbeat_goes_back_to_ready(running_shard: RunningShard) -> None:
+    frontend, worker = running_shard.client(), running_shard.client()
     stored = await inject(frontend, 1, "s@sender.test", ["r@c.test"], BODY)
     await worker.send(Heartbeat("w2", 1, []))
     ack = await worker.recv_type(HeartbeatAck)
@@ -207,18 +96,18 @@ async def test_job_missing_from_heartbeat_goes_back_to_ready(running: RunningSha
     # A heartbeat that has not seen the Deliver yet (it crossed it on the wire) takes nothing back...
     await worker.send(Heartbeat("w2", 1, [], seen=first.seq - 1, seen_epoch=ack.shard_epoch))
     await worker.recv_type(HeartbeatAck)
-    assert running.shard.scheduler.messages[stored.queue_id].recipients[0].state is State.IN_FLIGHT
+    assert running_shard.shard.scheduler.messages[stored.queue_id].recipients[0].state is State.IN_FLIGHT
     # ...one that has seen it but does not list the job says the job was lost: it goes back to ready.
     await worker.send(Heartbeat("w2", 1, [], seen=first.seq, seen_epoch=ack.shard_epoch))
     await worker.recv_type(HeartbeatAck)
     # The job is ready again and, the credit being returned with it, delivered again.
     again = await worker.recv_type(Deliver)
     assert again.queue_id == stored.queue_id and again.job_id != first.job_id
-    assert running.shard.scheduler.messages[stored.queue_id].recipients[0].state is State.IN_FLIGHT
+    assert running_shard.shard.scheduler.messages[stored.queue_id].recipients[0].state is State.IN_FLIGHT
 
 
-async def test_silent_worker_loses_its_jobs(running: RunningShard) -> None:
-    frontend, worker, other = running.client(), running.client(), running.client()
+async def test_silent_worker_loses_its_jobs(running_shard: RunningShard) -> None:
+    frontend, worker, other = running_shard.client(), running_shard.client(), running_shard.client()
     stored = await inject(frontend, 1, "s@sender.test", ["r@d.test"], BODY)
     await worker.send(Heartbeat("silent", 1, []))
     await worker.recv_type(Deliver)
@@ -235,7 +124,7 @@ async def test_silent_worker_loses_its_jobs(running: RunningShard) -> None:
         await asyncio.sleep(0.1)
     assert message.queue_id == stored.queue_id
     assert time.monotonic() - started >= 0.8
-    assert "silent" not in running.shard.scheduler.workers
+    assert "silent" not in running_shard.shard.scheduler.workers
 
 
 async def test_disk_full_refuses_new_mail(tmp_path: Path) -> None:
@@ -270,13 +159,13 @@ async def test_messages_survive_a_clean_restart(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_a_failing_handler_answers_error_and_the_shard_keeps_serving(running: RunningShard,
+async def test_a_failing_handler_answers_error_and_the_shard_keeps_serving(running_shard: RunningShard,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken(identity: bytes, heartbeat: Heartbeat) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(running.shard, "_on_heartbeat", broken)
-    client = running.client()
+    monkeypatch.setattr(running_shard.shard, "_on_heartbeat", broken)
+    client = running_shard.client()
     await client.send(Heartbeat("w", 1, []))
     error = await client.recv()
     assert isinstance(error, Error) and "heartbeat" in error.text

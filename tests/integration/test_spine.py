@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from cluster.bus.ring import shard_for_domain
-from tests.harness import Cluster, SinkMessage, SmtpSink, wait_for
-from tests.tooling import require_tool
+from tests.support.harness import Cluster, SinkMessage, SmtpSink, wait_for
+from tests.support.tooling import require_tool
 
 pytestmark = pytest.mark.integration
 

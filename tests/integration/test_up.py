@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, SmtpSink, port_open, wait_for, write_config
-from tests.tooling import free_port
+from tests.support.harness import REPO, SmtpSink, port_open, wait_for, write_config
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from cluster.bus.security import (
     start_authenticator,
 )
 from cluster.config import ConfigError, config_from_dict
-from tests.tooling import free_port
+from tests.support.tooling import free_port
 
 
 def test_key_file_round_trip_and_secret_never_in_repr(tmp_path: Path) -> None:

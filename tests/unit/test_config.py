@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, config_from_dict, load_config, parse_duration, parse_size
+from cluster.config import _SECTIONS, ConfigError, config_from_dict, load_config, parse_duration, parse_size
+from tests.support import REPO
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -87,13 +91,44 @@ def test_transports_accept_every_documented_form() -> None:
     assert config.delivery.transports["a.test"] == "smtp:[127.0.0.9]:2525"
 
 
-def test_readme_documents_every_key() -> None:
-    import dataclasses
+def readme_reference() -> dict[str, dict[str, str]]:
+    """{section: {key: default as written}} from the README's "Configuration reference" tables.
 
-    from cluster.config import _SECTIONS
+    A row may name several keys (`a`, `b` / `c`) with one default for all or one default each, in order.
+    """
+    readme = (REPO / "README.md").read_text()
+    reference = readme.split("\n## Configuration reference\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, dict[str, str]] = {}
+    section = ""
+    for line in reference.splitlines():
+        if heading := re.match(r"### `\[(\w+)\]`", line):
+            section = heading.group(1)
+            assert section not in documented, f"[{section}] has two tables in the README"
+            documented[section] = {}
+        elif line.startswith("| `") and section:
+            key_cell, default_cell = line.split(" | ")[:2]
+            keys, defaults = re.findall(r"`(\w+)`", key_cell), re.findall(r"`([^`]*)`", default_cell)
+            assert len(defaults) in (1, len(keys)), f"README row with keys {keys}: defaults {defaults} do not match"
+            for key, default in zip(keys, defaults * len(keys) if len(defaults) == 1 else defaults, strict=True):
+                assert key not in documented[section], f"{section}.{key} is documented twice"
+                documented[section][key] = default
+    return documented
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+def test_readme_documents_every_key_and_no_other() -> None:
+    documented = readme_reference()
+    assert sorted(documented) == sorted(_SECTIONS), "README sections differ from cluster.config's"
     for section, cls in _SECTIONS.items():
-        assert f"`[{section}]`" in readme, section
-        for f in dataclasses.fields(cls):
-            assert f"`{f.name}`" in readme, f"{section}.{f.name} is not in the README's configuration reference"
+        keys = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = sorted(keys - documented[section].keys()), sorted(documented[section].keys() - keys)
+        assert not missing, f"[{section}] keys missing from the README's configuration reference: {missing}"
+        assert not unknown, f"[{section}] keys in the README that cluster.config does not have: {unknown}"
+
+
+def test_readme_defaults_are_the_built_in_ones() -> None:
+    built_in = load_config(None, environ={})
+    for section, keys in readme_reference().items():
+        for key, text in keys.items():
+            value = tomllib.loads(f"v = {text}")["v"]
+            written = getattr(getattr(config_from_dict({section: {key: value}}, environ={}), section), key)
+            assert written == getattr(getattr(built_in, section), key), f"README default of {section}.{key}: {text}"

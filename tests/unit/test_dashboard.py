@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from tests.promql_names import REPO, exported_series_names, referenced_metric_names
-from tests.tooling import require_tool
+from tests.support import REPO
+from tests.support.promql_names import exported_series_names, referenced_metric_names
+from tests.support.tooling import require_tool
 
 DASHBOARD = REPO / "deploy" / "grafana" / "mtacluster.json"
 CHART_DASHBOARD = REPO / "helm" / "mtacluster" / "dashboards" / "mtacluster.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from tests.promql_names import REPO
+from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.toml"))

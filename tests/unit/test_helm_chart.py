@@ -21,7 +21,7 @@ import yaml
 
 from cluster import config as config_module
 from cluster.config import Config, config_from_dict
-from tests.promql_names import REPO
+from tests.support import REPO
 
 helm_python = pytest.importorskip("helm_python")
 

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from cluster import observability
 from cluster.observability import domain_label, parse_listen, serve_http
 from cluster.version import VERSION
-from tests.tooling import require_tool
+from tests.support.tooling import require_tool
 
 # -- domain_label -------------------------------------------------------------------------------------------------
 

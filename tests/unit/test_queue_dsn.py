@@ -6,22 +6,15 @@ import email
 import email.policy
 import email.utils
 from email.message import EmailMessage
-from typing import Any, cast
 
 import pytest
 
 from cluster.queue.dsn import RecipientReport, build_dsn, status_of
+from tests.support.dsn import status_blocks
 
 ARRIVAL = 1_700_000_000.0
 ORIGINAL = (b"From: Alice <alice@sender.test>\r\nTo: bob@remote.test\r\nSubject: Hello\r\n"
             b"Message-ID: <m1@sender.test>\r\n\r\n")
-
-
-def status_blocks(part: Any) -> list[EmailMessage]:
-    """The header blocks of a message/delivery-status part (the parser gives them as a list)."""
-    blocks = part.get_payload()
-    assert isinstance(blocks, list)
-    return cast(list[EmailMessage], blocks)
 
 
 def parse(data: bytes) -> EmailMessage:

@@ -9,7 +9,7 @@ from cluster.smtp.address import Address
 from cluster.smtp.events import MessageReceived, SessionEnded
 from cluster.smtp.reply import Reply
 from cluster.smtp.server import ServerSettings
-from tests.unit.smtp_driver import Session, greeted, run
+from tests.support.smtp_driver import Session, greeted, run
 
 CHUNKING = ServerSettings(hostname="mx.example.test", chunking=True)
 OPENING = greeted(b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>")

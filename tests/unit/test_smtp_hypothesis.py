@@ -17,7 +17,7 @@ from cluster.smtp.address import (
 )
 from cluster.smtp.lines import ChunkReader, DataReader, DataResult
 from cluster.smtp.server import ServerSettings
-from tests.unit.smtp_driver import greeted, run
+from tests.support.smtp_driver import greeted, run
 
 OPENING = greeted(b"MAIL FROM:<alice@example.org>", b"RCPT TO:<bob@example.net>", b"DATA")
 SMALL_LIMITS = ServerSettings(

@@ -20,7 +20,7 @@ from cluster.smtp.events import (
 )
 from cluster.smtp.reply import Reply
 from cluster.smtp.server import ProtocolUsageError, ServerConnection, ServerSettings
-from tests.unit.smtp_driver import Decider, accept_all, greeted, make_session, run
+from tests.support.smtp_driver import Decider, accept_all, greeted, make_session, run
 
 EHLO = replies.ehlo_reply(
     "mx.example.test",

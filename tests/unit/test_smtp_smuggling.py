@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.smtp import replies
-from tests.unit.smtp_driver import Session, greeted, run
+from tests.support.smtp_driver import Session, greeted, run
 
 VECTORS = [
     b"\n.\n",

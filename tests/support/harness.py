@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,10 @@ from typing import Any
 import dns.exception
 import dns.message
 import dns.query
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.tooling import free_port, require_tool
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+from tests.support.tooling import free_port, require_tool
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -186,12 +187,31 @@ class RoleProcess:
     args: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # Environment overrides for this process only (MTACLUSTER_<SECTION>_<KEY>), e.g. its own metrics port.
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> RoleProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "cluster", *self.args], stdout=log,
-                                            stderr=subprocess.STDOUT, cwd=REPO)
+                                            stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env})
         return self
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of this process's /metrics listener (started by a Cluster with metrics=True)."""
+        address = self.env.get("MTACLUSTER_METRICS_LISTEN", "")
+        assert address, f"{self.role} was started without a metrics listener"
+        return address
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one series scraped from this process's /metrics (0 when it is absent)."""
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -257,6 +277,8 @@ class Cluster:
     workers: int = 1
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     smtp_port: int = 0
+    # Give every process its own /metrics listener on a free port (RoleProcess.metric reads it).
+    metrics: bool = False
     processes: list[RoleProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -281,8 +303,9 @@ class Cluster:
 
     def role(self, role: str, *extra: str) -> RoleProcess:
         name = f"{role}{''.join(extra).replace('--shard', '')}-{len(self.processes)}"
+        env = {"MTACLUSTER_METRICS_LISTEN": f"127.0.0.1:{free_port()}"} if self.metrics else {}
         process = RoleProcess(role, ["serve", role, "--config", str(self.config_path), *extra],
-                              self.directory / f"{name}.log")
+                              self.directory / f"{name}.log", env=env)
         self.processes.append(process)
         return process
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests.tooling import free_port
+from tests.support.tooling import free_port
 
 
 @dataclass

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-REPO = Path(__file__).resolve().parent.parent
 METRICS_MODULES = ("cluster.observability", "cluster.frontend.metrics", "cluster.queue.metrics",
                    "cluster.delivery.metrics", "cluster.mailbox.metrics")
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
