@@ -1,7 +1,7 @@
 """`mtacluster queue ...`: ask every shard, print one table (or JSON).
 
-Sends one `AdminRequest` to each shard in `queue.shards` over a DEALER socket and waits up to `--timeout`
-seconds for each `AdminReply`. Commands on one message (show, hold, release, delete, bounce) go to every
+Sends one `AdminRequest` to every shard in `queue.shards` at once (cluster/bus/client.py) and waits up to
+`--timeout` seconds for their `AdminReply`. Commands on one message (show, hold, release, delete, bounce) go to every
 shard, and the shard that holds the id answers; the others answer "unknown queue id". An unreachable shard
 is reported on stderr and makes the exit code 1, while the answers of the others are still printed.
 """
@@ -9,44 +9,45 @@ is reported on stderr and makes the exit code 1, while the answers of the others
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import sys
 from typing import Any
 
-import zmq
+import zmq.asyncio
 
-from cluster.bus.schemas import AdminReply, AdminRequest, SchemaError, decode
-from cluster.bus.security import cluster_keys, secure_client
+from cluster.bus.client import ask_all, links_to
+from cluster.bus.schemas import AdminReply, AdminRequest
+from cluster.bus.security import cluster_keys
 from cluster.config import Config
 
 
 def ask_shards(config: Config, op: str, args: dict[str, Any], timeout: float) -> list[tuple[int, AdminReply | str]]:
-    """(shard index, reply or error text) for every shard."""
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    """(shard index, reply or error text) for every shard, all asked at once."""
+    return asyncio.run(_ask_shards(config, op, args, timeout))
+
+
+async def _ask_shards(config: Config, op: str, args: dict[str, Any],
+                      timeout: float) -> list[tuple[int, AdminReply | str]]:
     keys = cluster_keys(config.bus)
+    context = zmq.asyncio.Context()
+    links = links_to(list(config.queue.shards), keys, context=context)
+    try:
+        for link in links:
+            link.start()
+        replies = await ask_all(links, lambda req: AdminRequest(req=req, op=op, args=args), timeout)
+    finally:
+        for link in links:
+            await link.close()
+        context.term()
     answers: list[tuple[int, AdminReply | str]] = []
-    for index, endpoint in enumerate(config.queue.shards):
-        socket = context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        secure_client(socket, keys)
-        try:
-            socket.connect(endpoint)
-            socket.send(AdminRequest(req=index + 1, op=op, args=args).encode())
-            if not socket.poll(int(timeout * 1000)):
-                answers.append((index, f"shard {index} ({endpoint}) did not answer within {timeout:g}s"))
-                continue
-            try:
-                reply = decode(socket.recv_multipart()[-1])
-            except SchemaError as exc:
-                answers.append((index, f"shard {index} sent a malformed answer: {exc}"))
-                continue
-            if isinstance(reply, AdminReply):
-                answers.append((index, reply))
-            else:
-                answers.append((index, f"shard {index} answered {type(reply).__name__}: {reply}"))
-        finally:
-            socket.close(linger=0)
+    for index, reply in enumerate(replies):
+        if isinstance(reply, AdminReply):
+            answers.append((index, reply))
+        else:
+            answers.append((index, f"shard {index} answered {reply}" if not isinstance(reply, Exception)
+                            else str(reply)))
     return answers
 
 

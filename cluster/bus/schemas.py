@@ -30,21 +30,39 @@ Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases
 Admin (mtacluster queue ...)
     AdminRequest(req, op, args) -> AdminReply(req, ok, data, error)
 
+Any direction
+    Error(text, req)                     the receiver could not understand or handle a frame; `req` names the
+                                         request it answers (0 when the frame had no readable req).
+
 Bodies are bytes (msgpack bin); text is str (msgpack str, UTF-8). Addresses are the SMTP path without angle
 brackets; the null reverse-path is "".
+
+Validation (`decode`): every field has its type checked, nested ones too (outcomes, in_flight, client); counts
+are never negative; an Outcome's status is one of OUTCOME_STATUSES with a matching reply code. An Inject's
+envelope is checked as strictly as the SMTP server checks MAIL FROM / RCPT TO (cluster/smtp/address.py, UTF-8
+allowed as with SMTPUTF8): a sender the server would refuse, or a recipient without a domain, is a SchemaError,
+so nothing the SMTP server would refuse can be stored through the bus. A SchemaError carries the frame's `req`
+when it had a readable one, so the receiver can answer Error(text, req) and the sender stops waiting at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
+from cluster.smtp.address import SmtpSyntaxError, parse_forward_path, parse_reverse_path
+
 
 class SchemaError(ValueError):
-    """A frame is not a valid bus message."""
+    """A frame is not a valid bus message. `req`: the request id the frame carried, 0 if none was readable."""
+
+    def __init__(self, text: str, req: int = 0) -> None:
+        super().__init__(text)
+        self.req = req
 
 
 @dataclass(frozen=True)
@@ -174,6 +192,7 @@ class Error(BusMessage):
 
     TYPE: ClassVar[str] = "error"
     text: str
+    req: int = 0
 
 
 MESSAGE_TYPES: dict[str, type[BusMessage]] = {
@@ -191,6 +210,16 @@ def decode(frame: bytes) -> BusMessage:
         raise SchemaError(f"not msgpack: {exc}") from None
     if not isinstance(payload, dict):
         raise SchemaError("not a msgpack map")
+    req = payload.get("req")
+    try:
+        return _decode_map(payload)
+    except SchemaError as exc:
+        if isinstance(req, int) and not isinstance(req, bool):
+            exc.req = req
+        raise
+
+
+def _decode_map(payload: dict[str, Any]) -> BusMessage:
     cls = MESSAGE_TYPES.get(payload.pop("t", None))
     if cls is None:
         raise SchemaError("unknown or missing message type")
@@ -198,32 +227,134 @@ def decode(frame: bytes) -> BusMessage:
     if not set(payload) <= names:
         raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(set(payload) - names)}")
     if cls is Result:
-        try:
-            payload["outcomes"] = [Outcome(**o) for o in payload.get("outcomes", [])]
-        except TypeError as exc:
-            raise SchemaError(f"result: bad outcome: {exc}") from None
+        payload["outcomes"] = _decode_outcomes(payload.get("outcomes", []))
     try:
         message = cls(**payload)
     except TypeError as exc:
         raise SchemaError(f"{cls.TYPE}: {exc}") from None
     _check_types(message)
+    check = _CHECKS.get(cls)
+    if check is not None:
+        check(message)
     return message
 
+
+def _decode_outcomes(raw: Any) -> list[Outcome]:
+    if not isinstance(raw, list):
+        raise SchemaError("result.outcomes: expected a list")
+    outcomes = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise SchemaError("result.outcomes: expected a list of maps")
+        try:
+            outcome = Outcome(**item)
+        except TypeError as exc:
+            raise SchemaError(f"result: bad outcome: {exc}") from None
+        _check_types(outcome, "result.outcomes")
+        if outcome.status not in OUTCOME_STATUSES:
+            raise SchemaError(f"result.outcomes.status: {outcome.status!r} is not one of {OUTCOME_STATUSES}")
+        if not 100 <= outcome.code <= 599 or _status_of_code(outcome.code) != outcome.status:
+            raise SchemaError(f"result.outcomes.code: {outcome.code} does not fit status {outcome.status!r}")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _status_of_code(code: int) -> str:
+    """The only status a reply code allows: 2xx delivered, 5xx failed, anything else deferred (a worker defers
+    an odd 1xx/3xx where a final reply belongs: cluster/delivery/deliver.py:outcome_from_reply)."""
+    return {2: "delivered", 5: "failed"}.get(code // 100, "deferred")
 
 _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,
     "code": int, "enhanced": str, "text": str, "worker": str, "free": int, "in_flight": list,
     "shard": int, "shard_epoch": str,
     "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
-    "op": str, "args": dict, "ok": bool, "error": str,
+    "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "status": str, "remote": str,
 }
 
+# Integer fields that count something, so can never be negative.
+_COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard"})
 
-def _check_types(message: BusMessage) -> None:
+
+def _check_types(message: BusMessage | Outcome, where: str = "") -> None:
+    where = where or getattr(message, "TYPE", "")
     for f in dataclasses.fields(message):
         expected = _EXPECTED.get(f.name)
         value = getattr(message, f.name)
         if expected is not None and (not isinstance(value, expected) or (isinstance(value, bool) and expected is int)):
-            raise SchemaError(f"{message.TYPE}.{f.name}: expected {expected}, got {type(value).__name__}")
-    if isinstance(message, Inject | Deliver) and not all(isinstance(r, str) for r in message.recipients):
-        raise SchemaError(f"{message.TYPE}.recipients: expected a list of strings")
+            raise SchemaError(f"{where}.{f.name}: expected {_type_name(expected)}, got {type(value).__name__}")
+        if f.name in _COUNTS and value < 0:
+            raise SchemaError(f"{where}.{f.name}: must not be negative")
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    return expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+
+
+def _strings(where: str, values: list[Any]) -> None:
+    if not all(isinstance(v, str) for v in values):
+        raise SchemaError(f"{where}: expected a list of strings")
+
+
+def sender_problem(sender: str) -> str | None:
+    """Why `sender` (a reverse-path without brackets, "" for null) is not one the SMTP server accepts; or None."""
+    try:
+        parse_reverse_path(f"<{sender}>", smtputf8=True)
+    except SmtpSyntaxError as exc:
+        return f"invalid sender {sender!r}: {exc.reply.text}"
+    return None
+
+
+def recipient_problem(recipient: str) -> str | None:
+    """Why `recipient` (a forward-path without brackets) is not one the SMTP server accepts; or None.
+
+    Unlike RCPT TO, a bare <Postmaster> is refused: the SMTP server has already given it this host's domain."""
+    try:
+        address = parse_forward_path(f"<{recipient}>", smtputf8=True)
+    except SmtpSyntaxError as exc:
+        return f"invalid recipient {recipient!r}: {exc.reply.text}"
+    if not address.domain:
+        return f"invalid recipient {recipient!r}: no domain"
+    return None
+
+
+def _check_inject(message: BusMessage) -> None:
+    assert isinstance(message, Inject)
+    _strings("inject.recipients", message.recipients)
+    problem = sender_problem(message.sender)
+    if problem is None:
+        problem = next(filter(None, map(recipient_problem, message.recipients)), None)
+    if problem is not None:
+        raise SchemaError(f"inject: {problem}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in message.client.items()):
+        raise SchemaError("inject.client: expected a map of strings to strings")
+
+
+def _check_deliver(message: BusMessage) -> None:
+    # Addresses are not re-checked here: a Deliver carries what a shard stored, and a worker answers a bad one
+    # with a permanent failure (it must answer, or the job would come back forever).
+    assert isinstance(message, Deliver)
+    _strings("deliver.recipients", message.recipients)
+
+
+def _check_heartbeat(message: BusMessage) -> None:
+    assert isinstance(message, Heartbeat)
+    _strings("heartbeat.in_flight", message.in_flight)
+
+
+def _check_admin_request(message: BusMessage) -> None:
+    assert isinstance(message, AdminRequest)
+    if not message.op:
+        raise SchemaError("admin.op: must not be empty")
+
+
+def _check_refused(message: BusMessage) -> None:
+    assert isinstance(message, InjectRefused)
+    if not 400 <= message.code <= 599:
+        raise SchemaError(f"inject_refused.code: {message.code} is not a 4xx or 5xx reply code")
+
+
+_CHECKS: dict[type[BusMessage], Callable[[BusMessage], None]] = {
+    Inject: _check_inject, Deliver: _check_deliver, Heartbeat: _check_heartbeat,
+    AdminRequest: _check_admin_request, InjectRefused: _check_refused,
+}

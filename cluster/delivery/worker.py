@@ -1,6 +1,6 @@
 """The worker role: takes delivery jobs from every queue shard and sends back one Result per job.
 
-Protocol (cluster/bus/schemas.py): one DEALER socket per shard in `queue.shards`. Every
+Protocol (cluster/bus/schemas.py): one bus link (cluster/bus/client.py) per shard in `queue.shards`. Every
 `queue.heartbeat_interval` the worker sends Heartbeat(worker, free, in_flight, seen) to each shard: `free` is how
 many more jobs it takes from that shard (`delivery.concurrency` minus the jobs it holds from it), `in_flight`
 the ids of those jobs (renewing their leases). Each Deliver starts an asyncio task running
@@ -9,38 +9,40 @@ shard_epoch differs from the last one means the shard restarted and forgot us: t
 once so the shard learns its credits.
 
 Failure modes: an undecodable or unexpected frame is logged and dropped (never a crash). A Deliver for a job
-already running is ignored. An unexpected error inside a delivery defers all its recipients with 451 4.3.0
-(the mail stays queued). Nothing is queued for an unreachable shard (ZMQ_IMMEDIATE): heartbeats are skipped,
-and a Result that cannot be sent is kept and retried before each heartbeat, its job still listed as in flight
-(a worker that dies meanwhile leaves it to the shard's lease: a possible duplicate, never a loss). On stop,
-running jobs get `SHUTDOWN_GRACE` seconds to finish; the rest are abandoned and come back to the shard through
-their leases.
+already running is ignored. A recipient (or sender) address the SMTP server would refuse fails at once with
+553 5.1.3 (5.1.7), logged in one line. An unexpected error inside a delivery defers the job's recipients with
+451 4.3.0 on its first attempts (one log line each) and fails them with 554 5.3.0 from attempt
+`INTERNAL_ERROR_ATTEMPTS` on (traceback logged with that failure), so one poison message is bounced, not
+retried with tracebacks for days. Nothing is queued for an unreachable shard (ZMQ_IMMEDIATE): heartbeats are
+skipped, and a Result that cannot be sent is kept and retried before each heartbeat, its job still listed as
+in flight (a worker that dies meanwhile leaves it to the shard's lease: a possible duplicate, never a loss).
+On stop, running jobs get `SHUTDOWN_GRACE` seconds to finish; the rest are abandoned and come back to the
+shard through their leases.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import socket
 import time
-from typing import cast
 
-import zmq
-import zmq.asyncio
-
+from cluster.bus.client import BusLink
 from cluster.bus.schemas import (
+    BusMessage,
     Deliver,
     Error,
     Heartbeat,
     HeartbeatAck,
     Outcome,
     Result,
-    SchemaError,
-    decode,
+    recipient_problem,
+    sender_problem,
 )
-from cluster.bus.security import cluster_keys, secure_client
+from cluster.bus.security import cluster_keys
 from cluster.config import Config
 from cluster.delivery import metrics
 from cluster.delivery.connections import ConnectionCache
@@ -55,21 +57,20 @@ SHUTDOWN_GRACE = 5.0
 FRAMES_PER_TURN = 100
 # How often idle cached connections are checked for expiry.
 PRUNE_INTERVAL = 1.0
+# The attempt at which a job whose delivery keeps raising unexpectedly fails instead of being deferred again.
+INTERNAL_ERROR_ATTEMPTS = 3
 
 
 class _ShardLink:
-    """One DEALER socket to one shard and the jobs taken from it."""
+    """The bus link to one shard (cluster/bus/client.py) and the jobs taken from that shard."""
 
-    def __init__(self, context: zmq.asyncio.Context, index: int, endpoint: str, config: Config) -> None:
+    def __init__(self, index: int, endpoint: str, config: Config) -> None:
         self.index = index
         self.endpoint = endpoint
-        self.socket = context.socket(zmq.DEALER)
-        secure_client(cast("zmq.Socket[bytes]", self.socket), cluster_keys(config.bus))
-        self.socket.setsockopt(zmq.LINGER, 0)
-        # Queue nothing for a shard that is not connected: a burst of old heartbeats (with old in_flight lists)
-        # arriving when it comes back would mislead it. Results that cannot go out wait in `unsent` instead.
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        self.socket.connect(endpoint)
+        # ZMQ_IMMEDIATE (set by BusLink): nothing is queued for a shard that is not connected, so a burst of old
+        # heartbeats (with old in_flight lists) never misleads it when it comes back. Results that cannot go out
+        # wait in `unsent` instead.
+        self.bus = BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}")
         self.jobs: dict[str, asyncio.Task[None]] = {}
         # Results not yet accepted by the socket (shard unreachable): retried before every heartbeat, and their
         # jobs stay listed as in flight so the shard keeps their leases.
@@ -82,16 +83,8 @@ class _ShardLink:
         # knows which jobs we must have: see bus/schemas.py).
         self.seen = 0
 
-    async def send(self, frame: bytes, what: str) -> bool:
-        try:
-            await self.socket.send(frame, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.debug("shard %d (%s): not connected, %s not sent", self.index, self.endpoint, what)
-            return False
-        except zmq.ZMQError as exc:
-            log.warning("shard %d (%s): cannot send %s: %s", self.index, self.endpoint, what, exc)
-            return False
-        return True
+    async def send(self, frame: bytes) -> bool:
+        return await self.bus.send(frame)
 
 
 class Worker:
@@ -118,9 +111,7 @@ class Worker:
         return connected
 
     async def run(self, stop: asyncio.Event) -> None:
-        context = zmq.asyncio.Context.instance()
-        self._links = [_ShardLink(context, i, endpoint, self.config)
-                       for i, endpoint in enumerate(self.config.queue.shards)]
+        self._links = [_ShardLink(i, endpoint, self.config) for i, endpoint in enumerate(self.config.queue.shards)]
         tasks = [asyncio.create_task(self._serve_link(link)) for link in self._links]
         tasks.append(asyncio.create_task(self._prune_forever()))
         try:
@@ -133,10 +124,10 @@ class Worker:
             await self._finish_jobs()
             for link in self._links:
                 for frame in link.unsent.values():
-                    await link.send(frame, "result")  # one last try; the shard's lease covers a failure
+                    await link.send(frame)  # one last try; the shard's lease covers a failure
             self.cache.close_all()
             for link in self._links:
-                link.socket.close(linger=0)
+                await link.bus.close()
             metrics.SHARDS_CONNECTED.set(0)
 
     async def _finish_jobs(self) -> None:
@@ -155,13 +146,13 @@ class Worker:
         if self._stopping:
             return
         for job_id, frame in list(link.unsent.items()):
-            if not await link.send(frame, "result"):
+            if not await link.send(frame):
                 break
             del link.unsent[job_id]
         held = [*link.jobs, *(job_id for job_id in link.unsent if job_id not in link.jobs)]
         free = max(0, self.config.delivery.concurrency - len(held))
         await link.send(Heartbeat(worker=self.name, free=free, in_flight=held, seen=link.seen,
-                                  seen_epoch=link.epoch or "").encode(), "heartbeat")
+                                  seen_epoch=link.epoch or "").encode())
 
     async def _prune_forever(self) -> None:
         while True:
@@ -175,27 +166,16 @@ class Worker:
         interval = self.config.queue.heartbeat_interval
         next_beat = time.monotonic()
         while True:
-            wait_ms = max(0, int((next_beat - time.monotonic()) * 1000))
-            if await link.socket.poll(timeout=wait_ms):
-                # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
-                for _ in range(FRAMES_PER_TURN):
-                    try:
-                        frames = await link.socket.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    await self._on_frame(link, frames[-1])
-                await asyncio.sleep(0)
+            # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
+            for message in await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN):
+                await self._on_message(link, message)
+            await asyncio.sleep(0)
             if time.monotonic() >= next_beat:
                 await self._heartbeat(link)
                 self._shards_connected()
                 next_beat = time.monotonic() + interval
 
-    async def _on_frame(self, link: _ShardLink, frame: bytes) -> None:
-        try:
-            message = decode(frame)
-        except SchemaError as exc:
-            log.warning("shard %d sent an undecodable frame: %s", link.index, exc)
-            return
+    async def _on_message(self, link: _ShardLink, message: BusMessage) -> None:
         if isinstance(message, HeartbeatAck):
             await self._on_ack(link, message)
         elif isinstance(message, Deliver):
@@ -224,7 +204,7 @@ class Worker:
             log.warning("shard %d sent job %s again while it is running; ignored", link.index, job.job_id)
             return
         if not job.recipients:
-            await link.send(Result(job_id=job.job_id, worker=self.name, outcomes=[]).encode(), "result")
+            await link.send(Result(job_id=job.job_id, worker=self.name, outcomes=[]).encode())
             return
         task = asyncio.create_task(self._run_job(link, job))
         link.jobs[job.job_id] = task
@@ -234,18 +214,64 @@ class Worker:
         started = time.perf_counter()
         try:
             async with link.slots:
-                outcomes = await self.deliverer.deliver(job)
+                outcomes = await self._outcomes(job)
         except asyncio.CancelledError:
             link.jobs.pop(job.job_id, None)
             metrics.JOBS_IN_FLIGHT.dec()
             raise
-        except Exception:  # a bug in delivery must not lose the job nor kill the worker: defer it
-            log.exception("delivery of job %s failed unexpectedly; deferring its recipients", job.job_id)
-            outcomes = [Outcome(recipient=r, status="deferred", code=451, enhanced="4.3.0",
-                                text="Internal error in the delivery worker") for r in job.recipients]
         frame = Result(job_id=job.job_id, worker=self.name, outcomes=outcomes).encode()
-        if not await link.send(frame, "result"):
+        if not await link.send(frame):
             link.unsent[job.job_id] = frame
         link.jobs.pop(job.job_id, None)
         metrics.JOBS_IN_FLIGHT.dec()
         metrics.DURATION.observe(time.perf_counter() - started)
+
+    async def _outcomes(self, job: Deliver) -> list[Outcome]:
+        """One outcome per recipient: bad addresses fail at once, the rest go to the deliverer."""
+        refused = envelope_refusals(job)
+        if refused:
+            log.warning("queue_id=%s job=%s: %s", job.queue_id, job.job_id,
+                        "; ".join(f"{o.recipient!r}: {o.code} {o.enhanced} {o.text}" for o in refused))
+        if len(refused) == len(job.recipients):
+            return refused
+        deliverable = job if not refused else dataclasses.replace(
+            job, recipients=[r for r in job.recipients if r not in {o.recipient for o in refused}])
+        try:
+            delivered = await self.deliverer.deliver(deliverable)
+        except Exception as error:  # a bug in delivery must neither kill the worker nor retry the job forever
+            delivered = internal_error_outcomes(deliverable, error)
+        return refused + delivered
+
+
+def envelope_refusals(job: Deliver) -> list[Outcome]:
+    """Permanent failures for the recipients of a job that can never be delivered because an address is invalid
+    (the bus checks Injects, but a spool may hold older mail): all of them for a bad sender."""
+    problem = sender_problem(job.sender)
+    if problem is not None:
+        return [Outcome(recipient=r, status="failed", code=553, enhanced="5.1.7", text=problem)
+                for r in job.recipients]
+    refused = []
+    for recipient in job.recipients:
+        problem = recipient_problem(recipient)
+        if problem is not None:
+            refused.append(Outcome(recipient=recipient, status="failed", code=553, enhanced="5.1.3", text=problem))
+    return refused
+
+
+def internal_error_outcomes(job: Deliver, error: Exception) -> list[Outcome]:
+    """Outcomes for a job whose delivery raised `error` unexpectedly (call from the except block).
+
+    Early attempts defer (the cause may be passing); from attempt `INTERNAL_ERROR_ATTEMPTS` on the job fails, so
+    a message that always trips the same bug is bounced instead of retried for the whole `queue.max_lifetime`.
+    One line per attempt; the traceback only with the failure, so a poison message logs it once.
+    """
+    final = job.attempt >= INTERNAL_ERROR_ATTEMPTS
+    log.error("queue_id=%s job=%s: internal error in delivery on attempt %d: %r; %s", job.queue_id, job.job_id,
+              job.attempt, error, "failing its recipients (554 5.3.0)" if final else "deferring (451 4.3.0)",
+              exc_info=final)
+    if final:
+        return [Outcome(recipient=r, status="failed", code=554, enhanced="5.3.0",
+                        text=f"Internal error in the delivery worker on {job.attempt} attempts; giving up")
+                for r in job.recipients]
+    return [Outcome(recipient=r, status="deferred", code=451, enhanced="4.3.0",
+                    text="Internal error in the delivery worker") for r in job.recipients]

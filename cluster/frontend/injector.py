@@ -1,11 +1,11 @@
 """Hand accepted messages to the queue shards and wait until they are on disk (DESIGN.md contract 1).
 
 `ShardClient.inject()` splits a message's recipients by the shard that owns each recipient's domain
-(rendezvous hashing, `cluster.bus.ring`), sends one `Inject` per shard over a ZeroMQ DEALER socket, and waits
-for every shard's `Stored`. Only then is the answer 250. A refusal from a shard (`InjectRefused`, e.g.
-452 4.3.1 disk full) is passed on; a timeout or an unreachable shard gives 451 4.3.0 and the client retries.
-If one shard stored its part and another did not, the client's retry stores that part again: a duplicate, not
-a loss (the contract allows duplicates, never losses).
+(rendezvous hashing, `cluster.bus.ring`), sends one `Inject` per shard over its bus link
+(`cluster.bus.client`), and waits for every shard's `Stored`. Only then is the answer 250. A refusal from a
+shard (`InjectRefused`, e.g. 452 4.3.1 disk full) is passed on; a timeout or an unreachable shard gives
+451 4.3.0 and the client retries. If one shard stored its part and another did not, the client's retry stores
+that part again: a duplicate, not a loss (the contract allows duplicates, never losses).
 
 Readiness: each shard is pinged every second; `all_reachable()` is true when every shard answered within the
 last few seconds and said it is ready.
@@ -14,26 +14,14 @@ last few seconds and said it is ready.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Sequence
 
-import zmq
-import zmq.asyncio
-
+from cluster.bus.client import BusLink, NoAnswer
 from cluster.bus.ring import shard_for_address
-from cluster.bus.schemas import (
-    AdminReply,
-    AdminRequest,
-    Error,
-    Inject,
-    InjectRefused,
-    SchemaError,
-    Stored,
-    decode,
-)
-from cluster.bus.security import CurveKeys, secure_client
+from cluster.bus.schemas import AdminReply, AdminRequest, Inject, InjectRefused, Stored
+from cluster.bus.security import CurveKeys
 from cluster.frontend import metrics
 from cluster.smtp.reply import Reply
 
@@ -44,106 +32,63 @@ PING_INTERVAL = 1.0
 REACHABLE_WITHIN = 5.0
 
 
-class _ShardLink:
-    """One DEALER socket to one shard, with the requests waiting for its answers."""
-
-    def __init__(self, context: zmq.asyncio.Context, index: int, endpoint: str, keys: CurveKeys | None) -> None:
-        self.index = index
-        self.socket = context.socket(zmq.DEALER)
-        secure_client(self.socket, keys)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        # Queue messages only on completed connections: a shard that is down fails fast instead of receiving a
-        # backlog (that the client will retry anyway) when it comes back.
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        self.socket.connect(endpoint)
-        self.pending: dict[int, asyncio.Future[Stored | InjectRefused | AdminReply | Error]] = {}
-        self.last_answer = 0.0
-        self.ready = False
-
-    async def receive_forever(self) -> None:
-        while True:
-            frames = await self.socket.recv_multipart()
-            self.last_answer = time.monotonic()
-            try:
-                message = decode(frames[-1])
-            except SchemaError as exc:
-                log.warning("shard %d sent an undecodable frame: %s", self.index, exc)
-                continue
-            req = getattr(message, "req", None)
-            future = self.pending.pop(req, None) if isinstance(req, int) else None
-            if future is not None and not future.done() and isinstance(
-                    message, Stored | InjectRefused | AdminReply | Error):
-                future.set_result(message)
-
-
 class ShardClient:
     def __init__(self, shards: Sequence[str], timeout: float, keys: CurveKeys | None = None) -> None:
         self.shards = list(shards)
         self.timeout = timeout
-        self.context = zmq.asyncio.Context.instance()
-        self.links = [_ShardLink(self.context, i, endpoint, keys) for i, endpoint in enumerate(self.shards)]
-        self._requests = itertools.count(1)
+        # Liveness: a shard silent (ZMTP heartbeats included) for REACHABLE_WITHIN seconds loses its connection,
+        # and with it the injects queued to it (their clients got 451 already); a fresh one is made when it is back.
+        self.links = [BusLink(endpoint, keys, name=f"shard {index}", liveness=REACHABLE_WITHIN)
+                      for index, endpoint in enumerate(self.shards)]
+        self._ready = [False] * len(self.links)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        for link in self.links:
-            self._tasks.append(asyncio.create_task(link.receive_forever()))
-            self._tasks.append(asyncio.create_task(self._ping_forever(link)))
+        for index, link in enumerate(self.links):
+            link.start()
+            self._tasks.append(asyncio.create_task(self._ping_forever(index, link)))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for link in self.links:
-            link.socket.close(linger=0)
+            await link.close()
 
     def all_reachable(self) -> bool:
-        now = time.monotonic()
-        reachable = sum(1 for link in self.links if link.ready and now - link.last_answer < REACHABLE_WITHIN)
+        reachable = sum(1 for index, link in enumerate(self.links)
+                        if self._ready[index] and link.heard_within(REACHABLE_WITHIN))
         metrics.SHARDS_REACHABLE.set(reachable)
         return reachable == len(self.links)
 
-    async def _ping_forever(self, link: _ShardLink) -> None:
+    async def _ping_forever(self, index: int, link: BusLink) -> None:
         while True:
-            req = next(self._requests)
-            future: asyncio.Future[Stored | InjectRefused | AdminReply | Error] = (
-                asyncio.get_running_loop().create_future())
-            link.pending[req] = future
             try:
-                await link.socket.send(AdminRequest(req=req, op="ping").encode(), flags=zmq.NOBLOCK)
-                answer = await asyncio.wait_for(future, PING_INTERVAL * 2)
+                answer = await link.request(lambda req: AdminRequest(req=req, op="ping"), PING_INTERVAL * 2)
+            except NoAnswer:
+                pass
+            else:
                 # A shard still recovering its spool answers, but is not ready to store mail yet.
                 if isinstance(answer, AdminReply) and answer.ok and isinstance(answer.data, dict):
-                    link.ready = bool(answer.data.get("ready"))
-            except (TimeoutError, zmq.Again):
-                pass
-            finally:
-                link.pending.pop(req, None)
+                    self._ready[index] = bool(answer.data.get("ready"))
             await asyncio.sleep(PING_INTERVAL)
 
-    async def _inject_one(self, link: _ShardLink, sender: str, recipients: list[str], body: bytes,
+    async def _inject_one(self, index: int, sender: str, recipients: list[str], body: bytes,
                           client: dict[str, str]) -> Stored | InjectRefused | None:
-        req = next(self._requests)
-        future: asyncio.Future[Stored | InjectRefused | AdminReply | Error] = (
-            asyncio.get_running_loop().create_future())
-        link.pending[req] = future
+        link = self.links[index]
         started = time.perf_counter()
         try:
-            frame = Inject(req=req, sender=sender, recipients=recipients, body=body, client=client).encode()
-            async with asyncio.timeout(self.timeout):
-                await link.socket.send(frame, copy=False)
-                answer = await future
-        except TimeoutError:
-            log.warning("shard %d did not store a message within %.1fs", link.index, self.timeout)
+            answer = await link.request(
+                lambda req: Inject(req=req, sender=sender, recipients=recipients, body=body, client=client),
+                self.timeout)
+        except NoAnswer as missing:
+            log.warning("%s did not store a message: %s", link.name, missing)
             return None
-        finally:
-            link.pending.pop(req, None)
         if isinstance(answer, Stored | InjectRefused):
-            metrics.INJECT_DURATION.labels(shard=str(link.index)).observe(time.perf_counter() - started)
+            metrics.INJECT_DURATION.labels(shard=str(index)).observe(time.perf_counter() - started)
             return answer
-        log.warning("shard %d answered an inject with %r", link.index, answer)
+        log.warning("%s answered an inject with %r", link.name, answer)
         return None
-
     async def inject(self, sender: str, recipients: Sequence[str], body: bytes,
                      client: dict[str, str]) -> tuple[Reply, list[str]]:
         """Store one message on every shard that owns some of its recipients: (reply for the client, queue ids)."""
@@ -151,7 +96,7 @@ class ShardClient:
         for recipient in recipients:
             parts.setdefault(shard_for_address(recipient, self.shards), []).append(recipient)
         answers = await asyncio.gather(*(
-            self._inject_one(self.links[index], sender, part, body, client) for index, part in parts.items()))
+            self._inject_one(index, sender, part, body, client) for index, part in parts.items()))
         refusals = [a for a in answers if isinstance(a, InjectRefused)]
         if refusals:
             worst = max(refusals, key=lambda r: r.code)

@@ -13,6 +13,7 @@ from cluster.bus.ring import domain_key, shard_for_address, shard_for_domain
 from cluster.bus.schemas import (
     AdminRequest,
     Deliver,
+    Error,
     Heartbeat,
     Inject,
     Outcome,
@@ -76,3 +77,55 @@ def test_ring_is_balanced_and_moves_little_when_a_shard_is_added() -> None:
     moved = sum(1 for x, y in zip(three, four, strict=True) if x != y)
     assert all(y == 3 for x, y in zip(three, four, strict=True) if x != y)
     assert 500 < moved < 1000  # about a quarter of the domains move, all to the new shard
+
+
+@pytest.mark.parametrize(("sender", "recipients", "why"), [
+    ("\x00@\x00", ["r@d.test"], "invalid sender"),  # the poison Inject once stored and retried forever
+    ("a b@c.test", ["r@d.test"], "invalid sender"),
+    ("a@b.test", ["r@d.test", "no-domain"], "invalid recipient"),
+    ("a@b.test", ["Postmaster"], "no domain"),  # the SMTP server has already added its own domain
+    ("a@b.test", ["r@bad_domain.test"], "invalid recipient"),
+    ("a@b.test", ["r@d.test\r\nRCPT TO:<x@y.test>"], "invalid recipient"),
+    ("a@b.test", [""], "invalid recipient"),
+])
+def test_inject_envelopes_are_checked_like_smtp(sender: str, recipients: list[str], why: str) -> None:
+    frame = Inject(req=42, sender=sender, recipients=recipients, body=b"x").encode()
+    with pytest.raises(SchemaError, match=why) as refused:
+        decode(frame)
+    assert refused.value.req == 42  # so the shard can answer Error(text, req=42) and the sender stops waiting
+
+
+@pytest.mark.parametrize("sender", ["", "a@b.test", '"john doe"@b.test', "jörg@bücher.de", "a@[192.0.2.1]"])
+def test_envelopes_the_smtp_server_accepts_pass(sender: str) -> None:
+    inject = Inject(req=1, sender=sender, recipients=["x@xn--bcher-kva.de", "y@[IPv6:2001:db8::1]"], body=b"")
+    assert decode(inject.encode()) == inject
+
+
+@pytest.mark.parametrize("payload", [
+    {"t": "inject", "req": 1, "sender": "", "recipients": ["r@d.test"], "body": b"", "client": {"ip": 1}},
+    {"t": "heartbeat", "worker": "w", "free": -1, "in_flight": []},
+    {"t": "heartbeat", "worker": "w", "free": 1, "in_flight": ["j", None]},
+    {"t": "deliver", "job_id": "j", "queue_id": "q", "sender": "", "recipients": [b"r@d.test"], "domain": "d",
+     "body": b"", "attempt": 1},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": 5, "status": "delivered", "code": 250, "enhanced": "", "text": ""}]},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": "r", "status": "sent", "code": 250, "enhanced": "2.0.0", "text": ""}]},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": "r", "status": "delivered", "code": 550, "enhanced": "5.0.0", "text": ""}]},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": "none"},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [["r", "delivered"]]},
+    {"t": "inject_refused", "req": 1, "code": 250, "enhanced": "2.0.0", "text": "ok?"},
+    {"t": "admin", "req": 1, "op": "", "args": {}},
+    {"t": "error", "text": "x", "req": True},
+])
+def test_every_field_is_checked(payload: dict[str, object]) -> None:
+    with pytest.raises(SchemaError):
+        decode(msgpack.packb(payload))
+
+
+def test_odd_reply_codes_are_deferrals_and_errors_name_their_request() -> None:
+    odd = Result(job_id="j", worker="w", outcomes=[Outcome("r@d.test", "deferred", 354, "4.0.0", "odd")])
+    assert decode(odd.encode()) == odd
+    assert decode(Error(text="bad frame", req=3).encode()) == Error("bad frame", 3)
+    assert decode(msgpack.packb({"t": "error", "text": "old style"})) == Error("old style", 0)

@@ -46,5 +46,5 @@ def test_queue_command_with_no_shard_running(tmp_path: Path, capsys: pytest.Capt
     config.write_text('[queue]\nshards = ["tcp://127.0.0.1:9"]\n')
     assert main(["queue", "--config", str(config), "--timeout", "0.2", "list"]) == 1
     captured = capsys.readouterr()
-    assert "did not answer within 0.2s" in captured.err
+    assert "shard 0 (tcp://127.0.0.1:9) is unreachable (no connection within 0.2s)" in captured.err
     assert "queue is empty" not in captured.out  # an unreachable queue is not an empty one

@@ -1,0 +1,223 @@
+"""The one bus client: a DEALER connection to one shard, used by frontends, workers, the bounce forwarder and the CLI.
+
+`BusLink(endpoint, keys, name=...)` owns one ZeroMQ DEALER socket connected to one shard's ROUTER endpoint
+(protocol: cluster/bus/schemas.py), CURVE-secured when the cluster has a key pair (cluster/bus/security.py).
+
+- Requests: `await link.request(lambda req: Inject(req, ...), timeout)` numbers the request, sends it, and returns
+  the answer that carries the same `req` (Stored, InjectRefused, AdminReply, or an Error naming that req). Answers
+  may come in any order; an answer that arrives after its request gave up is dropped (logged at debug level).
+  No answer in time raises `NoAnswer`, whose `sent` says whether the request ever left (False: the shard was not
+  connected during the whole wait, i.e. it is down or unreachable).
+- Other traffic (a worker's Deliver and HeartbeatAck, an Error about no request): `await link.send(message)`
+  never blocks and returns False when the shard is not connected; `await link.receive(timeout)` returns the
+  frames that are not answers to requests, so a caller can keep its own loop (the worker handles a batch of
+  frames, then heartbeats). `link.start(on_message)` runs that loop in the background instead; `request`
+  needs one of the two running.
+- Reconnection: ZeroMQ reconnects by itself (every `RECONNECT_INTERVAL_MS`) after the shard goes away or
+  restarts, CURVE handshake included. Nothing is queued for a shard that is not connected (ZMQ_IMMEDIATE): a
+  restarted shard never receives a burst of stale requests whose senders already gave up.
+- Liveness: `last_heard` is when the shard last sent anything; `heard_within(s)` tells callers (readiness
+  probes) whether it is alive. With `liveness=S`, ZeroMQ heartbeats the connection itself (ZMTP PING every S/3)
+  and drops it after S seconds of silence, so a paused shard or a cut link is noticed even when TCP is not
+  told: the requests still in the old connection are discarded (their callers time out), and a new
+  connection is made when the shard is back.
+
+Failure modes: an undecodable frame is logged and dropped, never raised; a send error is logged and reported
+as False / NoAnswer; closing cancels the background loop and fails the requests still waiting with NoAnswer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import zmq
+import zmq.asyncio
+
+from cluster.bus.schemas import BusMessage, Error, SchemaError, decode
+from cluster.bus.security import CurveKeys, secure_client
+
+log = logging.getLogger(__name__)
+
+# ZeroMQ tries to reconnect to a vanished peer this often (milliseconds).
+RECONNECT_INTERVAL_MS = 100
+# Frames read from the socket in one `receive` call before other tasks get a turn.
+FRAMES_PER_TURN = 100
+
+OnMessage = Callable[[BusMessage], Awaitable[None]]
+
+
+class NoAnswer(Exception):
+    """A request got no answer in time. `sent` is False when the shard was never connected during the wait."""
+
+    def __init__(self, link: BusLink, timeout: float, sent: bool, why: str = "") -> None:
+        self.endpoint = link.endpoint
+        self.name = link.name
+        self.timeout = timeout
+        self.sent = sent
+        if not why:
+            why = (f"did not answer within {timeout:g}s" if sent
+                   else f"is unreachable (no connection within {timeout:g}s)")
+        super().__init__(f"{link.name} ({link.endpoint}) {why}")
+
+
+class BusLink:
+    """One DEALER socket to one shard: requests matched to answers by `req`, plus one-way traffic."""
+
+    def __init__(self, endpoint: str, keys: CurveKeys | None, *, name: str,
+                 context: zmq.asyncio.Context | None = None, liveness: float | None = None) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        context = context or zmq.asyncio.Context.instance()
+        self.socket: zmq.asyncio.Socket = context.socket(zmq.DEALER)
+        secure_client(cast("zmq.Socket[bytes]", self.socket), keys)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL_MS)
+        if liveness is not None:
+            milliseconds = max(1, int(liveness * 1000))
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, milliseconds // 3))
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, milliseconds)
+            self.socket.setsockopt(zmq.HEARTBEAT_TTL, milliseconds)
+        self.socket.connect(endpoint)
+        self.last_heard = float("-inf")
+        self._numbers = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[BusMessage]] = {}
+        self._receiver: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def heard_within(self, seconds: float) -> bool:
+        return time.monotonic() - self.last_heard < seconds
+
+    # -- sending ---------------------------------------------------------------------------------------------
+
+    async def send(self, message: BusMessage | bytes) -> bool:
+        """Send without waiting; False when the shard is not connected or the socket refused."""
+        frame = message if isinstance(message, bytes) else message.encode()
+        try:
+            await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("%s (%s): not connected, frame not sent", self.name, self.endpoint)
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("%s (%s): cannot send: %s", self.name, self.endpoint, exc)
+            return False
+        return True
+
+    async def request(self, build: Callable[[int], BusMessage], timeout: float) -> BusMessage:
+        """Send `build(req)` and return the answer carrying `req`; raise NoAnswer after `timeout` seconds.
+
+        The send itself waits (within the timeout) for a connection, so a shard that is just restarting gets
+        the request as soon as it is back.
+        """
+        if self._receiver is None or self._receiver.done():
+            raise RuntimeError(f"{self.name}: request() needs start() to be running")
+        req = next(self._numbers)
+        future: asyncio.Future[BusMessage] = asyncio.get_running_loop().create_future()
+        self._pending[req] = future
+        sent = False
+        try:
+            async with asyncio.timeout(timeout):
+                await self.socket.send(build(req).encode(), copy=False)
+                sent = True
+                return await future
+        except TimeoutError:
+            raise NoAnswer(self, timeout, sent) from None
+        except zmq.ZMQError as exc:
+            log.warning("%s (%s): cannot send a request: %s", self.name, self.endpoint, exc)
+            raise NoAnswer(self, timeout, sent) from None
+        finally:
+            self._pending.pop(req, None)
+
+    # -- receiving -------------------------------------------------------------------------------------------
+
+    async def receive(self, timeout: float | None, limit: int = FRAMES_PER_TURN) -> list[BusMessage]:
+        """Wait up to `timeout` seconds (None: forever) for frames, read at most `limit` of those waiting, settle
+        the answers to requests, and return the other messages in arrival order."""
+        poll_ms = None if timeout is None else max(0, int(timeout * 1000))
+        if not await self.socket.poll(timeout=poll_ms):
+            return []
+        others: list[BusMessage] = []
+        for _ in range(limit):
+            try:
+                frames = await self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.last_heard = time.monotonic()
+            message = self._decode(frames[-1])
+            if message is not None and not self._settle(message):
+                others.append(message)
+        return others
+
+    def _decode(self, frame: bytes) -> BusMessage | None:
+        try:
+            return decode(frame)
+        except SchemaError as exc:
+            log.warning("%s (%s) sent an undecodable frame: %s", self.name, self.endpoint, exc)
+            return None
+
+    def _settle(self, message: BusMessage) -> bool:
+        """Give an answer to the request waiting for it; True when the message was an answer (even a late one)."""
+        req = getattr(message, "req", None)
+        if not isinstance(req, int) or (isinstance(message, Error) and req == 0):
+            return False
+        future = self._pending.pop(req, None)
+        if future is None:
+            log.debug("%s: answer to request %d came after it gave up; dropped", self.name, req)
+        elif not future.done():
+            future.set_result(message)
+        return True
+
+    def start(self, on_message: OnMessage | None = None) -> None:
+        """Receive in the background: answers settle requests, everything else goes to `on_message`."""
+        if self._receiver is None or self._receiver.done():
+            self._receiver = asyncio.create_task(self._receive_forever(on_message or self._unexpected))
+
+    async def _receive_forever(self, on_message: OnMessage) -> None:
+        while True:
+            for message in await self.receive(None):
+                await on_message(message)
+            await asyncio.sleep(0)  # a burst of frames must not starve the other tasks
+
+    async def _unexpected(self, message: BusMessage) -> None:
+        if isinstance(message, Error):
+            log.warning("%s (%s) reports an error: %s", self.name, self.endpoint, message.text)
+        else:
+            log.warning("%s (%s) sent an unexpected %s", self.name, self.endpoint, message.TYPE)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(NoAnswer(self, 0.0, True, "was closed before it answered"))
+        self._pending.clear()
+        self.socket.close(linger=0)
+
+
+async def ask_all(links: list[BusLink], build: Callable[[int], BusMessage],
+                  timeout: float) -> list[BusMessage | NoAnswer]:
+    """The same request to every link at once: one answer (or NoAnswer) per link, in the links' order."""
+
+    async def one(link: BusLink) -> BusMessage | NoAnswer:
+        try:
+            return await link.request(build, timeout)
+        except NoAnswer as missing:
+            return missing
+
+    return list(await asyncio.gather(*(one(link) for link in links)))
+
+
+def links_to(endpoints: list[str], keys: CurveKeys | None, *, context: zmq.asyncio.Context | None = None,
+             liveness: float | None = None) -> list[BusLink]:
+    """One link per shard endpoint, named "shard N" after the endpoint's index in `queue.shards`."""
+    return [BusLink(endpoint, keys, name=f"shard {index}", context=context, liveness=liveness)
+            for index, endpoint in enumerate(endpoints)]

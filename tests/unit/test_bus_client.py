@@ -1,0 +1,306 @@
+"""The bus client (cluster/bus/client.py) against real ROUTER sockets: matching by req, timeouts, an unreachable
+shard, reconnection after the shard restarts, CURVE, one-way traffic, and ZMTP liveness against a paused peer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from cluster.bus.client import BusLink, NoAnswer, ask_all
+from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, Error, HeartbeatAck, Stored, decode
+from cluster.bus.security import generate_key_file, secure_server, start_authenticator
+from tests.tooling import free_port
+
+Answer = Callable[[AdminRequest], list[BusMessage]]
+
+
+def echo(request: AdminRequest) -> list[BusMessage]:
+    return [AdminReply(req=request.req, ok=True, data={"op": request.op})]
+
+
+class Router:
+    """A shard's ROUTER socket in this process; `answer` decides the frames sent back for each request."""
+
+    def __init__(self, endpoint: str, answer: Answer = echo, context: zmq.asyncio.Context | None = None) -> None:
+        self.context = context or zmq.asyncio.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.endpoint = endpoint
+        self.answer = answer
+        self.received: list[AdminRequest] = []
+        self.identity: bytes | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> Router:
+        self.socket.bind(self.endpoint)
+        self.task = asyncio.create_task(self._serve())
+        return self
+
+    async def _serve(self) -> None:
+        while True:
+            identity, frame = await self.socket.recv_multipart()
+            self.identity = identity
+            request = decode(frame)
+            assert isinstance(request, AdminRequest)
+            self.received.append(request)
+            for reply in self.answer(request):
+                await self.socket.send_multipart([identity, reply.encode()])
+
+    async def send(self, frame: bytes) -> None:
+        assert self.identity is not None
+        await self.socket.send_multipart([self.identity, frame])
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.socket.close(linger=0)
+
+
+def ping(op: str = "ping") -> Callable[[int], AdminRequest]:
+    return lambda req: AdminRequest(req=req, op=op)
+
+
+@pytest.fixture
+def endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+async def link(endpoint: str) -> AsyncIterator[BusLink]:
+    link = BusLink(endpoint, None, name="shard 0")
+    link.start()
+    yield link
+    await link.close()
+
+
+async def test_answers_are_matched_by_req_whatever_their_order(endpoint: str, link: BusLink) -> None:
+    held: list[AdminRequest] = []
+
+    def answer_in_reverse(request: AdminRequest) -> list[BusMessage]:
+        held.append(request)
+        if len(held) < 2:
+            return []
+        return [AdminReply(req=r.req, ok=True, data={"op": r.op}) for r in reversed(held)]
+
+    router = Router(endpoint, answer_in_reverse).start()
+    try:
+        first, second = await asyncio.gather(link.request(ping("first"), 5), link.request(ping("second"), 5))
+        assert isinstance(first, AdminReply) and first.data == {"op": "first"}
+        assert isinstance(second, AdminReply) and second.data == {"op": "second"}
+        assert link.heard_within(5)
+    finally:
+        await router.stop()
+
+
+async def test_a_silent_shard_times_out_and_its_late_answer_is_dropped(endpoint: str, link: BusLink) -> None:
+    router = Router(endpoint, lambda request: [] if request.op == "slow" else echo(request)).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(NoAnswer) as missing:
+            await link.request(ping("slow"), 0.3)
+        assert 0.3 <= time.monotonic() - started < 2
+        assert missing.value.sent and "did not answer within 0.3s" in str(missing.value)
+        # The answer to the request that gave up arrives now: it must not be taken for the next one's.
+        await router.send(AdminReply(req=router.received[0].req, ok=True, data={"op": "slow"}).encode())
+        answer = await link.request(ping("next"), 5)
+        assert isinstance(answer, AdminReply) and answer.data == {"op": "next"}
+    finally:
+        await router.stop()
+
+
+async def test_an_unreachable_shard_is_reported_as_such(link: BusLink) -> None:
+    with pytest.raises(NoAnswer) as missing:
+        await link.request(ping(), 0.3)
+    assert not missing.value.sent
+    assert str(missing.value) == f"shard 0 ({link.endpoint}) is unreachable (no connection within 0.3s)"
+    assert not await link.send(AdminRequest(req=1, op="x"))  # nothing is queued for an absent shard
+    assert not link.heard_within(60)
+
+
+async def request_until_answered(link: BusLink, deadline: float) -> BusMessage:
+    while True:
+        try:
+            return await link.request(ping(), 0.5)
+        except NoAnswer:
+            assert time.monotonic() < deadline, "no answer from the restarted shard"
+
+
+async def test_reconnects_after_the_shard_restarts(endpoint: str, link: BusLink) -> None:
+    first = Router(endpoint, lambda r: [AdminReply(req=r.req, ok=True, data="first")]).start()
+    assert (await link.request(ping(), 5)) == AdminReply(req=1, ok=True, data="first")
+    await first.stop()
+    with pytest.raises(NoAnswer):
+        await link.request(ping(), 0.3)
+    second = Router(endpoint, lambda r: [AdminReply(req=r.req, ok=True, data="second")]).start()
+    try:
+        answer = await request_until_answered(link, time.monotonic() + 10)
+        assert isinstance(answer, AdminReply) and answer.data == "second"
+        # The restarted shard got only requests sent after it was up: nothing queued while it was away.
+        assert all(r.req > 2 for r in second.received)
+    finally:
+        await second.stop()
+
+
+async def test_an_error_naming_the_request_ends_the_wait(endpoint: str, link: BusLink) -> None:
+    router = Router(endpoint, lambda r: [Error(text="bad frame: no", req=r.req)]).start()
+    try:
+        started = time.monotonic()
+        answer = await link.request(ping(), 5)
+        assert answer == Error(text="bad frame: no", req=1) and time.monotonic() - started < 2
+    finally:
+        await router.stop()
+
+
+async def test_other_traffic_goes_to_the_handler_and_garbage_is_dropped(endpoint: str) -> None:
+    router = Router(endpoint).start()
+    link = BusLink(endpoint, None, name="shard 0")
+    seen: list[BusMessage] = []
+
+    async def on_message(message: BusMessage) -> None:
+        seen.append(message)
+
+    link.start(on_message)
+    try:
+        await link.request(ping(), 5)
+        for frame in (b"\xc1 not msgpack", Error(text="unsolicited").encode(), HeartbeatAck(0, "e1").encode(),
+                      Stored(req=99, queue_id="late").encode()):
+            await router.send(frame)
+        deadline = time.monotonic() + 5
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.01)
+        # An Error without req and the ack are delivered; garbage and a stray answer are not.
+        assert seen == [Error(text="unsolicited"), HeartbeatAck(0, "e1")]
+    finally:
+        await link.close()
+        await router.stop()
+
+
+async def test_receive_returns_what_is_not_an_answer(endpoint: str) -> None:
+    router = Router(endpoint).start()
+    link = BusLink(endpoint, None, name="shard 0")
+    try:
+        deadline = time.monotonic() + 5
+        while not await link.send(AdminRequest(req=5, op="hello")):  # False until the connection is up
+            assert time.monotonic() < deadline, "never connected"
+            await asyncio.sleep(0.01)
+        assert await link.receive(5) == []  # the echo answers req 5, which no request() waits for
+        await router.send(HeartbeatAck(0, "e1").encode())
+        assert await link.receive(5) == [HeartbeatAck(0, "e1")]
+        assert await link.receive(0.05) == []
+    finally:
+        await link.close()
+        await router.stop()
+
+
+async def test_ask_all_gives_one_answer_per_shard(endpoint: str) -> None:
+    router = Router(endpoint).start()
+    links = [BusLink(endpoint, None, name="shard 0"), BusLink(f"tcp://127.0.0.1:{free_port()}", None, name="shard 1")]
+    for link in links:
+        link.start()
+    try:
+        up, down = await ask_all(links, ping("list"), 0.5)
+        assert isinstance(up, AdminReply) and up.data == {"op": "list"}
+        assert isinstance(down, NoAnswer) and down.name == "shard 1" and not down.sent
+    finally:
+        for link in links:
+            await link.close()
+        await router.stop()
+
+
+async def test_closing_fails_the_waiting_requests(endpoint: str) -> None:
+    router = Router(endpoint, lambda r: []).start()
+    link = BusLink(endpoint, None, name="shard 0")
+    link.start()
+    try:
+        waiting = asyncio.create_task(link.request(ping(), 30))
+        deadline = time.monotonic() + 5
+        while not router.received:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await link.close()
+        with pytest.raises(NoAnswer, match="was closed before it answered"):
+            await waiting
+    finally:
+        await router.stop()
+
+
+async def test_curve_only_the_cluster_key_gets_answers(tmp_path: Path, endpoint: str) -> None:
+    keys = generate_key_file(tmp_path / "cluster")
+    stranger = generate_key_file(tmp_path / "stranger")
+    context = zmq.asyncio.Context()
+    authenticator = start_authenticator(context, keys)
+    router = Router(endpoint, context=context)
+    secure_server(router.socket, keys)
+    router.start()
+    member = BusLink(endpoint, keys, name="shard 0")
+    outsider = BusLink(endpoint, stranger, name="shard 0")
+    member.start()
+    outsider.start()
+    try:
+        assert isinstance(await member.request(ping(), 5), AdminReply)
+        with pytest.raises(NoAnswer):
+            await outsider.request(ping(), 0.5)
+        assert [r.req for r in router.received] == [1]
+    finally:
+        await member.close()
+        await outsider.close()
+        await router.stop()
+        assert authenticator is not None
+        authenticator.stop()
+        context.term()
+
+
+PAUSABLE_SHARD = """
+import sys, zmq
+socket = zmq.Context.instance().socket(zmq.ROUTER)
+socket.bind(sys.argv[1])
+print("bound", flush=True)
+while True:
+    identity, frame = socket.recv_multipart()
+    socket.send_multipart([identity, frame])
+"""
+
+
+async def disconnects_within(link: BusLink, seconds: float) -> bool:
+    """Whether ZeroMQ reports the link's connection lost within `seconds`."""
+    monitor = link.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        return bool(await monitor.poll(timeout=int(seconds * 1000)))
+    finally:
+        link.socket.disable_monitor()
+        monitor.close(linger=0)
+
+
+@pytest.mark.parametrize("liveness", [0.6, None])
+async def test_liveness_drops_the_connection_to_a_paused_shard(endpoint: str, liveness: float | None) -> None:
+    """A SIGSTOPped shard keeps its TCP connection open: only ZMTP heartbeats notice it is gone."""
+    shard = subprocess.Popen([sys.executable, "-c", PAUSABLE_SHARD, endpoint], stdout=subprocess.PIPE)
+    link = BusLink(endpoint, None, name="shard 0", liveness=liveness)
+    link.start()
+    try:
+        assert shard.stdout is not None and shard.stdout.readline() == b"bound\n"
+        answer = await link.request(ping(), 10)  # the shard echoes the request frame back
+        assert isinstance(answer, AdminRequest) and answer.req == 1
+        os.kill(shard.pid, signal.SIGSTOP)
+        assert await disconnects_within(link, 3) is (liveness is not None)
+        os.kill(shard.pid, signal.SIGCONT)
+        assert isinstance(await request_until_answered(link, time.monotonic() + 10), AdminRequest)
+    finally:
+        os.kill(shard.pid, signal.SIGCONT)
+        shard.kill()
+        shard.wait()
+        assert shard.stdout is not None
+        shard.stdout.close()
+        await link.close()
