@@ -19,7 +19,7 @@ import zmq.asyncio
 from cluster.bus.client import BusLink, NoAnswer, ask_all
 from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, Error, HeartbeatAck, Stored, decode
 from cluster.bus.security import generate_key_file, secure_server, start_authenticator
-from tests.tooling import free_port
+from tests.support.tooling import free_port
 
 Answer = Callable[[AdminRequest], list[BusMessage]]
 
