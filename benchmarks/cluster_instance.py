@@ -1,7 +1,8 @@
 """The system under test: `mtacluster up --config FILE` as a subprocess, with a configuration written here.
 
 `render_config(settings)` is pure: the TOML for one shard, `frontends` frontends sharing the SMTP port,
-`workers` workers, all mail sent to the sink as smarthost, spool and maildir under the work directory.
+`workers` workers, all mail sent to the sink as smarthost, spool and maildir under the work directory, and for
+the "signed" scenario a DKIM key for the sender's domain (every message is signed at acceptance).
 `ClusterInstance.start()` writes it and starts the supervisor (its output goes to `<workdir>/cluster.log`);
 `stop()` sends SIGTERM and waits (the supervisor stops its children in order), then SIGKILLs the whole
 process group. `role_pids()` maps each child process to its role (read from /proc), for the profiler.
@@ -40,6 +41,9 @@ class ClusterSettings:
     workers: int = 2
     hostname: str = "bench-ours.localdomain"
     host: str = "127.0.0.1"
+    # The "signed" scenario: DKIM-sign mail from this domain with this key (rsa-sha256), or None.
+    dkim_domain: str = ""
+    dkim_key_file: Path | None = None
 
     @property
     def config_file(self) -> Path:
@@ -83,6 +87,8 @@ def render_config(settings: ClusterSettings) -> str:
         f"workers = {s.workers}",
         "pop3 = false  # the same work as the Postfix side: SMTP in, SMTP out",
         "",
+        *([f"[dkim.domains.{_toml_string(s.dkim_domain)}]", 'selector = "bench"',
+           f"key_file = {_toml_string(str(s.dkim_key_file))}", ""] if s.dkim_key_file is not None else []),
     ])
 
 

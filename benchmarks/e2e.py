@@ -1,6 +1,6 @@
 """End-to-end benchmark: smtp-source -> system under test -> smtp-sink, for mtacluster and for Postfix.
 
-    python -m benchmarks.e2e [--messages 2000] [--size 4] [--sessions 20] [--only ours|postfix]
+    python -m benchmarks.e2e [--messages 2000] [--size 4] [--sessions 20] [--only ours|signed|postfix ...]
                              [--probe-sessions 2] [--profile DIR [--profile-format flamegraph|raw|speedscope]]
 
 For each system ("ours" = `mtacluster up`, "postfix" = a private Postfix instance), on fresh loopback ports:
@@ -41,7 +41,8 @@ from benchmarks.sink import SinkError, SmtpSink
 from benchmarks.smtp_probe import ProbeResult, ProbeSettings, SmtpProbeError, run_probe, send_one
 from benchmarks.stats import LatencySummary, median, rate, ratio, summarize_latencies
 
-SYSTEMS = ("ours", "postfix")
+# "signed" is ours with DKIM signing (rsa-sha256, 2048 bits) of every message: the cost of signing.
+SYSTEMS = ("ours", "signed", "postfix")
 SENDER = "bench@bench.example"
 RECIPIENT = "sink@bench.example"
 HELO = "bench.example"
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--messages", type=_positive, default=2000, help="messages smtp-source sends (N)")
     parser.add_argument("--size", type=_positive, default=4, help="message payload in KiB (S)")
     parser.add_argument("--sessions", type=_positive, default=20, help="concurrent smtp-source sessions (C)")
-    parser.add_argument("--only", choices=SYSTEMS, help="measure one system only")
+    parser.add_argument("--only", choices=SYSTEMS, nargs="+", help="measure only these systems")
     parser.add_argument("--rounds", type=_positive, default=3,
                         help="rounds (each runs every system once); figures are medians over the rounds")
     parser.add_argument("--probe-sessions", type=_positive, default=2,
@@ -114,7 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
         build_parser().error("--probe-interval must not be negative")
     return BenchArgs(
         messages=ns.messages, size_kib=ns.size, sessions=ns.sessions,
-        systems=(ns.only,) if ns.only else SYSTEMS, rounds=ns.rounds, probe_sessions=ns.probe_sessions,
+        systems=tuple(dict.fromkeys(ns.only)) if ns.only else SYSTEMS, rounds=ns.rounds,
+        probe_sessions=ns.probe_sessions,
         probe_interval=ns.probe_interval,
         frontends=ns.frontends, workers=ns.workers, reuse_connections=ns.reuse_connections,
         time_limit=ns.time_limit, profile_dir=ns.profile, profile_format=ns.profile_format,
@@ -309,11 +311,22 @@ async def run_postfix(args: BenchArgs, workdir: Path, deadline: Deadline) -> Sid
     return result
 
 
-async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideResult:
+async def run_signed(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideResult:
+    """Ours with every message DKIM-signed at acceptance (a fresh 2048-bit RSA key for the sender's domain)."""
+    from cluster.dkim.keys import generate, write_private_key
+
+    (workdir / "signed").mkdir(parents=True, exist_ok=True)
+    key_file = workdir / "signed" / "dkim.pem"
+    write_private_key(str(key_file), generate("rsa-sha256", 2048))
+    return await run_ours(args, workdir, deadline, "signed", key_file)
+
+
+async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline, system: str = "ours",
+                   dkim_key_file: Path | None = None) -> SideResult:
     processes = 1 + args.frontends + args.workers  # each gets a metrics port: base + its index
     (smtp_port, sink_port, shard_port), metrics_base = free_ports_and_block(3, processes)
-    settings = ClusterSettings(workdir / "ours", smtp_port, shard_port, metrics_base, sink_port, args.frontends,
-                               args.workers)
+    settings = ClusterSettings(workdir / system, smtp_port, shard_port, metrics_base, sink_port, args.frontends,
+                               args.workers, dkim_domain=SENDER.rpartition("@")[2], dkim_key_file=dkim_key_file)
     sink = SmtpSink(HOST, sink_port, find_tool("smtp-sink"))
     instance = ClusterInstance(settings)
     profiler = _make_profiler(args)
@@ -324,7 +337,7 @@ async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideRe
         await wait_smtp_ready(smtp_port, deadline.within(READY_TIMEOUT), instance.check_running)
         probe = ProbeSettings(HOST, smtp_port, 1024, sender=SENDER, recipient=RECIPIENT)
         await warm_up(probe, sink, deadline.within(READY_TIMEOUT), instance.check_running)
-        log(f"ours: ready on {HOST}:{smtp_port} ({settings.frontends} frontends, {settings.workers} workers, "
+        log(f"{system}: ready on {HOST}:{smtp_port} ({settings.frontends} frontends, {settings.workers} workers, "
             f"1 shard), relaying to the sink on {HOST}:{sink_port}")
 
         pids = instance.role_pids()
@@ -335,7 +348,7 @@ async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideRe
             if profiler is not None:
                 profiler.start(pids)
 
-        result = await measure("ours", args, smtp_port, sink, deadline, on_started)
+        result = await measure(system, args, smtp_port, sink, deadline, on_started)
         cpu_after = cpu_by_role(pids)
         messages = result.source_messages + result.probe_messages
         result.cpu_ms_per_message = {role: 1000.0 * (cpu_after[role] - cpu_before.get(role, 0.0)) / messages
@@ -347,6 +360,9 @@ async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideRe
         result.shard_metrics = shard_summary(sum_by_name(shard_text))
         if result.shard_metrics:
             result.notes.append("shard: " + ", ".join(f"{k}={v:.4g}" for k, v in result.shard_metrics.items()))
+        if dkim_key_file is not None:
+            signed = settings.log_file.read_text(errors="replace").count(" dkim=signed")
+            result.notes.append(f"messages DKIM-signed at acceptance: {signed}")
         if profiler is not None:
             result.notes.extend(profiler.stop())
             result.notes.extend(_profile_notes(profiler, args.profile_format))
@@ -409,15 +425,16 @@ def figures(rounds: Sequence[SideResult]) -> dict[str, float | None]:
 
 
 def render_table(results: Mapping[str, Sequence[SideResult]]) -> str:
-    ours, postfix = figures(results.get("ours", ())), figures(results.get("postfix", ()))
-    rows = [("figure", "ours", "postfix", "ours/postfix")]
+    ours, signed, postfix = (figures(results.get(name, ())) for name in SYSTEMS)
+    rows = [("figure", "ours", "signed", "postfix", "ours/postfix", "signed/ours")]
     for key, label in FIGURES.items():
-        rows.append((label, _fmt(ours[key]), _fmt(postfix[key]), _fmt(ratio(ours[key], postfix[key]), 2)))
+        rows.append((label, _fmt(ours[key]), _fmt(signed[key]), _fmt(postfix[key]),
+                     _fmt(ratio(ours[key], postfix[key]), 2), _fmt(ratio(signed[key], ours[key]), 2)))
     measured = {name: sum(1 for r in results.get(name, ()) if not r.error) for name in SYSTEMS}
-    rows.append(("rounds measured", str(measured["ours"]), str(measured["postfix"]), ""))
+    rows.append(("rounds measured", *(str(measured[name]) for name in SYSTEMS), "", ""))
     extra = {name: sum(r.sink_extra for r in results.get(name, ())) for name in SYSTEMS}
-    rows.append(("duplicates at sink", str(extra["ours"]), str(extra["postfix"]), ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows.append(("duplicates at sink", *(str(extra[name]) for name in SYSTEMS), "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -425,13 +442,14 @@ def render_table(results: Mapping[str, Sequence[SideResult]]) -> str:
 
 
 def json_line(args: BenchArgs, results: Mapping[str, Sequence[SideResult]]) -> str:
-    ours, postfix = figures(results.get("ours", ())), figures(results.get("postfix", ()))
+    ours, signed, postfix = (figures(results.get(name, ())) for name in SYSTEMS)
     payload: dict[str, object] = {
         "benchmark": "e2e", "messages": args.messages, "size_kib": args.size_kib, "sessions": args.sessions,
         "rounds": args.rounds, "probe_sessions": args.probe_sessions, "probe_interval": args.probe_interval,
         "reuse_connections": args.reuse_connections,
-        "ours": ours, "postfix": postfix,
+        "ours": ours, "signed": signed, "postfix": postfix,
         "ratio": {key: ratio(ours[key], postfix[key]) for key in ours},
+        "signed_vs_ours": {key: ratio(signed[key], ours[key]) for key in ours},
         "details": {name: [asdict(result) for result in rounds] for name, rounds in results.items()},
     }
     return json.dumps(payload, sort_keys=True, default=str)
@@ -445,7 +463,7 @@ async def run(args: BenchArgs, workdir: Path) -> dict[str, list[SideResult]]:
         loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     deadline = Deadline(args.time_limit)
     results: dict[str, list[SideResult]] = {system: [] for system in args.systems}
-    runners = {"postfix": run_postfix, "ours": run_ours}
+    runners = {"postfix": run_postfix, "ours": run_ours, "signed": run_signed}
     # Rounds alternate the systems, so a burst of load from elsewhere on the machine hits both alike.
     for number in range(1, args.rounds + 1):
         for system in sorted(args.systems, key=lambda name: name != "postfix"):

@@ -6,6 +6,7 @@
     mtacluster keys FILE                                make the cluster's CURVE key pair (bus.curve_key_file)
     mtacluster queue list|show|flush|hold|release|delete|bounce ...      queue administration
     mtacluster user add|remove|list [NAME] [--config FILE]              the users file (auth.users_file)
+    mtacluster dkim keygen DOMAIN --selector S [--algorithm rsa|ed25519] [--bits N] --out FILE    a DKIM key
 
 Errors (a bad configuration, an unreachable shard) are one clear line on stderr and a non-zero exit code.
 """
@@ -38,6 +39,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from cluster.bus.security import cluster_keys
     from cluster.config import check_files
+    from cluster.dkim.signer import DkimSigner
     from cluster.tls import server_context
 
     config = _load(args.file)
@@ -45,6 +47,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     server_context(config.smtp.tls_cert_file, config.smtp.tls_key_file, "smtp")
     server_context(config.pop3.tls_cert_file, config.pop3.tls_key_file, "pop3")
     cluster_keys(config.bus)
+    DkimSigner.from_config(config.dkim)
     print(f"{args.file}: ok ({len(config.queue.shards)} shards, listen {', '.join(config.smtp.listen)})")
     return 0
 
@@ -126,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (user_add, user_remove, user_commands.add_parser("list", help="list the users")):
         sub.add_argument("--config", default=argparse.SUPPRESS, help="TOML configuration file")
     user.set_defaults(func=_cmd_user)
+
+    from cluster.dkim import admin as dkim_admin
+
+    dkim_admin.add_parser(commands)
     return parser
 
 

@@ -200,6 +200,37 @@ class UpConfig:
     restart_delay: Duration = Duration(1)
 
 
+# RFC 6376 5.4.1: the header fields a signer should sign ("From" is required, and we oversign it). Message-ID,
+# MIME-Version and the Content-* fields are added because changing them changes what the reader sees.
+DKIM_DEFAULT_HEADERS = (
+    "from", "reply-to", "subject", "date", "to", "cc", "resent-date", "resent-from", "resent-to", "resent-cc",
+    "in-reply-to", "references", "list-id", "list-help", "list-unsubscribe", "list-unsubscribe-post",
+    "list-subscribe", "list-post", "list-owner", "list-archive", "message-id", "mime-version", "content-type",
+    "content-transfer-encoding",
+)
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+
+
+@dataclass(frozen=True)
+class DkimDomain:
+    # RFC 6376 3.1: the public key is published as TXT at <selector>._domainkey.<signing domain>.
+    selector: str = ""
+    # PEM private key (`mtacluster dkim keygen`): RSA for "rsa-sha256", Ed25519 for "ed25519-sha256" (RFC 8463).
+    key_file: str = ""
+    algorithm: str = "rsa-sha256"
+    # The signing domain (d=); empty = the entry's own name. Required for the "*" entry, which signs mail of
+    # every From: domain without an entry of its own with the operator's key.
+    domain: str = ""
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    # From: domain (or "*") -> its signing key. Mail from authenticated users and relay clients is signed.
+    domains: Mapping[str, DkimDomain] = field(default_factory=dict)
+    # Header fields signed when present; "from" is always signed, once more than it occurs (oversigned).
+    sign_headers: tuple[str, ...] = DKIM_DEFAULT_HEADERS
+
+
 @dataclass(frozen=True)
 class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -210,6 +241,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     pop3: Pop3Config = field(default_factory=Pop3Config)
     up: UpConfig = field(default_factory=UpConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -218,6 +250,7 @@ _SIZE_UNITS = {
     "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
 }
 _TRANSPORT = re.compile(r"smtp:\[[^\]]+\](:\d+)?|smtp:[A-Za-z0-9.-]+(:\d+)?|local|error:[45]\.\d{1,3}\.\d{1,3}( .*)?")
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -269,7 +302,14 @@ def _convert(value: object, annotation: Any, key: str) -> object:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
         return value
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return _build_section(annotation, key, value)
     origin = typing.get_origin(annotation)
+    if origin in (Mapping, dict) and typing.get_args(annotation)[1] is not str:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {value!r}")
+        item_type = typing.get_args(annotation)[1]
+        return types.MappingProxyType({str(k): _convert(v, item_type, f"{key}.{k}") for k, v in value.items()})
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -412,6 +452,29 @@ def _check_bounds(config: Config) -> None:
     at_least("pop3.max_errors", p.max_errors, 1)
     at_least("pop3.idle_timeout", p.idle_timeout, 600)  # RFC 1939 3: "at least 10 minutes"
     at_least("pop3.max_connections", p.max_connections, 1)
+    _check_dkim(config.dkim)
+
+
+def _check_dkim(dkim: DkimConfig) -> None:
+    for name, entry in dkim.domains.items():
+        key = f"dkim.domains.{name}"
+        if name != "*" and not _DOMAIN_NAME.fullmatch(name):
+            raise ConfigError(key, f'expected a domain name or "*", got {name!r}')
+        if not entry.selector or not _DOMAIN_NAME.fullmatch(entry.selector):
+            raise ConfigError(f"{key}.selector", f"expected a selector (letters, digits, dots, hyphens), "
+                              f"got {entry.selector!r}")
+        if not entry.key_file:
+            raise ConfigError(f"{key}.key_file", "required: the PEM private key (`mtacluster dkim keygen`)")
+        if entry.algorithm not in DKIM_ALGORITHMS:
+            raise ConfigError(f"{key}.algorithm", f"expected one of {', '.join(DKIM_ALGORITHMS)}, "
+                              f"got {entry.algorithm!r}")
+        if name == "*" and not entry.domain:
+            raise ConfigError(f"{key}.domain", 'required for "*": the domain whose key signs (d=)')
+        if entry.domain and not _DOMAIN_NAME.fullmatch(entry.domain):
+            raise ConfigError(f"{key}.domain", f"expected a domain name, got {entry.domain!r}")
+    for header in dkim.sign_headers:
+        if not re.fullmatch(r"[!-9;-~]+", header):
+            raise ConfigError("dkim.sign_headers", f"{header!r} is not a header field name")
 
 
 def check_readable(key: str, path: str) -> None:
@@ -429,9 +492,11 @@ def check_files(config: Config) -> None:
     Kept out of `load_config` because every role reads the same file but only some mount these files (a
     queue shard has no TLS certificate). Raises ConfigError naming the key.
     """
-    files = (("smtp.tls_cert_file", config.smtp.tls_cert_file), ("smtp.tls_key_file", config.smtp.tls_key_file),
-             ("auth.users_file", config.auth.users_file),
-             ("pop3.tls_cert_file", config.pop3.tls_cert_file), ("pop3.tls_key_file", config.pop3.tls_key_file))
+    files: list[tuple[str, str]] = [
+        ("smtp.tls_cert_file", config.smtp.tls_cert_file), ("smtp.tls_key_file", config.smtp.tls_key_file),
+        ("auth.users_file", config.auth.users_file),
+        ("pop3.tls_cert_file", config.pop3.tls_cert_file), ("pop3.tls_key_file", config.pop3.tls_key_file)]
+    files += list((f"dkim.domains.{name}.key_file", entry.key_file) for name, entry in config.dkim.domains.items())
     for key, path in files:
         if path:
             check_readable(key, path)
@@ -458,6 +523,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "auth": AuthConfig,
     "pop3": Pop3Config,
     "up": UpConfig,
+    "dkim": DkimConfig,
 }
 
 

@@ -23,6 +23,7 @@ from cluster.bus.security import cluster_keys
 from cluster.config import Config, split_host_port
 from cluster.frontend import auth, metrics
 from cluster.frontend.injector import ShardClient
+from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import RelayPolicy
 from cluster.frontend.session import Security, SmtpSession
 from cluster.smtp.proxy import ProxyHeaderError, parse_proxy_header
@@ -56,18 +57,20 @@ class Frontend:
         base = ServerSettings.from_config(config.smtp)
         context = server_context(config.smtp.tls_cert_file, config.smtp.tls_key_file, "smtp")
         users = UserDatabase(config.auth.users_file) if config.auth.users_file else None
+        outbound = Outbound.from_config(config)
         # AUTH is a known verb whenever there are users: before TLS it gets 538 (RFC 4954 4), not 500.
         verbs = {"AUTH"} if users is not None else set()
         if context is None:
             if users is not None:
                 log.warning("auth.users_file is set but smtp.tls_cert_file is not: SMTP AUTH needs STARTTLS, so "
                             "every AUTH gets 538 5.7.11")
-            return dataclasses.replace(base, extension_commands=frozenset(verbs)), Security(users=users)
+            return (dataclasses.replace(base, extension_commands=frozenset(verbs)),
+                    Security(users=users, outbound=outbound))
         before_tls = dataclasses.replace(base, extra_extensions=("STARTTLS",),
                                          extension_commands=frozenset(verbs | {"STARTTLS"}))
         after_tls = dataclasses.replace(base, extra_extensions=(auth.EHLO_KEYWORD,) if users is not None else (),
                                         extension_commands=frozenset(verbs | {"STARTTLS"}))
-        return before_tls, Security(tls_context=context, tls_settings=after_tls, users=users)
+        return before_tls, Security(tls_context=context, tls_settings=after_tls, users=users, outbound=outbound)
 
     def is_ready(self) -> bool:
         return bool(self.servers) and self.shards is not None and self.shards.all_reachable()

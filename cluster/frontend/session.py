@@ -31,6 +31,7 @@ from cluster.config import SmtpConfig
 from cluster.frontend import metrics
 from cluster.frontend.auth import SUCCEEDED, TOO_MANY_FAILURES, SmtpAuth, Step, Verify
 from cluster.frontend.injector import ShardClient
+from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import RelayPolicy
 from cluster.frontend.received import protocol_name, received_header
 from cluster.smtp.events import (
@@ -66,6 +67,8 @@ class Security:
     tls_settings: ServerSettings | None = None
     # None: no users file, nobody can log in.
     users: UserDatabase | None = None
+    # DKIM signing of relayed mail (cluster.frontend.outbound); None: nothing is added.
+    outbound: Outbound | None = None
 
 
 class _MetricsObserver:
@@ -264,7 +267,10 @@ class SmtpSession:
         header = received_header(helo=self.conn.helo_name, client_ip=self.client_ip,
                                  hostname=self.config.hostname, protocol=protocol, trace_id=trace_id,
                                  recipients=recipients, timestamp=time.time())
-        body = header + message.data
+        relayed = self.may_relay or self.auth.user is not None
+        outbound = self.security.outbound
+        prepared = await outbound.prepare(message.data, relayed=relayed) if outbound is not None else None
+        body = (prepared.header if prepared is not None else b"") + header + message.data
         sender = "" if message.sender is None else str(message.sender)
         client = {"ip": self.client_ip, "helo": self.conn.helo_name or "", "protocol": protocol,
                   "trace_id": trace_id}
@@ -273,9 +279,10 @@ class SmtpSession:
             metrics.MESSAGES_ACCEPTED.inc()
             metrics.RECEIVED_BYTES.inc(len(message.data))
             metrics.ACCEPT_LATENCY.observe(time.perf_counter() - ended)
-            log.info("accepted trace=%s from=<%s> nrcpt=%d size=%d queue_ids=%s client=%s%s", trace_id, sender,
+            log.info("accepted trace=%s from=<%s> nrcpt=%d size=%d queue_ids=%s client=%s%s%s", trace_id, sender,
                      len(recipients), len(message.data), ",".join(queue_ids), self.client_ip,
-                     f" user={self.auth.user}" if self.auth.user is not None else "")
+                     f" user={self.auth.user}" if self.auth.user is not None else "",
+                     f" dkim={prepared.dkim}" if prepared is not None and prepared.dkim else "")
         else:
             reason = "disk_full" if reply.enhanced == "4.3.1" else "queue_unavailable"
             metrics.MESSAGES_REJECTED.labels(reason=reason).inc()

@@ -138,15 +138,18 @@ class DnsServer:
     """dnsmasq answering for a test zone under ".test" on a free loopback port.
 
     `mx`: (domain, host, preference) records; `hosts`: name -> address (A records); names under .test that are
-    not defined answer NXDOMAIN. Always defined: null MX (RFC 7505) for nullmx.test, and SERVFAIL for
-    servfail.test (forwarded to a port where nobody answers).
+    not defined answer NXDOMAIN. `txt`: name -> the strings of its TXT record (each at most 255 bytes; DKIM keys
+    span several). Always defined: null MX (RFC 7505) for nullmx.test, and SERVFAIL for servfail.test
+    (forwarded to a port where nobody answers).
     """
 
-    def __init__(self, mx: list[tuple[str, str, int]], hosts: dict[str, str]) -> None:
+    def __init__(self, mx: list[tuple[str, str, int]], hosts: dict[str, str],
+                 txt: dict[str, list[str]] | None = None) -> None:
         self.binary = require_tool("dnsmasq")
         self.port = free_port()
         self.mx = mx
         self.hosts = hosts
+        self.txt = txt or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -160,6 +163,8 @@ class DnsServer:
                 "--host-record=ready.test,127.0.0.1"]
         args += [f"--mx-host={domain},{host},{preference}" for domain, host, preference in self.mx]
         args += [f"--host-record={name},{address}" for name, address in self.hosts.items()]
+        # One argv element each, without shell quotes (they would become part of the record).
+        args += [f"--txt-record={name},{','.join(strings)}" for name, strings in self.txt.items()]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._answers, 10, f"dnsmasq on {self.address} to answer")
         return self

@@ -75,7 +75,7 @@ def test_rate_and_ratio_handle_missing_values() -> None:
 def test_defaults_match_the_issue() -> None:
     args = parse_args([])
     assert (args.messages, args.size_kib, args.sessions) == (2000, 4, 20)
-    assert args.systems == ("ours", "postfix")
+    assert args.systems == ("ours", "signed", "postfix")
     assert args.profile_dir is None
     assert args.time_limit < 180
     assert args.rounds == 3
@@ -110,6 +110,10 @@ def test_smtp_source_command() -> None:
     assert "-d" in smtp_source_command("smtp-source", parse_args(["--reuse-connections"]), 1)
 
 
+def test_only_takes_several_systems() -> None:
+    assert parse_args(["--only", "ours", "signed"]).systems == ("ours", "signed")
+
+
 # --- generated configurations
 
 
@@ -124,6 +128,10 @@ def test_cluster_config_is_valid_for_mtacluster(tmp_path: Path) -> None:
     assert config.metrics.listen == "127.0.0.1:30100"
     assert (config.up.frontends, config.up.workers) == (3, 4)
     assert settings.processes == 8
+    assert not config.dkim.domains
+    signed = ClusterSettings(tmp_path, 1, 2, 3, 4, dkim_domain="bench.example", dkim_key_file=tmp_path / "k.pem")
+    entry = config_from_dict(tomllib.loads(render_config(signed)), environ={}).dkim.domains["bench.example"]
+    assert (entry.selector, entry.key_file, entry.algorithm) == ("bench", str(tmp_path / "k.pem"), "rsa-sha256")
 
 
 def test_postfix_main_cf_relays_everything_to_the_sink(tmp_path: Path) -> None:
@@ -211,6 +219,11 @@ def test_table_and_json_line_carry_every_figure() -> None:
     assert payload["ours"]["cpu_ms_per_message"] == 1.5
     assert payload["postfix"]["p99_ms"] is None
     assert payload["messages"] == 2000
+    signed = SideResult("signed", accepted_per_s=270.0, delivered_per_s=225.0)
+    table = render_table({"ours": [ours], "signed": [signed], "postfix": [postfix]})
+    assert "signed/ours" in table and "0.90" in table
+    payload = json.loads(json_line(args, {"ours": [ours], "signed": [signed]}))
+    assert payload["signed_vs_ours"]["accepted_per_s"] == 0.9
 
 
 def test_free_ports_and_block_are_distinct_and_consecutive() -> None:
