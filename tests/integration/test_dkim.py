@@ -14,8 +14,8 @@ import dns.resolver
 import pytest
 
 from cluster.dkim.keys import dns_record, generate, txt_strings, write_private_key
-from tests.harness import Cluster, DnsServer, SinkMessage, SmtpSink, running
-from tests.tooling import require_tool
+from tests.support.harness import Cluster, DnsServer, SinkMessage, SmtpSink, running
+from tests.support.tooling import require_tool
 
 pytestmark = pytest.mark.integration
 
