@@ -9,24 +9,43 @@
     delete  {queue_id}                                         -> {"queue_id", "deleted": n}  no DSN
     bounce  {queue_id}                                         -> {"queue_id", "bounced": n}  5.0.0 + DSN
 where message = {"queue_id", "sender", "arrival", "size", "recipients": [{"address", "state", "attempts",
-"next_attempt", "last_reply", "remote"}]}. Every change is written to the spool before it is answered.
-Errors (unknown op, unknown queue id, bad argument) raise KeyError/ValueError; the shard turns them into
-AdminReply(ok=False, error=text), e.g. "unknown queue id 01ABC".
+"next_attempt", "last_reply", "remote"}]}.
+
+Every change goes through the ledger (ledger.py): decided under the message's lock from its state at that
+moment, written to the spool, and only then answered, so admin operations are safe against each other and
+against the dispatcher (two overlapping flushes make each deferred recipient ready once). A flush of many
+messages is cut into chunks whose transactions go through group commit together.
+Errors: unknown op, unknown queue id, bad argument raise `AdminError` (the shard answers ok=False with its
+text, e.g. "unknown queue id 01ABC"); a spool failure raises SpoolError (answered as an error too).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster.bus.ring import domain_key
-from cluster.queue.records import Message, Recipient, State
-
-if TYPE_CHECKING:
-    from cluster.queue.shard import Shard
+from cluster.queue.ledger import Applied, Change, Event, Ledger, copy_recipient
+from cluster.queue.records import PENDING_STATES, Message, State
+from cluster.queue.scheduler import Scheduler
+from cluster.queue.spoolio import SpoolIO
 
 DEFAULT_LIST_LIMIT = 10_000
 ADMIN_BOUNCE_REPLY = "550 5.0.0 Message deleted and returned by the queue administrator"
+ADMIN_DELETE_REPLY = "deleted by the queue administrator"
+# Messages per ledger transaction in a flush; the chunks are committed together through group commit.
+FLUSH_CHUNK = 1000
+
+PENDING = frozenset(PENDING_STATES)
+
+
+class AdminError(ValueError):
+    """A request the shard cannot carry out as asked (unknown op or queue id, bad argument)."""
+
+    def __init__(self, text: str, not_found: bool = False) -> None:
+        super().__init__(text)
+        self.not_found = not_found
 
 
 def describe(message: Message) -> dict[str, Any]:
@@ -38,25 +57,26 @@ def describe(message: Message) -> dict[str, Any]:
     }
 
 
-def _copy(recipient: Recipient, state: State, last_reply: str | None = None) -> Recipient:
-    return Recipient(recipient.index, recipient.address, state, recipient.attempts, 0.0,
-                     recipient.last_reply if last_reply is None else last_reply, recipient.remote)
-
-
 def _text_arg(args: dict[str, Any], name: str, required: bool = False) -> str | None:
     value = args.get(name)
     if value is None:
         if required:
-            raise ValueError(f"missing argument {name!r}")
+            raise AdminError(f"missing argument {name!r}")
         return None
     if not isinstance(value, str) or not value:
-        raise ValueError(f"argument {name!r} must be a non-empty string")
+        raise AdminError(f"argument {name!r} must be a non-empty string")
     return value
 
 
 class AdminOps:
-    def __init__(self, shard: Shard) -> None:
-        self.shard = shard
+    def __init__(self, scheduler: Scheduler, ledger: Ledger, io: SpoolIO, clock: Callable[[], float],
+                 wake: Callable[[], None], identity: Callable[[], dict[str, Any]]) -> None:
+        self.scheduler = scheduler
+        self.ledger = ledger
+        self.io = io
+        self.clock = clock
+        self._wake = wake
+        self._identity = identity
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -65,19 +85,19 @@ class AdminOps:
         }
         handler = handlers.get(op)
         if handler is None:
-            raise ValueError(f"unknown admin operation {op!r} (known: {', '.join(handlers)})")
+            raise AdminError(f"unknown admin operation {op!r} (known: {', '.join(handlers)})")
         return await handler(args)
 
     def _message(self, args: dict[str, Any]) -> Message:
         queue_id = _text_arg(args, "queue_id", required=True)
         assert queue_id is not None
-        message = self.shard.scheduler.messages.get(queue_id)
+        message = self.scheduler.messages.get(queue_id)
         if message is None:
-            raise KeyError(f"unknown queue id {queue_id}")
+            raise AdminError(f"unknown queue id {queue_id}", not_found=True)
         return message
 
     async def _ping(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"shard": self.shard.index, "epoch": self.shard.epoch, "ready": self.shard.is_ready()}
+        return self._identity()
 
     async def _list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         domain = _text_arg(args, "domain")
@@ -85,9 +105,9 @@ class AdminOps:
         deferred_only = bool(args.get("deferred_only", False))
         limit = args.get("limit", DEFAULT_LIST_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError("argument 'limit' must be a positive integer")
+            raise AdminError("argument 'limit' must be a positive integer")
         found: list[dict[str, Any]] = []
-        for message in self.shard.scheduler.messages.values():
+        for message in self.scheduler.messages.values():
             pending = [r for r in message.recipients if not r.state.done and (key is None or r.domain == key)]
             if not pending or (deferred_only and not any(r.state is State.DEFERRED for r in pending)):
                 continue
@@ -98,59 +118,77 @@ class AdminOps:
 
     async def _show(self, args: dict[str, Any]) -> dict[str, Any]:
         message = self._message(args)
-        headers = await self.shard.read_headers(message.queue_id) or b""
+        headers = await self.io.read_headers(message.queue_id) or b""
         return {**describe(message), "headers": headers.decode("utf-8", "replace"), "client": message.client}
 
-    async def _change(self, message: Message, select: Callable[[Recipient], bool], state: State) -> int:
-        changes = [(r, _copy(r, state)) for r in message.recipients if select(r)]
-        if changes:
-            await self.shard.apply_changes(message, changes, self.shard.clock(), bounce=False)
-        return len(changes)
+    async def _change_one(self, args: dict[str, Any], decide: Callable[[Message], list[Change]]) -> tuple[str, int]:
+        queue_id = self._message(args).queue_id
+        applied = await self.ledger.apply([queue_id], decide, self.clock())
+        if queue_id not in applied.found:  # gone while we waited for its lock (delivered, deleted)
+            raise AdminError(f"unknown queue id {queue_id}", not_found=True)
+        return queue_id, applied.count()
 
     async def _flush(self, args: dict[str, Any]) -> dict[str, Any]:
         domain = _text_arg(args, "domain")
         key = domain_key(domain) if domain else None
         if args.get("queue_id") is not None:
-            messages = [self._message(args)]
+            queue_ids = [self._message(args).queue_id]
         else:
-            messages = list(self.shard.scheduler.messages.values())
-        flushed = 0
-        for message in messages:
-            flushed += await self._change(
-                message, lambda r: r.state is State.DEFERRED and (key is None or r.domain == key), State.READY)
-        backoff = self.shard.scheduler.backoff_until
-        for name in [d for d in backoff if key is None or d == key]:
-            del backoff[name]
-        self.shard.wake_dispatcher()
-        return {"flushed": flushed}
+            queue_ids = [m.queue_id for m in self.scheduler.messages.values()
+                         if any(r.state is State.DEFERRED for r in m.recipients)]
+
+        def decide(message: Message) -> list[Change]:
+            return [Change(copy_recipient(r, State.READY), frozenset({State.DEFERRED}), Event.FLUSHED)
+                    for r in message.recipients if r.state is State.DEFERRED and (key is None or r.domain == key)]
+
+        now = self.clock()
+        chunks = [queue_ids[i:i + FLUSH_CHUNK] for i in range(0, len(queue_ids), FLUSH_CHUNK)]
+        results = await asyncio.gather(*(self.ledger.apply(chunk, decide, now) for chunk in chunks),
+                                       return_exceptions=True)
+        self.scheduler.clear_backoff(key)
+        self._wake()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return {"flushed": sum(r.count() for r in results if isinstance(r, Applied))}
 
     async def _hold(self, args: dict[str, Any]) -> dict[str, Any]:
-        message = self._message(args)
-        held = await self._change(message, lambda r: r.state in (State.READY, State.DEFERRED), State.HELD)
-        return {"queue_id": message.queue_id, "held": held}
+        def decide(message: Message) -> list[Change]:
+            return [Change(copy_recipient(r, State.HELD), frozenset({State.READY, State.DEFERRED}), Event.HELD)
+                    for r in message.recipients if r.state in (State.READY, State.DEFERRED)]
+
+        queue_id, held = await self._change_one(args, decide)
+        return {"queue_id": queue_id, "held": held}
 
     async def _release(self, args: dict[str, Any]) -> dict[str, Any]:
-        message = self._message(args)
-        released = await self._change(message, lambda r: r.state is State.HELD, State.READY)
-        return {"queue_id": message.queue_id, "released": released}
+        def decide(message: Message) -> list[Change]:
+            return [Change(copy_recipient(r, State.READY), frozenset({State.HELD}), Event.RELEASED)
+                    for r in message.recipients if r.state is State.HELD]
+
+        queue_id, released = await self._change_one(args, decide)
+        return {"queue_id": queue_id, "released": released}
 
     def _drop_jobs(self, message: Message) -> None:
         """Forget the message's jobs in flight; the workers' late Results are then ignored."""
-        for job in [j for j in self.shard.scheduler.jobs.values() if j.queue_id == message.queue_id]:
-            self.shard.scheduler.finish_job(job.job_id)
+        for job in [j for j in self.scheduler.jobs.values() if j.queue_id == message.queue_id]:
+            self.scheduler.finish_job(job.job_id)
 
     async def _delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        message = self._message(args)
-        self._drop_jobs(message)
-        pending = [r for r in message.recipients if not r.state.done]
-        changes = [(r, _copy(r, State.FAILED, "deleted by the queue administrator")) for r in pending]
-        await self.shard.apply_changes(message, changes, self.shard.clock(), completed_as="deleted", bounce=False)
-        return {"queue_id": message.queue_id, "deleted": len(pending)}
+        def decide(message: Message) -> list[Change]:
+            self._drop_jobs(message)
+            return [Change(copy_recipient(r, State.FAILED, last_reply=ADMIN_DELETE_REPLY), PENDING, Event.DELETED)
+                    for r in message.recipients if not r.state.done]
+
+        queue_id, deleted = await self._change_one(args, decide)
+        return {"queue_id": queue_id, "deleted": deleted}
 
     async def _bounce(self, args: dict[str, Any]) -> dict[str, Any]:
-        message = self._message(args)
-        self._drop_jobs(message)
-        pending = [r for r in message.recipients if not r.state.done]
-        changes = [(r, _copy(r, State.FAILED, ADMIN_BOUNCE_REPLY)) for r in pending]
-        await self.shard.apply_changes(message, changes, self.shard.clock(), completed_as="failed", status="5.0.0")
-        return {"queue_id": message.queue_id, "bounced": len(pending)}
+        def decide(message: Message) -> list[Change]:
+            self._drop_jobs(message)
+            return [Change(copy_recipient(r, State.FAILED, last_reply=ADMIN_BOUNCE_REPLY), PENDING, Event.BOUNCED,
+                           bounce=True)
+                    for r in message.recipients if not r.state.done]
+
+        queue_id, bounced = await self._change_one(args, decide)
+        return {"queue_id": queue_id, "bounced": bounced}
+

@@ -6,7 +6,9 @@ Holds the in-memory view of every queued message and decides what to deliver nex
 - jobs in flight, each with a lease; at most `destination_concurrency` jobs per destination at once;
 - destination backoff: a destination whose last jobs were all deferred waits as a whole;
 - workers with credits (schemas docstring: credit-based flow control): set from `free` on first contact,
-  one spent per job dispatched, one back when the job ends (its Result, or taken back from the worker).
+  one spent per job dispatched, one back when the job ends (its Result, or taken back from the worker);
+- locked messages (`lock`/`unlock`, held by ledger.py while a change to them is decided and committed):
+  their recipients are neither dispatched nor promoted until unlocked.
 
 A job is the ready recipients of one message for one domain (at most `max_recipients` of them).
 Every recipient state change goes through `set_state`, which keeps the per-state counters for metrics exact
@@ -77,6 +79,7 @@ class Scheduler:
         self._in_flight_per_domain: Counter[str] = Counter()
         self._deferred_streak: Counter[str] = Counter()
         self.backoff_until: dict[str, float] = {}
+        self._locked: set[str] = set()
         self._job_ids = itertools.count(1)
         self._job_prefix = job_prefix
         self._worker_cursor = 0
@@ -141,16 +144,41 @@ class Scheduler:
     def promote_due(self, now: float) -> int:
         """Deferred recipients whose time has come become ready; returns how many."""
         promoted = 0
+        postponed: list[tuple[float, str, int]] = []
         while self._deferred and self._deferred[0][0] <= now:
-            when, queue_id, index = heapq.heappop(self._deferred)
+            entry = heapq.heappop(self._deferred)
+            when, queue_id, index = entry
             message = self.messages.get(queue_id)
             if message is None:
+                continue
+            if queue_id in self._locked:
+                postponed.append(entry)
                 continue
             recipient = message.recipients[index]
             if recipient.state is State.DEFERRED and recipient.next_attempt == when:
                 self.set_state(message, recipient, State.READY)
                 promoted += 1
+        for entry in postponed:
+            heapq.heappush(self._deferred, entry)
         return promoted
+
+    # -- locks (ledger.py) --------------------------------------------------------------------------------
+
+    def lock(self, queue_id: str) -> None:
+        """A change to this message is being decided and committed: leave its recipients alone."""
+        self._locked.add(queue_id)
+
+    def unlock(self, queue_id: str) -> None:
+        """The change is over: ready recipients can be dispatched again (the caller wakes the dispatcher)."""
+        self._locked.discard(queue_id)
+        message = self.messages.get(queue_id)
+        if message is not None:
+            for recipient in message.recipients:
+                if recipient.state is State.READY:
+                    self._enqueue(recipient.domain, queue_id)
+
+    def is_locked(self, queue_id: str) -> bool:
+        return queue_id in self._locked
 
     def next_deferred_time(self) -> float | None:
         return self._deferred[0][0] if self._deferred else None
@@ -199,6 +227,10 @@ class Scheduler:
         queue = self._ready[domain]
         while queue:
             queue_id = queue[0]
+            if queue_id in self._locked:  # `unlock` queues it again
+                queue.popleft()
+                self._queued.discard((domain, queue_id))
+                continue
             message = self.messages.get(queue_id)
             ready = [] if message is None else [
                 r for r in message.recipients if r.state is State.READY and r.domain == domain]
@@ -271,6 +303,13 @@ class Scheduler:
             self.backoff_until[domain] = now + backoff
             return True
         return False
+
+    def clear_backoff(self, domain: str | None = None) -> int:
+        """Serve a backed-off destination (or all, for None) again now; returns how many were backed off."""
+        over = [d for d in self.backoff_until if domain is None or d == domain]
+        for name in over:
+            del self.backoff_until[name]
+        return len(over)
 
     def end_backoffs(self, now: float) -> bool:
         """Forget backoffs that are over; True when some destination may be served again."""

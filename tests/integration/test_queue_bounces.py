@@ -66,7 +66,7 @@ async def test_bounce_goes_to_the_shard_owning_the_sender(tmp_path: Path) -> Non
         # The DSN is injected into shard 1 and then leaves shard 0's outbox.
         dsn = await until(lambda: next(iter(there.shard.scheduler.messages.values()), None), what="the DSN on shard 1")
         assert dsn.sender == "" and [r.address for r in dsn.recipients] == [f"alice@{sender_domain}"]
-        await until(lambda: not here.shard.bounces.outbox and not here.shard.scheduler.messages,
+        await until(lambda: not here.shard.core.outbox and not here.shard.scheduler.messages,
                     what="shard 0 to forget the original and the outbox entry")
         remote_worker = there.client()
         await remote_worker.send(Heartbeat("w", 5, []))
@@ -88,16 +88,16 @@ async def test_outbox_survives_until_the_owner_is_up(tmp_path: Path) -> None:
         await worker.send(Heartbeat("w", 5, []))
         job = await worker.recv_type(Deliver)
         await worker.send(Result(job.job_id, "w", [Outcome(job.recipients[0], "failed", 550, "5.1.1", "unknown")]))
-        await until(lambda: here.shard.bounces.outbox, what="the DSN in the outbox")
+        await until(lambda: here.shard.core.outbox, what="the DSN in the outbox")
     finally:
         await here.close()
     # Restart shard 0 (the outbox is durable) and only now start its owner.
     here = await RunningShard(config, 0).start()
     there = await RunningShard(config, 1).start()
     try:
-        assert len(here.shard.bounces.outbox) == 1
+        assert len(here.shard.core.outbox) == 1
         await until(lambda: len(there.shard.scheduler.messages) == 1, timeout=20, what="the DSN on shard 1")
-        await until(lambda: not here.shard.bounces.outbox, what="the outbox emptied")
+        await until(lambda: not here.shard.core.outbox, what="the outbox emptied")
     finally:
         await here.close()
         await there.close()

@@ -161,10 +161,10 @@ async def test_messages_survive_a_clean_restart(tmp_path: Path) -> None:
 
 async def test_a_failing_handler_answers_error_and_the_shard_keeps_serving(running_shard: RunningShard,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(identity: bytes, heartbeat: Heartbeat) -> None:
+    def broken(identity: bytes, heartbeat: Heartbeat, now: float) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(running_shard.shard, "_on_heartbeat", broken)
+    monkeypatch.setattr(running_shard.shard.core.workers, "on_heartbeat", broken)
     client = running_shard.client()
     await client.send(Heartbeat("w", 1, []))
     error = await client.recv()

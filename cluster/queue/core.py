@@ -1,0 +1,193 @@
+"""One shard's queue manager without sockets: builds the parts and routes each bus message to its owner.
+
+    Inject        -> inject.py    Injector          store (group commit), answer Stored / InjectRefused
+    Heartbeat     -> workers.py   WorkerRegistry    credits and leases, answer HeartbeatAck
+    Result        -> workers.py (whose job) -> outcomes.py OutcomeRecorder (retry decisions) -> ledger.py
+    AdminRequest  -> admin.py     AdminOps          answer AdminReply
+    timer         -> maintenance.py Maintainer      promotions, expiry, backoffs, disk space, delay warnings
+    dispatcher    -> dispatch.py  Dispatcher        jobs -> Deliver
+    DSNs          -> bounces.py   BounceMaker, outbox.py Outbox (forwarding to the owning shard)
+Every durable change of a recipient goes through ledger.py; the spool through spoolio.py. The parts know
+each other only through the narrow callables given here, and none imports this module.
+
+Inputs: the configuration, the shard index, a `Spool`, a clock (`now()` in seconds, a virtual one in tests)
+and `send(identity, message)`, the way back to the peer. shard.py gives it a ZeroMQ socket; unit tests give
+it a list. Failure modes: a request handler that fails is logged; the caller answers with an Error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from cluster.bus.schemas import (
+    AdminReply,
+    AdminRequest,
+    BusMessage,
+    Error,
+    Heartbeat,
+    Inject,
+    Result,
+)
+from cluster.config import Config
+from cluster.queue import metrics
+from cluster.queue.admin import AdminError, AdminOps
+from cluster.queue.bounces import BounceMaker
+from cluster.queue.dispatch import Dispatcher
+from cluster.queue.inject import DiskSpace, Injector
+from cluster.queue.ledger import Ledger
+from cluster.queue.maintenance import Maintainer
+from cluster.queue.outbox import Outbox
+from cluster.queue.outcomes import OutcomeRecorder
+from cluster.queue.records import Message, QueueIdFactory
+from cluster.queue.retry import RetrySchedule
+from cluster.queue.scheduler import Scheduler, SchedulerLimits
+from cluster.queue.spool import Spool, SpoolError
+from cluster.queue.spoolio import SpoolIO
+from cluster.queue.workers import WorkerRegistry
+
+log = logging.getLogger("mtacluster.queue")
+
+Send = Callable[[bytes, BusMessage], Awaitable[None]]
+
+
+class ShardCore:
+    def __init__(self, config: Config, index: int, spool: Spool, clock: Callable[[], float], send: Send,
+                 epoch: str | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.label = str(index)
+        self.clock = clock
+        self.epoch = epoch or secrets.token_hex(8)
+        self.ready = False
+        self._send = send
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.scheduler = Scheduler(SchedulerLimits(
+            destination_concurrency=config.delivery.destination_concurrency,
+            max_recipients=config.delivery.max_recipients_per_transaction,
+            lease_time=config.queue.lease_time,
+            worker_timeout=config.queue.worker_timeout,
+        ), job_prefix=f"{self.epoch[:8]}.")
+        self.io = SpoolIO(spool, self.label, config.queue.commit_batch_max, self._observe_commit)
+        self.ids = QueueIdFactory(index)
+        self.space = DiskSpace(self.label, self.io.free_space)
+        self.dispatcher = Dispatcher(index, self.scheduler, self.io, clock, send)
+        self.outbox = Outbox(config, index, self.io)
+        self.bounces = BounceMaker(config, index, self.ids, self.io, self.outbox, self.scheduler.messages.get,
+                                   self._schedule, self.spawn)
+        self.ledger = Ledger(self.label, self.scheduler, self.io, self.bounces, self.dispatcher.wake)
+        self.outcomes = OutcomeRecorder(index, self.scheduler, RetrySchedule(config.queue), self.ledger, self.spawn)
+        self.workers = WorkerRegistry(index, self.epoch, self.scheduler)
+        self.injector = Injector(config, index, self.io, self.ids, self.space, clock, self._schedule_new)
+        self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity)
+        self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
+        self.quarantined: list[str] = []
+        metrics.initialise(self.label)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Open the spool, recover from the last stop, and schedule what it holds."""
+        loaded, in_flight = await self.io.open_and_recover()
+        if in_flight:
+            metrics.POSSIBLE_DUPLICATES.labels(self.label).inc(in_flight)
+            log.warning("shard %d: %d recipients were in flight at the last stop and may be delivered twice",
+                        self.index, in_flight)
+        for quarantined in loaded.quarantined:
+            log.error("shard %d: quarantined damaged record %s (%s) to %s", self.index, quarantined.queue_id,
+                      quarantined.reason, quarantined.path)
+            self.quarantined.append(quarantined.queue_id)
+        for message in loaded.messages:
+            if message.forward_shard >= 0:
+                self.outbox.add(message)
+            else:
+                self.scheduler.add_message(message)
+                self.bounces.track(message)
+        self.space.refresh()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request handler in the background (awaited, within a grace time, on stop)."""
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shard %d: request handler failed", self.index, exc_info=task.exception())
+
+    async def idle(self) -> None:
+        """Wait until no request handler runs any more (including those started meanwhile)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def settle(self, grace: float) -> None:
+        """Let the requests being handled finish (up to `grace` seconds), then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        leftovers = list(self._tasks)
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.io.close()
+
+    # -- routing ------------------------------------------------------------------------------------------
+
+    async def handle(self, identity: bytes, message: BusMessage) -> None:
+        if isinstance(message, Inject):
+            self.spawn(self._inject(identity, message))
+        elif isinstance(message, Heartbeat):
+            await self._send(identity, self.workers.on_heartbeat(identity, message, self.clock()))
+            self.dispatcher.wake()
+        elif isinstance(message, Result):
+            now = self.clock()
+            job = self.workers.on_result(identity, message, now)
+            self.dispatcher.wake()
+            if job is not None:
+                self.outcomes.record(job, message.outcomes, now)
+        elif isinstance(message, AdminRequest):
+            self.spawn(self._admin(identity, message))
+        else:
+            await self._send(identity, Error(f"a shard does not accept {message.TYPE!r} messages"))
+
+    async def _inject(self, identity: bytes, inject: Inject) -> None:
+        await self._send(identity, await self.injector.handle(inject))
+
+    async def _admin(self, identity: bytes, request: AdminRequest) -> None:
+        try:
+            data = await self.admin.handle(request.op, request.args)
+        except (AdminError, ValueError, TypeError) as exc:
+            await self._send(identity, AdminReply(request.req, False, None, str(exc)))
+            return
+        except SpoolError as exc:
+            await self._send(identity, AdminReply(request.req, False, None, f"spool error: {exc}"))
+            return
+        await self._send(identity, AdminReply(request.req, True, data, ""))
+
+    def tick(self, monotonic: float) -> None:
+        if self.maintainer.tick(self.clock(), monotonic):
+            self.dispatcher.wake()
+
+    # -- glue between the parts ---------------------------------------------------------------------------
+
+    def _schedule_new(self, message: Message) -> None:
+        self.scheduler.add_message(message)
+        self.bounces.track(message)
+        self.dispatcher.wake()
+
+    def _schedule(self, message: Message) -> None:
+        self.scheduler.add_message(message)
+        self.dispatcher.wake()
+
+    def _identity(self) -> dict[str, Any]:
+        return {"shard": self.index, "epoch": self.epoch, "ready": self.ready}
+
+    def _observe_commit(self, stored: int, seconds: float) -> None:
+        metrics.COMMIT_DURATION.labels(self.label).observe(seconds)
+        if stored:
+            metrics.COMMIT_BATCH.labels(self.label).observe(stored)

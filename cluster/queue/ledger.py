@@ -1,0 +1,184 @@
+"""The one place where recipient states change durably: decide under a message lock, commit, then apply.
+
+Every change that must survive a crash (an outcome from a worker, an admin hold/release/flush/delete/bounce)
+goes through `Ledger.apply(queue_ids, decide)`:
+1. the messages are locked (`MessageLocks`): no other change is decided for them, and the scheduler neither
+   dispatches nor promotes their recipients, until step 4 (so two admin runs, or an admin run and the
+   dispatcher, never act on the same recipient twice);
+2. `decide(message)` returns the changes, computed from the state as it is now; a change whose recipient is
+   no longer in one of its `expected` states is dropped (someone else got there first);
+3. one spool transaction (through group commit) records every change, removes messages that are done and
+   stores one DSN per message for its new failures that ask for one (bounces.py);
+4. only then memory follows, metrics count, and the locks are released.
+On a spool error nothing in memory changes except that recipients which were in flight go back to ready
+(their job is over), and the SpoolError reaches the caller (an admin request then answers an error).
+
+Inputs: the scheduler (the in-memory queue), the spool (`SpoolIO`), the bounce maker, a callback that wakes
+the dispatcher. Outputs: committed changes, `mtacluster_queue_recipients_completed_total`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from cluster.queue import metrics
+from cluster.queue.bounces import BounceMaker
+from cluster.queue.records import Message, Recipient, RecipientUpdate, State
+from cluster.queue.scheduler import Scheduler
+from cluster.queue.spool import Batch, SpoolError
+from cluster.queue.spoolio import SpoolIO
+
+log = logging.getLogger("mtacluster.queue")
+
+
+class Event(enum.StrEnum):
+    """What a change means, for the log and the metrics."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+    DELETED = "deleted"
+    HELD = "held"
+    RELEASED = "released"
+    FLUSHED = "flushed"
+
+
+# Event -> the `outcome` label of mtacluster_queue_recipients_completed_total, for events that finish a recipient.
+COMPLETED_AS = {Event.SENT: "delivered", Event.BOUNCED: "failed", Event.EXPIRED: "expired",
+                Event.DELETED: "deleted"}
+
+
+@dataclass
+class Change:
+    """A recipient's next state: `new` is a copy; the live recipient changes only after the commit."""
+
+    new: Recipient
+    expected: frozenset[State]
+    event: Event
+    # Report this recipient in a DSN to the sender when it fails (never for a null sender).
+    bounce: bool = False
+
+
+@dataclass
+class Applied:
+    """What `Ledger.apply` did: the changes that were committed, per queue id."""
+
+    changes: dict[str, list[Change]] = field(default_factory=dict)
+    # Queue ids that were still queued when their lock was taken.
+    found: set[str] = field(default_factory=set)
+
+    def count(self) -> int:
+        return sum(len(c) for c in self.changes.values())
+
+
+class MessageLocks:
+    """Per-message exclusion for changes that are decided, committed, then applied (module docstring)."""
+
+    def __init__(self, scheduler: Scheduler, wake: Callable[[], None]) -> None:
+        self._scheduler = scheduler
+        self._wake = wake
+        self._released: dict[str, asyncio.Future[None]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, queue_ids: Iterable[str]) -> AsyncIterator[None]:
+        wanted = set(queue_ids)
+        while busy := [self._released[q] for q in wanted if q in self._released]:
+            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+        loop = asyncio.get_running_loop()
+        for queue_id in wanted:
+            self._released[queue_id] = loop.create_future()
+            self._scheduler.lock(queue_id)
+        try:
+            yield
+        finally:
+            for queue_id in wanted:
+                self._released.pop(queue_id).set_result(None)
+                self._scheduler.unlock(queue_id)
+            self._wake()
+
+
+class Ledger:
+    def __init__(self, label: str, scheduler: Scheduler, io: SpoolIO, bounces: BounceMaker,
+                 wake: Callable[[], None]) -> None:
+        self.label = label
+        self.scheduler = scheduler
+        self.io = io
+        self.bounces = bounces
+        self.locks = MessageLocks(scheduler, wake)
+        self._wake = wake
+
+    async def apply(self, queue_ids: Iterable[str], decide: Callable[[Message], list[Change]],
+                    now: float) -> Applied:
+        """Decide, commit and apply changes to the given messages (module docstring); unknown ids are skipped."""
+        applied = Applied()
+        wanted = list(dict.fromkeys(queue_ids))
+        async with self.locks.hold(wanted):
+            messages = [m for q in wanted if (m := self.scheduler.messages.get(q)) is not None]
+            applied.found.update(m.queue_id for m in messages)
+            batch = Batch()
+            dsns: list[Message] = []
+            for message in messages:
+                changes = [c for c in decide(message)
+                           if message.recipients[c.new.index].state in c.expected]
+                if not changes:
+                    continue
+                applied.changes[message.queue_id] = changes
+                batch.updates.extend(RecipientUpdate.of(message.queue_id, c.new) for c in changes)
+                finished = {c.new.index for c in changes if c.new.state.done}
+                if all(r.state.done or r.index in finished for r in message.recipients):
+                    batch.removals.append(message.queue_id)
+                failed = [c.new for c in changes if c.bounce and c.new.state is State.FAILED]
+                if failed and message.sender:
+                    headers = await self.io.read_headers(message.queue_id) or b""
+                    made = self.bounces.build(message, failed, headers, now, "failed")
+                    if made is not None:
+                        batch.add_message(*made)
+                        dsns.append(made[0])
+            if not batch:
+                return applied
+            try:
+                await self.io.commit(batch)
+            except SpoolError:
+                self._back_to_ready(messages, applied)
+                raise
+            for dsn in dsns:
+                self.bounces.stored(dsn)
+            removed = set(batch.removals)
+            for message in messages:
+                for change in applied.changes.get(message.queue_id, []):
+                    self._follow(message, change)
+                if message.queue_id in removed:
+                    self.scheduler.remove_message(message.queue_id)
+        return applied
+
+    def _follow(self, message: Message, change: Change) -> None:
+        live, new = message.recipients[change.new.index], change.new
+        live.attempts, live.last_reply, live.remote = new.attempts, new.last_reply, new.remote
+        self.scheduler.set_state(message, live, new.state, new.next_attempt)
+        completed = COMPLETED_AS.get(change.event)
+        if completed is not None:
+            metrics.COMPLETED.labels(self.label, completed).inc()
+
+    def _back_to_ready(self, messages: list[Message], applied: Applied) -> None:
+        """A failed commit: recipients whose job is over (in flight, no job any more) are ready again."""
+        for message in messages:
+            for change in applied.changes.get(message.queue_id, []):
+                live = message.recipients[change.new.index]
+                if live.state is State.IN_FLIGHT:
+                    self.scheduler.set_state(message, live, State.READY)
+        self._wake()
+
+
+def copy_recipient(recipient: Recipient, state: State, *, attempts: int | None = None, next_attempt: float = 0.0,
+                   last_reply: str | None = None, remote: str | None = None) -> Recipient:
+    """A copy of `recipient` in `state`, other fields kept unless given."""
+    return Recipient(recipient.index, recipient.address, state,
+                     recipient.attempts if attempts is None else attempts, next_attempt,
+                     recipient.last_reply if last_reply is None else last_reply,
+                     recipient.remote if remote is None else remote)

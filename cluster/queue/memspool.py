@@ -1,0 +1,125 @@
+"""A spool in memory: the second implementation of the `Spool` interface (spool.py), for tests.
+
+It keeps what a committed transaction holds and nothing else, so a shard built on it behaves like one on
+SQLite minus the disk: `load()` after `close()`/`open()` returns what was committed (a restart), as new
+objects that share nothing with the caller's. Failure injection: `fail_commits(n, disk_full)` makes the next
+n commits raise SpoolError without changing anything (as a failed SQLite transaction rolls back);
+`hold_commits()` makes commits wait (in the spool's thread) until `release_commits()`, to let a test
+order concurrent transactions; `free_bytes` is what `free_space()` reports.
+Not durable across processes: never used by `serve`.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterable
+
+from cluster.queue.records import Message, RecipientUpdate
+from cluster.queue.spool import Batch, LoadResult, Quarantined, SpoolError
+
+
+class MemorySpool:
+    def __init__(self, free_bytes: int = 1 << 40) -> None:
+        self.free_bytes = free_bytes
+        self.commits = 0
+        self._messages: dict[str, Message] = {}
+        self._bodies: dict[str, bytes] = {}
+        self._open = False
+        self._failures = 0
+        self._disk_full = False
+        self._lock = threading.Lock()
+        self._gate = threading.Event()
+        self._gate.set()
+        self.waiting = threading.Event()
+
+    def hold_commits(self) -> None:
+        self._gate.clear()
+
+    def release_commits(self) -> None:
+        self._gate.set()
+
+    def fail_commits(self, count: int = 1, disk_full: bool = True) -> None:
+        """Make the next `count` commits fail (and change nothing)."""
+        self._failures, self._disk_full = count, disk_full
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise SpoolError("spool is not open")
+
+    def open(self) -> None:
+        self._open = True
+
+    def close(self) -> None:
+        self._open = False
+
+    def load(self) -> LoadResult:
+        self._check_open()
+        with self._lock:
+            return LoadResult([copy.deepcopy(m) for m in sorted(self._messages.values(), key=lambda m: m.queue_id)],
+                              [])
+
+    def commit(self, batch: Batch) -> None:
+        self._check_open()
+        if not self._gate.is_set():
+            self.waiting.set()
+            self._gate.wait()
+            self.waiting.clear()
+        with self._lock:
+            if self._failures > 0:
+                self._failures -= 1
+                raise SpoolError("spool transaction failed: injected failure", disk_full=self._disk_full)
+            for message in batch.stores:
+                if message.queue_id in self._messages:
+                    raise SpoolError(f"spool transaction failed: {message.queue_id} exists")
+            for message in batch.stores:
+                self._messages[message.queue_id] = copy.deepcopy(message)
+                self._bodies[message.queue_id] = batch.bodies[message.queue_id]
+            for update in batch.updates:
+                self._update(update)
+            for queue_id, (warned, forward_shard) in batch.flags.items():
+                if queue_id in self._messages:
+                    self._messages[queue_id].warned = warned
+                    self._messages[queue_id].forward_shard = forward_shard
+            for queue_id in batch.removals:
+                self._messages.pop(queue_id, None)
+                self._bodies.pop(queue_id, None)
+            self.commits += 1
+
+    def _update(self, update: RecipientUpdate) -> None:
+        message = self._messages.get(update.queue_id)
+        if message is None:
+            return
+        recipient = message.recipients[update.index]
+        recipient.state, recipient.attempts, recipient.next_attempt = update.state, update.attempts, update.next_attempt
+        recipient.last_reply, recipient.remote = update.last_reply, update.remote
+
+    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
+        self._check_open()
+        return {q: self._bodies[q] for q in queue_ids if q in self._bodies}
+
+    def read_headers(self, queue_id: str) -> bytes | None:
+        body = self.read_bodies([queue_id]).get(queue_id)
+        if body is None:
+            return None
+        end = body.find(b"\r\n\r\n")
+        return body if end < 0 else body[:end + 2]
+
+    def quarantine(self, queue_id: str, reason: str) -> Quarantined:
+        with self._lock:
+            self._messages.pop(queue_id, None)
+            self._bodies.pop(queue_id, None)
+        return Quarantined(queue_id, reason, "memory")
+
+    def free_space(self) -> int:
+        return self.free_bytes
+
+    def recipients(self, queue_id: str) -> list[tuple[str, str]]:
+        """(address, state) of a stored message's recipients, as committed (for assertions)."""
+        with self._lock:
+            message = self._messages.get(queue_id)
+            return [] if message is None else [(r.address, r.state.value) for r in message.recipients]
+
+    def queue_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._messages)

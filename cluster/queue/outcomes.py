@@ -1,0 +1,88 @@
+"""Outcomes of delivery attempts: what a worker's Result means for each recipient, and the retry decision.
+
+Inputs: the finished Job (workers.py) and the Result's outcomes, one per recipient (cluster/bus/schemas.py).
+Outputs: one `Change` per recipient of the job, recorded through the ledger (ledger.py): delivered, failed
+(bounced), deferred until the next attempt of the retry schedule (retry.py), or expired (4.4.7) once the
+message is older than `queue.max_lifetime`; and the destination backoff (`Scheduler.note_destination`)
+when every recipient of the job was deferred for a reason that concerns the whole destination.
+Failure modes: a recipient the worker did not report is deferred (451 4.4.0); a spool error while recording
+leaves the recipients ready for another attempt (ledger.py) and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from cluster.bus.schemas import Outcome
+from cluster.queue.ledger import Change, Event, Ledger, copy_recipient
+from cluster.queue.records import Message, Recipient, State
+from cluster.queue.retry import EXPIRED_STATUS, RetrySchedule
+from cluster.queue.scheduler import Job, Scheduler
+from cluster.queue.spool import SpoolError
+
+log = logging.getLogger("mtacluster.queue")
+
+IN_FLIGHT = frozenset({State.IN_FLIGHT})
+
+
+class OutcomeRecorder:
+    def __init__(self, index: int, scheduler: Scheduler, retry: RetrySchedule, ledger: Ledger,
+                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self.index = index
+        self.scheduler = scheduler
+        self.retry = retry
+        self.ledger = ledger
+        self._spawn = spawn
+
+    def record(self, job: Job, outcomes: list[Outcome], now: float) -> None:
+        """Decide each recipient's next state now, note the destination's health, record in the background."""
+        message = self.scheduler.messages.get(job.queue_id)
+        if message is None:
+            return
+        reported = {o.recipient.lower(): o for o in outcomes}
+        changes: list[Change] = []
+        for index in job.indices:
+            recipient = message.recipients[index]
+            outcome = reported.get(recipient.address.lower()) or Outcome(
+                recipient.address, "deferred", 451, "4.4.0", "the worker returned no outcome for this recipient")
+            changes.append(self.decide(message, recipient, outcome, now))
+        connection_trouble = all(
+            change.new.state is State.DEFERRED and _connection_level(reported.get(change.new.address.lower()))
+            for change in changes)
+        if self.scheduler.note_destination(job.domain, connection_trouble, now, self.retry.delay(1)):
+            log.warning("shard %d: destination %s backed off after repeated deferrals", self.index, job.domain)
+        self._spawn(self._record(job.queue_id, changes, now))
+
+    async def _record(self, queue_id: str, changes: list[Change], now: float) -> None:
+        try:
+            await self.ledger.apply([queue_id], lambda message: changes, now)
+        except SpoolError as exc:
+            log.error("shard %d: cannot record outcomes of %s: %s", self.index, queue_id, exc)
+
+    def decide(self, message: Message, recipient: Recipient, outcome: Outcome, now: float) -> Change:
+        """The recipient's next state after an outcome."""
+        reply = f"{outcome.code} {outcome.enhanced} {outcome.text}".strip()
+        attempts = recipient.attempts + 1
+        if outcome.status == "delivered":
+            return Change(copy_recipient(recipient, State.DELIVERED, attempts=attempts, last_reply=reply,
+                                         remote=outcome.remote), IN_FLIGHT, Event.SENT)
+        if outcome.status == "failed":
+            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last_reply=reply,
+                                         remote=outcome.remote), IN_FLIGHT, Event.BOUNCED, bounce=True)
+        decision = self.retry.after_deferral(attempts, message.arrival, now)
+        if decision.give_up:
+            expired = f"{outcome.code} {EXPIRED_STATUS} delivery time expired; last error: {reply}"
+            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last_reply=expired,
+                                         remote=outcome.remote), IN_FLIGHT, Event.EXPIRED, bounce=True)
+        return Change(copy_recipient(recipient, State.DEFERRED, attempts=attempts, next_attempt=decision.next_attempt,
+                                     last_reply=reply, remote=outcome.remote), IN_FLIGHT, Event.DEFERRED)
+
+
+def _connection_level(outcome: Outcome | None) -> bool:
+    """A deferral that says nothing about one recipient: no server answered, it closed (421), or a
+    network/routing problem (RFC 3463 4.4.x). Only these back off a whole destination."""
+    if outcome is None:
+        return True
+    return not outcome.remote or outcome.code == 421 or outcome.enhanced.startswith("4.4.")

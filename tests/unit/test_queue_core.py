@@ -1,0 +1,305 @@
+"""The shard's queue manager (cluster/queue/core.py) without sockets: an in-memory spool and a virtual clock.
+
+Bus messages go in through `ShardCore.handle`, answers come out through a `send` that keeps them in a list;
+the dispatcher runs only when a test calls `dispatch_once`, and time moves only when a test moves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from cluster.bus.schemas import (
+    AdminReply,
+    AdminRequest,
+    BusMessage,
+    Deliver,
+    Heartbeat,
+    HeartbeatAck,
+    Inject,
+    InjectRefused,
+    Outcome,
+    Result,
+    Stored,
+)
+from cluster.config import config_from_dict
+from cluster.queue.core import ShardCore
+from cluster.queue.memspool import MemorySpool
+from cluster.queue.records import State
+
+START = 1_700_000_000.0
+BODY = b"From: a@sender.test\r\nSubject: hi\r\nMessage-ID: <m1@sender.test>\r\n\r\nhello\r\n"
+FRONTEND, WORKER, CLI = b"frontend", b"worker", b"cli"
+
+
+class VirtualClock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Peer:
+    """What the shard sent, per identity."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, BusMessage]] = []
+
+    async def send(self, identity: bytes, message: BusMessage) -> None:
+        self.sent.append((identity, message))
+
+    def count(self, kind: type[BusMessage]) -> int:
+        return sum(isinstance(m, kind) for _, m in self.sent)
+
+    def take(self, kind: type[BusMessage], identity: bytes | None = None) -> list[Any]:
+        """Remove and return the messages of one type (sent to `identity`)."""
+        found = [m for i, m in self.sent if isinstance(m, kind) and (identity is None or i == identity)]
+        self.sent = [(i, m) for i, m in self.sent if not any(m is f for f in found)]
+        return found
+
+
+class Harness:
+    def __init__(self, core: ShardCore, spool: MemorySpool, clock: VirtualClock, peer: Peer) -> None:
+        self.core, self.spool, self.clock, self.peer = core, spool, clock, peer
+        self._req = 0
+
+    async def inject(self, sender: str, recipients: list[str], body: bytes = BODY) -> str:
+        self._req += 1
+        await self.core.handle(FRONTEND, Inject(self._req, sender, recipients, body))
+        await self.core.idle()
+        (reply,) = self.peer.take(Stored, FRONTEND) or self.peer.take(InjectRefused, FRONTEND)
+        assert isinstance(reply, Stored), reply
+        return reply.queue_id
+
+    async def heartbeat(self, free: int = 10, in_flight: list[str] | None = None, name: str = "w") -> None:
+        await self.core.handle(WORKER, Heartbeat(name, free, in_flight or []))
+        self.peer.take(HeartbeatAck, WORKER)
+
+    async def deliveries(self) -> list[Deliver]:
+        await self.core.dispatcher.dispatch_once()
+        jobs: list[Deliver] = self.peer.take(Deliver, WORKER)
+        return jobs
+
+    async def result(self, job: Deliver, status: str, code: int, enhanced: str, text: str = "words",
+                     remote: str = "mx.test[192.0.2.1]", worker: str = "w") -> None:
+        outcomes = [Outcome(r, status, code, enhanced, text, remote) for r in job.recipients]
+        await self.core.handle(WORKER, Result(job.job_id, worker, outcomes))
+        await self.core.idle()
+
+    async def admin(self, op: str, **args: Any) -> AdminReply:
+        self._req += 1
+        await self.core.handle(CLI, AdminRequest(self._req, op, args))
+        await self.core.idle()
+        (reply,) = self.peer.take(AdminReply, CLI)
+        assert isinstance(reply, AdminReply)
+        return reply
+
+    def states(self, queue_id: str) -> list[State]:
+        return [r.state for r in self.core.scheduler.messages[queue_id].recipients]
+
+
+@asynccontextmanager
+async def shard(spool: MemorySpool | None = None, clock: VirtualClock | None = None,
+                **queue: Any) -> AsyncIterator[Harness]:
+    config = config_from_dict({"queue": {"retry_first": 300, "retry_max": 4000, "max_lifetime": 86400, **queue},
+                               "metrics": {"listen": ""}}, environ={})
+    spool = spool or MemorySpool()
+    clock = clock or VirtualClock()
+    peer = Peer()
+    core = ShardCore(config, 0, spool, clock, peer.send)
+    await core.load()
+    core.ready = True
+    writer = asyncio.create_task(core.io.run_writer())
+    try:
+        yield Harness(core, spool, clock, peer)
+    finally:
+        await core.settle(5)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await core.close()
+
+
+async def until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+async def test_store_dispatch_and_outcomes() -> None:
+    async with shard() as h:
+        queue_id = await h.inject("a@sender.test", ["x@a.test", "y@a.test", "z@b.test"])
+        assert h.spool.recipients(queue_id) == [("x@a.test", "ready"), ("y@a.test", "ready"), ("z@b.test", "ready")]
+        await h.heartbeat()
+        jobs = {job.domain: job for job in await h.deliveries()}
+        assert sorted(jobs) == ["a.test", "b.test"] and jobs["a.test"].recipients == ["x@a.test", "y@a.test"]
+        assert h.spool.recipients(queue_id)[2] == ("z@b.test", "in_flight")  # marked before it was sent
+        await h.result(jobs["a.test"], "delivered", 250, "2.0.0", "ok")
+        await h.result(jobs["b.test"], "failed", 550, "5.1.1", "no such user")
+        # Every recipient done: the message left the spool, and a DSN about z@b.test went to the sender.
+        assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
+        (dsn_id,) = h.spool.queue_ids()
+        dsn = h.core.scheduler.messages[dsn_id]
+        assert dsn.sender == "" and [r.address for r in dsn.recipients] == ["a@sender.test"]
+        body = h.spool.read_bodies([dsn_id])[dsn_id]
+        assert b"Final-Recipient: rfc822; z@b.test" in body and b"Status: 5.1.1" in body
+        assert h.core.scheduler.workers["w"].credits == 10
+
+
+async def test_retry_schedule_then_expiry_on_a_virtual_clock() -> None:
+    async with shard(retry_first=300, retry_max=600, max_lifetime=3600) as h:
+        queue_id = await h.inject("a@sender.test", ["r@slow.test"])
+        await h.heartbeat()
+        (job,) = await h.deliveries()
+        await h.result(job, "deferred", 451, "4.2.0", "mailbox busy")
+        recipient = h.core.scheduler.messages[queue_id].recipients[0]
+        assert recipient.state is State.DEFERRED and 270 <= recipient.next_attempt - START <= 330
+        h.clock.advance(250)
+        h.core.tick(0)
+        await h.heartbeat()  # the worker keeps in touch
+        assert await h.deliveries() == []  # not due yet
+        h.clock.advance(100)
+        h.core.tick(1)
+        await h.heartbeat()
+        (again,) = await h.deliveries()
+        assert again.attempt == 2
+        h.clock.advance(3600)  # past queue.max_lifetime: the next deferral gives up
+        await h.result(again, "deferred", 451, "4.2.0", "mailbox busy")
+        assert queue_id not in h.core.scheduler.messages
+        (dsn_id,) = h.spool.queue_ids()
+        body = h.spool.read_bodies([dsn_id])[dsn_id]
+        assert b"Status: 4.4.7" in body and b"mailbox busy" in body
+
+
+async def test_restart_requeues_what_was_in_flight() -> None:
+    spool, clock = MemorySpool(), VirtualClock()
+    async with shard(spool, clock) as h:
+        queue_id = await h.inject("a@sender.test", ["r@c.test"])
+        await h.heartbeat()
+        await h.deliveries()
+        assert spool.recipients(queue_id) == [("r@c.test", "in_flight")]
+    async with shard(spool, clock) as h:
+        assert h.states(queue_id) == [State.READY]
+        assert spool.recipients(queue_id) == [("r@c.test", "ready")]
+
+
+async def deferred_messages(h: Harness, count: int) -> list[str]:
+    queue_ids = [await h.inject("a@sender.test", [f"r{n}@later.test"]) for n in range(count)]
+    await h.heartbeat(free=count)
+    for job in await h.deliveries():
+        await h.result(job, "deferred", 451, "4.2.0", "later", remote="")
+    assert all(h.states(q) == [State.DEFERRED] for q in queue_ids)
+    return queue_ids
+
+
+async def test_overlapping_flushes_make_each_recipient_ready_once() -> None:
+    """The second flush decides while the first one's transaction is being written; the dispatcher runs
+    between the two commits. Each recipient must still be dispatched exactly once."""
+    async with shard() as h:
+        queue_ids = await deferred_messages(h, 20)
+        h.core.scheduler.clear_backoff()
+        dispatcher = asyncio.create_task(h.core.dispatcher.run())
+        try:
+            h.spool.hold_commits()
+            await h.core.handle(CLI, AdminRequest(1, "flush", {}))
+            await until(h.spool.waiting.is_set)  # the first flush's transaction is being written
+            await h.core.handle(CLI, AdminRequest(2, "flush", {}))
+            await asyncio.sleep(0)
+            h.spool.release_commits()
+            await h.core.idle()
+            await until(lambda: h.peer.count(Deliver) >= 20)
+            await h.core.dispatcher.dispatch_once()
+        finally:
+            dispatcher.cancel()
+            await asyncio.gather(dispatcher, return_exceptions=True)
+        replies = sorted(h.peer.take(AdminReply, CLI), key=lambda r: r.req)
+        assert [r.ok for r in replies] == [True, True]
+        assert sum(r.data["flushed"] for r in replies) == 20
+        delivered = [job.queue_id for job in h.peer.take(Deliver, WORKER)]
+        assert sorted(delivered) == sorted(queue_ids)  # each once
+        assert all(h.states(q) == [State.IN_FLIGHT] for q in queue_ids)
+
+
+@pytest.mark.parametrize("op", ["hold", "delete", "bounce"])
+async def test_flush_racing_another_admin_operation(op: str) -> None:
+    async with shard() as h:
+        (queue_id,) = await deferred_messages(h, 1)
+        dispatcher = asyncio.create_task(h.core.dispatcher.run())
+        try:
+            h.spool.hold_commits()
+            await h.core.handle(CLI, AdminRequest(1, "flush", {}))
+            await until(h.spool.waiting.is_set)
+            await h.core.handle(CLI, AdminRequest(2, op, {"queue_id": queue_id}))
+            await asyncio.sleep(0)
+            h.spool.release_commits()
+            await h.core.idle()
+            # Whoever won, the dispatcher has had its turn once nothing is locked and no commit is pending.
+            await until(lambda: h.core.dispatcher.idle)
+        finally:
+            dispatcher.cancel()
+            await asyncio.gather(dispatcher, return_exceptions=True)
+        flushed, other = sorted(h.peer.take(AdminReply, CLI), key=lambda r: r.req)
+        assert flushed.ok and other.ok and flushed.data == {"flushed": 1}
+        await h.core.dispatcher.dispatch_once()
+        jobs = h.peer.take(Deliver, WORKER)
+        assert len(jobs) <= 1
+        if op == "hold":
+            # Either the dispatcher took the recipient before the hold was decided (nothing left to hold), or
+            # the hold came first (nothing sent); never both, and the spool says what memory says.
+            assert (len(jobs), other.data["held"]) in ((1, 0), (0, 1))
+            state = h.states(queue_id)[0]
+            assert state is (State.IN_FLIGHT if jobs else State.HELD)
+            assert h.spool.recipients(queue_id) == [("r0@later.test", state.value)]
+        else:
+            # delete/bounce take the recipient even in flight; memory and spool agree on the end.
+            assert other.data[f"{op}d"] == 1
+            assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
+
+
+async def test_admin_change_fails_when_the_spool_cannot_commit() -> None:
+    async with shard() as h:
+        await deferred_messages(h, 1)
+        queue_id = await h.inject("a@sender.test", ["r@d.test"])
+        for op in ("delete", "bounce", "hold"):
+            h.spool.fail_commits(1)
+            reply = await h.admin(op, queue_id=queue_id)
+            assert not reply.ok and "spool error" in reply.error and "injected failure" in reply.error
+            assert h.states(queue_id) == [State.READY] and h.spool.recipients(queue_id) == [("r@d.test", "ready")]
+        h.spool.fail_commits(1)
+        flushed = await h.admin("flush")
+        assert not flushed.ok and "spool error" in flushed.error
+        deleted = await h.admin("delete", queue_id=queue_id)
+        assert deleted.ok and deleted.data == {"queue_id": queue_id, "deleted": 1}
+        assert queue_id not in h.spool.queue_ids()
+
+
+async def test_a_failed_outcome_commit_makes_the_recipients_ready_again() -> None:
+    async with shard() as h:
+        queue_id = await h.inject("a@sender.test", ["r@e.test"])
+        await h.heartbeat()
+        (job,) = await h.deliveries()
+        h.spool.fail_commits(1)
+        await h.result(job, "delivered", 250, "2.0.0", "ok")
+        assert h.states(queue_id) == [State.READY]
+        (again,) = await h.deliveries()
+        assert again.queue_id == queue_id
+
+
+async def test_disk_full_refuses_new_mail() -> None:
+    async with shard(MemorySpool(free_bytes=10), min_free_space=1000) as h:
+        await h.core.handle(FRONTEND, Inject(1, "a@sender.test", ["r@f.test"], BODY))
+        await h.core.idle()
+        (refused,) = h.peer.take(InjectRefused, FRONTEND)
+        assert (refused.code, refused.enhanced) == (452, "4.3.1")
+        h.spool.free_bytes = 10_000
+        h.core.tick(10)
+        assert await h.inject("a@sender.test", ["r@f.test"])
