@@ -1,6 +1,6 @@
 """`mtacluster config check [FILE | --config FILE]`: validate a configuration and the files it names (TLS
-certificates and keys, the users file, the CURVE key file, the DKIM keys). A bad value is named with its key and the reason
-(exit code 2); without a file, the built-in defaults are checked."""
+certificates and keys, the users file, the CURVE key file, the DKIM keys). A bad value is named with its key
+and the reason (exit code 2); without a file, the built-in defaults are checked."""
 
 from __future__ import annotations
 

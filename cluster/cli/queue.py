@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if op == "list":
         for index, why in answers.refusals:
             _warn(command, f"shard {index} refused: {why}")
-        _list(answers, args.limit, args.json)
+        _list(answers, args.limit, args.json, filtered=bool(args.domain or args.deferred))
         return 1 if answers.problems or answers.refusals else 0
     if not answers.data:
         return _nobody_did_it(command, answers)
@@ -178,7 +178,7 @@ def _nobody_did_it(command: str, answers: Answers) -> int:
     return 1  # every shard unreachable: already said
 
 
-def _list(answers: Answers, limit: int, as_json: bool) -> None:
+def _list(answers: Answers, limit: int, as_json: bool, filtered: bool = False) -> None:
     messages: list[dict[str, Any]] = []
     total = 0
     exact = True
@@ -195,27 +195,30 @@ def _list(answers: Answers, limit: int, as_json: bool) -> None:
     messages.sort(key=lambda m: (m.get("arrival") or 0, str(m.get("queue_id", ""))))
     shown = messages[:limit]
     total = max(total, len(messages))
+    shards = f" on {_count(len(answers.data), 'shard')}"
+    more = _more(len(shown), total, exact, shards)
     if as_json:
         print(json.dumps(shown, indent=2, sort_keys=True, default=str))
-        if len(shown) < total or not exact:
-            _warn("queue list", f"showing {len(shown)} of {_how_many(total, exact)} messages; use --limit for more")
+        if more:
+            _warn("queue list", more)
         return
     if not answers.data:
         return  # nothing answered: the problems were said, and an unreachable queue is not an empty one
     if not shown:
-        print("queue is empty" if exact and total == 0 else "no message matches")
+        print("no message matches" if filtered else "queue is empty")
         return
     _print_messages(shown)
-    shards = f" on {len(answers.data)} shard{'s' if len(answers.data) != 1 else ''}"
-    if len(shown) < total or not exact:
-        print(f"-- showing the oldest {len(shown)} of {_how_many(total, exact)} messages{shards}; "
-              "use --limit N to see more")
-    else:
-        print(f"-- {_count(total, 'message')}{shards}")
+    print(f"-- {more}" if more else f"-- {_count(total, 'message')}{shards}")
 
 
-def _how_many(total: int, exact: bool) -> str:
-    return f"{total:,}" if exact else f"at least {total:,}"
+def _more(shown: int, total: int, exact: bool, shards: str) -> str:
+    """What to say when not every matching message is shown ("" when all are)."""
+    if exact and shown >= total:
+        return ""
+    if exact:
+        return f"showing the oldest {shown:,} of {total:,} messages{shards}; use --limit N to see more"
+    # A shard that answers with a plain list stops at the limit without saying how many it has.
+    return f"showing the oldest {shown:,} messages{shards}; there may be more: use --limit N to see more"
 
 
 def _count(n: int, noun: str) -> str:
