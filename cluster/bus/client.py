@@ -108,28 +108,34 @@ class BusLink:
             return False
         return True
 
-    async def request(self, build: Callable[[int], BusMessage], timeout: float) -> BusMessage:
+    async def request(self, build: Callable[[int], BusMessage], timeout: float, *,
+                      connect_timeout: float | None = None) -> BusMessage:
         """Send `build(req)` and return the answer carrying `req`; raise NoAnswer after `timeout` seconds.
 
         The send itself waits (within the timeout) for a connection, so a shard that is just restarting gets
-        the request as soon as it is back.
+        the request as soon as it is back. With `connect_timeout`, a shard not connected within that long is
+        reported unreachable at once (NoAnswer.sent False) instead of at the end of `timeout`.
         """
         if self._receiver is None or self._receiver.done():
             raise RuntimeError(f"{self.name}: request() needs start() to be running")
         req = next(self._numbers)
         future: asyncio.Future[BusMessage] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
-        sent = False
+        frame = build(req).encode()
+        connect_within = timeout if connect_timeout is None else min(timeout, connect_timeout)
+        started = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
-                await self.socket.send(build(req).encode(), copy=False)
-                sent = True
+            try:
+                await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
+            except TimeoutError:
+                raise NoAnswer(self, connect_within, False) from None
+            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                 return await future
         except TimeoutError:
-            raise NoAnswer(self, timeout, sent) from None
+            raise NoAnswer(self, timeout, True) from None
         except zmq.ZMQError as exc:
             log.warning("%s (%s): cannot send a request: %s", self.name, self.endpoint, exc)
-            raise NoAnswer(self, timeout, sent) from None
+            raise NoAnswer(self, timeout, False, f"cannot take the request: {exc}") from None
         finally:
             self._pending.pop(req, None)
 
@@ -203,13 +209,13 @@ class BusLink:
         self.socket.close(linger=0)
 
 
-async def ask_all(links: list[BusLink], build: Callable[[int], BusMessage],
-                  timeout: float) -> list[BusMessage | NoAnswer]:
+async def ask_all(links: list[BusLink], build: Callable[[int], BusMessage], timeout: float, *,
+                  connect_timeout: float | None = None) -> list[BusMessage | NoAnswer]:
     """The same request to every link at once: one answer (or NoAnswer) per link, in the links' order."""
 
     async def one(link: BusLink) -> BusMessage | NoAnswer:
         try:
-            return await link.request(build, timeout)
+            return await link.request(build, timeout, connect_timeout=connect_timeout)
         except NoAnswer as missing:
             return missing
 

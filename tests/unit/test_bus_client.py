@@ -126,6 +126,10 @@ async def test_an_unreachable_shard_is_reported_as_such(link: BusLink) -> None:
     assert str(missing.value) == f"shard 0 ({link.endpoint}) is unreachable (no connection within 0.3s)"
     assert not await link.send(AdminRequest(req=1, op="x"))  # nothing is queued for an absent shard
     assert not link.heard_within(60)
+    started = time.monotonic()
+    with pytest.raises(NoAnswer) as early:
+        await link.request(ping(), 30, connect_timeout=0.2)
+    assert time.monotonic() - started < 5 and not early.value.sent and "no connection within 0.2s" in str(early.value)
 
 
 async def request_until_answered(link: BusLink, deadline: float) -> BusMessage:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli import CLOSED_PIPE_STATUS, build_parser, main
+from cluster.cli.queue import Answers, _list
+from cluster.version import VERSION
+from tests.support import REPO
 
 
 def test_config_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,7 +31,7 @@ def test_missing_key_file_is_a_configuration_error_everywhere(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[bus]\ncurve_key_file = "{tmp_path / "missing"}"\n')
-    for command in (["config", "check", str(config)], ["queue", "--config", str(config), "list"]):
+    for command in (["config", "check", str(config)], ["queue", "list", "--config", str(config)]):
         assert main(command) == 2
         assert "bus.curve_key_file" in capsys.readouterr().err
 
@@ -44,7 +50,67 @@ def test_keys_writes_a_key_pair_once(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_queue_command_with_no_shard_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[queue]\nshards = ["tcp://127.0.0.1:9"]\n')
-    assert main(["queue", "--config", str(config), "--timeout", "0.2", "list"]) == 1
+    assert main(["queue", "list", "--config", str(config), "--timeout", "0.2"]) == 1
     captured = capsys.readouterr()
     assert "shard 0 (tcp://127.0.0.1:9) is unreachable (no connection within 0.2s)" in captured.err
     assert "queue is empty" not in captured.out  # an unreachable queue is not an empty one
+
+
+def test_options_go_after_the_subcommand_and_before_it_still_works() -> None:
+    parser = build_parser()
+    after = parser.parse_args(["queue", "list", "--json", "--config", "c.toml", "--limit", "5", "--timeout", "2"])
+    assert (after.json, after.config, after.limit, after.timeout) == (True, "c.toml", 5, 2.0)
+    before = parser.parse_args(["queue", "--config", "c.toml", "--json", "hold", "Q1"])
+    assert (before.json, before.config, before.queue_id) == (True, "c.toml", "Q1")
+    defaults = parser.parse_args(["queue", "flush"])
+    assert (defaults.json, defaults.config, defaults.domain) == (False, None, None)
+    for argv in (["user", "list", "--config", "c.toml"], ["up", "--config", "c.toml"],
+                 ["serve", "worker", "--config", "c.toml"], ["config", "check", "--config", "c.toml"]):
+        assert parser.parse_args(argv).config == "c.toml", argv
+
+
+@pytest.mark.parametrize("argv", [["queue", "list", "--limit", "0"], ["queue", "list", "--timeout", "-1"],
+                                  ["queue", "list", "--limit", "many"]])
+def test_bad_option_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "expected a positive" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"mtacluster {VERSION}\n"
+
+
+@pytest.mark.parametrize(("argv", "status"), [(["config", "check"], CLOSED_PIPE_STATUS),
+                                              (["--help"], 0)])  # argparse ignores write errors itself
+def test_a_closed_pipe_is_no_traceback(argv: list[str], status: int) -> None:
+    """`mtacluster ... | head`: the reader is gone before the command writes."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run([sys.executable, "-m", "cluster", *argv], stdout=writer, stderr=subprocess.PIPE,
+                              cwd=REPO, timeout=60, check=False)
+    finally:
+        os.close(writer)
+    assert done.stderr == b"" and done.returncode == status
+
+
+def message(queue_id: str, arrival: float) -> dict[str, object]:
+    return {"queue_id": queue_id, "sender": "a@b.test", "arrival": arrival, "size": 10,
+            "recipients": [{"address": "r@d.test", "state": "ready", "attempts": 0}]}
+
+
+def test_list_merges_shards_oldest_first_and_says_the_total(capsys: pytest.CaptureFixture[str]) -> None:
+    answers = Answers(data=[(0, {"messages": [message("Q1", 1.0), message("Q3", 3.0)], "total": 40}),
+                            (1, {"messages": [message("Q2", 2.0)], "total": 2})])
+    _list(answers, 2, as_json=False)
+    out = capsys.readouterr().out
+    assert out.index("Q1") < out.index("Q2") and "Q3" not in out
+    assert out.endswith("-- showing the oldest 2 of 42 messages on 2 shards; use --limit N to see more\n")
+    _list(Answers(data=[(0, {"messages": [message("Q1", 1.0)], "total": 1})]), 10, as_json=False)
+    assert capsys.readouterr().out.endswith("-- 1 message on 1 shard\n")
+    _list(Answers(data=[(0, {"messages": [], "total": 0}), (1, [])]), 10, as_json=False)
+    assert capsys.readouterr().out == "queue is empty\n"

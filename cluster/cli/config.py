@@ -1,0 +1,38 @@
+"""`mtacluster config check [FILE | --config FILE]`: validate a configuration and the files it names (TLS
+certificates and keys, the users file, the CURVE key file, the DKIM keys). A bad value is named with its key
+and the reason (exit code 2); without a file, the built-in defaults are checked."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cluster.cli.common import add_config_option, load
+
+
+def register(commands: Any) -> None:
+    group = commands.add_parser("config", help="configuration tools")
+    config_commands = group.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    check = config_commands.add_parser("check", help="validate a configuration file and the files it names")
+    check.add_argument("file", nargs="?", help="the configuration file (or give it with --config)")
+    add_config_option([group, check])
+    check.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from cluster.bus.security import cluster_keys
+    from cluster.config import check_files
+    from cluster.dkim.signer import DkimSigner
+    from cluster.tls import server_context
+
+    if args.file is not None:
+        args.config = args.file
+    config = load(args)
+    check_files(config)
+    server_context(config.smtp.tls_cert_file, config.smtp.tls_key_file, "smtp")
+    server_context(config.pop3.tls_cert_file, config.pop3.tls_key_file, "pop3")
+    cluster_keys(config.bus)
+    DkimSigner.from_config(config.dkim)
+    print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, "
+          f"listen {', '.join(config.smtp.listen)})")
+    return 0
