@@ -48,13 +48,20 @@ when it had a readable one, so the receiver can answer Error(text, req) and the 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
-from cluster.smtp.address import SmtpSyntaxError, parse_forward_path, parse_reverse_path
+from cluster.smtp.address import (
+    MAX_LOCAL_PART,
+    MAX_PATH,
+    SmtpSyntaxError,
+    parse_forward_path,
+    parse_reverse_path,
+)
 
 
 class SchemaError(ValueError):
@@ -296,8 +303,25 @@ def _strings(where: str, values: list[Any]) -> None:
         raise SchemaError(f"{where}: expected a list of strings")
 
 
+# The everyday address (ASCII dot-atom local part, LDH domain), accepted without running the full parser:
+# everything it matches, within the lengths checked next to it, the SMTP parser accepts too (a property test
+# holds the two together). Anything else goes through the parser.
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_MAX_ADDRESS = MAX_PATH - 2  # the path's angle brackets count towards its limit
+_MAX_LOCAL = MAX_LOCAL_PART
+
+
+def is_plain_address(address: str) -> bool:
+    return (len(address) <= _MAX_ADDRESS and _PLAIN_ADDRESS.fullmatch(address) is not None
+            and address.index("@") <= _MAX_LOCAL)
+
+
 def sender_problem(sender: str) -> str | None:
     """Why `sender` (a reverse-path without brackets, "" for null) is not one the SMTP server accepts; or None."""
+    if not sender or is_plain_address(sender):
+        return None
     try:
         parse_reverse_path(f"<{sender}>", smtputf8=True)
     except SmtpSyntaxError as exc:
@@ -309,6 +333,8 @@ def recipient_problem(recipient: str) -> str | None:
     """Why `recipient` (a forward-path without brackets) is not one the SMTP server accepts; or None.
 
     Unlike RCPT TO, a bare <Postmaster> is refused: the SMTP server has already given it this host's domain."""
+    if is_plain_address(recipient):
+        return None
     try:
         address = parse_forward_path(f"<{recipient}>", smtputf8=True)
     except SmtpSyntaxError as exc:

@@ -21,7 +21,10 @@ from cluster.bus.schemas import (
     SchemaError,
     Stored,
     decode,
+    is_plain_address,
+    recipient_problem,
 )
+from cluster.smtp.address import parse_forward_path, parse_reverse_path
 
 
 @pytest.mark.parametrize("message", [
@@ -129,3 +132,27 @@ def test_odd_reply_codes_are_deferrals_and_errors_name_their_request() -> None:
     assert decode(odd.encode()) == odd
     assert decode(Error(text="bad frame", req=3).encode()) == Error("bad frame", 3)
     assert decode(msgpack.packb({"t": "error", "text": "old style"})) == Error("old style", 0)
+
+
+_ADDRESSY = st.text(alphabet="aZ09.-@_+!#~\"\\ [](),:;<>é\x00\r\n", min_size=0, max_size=80)
+# Plain-looking addresses around the length limits: local part 64, label 63, path 256 (RFC 5321 4.5.3.1).
+_NEAR_LIMITS = st.builds(lambda local, labels: "a" * local + "@" + ".".join("b" * n for n in labels),
+                         st.integers(1, 70), st.lists(st.integers(1, 70), min_size=1, max_size=5))
+
+
+@given(st.one_of(_ADDRESSY, _NEAR_LIMITS))
+def test_the_fast_path_accepts_only_what_the_smtp_parser_accepts(address: str) -> None:
+    if is_plain_address(address):
+        parsed = parse_forward_path(f"<{address}>", smtputf8=True)  # raises if the fast path was too lenient
+        assert parsed.domain
+        assert parse_reverse_path(f"<{address}>", smtputf8=True) == parsed
+
+
+@pytest.mark.parametrize(("address", "plain"), [
+    ("a" * 64 + "@d.test", True), ("a" * 65 + "@d.test", False), ("a@" + "b" * 63 + ".test", True),
+    ("a@" + "b" * 64 + ".test", False), ("a@" + ".".join(["b" * 63] * 3) + "." + "c" * 60, True),
+    ("a@" + ".".join(["b" * 63] * 3) + "." + "c" * 61, False), ("a..b@d.test", False), ("a@-d.test", False),
+])
+def test_the_fast_path_at_the_limits(address: str, plain: bool) -> None:
+    assert is_plain_address(address) is plain
+    assert (recipient_problem(address) is None) is plain  # the parser agrees where the fast path says no
