@@ -126,9 +126,12 @@ class BusLink:
         started = time.monotonic()
         try:
             try:
-                await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
-            except TimeoutError:
-                raise NoAnswer(self, connect_within, False) from None
+                await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # not connected: wait for the connection, within bounds
+                try:
+                    await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
+                except TimeoutError:
+                    raise NoAnswer(self, connect_within, False) from None
             async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                 return await future
         except TimeoutError:
