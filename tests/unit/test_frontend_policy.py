@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cluster.frontend.policy import RELAY_DENIED, RelayPolicy
+from cluster.frontend.policy import RelayPolicy
 from cluster.frontend.received import received_header
+from cluster.smtp.replies import RELAY_DENIED
 
 
 def test_relay_networks_and_local_domains() -> None:
