@@ -211,6 +211,7 @@ class Frontend:
             server.close()
         for task in self._accept_loops:
             task.cancel()
+        await asyncio.gather(*self._accept_loops, return_exceptions=True)
         for sock in self._tls_sockets:
             sock.close()
         # Idle sessions are told 421 and closed; sessions in the middle of storing a message get the chance to
