@@ -11,7 +11,8 @@ leaves open, asking the listener's `SessionPolicy` (`cluster.frontend.policy`) a
 - RCPT: `policy.check_rcpt` (the relay policy: no open relay);
 - end of DATA: `policy.check_message`; on the submission listeners add Message-ID and Date when missing
   (`cluster.frontend.submission`, RFC 6409 8); DKIM-sign relayed mail (`cluster.frontend.outbound`); prepend
-  the Received header and store the message on every shard that owns a recipient; 250 only after all of them answered Stored (`cluster.frontend.injector`);
+  the Received header and store the message on every shard that owns a recipient; 250 only after all of
+  them answered Stored (`cluster.frontend.injector`);
 - STARTTLS (RFC 3207): 220, then the TLS handshake on the same stream (`cluster.tls.start_tls`), then the
   protocol starts over (`ServerConnection.starttls_completed`) with the after-TLS settings (no STARTTLS, AUTH
   offered). On an implicit-TLS listener (RFC 8314) the session starts under TLS with those settings.

@@ -33,19 +33,15 @@ from cluster.smtp.address import Address
 from cluster.smtp.events import MessageReceived
 from cluster.smtp.replies import Reply
 from cluster.users import add_user
-from tests.harness import REPO, SmtpSink, wait_for, write_config
-from tests.integration.test_frontend_inject import ScriptedShard, stored
-from tests.tooling import free_port, require_tool
+from tests.support import REPO
+from tests.support.harness import SmtpSink, wait_for, write_config
+from tests.support.scripted_shard import ScriptedShard, stored
+from tests.support.tooling import free_port, require_tool
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "alice@example.org", "correct horse battery staple"
 BARE = b"From: alice@example.org\r\nTo: bob@elsewhere.test\r\nSubject: no id, no date\r\n\r\nhello\r\n"
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 @pytest.fixture(scope="module")

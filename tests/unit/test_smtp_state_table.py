@@ -8,7 +8,7 @@ import pytest
 from cluster.smtp import replies
 from cluster.smtp.events import ExtensionCommand, ExtensionLine, NeedData, Paused
 from cluster.smtp.server import _OUT_OF_SEQUENCE, COMMAND_STATES, ServerConnection, State
-from tests.unit.smtp_driver import QUEUED, Session, make_session, server_settings
+from tests.support.smtp_driver import QUEUED, Session, make_session, server_settings
 
 CHUNKING = server_settings(chunking=True)
 
