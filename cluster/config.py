@@ -50,8 +50,14 @@ class Size(int):
 class SmtpConfig:
     # The name this MTA gives itself in the greeting, EHLO reply and Received headers.
     hostname: str = "localhost"
-    # Addresses the frontends listen on, "host:port" ("[::1]:25" for IPv6).
+    # Addresses the frontends listen on for mail from other MTAs, "host:port" ("[::1]:25" for IPv6).
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    # RFC 6409 message submission for mail clients (port 587 style): STARTTLS offered, MAIL only after AUTH
+    # (530 5.7.0), Message-ID and Date added when missing. Needs smtp.tls_cert_file. Empty = not offered.
+    submission_listen: tuple[str, ...] = ()
+    # RFC 8314 3.3 implicit TLS submission (port 465 style): TLS from the first byte, otherwise as
+    # submission_listen. Needs smtp.tls_cert_file. Empty = not offered.
+    submissions_listen: tuple[str, ...] = ()
     # Clients in these networks may relay to any domain (CIDR notation).
     relay_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     # Domains that anyone may send to; mail to them is accepted from any client.
@@ -83,6 +89,8 @@ class SmtpConfig:
     tls_key_file: str = ""
     # Failed SMTP AUTH exchanges per session before 421 4.7.0 and close (slows down password guessing).
     max_auth_failures: int = 3
+    # RFC 3030 CHUNKING: EHLO offers CHUNKING and BDAT is accepted (as Postfix does by default since 3.4).
+    chunking: bool = True
 
 
 @dataclass(frozen=True)
@@ -341,8 +349,13 @@ def _build_section(cls: type[Any], section: str, raw: object) -> Any:
     return cls(**values)
 
 
-def _split_host_port(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
-    """Split "host:port" or "[v6]:port"; the port may be omitted when `default_port` is given."""
+def split_host_port(text: str, default_port: int | None = None, *, key: str = "address",
+                    any_port: bool = False) -> tuple[str, int]:
+    """The one "host:port" parser: "host:port", "[v6]:port", or "host" alone when `default_port` is given.
+
+    Ports are 1-65535; `any_port` also allows 0 ("any free port", for listeners a test opens itself; a
+    configuration never may). Raises ConfigError (a ValueError) naming `key` when the text is malformed.
+    """
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text.strip())
     if not m:
         raise ConfigError(key, f'expected "host:port", got {text!r}')
@@ -353,14 +366,10 @@ def _split_host_port(text: str, key: str, default_port: int | None = None) -> tu
             raise ConfigError(key, f'expected "host:port" with a port, got {text!r}')
         return host, default_port
     port = int(port_text)
-    if not 0 < port < 65536:
-        raise ConfigError(key, f"port {port} is out of range 1-65535")
+    lowest = 0 if any_port else 1
+    if not lowest <= port < 65536:
+        raise ConfigError(key, f"port {port} is out of range {lowest}-65535")
     return host, port
-
-
-def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """Public form of the "host:port" parser, for values that were validated already."""
-    return _split_host_port(text, "address", default_port)
 
 
 def _check_bounds(config: Config) -> None:
@@ -371,10 +380,22 @@ def _check_bounds(config: Config) -> None:
     s, q, d = config.smtp, config.queue, config.delivery
     if not s.hostname or not re.fullmatch(r"[A-Za-z0-9.-]+", s.hostname):
         raise ConfigError("smtp.hostname", f"expected a host name, got {s.hostname!r}")
-    if not s.listen:
-        raise ConfigError("smtp.listen", "needs at least one address")
-    for address in s.listen:
-        _split_host_port(address, "smtp.listen")
+    listeners = {"smtp.listen": s.listen, "smtp.submission_listen": s.submission_listen,
+                 "smtp.submissions_listen": s.submissions_listen}
+    if not any(listeners.values()):
+        raise ConfigError("smtp.listen", "needs at least one address (or smtp.submission_listen / "
+                          "smtp.submissions_listen)")
+    bound: dict[tuple[str, int], str] = {}
+    for key, addresses in listeners.items():
+        for address in addresses:
+            host_port = split_host_port(address, key=key)
+            if host_port in bound:
+                raise ConfigError(key, f"{address} is also in {bound[host_port]}")
+            bound[host_port] = key
+    for key in ("smtp.submission_listen", "smtp.submissions_listen"):
+        if listeners[key] and not s.tls_cert_file:
+            raise ConfigError(key, "needs smtp.tls_cert_file and smtp.tls_key_file: submission takes passwords, "
+                              "only over TLS")
     for network in s.relay_networks:
         try:
             ipaddress.ip_network(network, strict=False)
@@ -416,11 +437,11 @@ def _check_bounds(config: Config) -> None:
     at_least("queue.retry_max", q.retry_max, q.retry_first)
     at_least("queue.max_lifetime", q.max_lifetime, 1)
     if d.smarthost:
-        _split_host_port(d.smarthost, "delivery.smarthost", 25)
+        split_host_port(d.smarthost, 25, key="delivery.smarthost")
     if not 0 < d.port < 65536:
         raise ConfigError("delivery.port", f"port {d.port} is out of range 1-65535")
     for server in d.nameservers:
-        _split_host_port(server, "delivery.nameservers", 53)
+        split_host_port(server, 53, key="delivery.nameservers")
     at_least("delivery.concurrency", d.concurrency, 1)
     at_least("delivery.destination_concurrency", d.destination_concurrency, 1)
     at_least("delivery.max_recipients_per_transaction", d.max_recipients_per_transaction, 1)
@@ -437,14 +458,14 @@ def _check_bounds(config: Config) -> None:
                 f'expected "smtp:[host]:port", "smtp:host", "local" or "error:5.x.y text", got {route!r}',
             )
     if config.metrics.listen:
-        _split_host_port(config.metrics.listen, "metrics.listen")
+        split_host_port(config.metrics.listen, key="metrics.listen")
     at_least("up.frontends", config.up.frontends, 1)
     at_least("up.workers", config.up.workers, 1)
     p = config.pop3
     if not p.listen:
         raise ConfigError("pop3.listen", "needs at least one address")
     for address in p.listen:
-        _split_host_port(address, "pop3.listen")
+        split_host_port(address, key="pop3.listen")
     if bool(p.tls_cert_file) != bool(p.tls_key_file):
         missing = "pop3.tls_key_file" if p.tls_cert_file else "pop3.tls_cert_file"
         raise ConfigError(missing, "pop3.tls_cert_file and pop3.tls_key_file must be set together (or neither)")

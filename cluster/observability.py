@@ -1,8 +1,8 @@
 """Observability shared by every role: common metrics and the HTTP endpoint for /metrics, /healthz, /readyz.
 
-Inputs: a listen address ("host:port", "[v6]:port"; port 0 picks a free port), the role name, and a
-`ready()` callable owned by the role (frontend: every shard reachable; shard: spool open and recovered; worker:
-connected to every shard).
+Inputs: a listen address ("host:port", "[v6]:port", parsed by `cluster.config.split_host_port`; port 0 picks
+a free port, for tests: the configuration refuses it), the role name, and a `ready()` callable owned by the
+role (frontend: every shard reachable; shard: spool open and recovered; worker: connected to every shard).
 
 Outputs: an `asyncio.Server` (its `sockets[0].getsockname()` gives the bound port) answering, over HTTP/1.1
 (RFC 9112), one request per connection (`Connection: close`):
@@ -34,6 +34,8 @@ from collections.abc import Callable, Collection
 
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from cluster.config import split_host_port
+from cluster.domains import domain_key
 from cluster.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -64,22 +66,10 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 def domain_label(domain: str, top_domains: Collection[str]) -> str:
     """The label value for a destination domain: the domain itself when it is a top domain, else "other".
 
-    Comparison is case-insensitive and ignores a trailing root dot; `top_domains` should hold lower-case names.
+    The domain is compared in its `cluster.domains.domain_key` form, which `top_domains` should hold.
     """
-    name = domain.strip().rstrip(".").lower()
+    name = domain_key(domain)
     return name if name and name in top_domains else OTHER_DOMAIN
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """Split "host:port" or "[v6]:port" (port 0..65535; 0 means any free port); ValueError when malformed."""
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", listen.strip())
-    if not m:
-        raise ValueError(f'metrics listen address: expected "host:port", got {listen!r}')
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise ValueError(f"metrics listen address: port {port} is out of range 0-65535")
-    return host, port
 
 
 class _Endpoint:
@@ -185,7 +175,7 @@ async def serve_http(listen: str, role: str, ready: Callable[[], bool]) -> async
 
     Raises ValueError for a malformed address and OSError when the address cannot be bound.
     """
-    host, port = parse_listen(listen)
+    host, port = split_host_port(listen, key="metrics.listen", any_port=True)
     BUILD_INFO.labels(version=VERSION, role=role).set(1)
     endpoint = _Endpoint(role, ready)
     endpoint.is_ready()

@@ -35,7 +35,11 @@ def build_service(role: str, config: Config, shard: int) -> tuple[Service, str]:
     if role == "frontend":
         from cluster.frontend.server import Frontend
 
-        return Frontend(config), "smtp=" + ",".join(config.smtp.listen)
+        smtp = config.smtp
+        where = [f"{name}={','.join(addresses)}" for name, addresses in
+                 (("smtp", smtp.listen), ("submission", smtp.submission_listen),
+                  ("submissions", smtp.submissions_listen)) if addresses]
+        return Frontend(config), " ".join(where)
     if role == "queue":
         from cluster.queue.shard import Shard
 

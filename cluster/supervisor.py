@@ -87,10 +87,12 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._request_stop)
         for child in self.children:
             self._start(child)
+        submission = self.config.smtp.submission_listen + self.config.smtp.submissions_listen
         print(f"mtacluster up: pid={os.getpid()} {len(self.children)} processes "
               f"(shards={len(self.config.queue.shards)} workers={self.config.up.workers} "
               f"frontends={self.config.up.frontends} pop3={int(self.config.up.pop3)}); "
-              f"SMTP on {', '.join(self.config.smtp.listen)}; "
+              f"SMTP on {', '.join(self.config.smtp.listen) or 'nothing'}; "
+              f"submission on {', '.join(submission) or 'nothing'}; "
               f"spool under {self.config.queue.spool_dir}; Ctrl-C stops", flush=True)
         while not self.stopping:
             self._restart_exited()

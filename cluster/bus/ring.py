@@ -1,8 +1,9 @@
 """Which queue shard owns a domain: rendezvous (highest random weight) hashing over the shard list.
 
 DESIGN.md contract 3: all state about one destination lives in one shard. The key is the recipient domain,
-lower-cased and IDNA-encoded, so "Example.COM", "example.com" and "bücher.de" / "xn--bcher-kva.de" each map
-to exactly one shard. Rendezvous hashing moves only about 1/N of the domains when a shard is added.
+normalised by `cluster.domains.domain_key` (lower-cased, IDNA-encoded), so "Example.COM", "example.com" and
+"bücher.de" / "xn--bcher-kva.de" each map to exactly one shard. Rendezvous hashing moves only about 1/N of
+the domains when a shard is added.
 """
 
 from __future__ import annotations
@@ -11,17 +12,8 @@ import functools
 import hashlib
 from collections.abc import Sequence
 
-
-def domain_key(domain: str) -> str:
-    """Normalise a domain for hashing and queueing: lower-case, IDNA (A-label) form, no trailing dot."""
-    domain = domain.strip().rstrip(".").lower()
-    if domain.startswith("[") or domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        # Not valid IDNA2003 (the stdlib codec): keep the Unicode form so the key is still stable.
-        return domain
+# Re-exported for the modules that import it from here; new code imports it from cluster.domains.
+from cluster.domains import domain_key as domain_key
 
 
 def _weight(shard: str, key: str) -> int:

@@ -33,8 +33,9 @@ from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.mx import DnsFailure, MxResolver, Target, find_targets
 from cluster.delivery.routing import ErrorRoute, LocalRoute, Router, SmtpRoute
 from cluster.delivery.session import HostUnavailable, SessionSettings, SmtpSession, TransactionResult
+from cluster.domains import domain_key
 from cluster.mailbox.maildir import MailboxNameError, MaildirStore
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Deliverer:
         by_domain: dict[str, list[str]] = {}
         for recipient in job.recipients:
             domain = recipient.rpartition("@")[2] or job.domain
-            by_domain.setdefault(domain.lower().rstrip("."), []).append(recipient)
+            by_domain.setdefault(domain_key(domain), []).append(recipient)
         decided: dict[str, Outcome] = {}
         for domain, recipients in by_domain.items():
             for outcome in await self._deliver_domain(job, domain, recipients):

@@ -41,6 +41,7 @@ import dns.resolver
 from cluster.config import split_host_port
 from cluster.delivery import metrics
 from cluster.delivery.routing import SmtpRoute
+from cluster.domains import domain_key
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ async def find_targets(resolver: MxResolver, route: SmtpRoute, max_addresses: in
     literal = ip_literal(route.host)
     if literal is not None:
         return [Target(route.host.strip("[]"), literal, route.port)]
-    domain = route.host.lower().rstrip(".")
+    domain = domain_key(route.host)
     hosts: list[str]
     if route.mx_lookup:
         lookup = await resolver.mx(domain)
@@ -160,7 +161,7 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random) -> list[str]:
     """RFC 5321 5.1: lowest preference first; equal preferences in random order; each host once."""
     by_preference: dict[int, list[str]] = {}
     for preference, host in records:
-        by_preference.setdefault(preference, []).append(host.lower().rstrip("."))
+        by_preference.setdefault(preference, []).append(domain_key(host))
     ordered: list[str] = []
     for preference in sorted(by_preference):
         group = list(dict.fromkeys(by_preference[preference]))
@@ -241,7 +242,7 @@ class StaticMxResolver:
     `lookups` counts the questions asked, so tests can see the cache work."""
 
     def __init__(self, table: Mapping[str, Mapping[str, list[object]] | str]) -> None:
-        self._table = {name.lower().rstrip("."): entry for name, entry in table.items()}
+        self._table = {domain_key(name): entry for name, entry in table.items()}
         self.lookups = 0
 
     @classmethod
@@ -253,7 +254,7 @@ class StaticMxResolver:
             words = raw.split("#", 1)[0].split()
             if not words:
                 continue
-            name, kind = words[0].lower().rstrip("."), words[1].upper()
+            name, kind = domain_key(words[0]), words[1].upper()
             if kind in ("SERVFAIL", "TIMEOUT"):
                 table[name] = kind.lower()
                 continue
@@ -270,7 +271,7 @@ class StaticMxResolver:
 
     def _entry(self, name: str) -> Mapping[str, list[object]] | str | None:
         self.lookups += 1
-        return self._table.get(name.lower().rstrip("."))
+        return self._table.get(domain_key(name))
 
     async def mx(self, domain: str) -> MxLookup:
         entry = self._entry(domain)
@@ -329,7 +330,7 @@ class CachingMxResolver:
         return self._clock() + keep if keep > 0 else None
 
     async def mx(self, domain: str) -> MxLookup:
-        key = domain.lower().rstrip(".")
+        key = domain_key(domain)
         cached = self._mx.get(key)
         if cached is not None and cached[0] > self._clock():
             return cached[1]
@@ -338,7 +339,7 @@ class CachingMxResolver:
         return lookup
 
     async def addresses(self, host: str) -> AddressLookup:
-        key = host.lower().rstrip(".")
+        key = domain_key(host)
         cached = self._addresses.get(key)
         if cached is not None and cached[0] > self._clock():
             return cached[1]

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.config import DeliveryConfig, split_host_port
+from cluster.domains import domain_key
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def parse_transport(value: str, default_port: int) -> Route:
 class Router:
     def __init__(self, config: DeliveryConfig) -> None:
         self._port = config.port
-        self._table: Mapping[str, str] = {key.lower().rstrip("."): value for key, value in config.transports.items()}
+        self._table: Mapping[str, str] = {domain_key(key): value for key, value in config.transports.items()}
         self._smarthost: SmtpRoute | None = None
         if config.smarthost:
             host, port = split_host_port(config.smarthost, 25)
@@ -78,7 +79,7 @@ class Router:
 
     def table_entry(self, domain: str) -> str | None:
         """The transport table value for `domain`: exact key first, then the longest ".parent" suffix."""
-        domain = domain.lower().rstrip(".")
+        domain = domain_key(domain)
         if domain in self._table:
             return self._table[domain]
         labels = domain.split(".")
@@ -94,4 +95,4 @@ class Router:
             return parse_transport(entry, self._port)
         if self._smarthost is not None:
             return self._smarthost
-        return SmtpRoute(domain.lower().rstrip("."), self._port, mx_lookup=True)
+        return SmtpRoute(domain_key(domain), self._port, mx_lookup=True)

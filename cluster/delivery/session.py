@@ -33,7 +33,7 @@ from cluster.smtp.client import (
     SmtpProtocolError,
     has_8bit,
 )
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 READ_CHUNK = 65536
 # Body bytes written before waiting for the socket to drain (each wait bounded by data_block_timeout).

@@ -6,14 +6,14 @@ the client sends after a 334 challenge (`line()`); each call returns the next st
   ends the exchange;
 - `Verify(username, password)`: the client has sent its credentials. The glue checks them against the users
   file (off the event loop: scrypt is slow on purpose) and calls `verified(ok)`, which returns the 235 or
-  535 reply to send.
+  535 reply to send, or `refused(reply)` when the session's policy refuses the login.
 
 Rules (RFC 4954 4 and 6): AUTH only over TLS (538 5.7.11), only after EHLO, not during a mail transaction
 and not twice (503 5.5.1); unknown mechanism 504 5.5.4; a response that is not base64 501 5.5.2; "*"
 cancels (501 5.7.0); an initial response on the AUTH line is accepted ("=" is an empty one).
 PLAIN's authorization identity must be empty or the authentication identity itself: nobody may act as
 someone else. Every exchange that starts and does not succeed counts as a failure; `exhausted` becomes True
-after `max_failures` of them and the glue then ends the session with `TOO_MANY_FAILURES`.
+after `max_failures` of them and the glue then ends the session with `replies.AUTH_TOO_MANY_FAILURES`.
 
 Passwords live only in `Verify` (left out of its repr) and are never logged.
 """
@@ -24,24 +24,11 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 
-from cluster.smtp.reply import Reply
+from cluster.smtp import replies
+from cluster.smtp.replies import Reply
 
 MECHANISMS = ("PLAIN", "LOGIN")
 EHLO_KEYWORD = "AUTH " + " ".join(MECHANISMS)
-
-SUCCEEDED = Reply.of(235, "2.7.0", "Authentication successful")
-INVALID_CREDENTIALS = Reply.of(535, "5.7.8", "Authentication credentials invalid")
-ENCRYPTION_REQUIRED = Reply.of(538, "5.7.11", "Encryption required for requested authentication mechanism")
-ALREADY_AUTHENTICATED = Reply.of(503, "5.5.1", "Already authenticated")
-NOT_IN_TRANSACTION = Reply.of(503, "5.5.1", "AUTH not permitted during a mail transaction")
-NEED_EHLO = Reply.of(503, "5.5.1", "Send EHLO first")
-UNKNOWN_MECHANISM = Reply.of(504, "5.5.4", "Unrecognized authentication type (use PLAIN or LOGIN)")
-AUTH_SYNTAX = Reply.of(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-CANNOT_DECODE = Reply.of(501, "5.5.2", "Cannot decode response")
-CANCELLED = Reply.of(501, "5.7.0", "Authentication cancelled")
-LINE_TOO_LONG = Reply.of(500, "5.5.6", "Authentication exchange line is too long")
-TEMPORARY_FAILURE = Reply.of(454, "4.7.0", "Temporary authentication failure")
-TOO_MANY_FAILURES = Reply.of(421, "4.7.0", "Too many failed authentication attempts, closing connection")
 
 # The LOGIN mechanism's prompts, base64 of "Username:" and "Password:" (draft-murchison-sasl-login).
 _USERNAME_PROMPT = base64.b64encode(b"Username:").decode("ascii")
@@ -63,11 +50,6 @@ Step = Reply | Verify
 
 class _Malformed(ValueError):
     """A response that is not valid base64 or not a valid message of its mechanism."""
-
-
-def _challenge(text: str) -> Reply:
-    """RFC 4954 4: "334" SP [base64], without an enhanced status code."""
-    return Reply.of(334, "", text)
 
 
 def _decode(text: str) -> bytes:
@@ -122,36 +104,36 @@ class SmtpAuth:
     def command(self, argument: str, *, tls: bool, greeted: bool, in_transaction: bool) -> Step:
         """The AUTH command: "mechanism [initial-response]" (RFC 4954 4)."""
         if not tls:
-            return ENCRYPTION_REQUIRED
+            return replies.AUTH_ENCRYPTION_REQUIRED
         if not greeted:
-            return NEED_EHLO
+            return replies.AUTH_NEED_EHLO
         if self.user is not None:
-            return ALREADY_AUTHENTICATED
+            return replies.AUTH_ALREADY_AUTHENTICATED
         if in_transaction:
-            return NOT_IN_TRANSACTION
+            return replies.AUTH_NOT_IN_TRANSACTION
         words = argument.strip(" ").split(" ")
         if not words[0] or len(words) > 2:
-            return AUTH_SYNTAX
+            return replies.AUTH_SYNTAX
         mechanism = words[0].upper()
         if mechanism not in MECHANISMS:
-            return UNKNOWN_MECHANISM
+            return replies.AUTH_UNKNOWN_MECHANISM
         self._mechanism = mechanism
         if len(words) == 2:
             return self._response(words[1])
-        return _challenge("" if mechanism == "PLAIN" else _USERNAME_PROMPT)
+        return replies.auth_challenge("" if mechanism == "PLAIN" else _USERNAME_PROMPT)
 
     def line(self, line: bytes | None) -> Step:
         """A client line after a 334 challenge (None: longer than the limit, discarded)."""
         if self._mechanism is None:
-            return self._fail(CANNOT_DECODE)  # not reachable through the state machine; refuse safely
+            return self._fail(replies.AUTH_CANNOT_DECODE)  # not reachable through the state machine; refuse safely
         if line is None:
-            return self._fail(LINE_TOO_LONG)
+            return self._fail(replies.AUTH_LINE_TOO_LONG)
         try:
             text = line.decode("ascii").strip(" ")
         except UnicodeDecodeError:
-            return self._fail(CANNOT_DECODE)
+            return self._fail(replies.AUTH_CANNOT_DECODE)
         if text == "*":
-            return self._fail(CANCELLED)  # RFC 4954 4: the client cancels the exchange
+            return self._fail(replies.AUTH_CANCELLED)  # RFC 4954 4: the client cancels the exchange
         return self._response(text)
 
     def verified(self, ok: bool) -> Reply:
@@ -160,13 +142,27 @@ class SmtpAuth:
         self._verifying = None
         if ok and username is not None:
             self.user = username
-            return SUCCEEDED
-        return self._fail(INVALID_CREDENTIALS)
+            return replies.AUTH_SUCCEEDED
+        return self._fail(replies.AUTH_INVALID_CREDENTIALS)
+
+    def refused(self, reply: Reply) -> Reply:
+        """The session's policy refused this login (e.g. a disabled account): `reply` is sent instead of 235;
+        a 5xx refusal counts as a failure, a 4xx one (the check could not be made) does not."""
+        self._verifying = None
+        if reply.code >= 500:
+            return self._fail(reply)
+        self._reset()
+        return reply
+
+    def cancel(self) -> None:
+        """The exchange that `command()` began is not going on (the policy refused AUTH); not a failure."""
+        self._verifying = None
+        self._reset()
 
     def temporary_failure(self) -> Reply:
         """The credentials could not be checked (users file unreadable): 454, not counted as a failure."""
         self._reset()
-        return TEMPORARY_FAILURE
+        return replies.AUTH_TEMPORARY_FAILURE
 
     def _response(self, text: str) -> Step:
         try:
@@ -174,14 +170,14 @@ class SmtpAuth:
             if self._mechanism == "PLAIN":
                 authzid, authcid, password = parse_plain(decoded)
                 if authzid and authzid.lower() != authcid.lower():
-                    return self._fail(INVALID_CREDENTIALS)  # acting as another user is never allowed
+                    return self._fail(replies.AUTH_INVALID_CREDENTIALS)  # acting as another user is never allowed
                 return self._verify(authcid, password)
             if self._username is None:
                 self._username = _utf8_field(decoded, may_be_empty=True)
-                return _challenge(_PASSWORD_PROMPT)
+                return replies.auth_challenge(_PASSWORD_PROMPT)
             return self._verify(self._username, _utf8_field(decoded, may_be_empty=True))
         except _Malformed:
-            return self._fail(CANNOT_DECODE)
+            return self._fail(replies.AUTH_CANNOT_DECODE)
 
     def _verify(self, username: str, password: str) -> Verify:
         self._reset()

@@ -23,11 +23,11 @@ from cluster.bus.ring import shard_for_address
 from cluster.bus.schemas import AdminReply, AdminRequest, Inject, InjectRefused, Stored
 from cluster.bus.security import CurveKeys
 from cluster.frontend import metrics
-from cluster.smtp.reply import Reply
+from cluster.smtp import replies
+from cluster.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
 
-QUEUE_UNAVAILABLE = Reply.of(451, "4.3.0", "Temporary queue failure, please try again later")
 PING_INTERVAL = 1.0
 REACHABLE_WITHIN = 5.0
 
@@ -102,6 +102,6 @@ class ShardClient:
             worst = max(refusals, key=lambda r: r.code)
             return Reply.of(worst.code, worst.enhanced, worst.text), []
         if any(a is None for a in answers):
-            return QUEUE_UNAVAILABLE, []
+            return replies.QUEUE_UNAVAILABLE, []
         queue_ids = [a.queue_id for a in answers if isinstance(a, Stored)]
-        return Reply.of(250, "2.0.0", f"Ok: queued as {' '.join(queue_ids)}"), queue_ids
+        return replies.queued_as(queue_ids), queue_ids

@@ -3,15 +3,18 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS_CURRENT = Gauge("mtacluster_smtp_connections_current", "SMTP connections open now.")
-CONNECTIONS = Counter("mtacluster_smtp_connections", "SMTP connections accepted.")
+# `listener` is the listener kind: smtp (smtp.listen), submission or submissions.
+CONNECTIONS = Counter("mtacluster_smtp_connections", "SMTP connections accepted, by listener.", ["listener"])
 CONNECTIONS_REFUSED = Counter("mtacluster_smtp_connections_refused", "SMTP connections refused, by reason.",
                               ["reason"])
 COMMANDS = Counter("mtacluster_smtp_commands", "SMTP commands received, by verb.", ["command"])
 REPLIES = Counter("mtacluster_smtp_replies", "SMTP replies sent, by class.", ["class"])
-MESSAGES_ACCEPTED = Counter("mtacluster_smtp_messages_accepted", "Messages answered with 250 after DATA.")
+MESSAGES_ACCEPTED = Counter("mtacluster_smtp_messages_accepted", "Messages answered with 250 after DATA, by listener.",
+                            ["listener"])
 MESSAGES_REJECTED = Counter("mtacluster_smtp_messages_rejected",
-                            "Messages or recipients refused, by reason.", ["reason"])
-RECEIVED_BYTES = Counter("mtacluster_smtp_received_bytes", "Message bytes received (after DATA).")
+                            "Messages or recipients refused, by reason and listener.", ["reason", "listener"])
+RECEIVED_BYTES = Counter("mtacluster_smtp_received_bytes", "Message bytes received (after DATA), by listener.",
+                         ["listener"])
 ACCEPT_LATENCY = Histogram("mtacluster_smtp_accept_latency_seconds",
                            "Time from the end of DATA to the 250 reply (includes the spool fsync).",
                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))

@@ -1,23 +1,132 @@
-"""Relay policy: who may send mail to which recipient (DESIGN.md contract 5: no open relay, ever).
+"""Session policy: what the frontend asks before it answers AUTH, MAIL, RCPT and end of DATA.
 
-A recipient is accepted when its domain is one of `smtp.local_domains` (anyone may send to us), or when the
-client's address is inside `smtp.relay_networks` (our own users and trusted hosts), or when the session has
-authenticated with SMTP AUTH over TLS (the session passes `client_may_relay=True` then, see
-`cluster.frontend.session`). Everything else is refused with 554 5.7.1.
+The SMTP session (`cluster.frontend.session`) owns the protocol; at each decision point it asks one
+`SessionPolicy` (a `PolicyChain` of small checks, each with one job) and sends the first refusal any check
+returns. Every hook is async (a check may ask DNS or a queue shard) and returns a `Reply` from
+`cluster.smtp.replies` to refuse, or None to let the next check decide; when every check returns None the
+session sends its positive reply.
+
+    check_auth(facts)                         AUTH command, before the SASL exchange starts
+    check_login(facts, username, verified)    the password was checked (verified: it was right); a Reply
+                                              turns the outcome into that refusal (the session counts it as a
+                                              failed AUTH when it is 5xx). Checks never see the password.
+    check_mail(facts, sender, params)         MAIL FROM (sender None: the null reverse-path <>)
+    check_rcpt(facts, recipient)              RCPT TO; `facts.sender` is the transaction's sender
+    check_message(facts, message)             end of DATA, before the message is stored
+
+`SessionFacts` is what a check knows of the session: client address, listener, HELO name, TLS, the
+authenticated user, relay rights, and the transaction so far. Checks must not change it.
+
+The checks here: `RelayPolicy` (ARCHITECTURE.md contract 5, no open relay: a recipient is accepted when its
+domain is one of `smtp.local_domains`, or the client is inside `smtp.relay_networks`, or it authenticated;
+else 554 5.7.1) and `SubmissionPolicy` (RFC 6409 4.3: on the submission listeners MAIL needs AUTH first,
+530 5.7.0). `REJECTION_REASONS` names each refusal for the `mtacluster_smtp_messages_rejected` metric.
+Failure modes: a check that raises is a bug; the session does not catch it (the connection closes).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
-from cluster.bus.ring import domain_key
-from cluster.smtp.reply import Reply
+from cluster.domains import domain_key
+from cluster.smtp import replies
+from cluster.smtp.address import Address
+from cluster.smtp.events import MessageReceived
+from cluster.smtp.replies import Reply
 
-RELAY_DENIED = Reply.of(554, "5.7.1", "Relay access denied: this server does not relay for you")
+# The listener kinds (`smtp.listen`, `smtp.submission_listen`, `smtp.submissions_listen`): the metric label.
+SMTP, SUBMISSION, SUBMISSIONS = "smtp", "submission", "submissions"
+LISTENER_KINDS = (SMTP, SUBMISSION, SUBMISSIONS)
+
+# Refusals by what the metric calls them; a refusal not listed counts as "policy".
+REJECTION_REASONS: dict[Reply, str] = {
+    replies.RELAY_DENIED: "relay_denied",
+    replies.AUTH_REQUIRED: "auth_required",
+}
 
 
-class RelayPolicy:
+@dataclass
+class SessionFacts:
+    """What the policy knows of one session; the session keeps it up to date, checks only read it."""
+
+    client_ip: str
+    listener: str = SMTP
+    helo: str | None = None
+    tls: bool = False
+    # The SMTP AUTH user, once authenticated.
+    user: str | None = None
+    # The client address is inside smtp.relay_networks.
+    trusted_network: bool = False
+    # The current mail transaction: its sender (after an accepted MAIL) and the recipients accepted so far.
+    sender: Address | None = None
+    recipients: list[Address] = field(default_factory=list)
+
+    @property
+    def may_relay(self) -> bool:
+        return self.trusted_network or self.user is not None
+
+
+class SessionPolicy:
+    """One check. Every hook returns None (no objection); subclasses override the hooks they need."""
+
+    async def check_auth(self, facts: SessionFacts) -> Reply | None:
+        return None
+
+    async def check_login(self, facts: SessionFacts, username: str, verified: bool) -> Reply | None:
+        return None
+
+    async def check_mail(self, facts: SessionFacts, sender: Address | None,
+                         params: dict[str, str | None]) -> Reply | None:
+        return None
+
+    async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+        return None
+
+    async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
+        return None
+
+
+class PolicyChain(SessionPolicy):
+    """Asks its checks in order; the first refusal wins."""
+
+    def __init__(self, checks: Sequence[SessionPolicy]) -> None:
+        self.checks = tuple(checks)
+
+    async def check_auth(self, facts: SessionFacts) -> Reply | None:
+        for check in self.checks:
+            if (reply := await check.check_auth(facts)) is not None:
+                return reply
+        return None
+
+    async def check_login(self, facts: SessionFacts, username: str, verified: bool) -> Reply | None:
+        for check in self.checks:
+            if (reply := await check.check_login(facts, username, verified)) is not None:
+                return reply
+        return None
+
+    async def check_mail(self, facts: SessionFacts, sender: Address | None,
+                         params: dict[str, str | None]) -> Reply | None:
+        for check in self.checks:
+            if (reply := await check.check_mail(facts, sender, params)) is not None:
+                return reply
+        return None
+
+    async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+        for check in self.checks:
+            if (reply := await check.check_rcpt(facts, recipient)) is not None:
+                return reply
+        return None
+
+    async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
+        for check in self.checks:
+            if (reply := await check.check_message(facts, message)) is not None:
+                return reply
+        return None
+
+
+class RelayPolicy(SessionPolicy):
     def __init__(self, relay_networks: Iterable[str], local_domains: Iterable[str]) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in relay_networks]
         self.local_domains = frozenset(domain_key(d) for d in local_domains)
@@ -38,4 +147,15 @@ class RelayPolicy:
         """None when the recipient is acceptable, else the refusal to send."""
         if client_may_relay or self.is_local(ascii_domain):
             return None
-        return RELAY_DENIED
+        return replies.RELAY_DENIED
+
+    async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+        return self.check_recipient(facts.may_relay, recipient.ascii_domain)
+
+
+class SubmissionPolicy(SessionPolicy):
+    """RFC 6409 4.3 / RFC 4954 6: the submission service takes no mail before AUTH (530 5.7.0)."""
+
+    async def check_mail(self, facts: SessionFacts, sender: Address | None,
+                         params: dict[str, str | None]) -> Reply | None:
+        return replies.AUTH_REQUIRED if facts.user is None else None

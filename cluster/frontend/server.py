@@ -1,13 +1,22 @@
 """The frontend role: SMTP listeners that hand every accepted message to the queue shards.
 
-Listens on every `smtp.listen` address with SO_REUSEPORT, so several frontend processes on one host share a
-port and the kernel spreads connections over them. Enforces the connection limits (`smtp.max_connections`
-per process, `smtp.max_connections_per_client` per client address) before any SMTP is spoken: a client over
-its limit gets 421 4.7.0 and the connection is closed. Stateless: nothing is kept once a session ends.
-STARTTLS is offered when `smtp.tls_cert_file`/`tls_key_file` are set (the TLS context is built once, here);
-AUTH PLAIN LOGIN is offered after STARTTLS when `auth.users_file` is set (see `cluster.frontend.session`).
-Failure modes: an unusable certificate or key raises ConfigError at startup, naming the key.
-Ready (for /readyz) when every shard answers.
+Three kinds of listener, each on every address of its key, all with SO_REUSEPORT (several frontend processes
+on one host share a port and the kernel spreads connections over them):
+- `smtp.listen` (port 25 style, mail from other MTAs): STARTTLS offered when `smtp.tls_cert_file` is set;
+  relaying needs AUTH or a trusted network; messages are stored as they came;
+- `smtp.submission_listen` (port 587 style, RFC 6409): STARTTLS offered, MAIL before AUTH gets 530 5.7.0,
+  Message-ID and Date added when missing;
+- `smtp.submissions_listen` (port 465 style, RFC 8314 3.3): as submission, with TLS from the first byte.
+  These connections are accepted on a plain socket, the PROXY header (if any) is read from it exactly, and
+  only then is the TLS handshake made, so a balancer's header and the client's handshake never mix.
+AUTH PLAIN LOGIN is offered under TLS when `auth.users_file` is set (see `cluster.frontend.session`).
+
+Enforces the connection limits (`smtp.max_connections` per process, `smtp.max_connections_per_client` per
+client address, over all listeners) before any SMTP is spoken: a client over its limit gets 421 4.7.0 and
+the connection is closed. Stateless: nothing is kept once a session ends.
+Failure modes: an unusable certificate or key raises ConfigError at startup, naming the key; an address that
+cannot be bound raises OSError at startup. Ready (for /readyz) when every listener is up and every shard
+answers.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import ssl
 from collections import Counter
 
 from cluster.bus.security import cluster_keys
@@ -24,32 +34,44 @@ from cluster.config import Config, split_host_port
 from cluster.frontend import auth, metrics
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
-from cluster.frontend.policy import RelayPolicy
-from cluster.frontend.session import Security, SmtpSession
-from cluster.smtp.proxy import ProxyHeaderError, parse_proxy_header
-from cluster.smtp.reply import Reply
+from cluster.frontend.policy import (
+    SMTP,
+    SUBMISSION,
+    SUBMISSIONS,
+    PolicyChain,
+    RelayPolicy,
+    SessionPolicy,
+    SubmissionPolicy,
+)
+from cluster.frontend.session import InboundSession, Listener, Security
+from cluster.smtp import replies
+from cluster.smtp.proxy import V2_SIGNATURE, ProxyHeaderError, parse_proxy_header
 from cluster.smtp.server import ServerSettings
 from cluster.tls import server_context
 from cluster.users import UserDatabase
 
 log = logging.getLogger(__name__)
 
-TOO_MANY_FROM_YOU = Reply.of(421, "4.7.0", "Too many connections from your address, try again later")
-TOO_MANY_CONNECTIONS = Reply.of(421, "4.7.0", "Too many connections, try again later")
 # A PROXY v2 header is 16 bytes plus at most 65535; balancers send far less. Refuse anything bigger.
 PROXY_HEADER_MAX = 4096
 PROXY_HEADER_TIMEOUT = 10.0
+_BACKLOG = 1024
 
 
 class Frontend:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, checks: tuple[SessionPolicy, ...] = ()) -> None:
+        """`checks` run before the built-in relay and submission checks at every decision point."""
         self.config = config
+        self.relay = RelayPolicy(config.smtp.relay_networks, config.smtp.local_domains)
         self.settings, self.security = self._security(config)
-        self.policy = RelayPolicy(config.smtp.relay_networks, config.smtp.local_domains)
+        self.listeners = self._listeners(config, checks)
         self.shards: ShardClient | None = None
         self.servers: list[asyncio.Server] = []
+        self._server_kinds: list[str] = []  # the listener kind of each of self.servers
+        self._tls_sockets: list[socket.socket] = []
+        self._accept_loops: list[asyncio.Task[None]] = []
         self.per_client: Counter[str] = Counter()
-        self.sessions: dict[asyncio.Task[None], SmtpSession | None] = {}
+        self.sessions: dict[asyncio.Task[None], InboundSession | None] = {}
 
     @staticmethod
     def _security(config: Config) -> tuple[ServerSettings, Security]:
@@ -72,26 +94,126 @@ class Frontend:
                                         extension_commands=frozenset(verbs | {"STARTTLS"}))
         return before_tls, Security(tls_context=context, tls_settings=after_tls, users=users, outbound=outbound)
 
+    def _listeners(self, config: Config, checks: tuple[SessionPolicy, ...]) -> dict[str, Listener]:
+        mta = PolicyChain((*checks, self.relay))
+        submission = PolicyChain((SubmissionPolicy(), *checks, self.relay))
+        listeners = {SMTP: Listener(SMTP, self.settings, mta),
+                     SUBMISSION: Listener(SUBMISSION, self.settings, submission, complete_headers=True)}
+        if self.security.tls_settings is not None:
+            listeners[SUBMISSIONS] = Listener(SUBMISSIONS, self.security.tls_settings, submission,
+                                              implicit_tls=True, complete_headers=True)
+        return listeners
+
+    def addresses(self, kind: str = SMTP) -> list[tuple[str, int]]:
+        """The bound (host, port) of every listener of a kind (useful with port 0 in tests)."""
+        if kind == SUBMISSIONS:
+            return [sock.getsockname()[:2] for sock in self._tls_sockets]
+        pairs = zip(self.servers, self._server_kinds, strict=True)
+        return [server.sockets[0].getsockname()[:2] for server, server_kind in pairs
+                if server.sockets and server_kind == kind]
+
     def is_ready(self) -> bool:
-        return bool(self.servers) and self.shards is not None and self.shards.all_reachable()
+        listening = bool(self.servers) or bool(self._tls_sockets)
+        return listening and self.shards is not None and self.shards.all_reachable()
 
     async def run(self, stop: asyncio.Event) -> None:
         self.shards = ShardClient(self.config.queue.shards, self.config.smtp.inject_timeout,
                                   cluster_keys(self.config.bus))
         self.shards.start()
+        smtp = self.config.smtp
         try:
-            for address in self.config.smtp.listen:
-                host, port = split_host_port(address)
-                server = await asyncio.start_server(self._accept, host, port, reuse_port=True, backlog=1024,
-                                                    limit=self.config.smtp.max_text_line * 4)
-                self.servers.append(server)
+            for kind, addresses in ((SMTP, smtp.listen), (SUBMISSION, smtp.submission_listen)):
+                for address in addresses:
+                    await self._listen(self.listeners[kind], address)
+            for address in smtp.submissions_listen:
+                self._listen_implicit_tls(self.listeners[SUBMISSIONS], address)
             await stop.wait()
         finally:
             await self._shutdown()
 
+    async def _listen(self, listener: Listener, address: str) -> None:
+        host, port = split_host_port(address)
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._accept(listener, reader, writer)
+
+        server = await asyncio.start_server(accept, host, port, reuse_port=True, backlog=_BACKLOG,
+                                            limit=self.config.smtp.max_text_line * 4)
+        self.servers.append(server)
+        self._server_kinds.append(listener.kind)
+
+    def _listen_implicit_tls(self, listener: Listener, address: str) -> None:
+        host, port = split_host_port(address)
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._tls_sockets.append(sock)
+        self._accept_loops.append(asyncio.create_task(self._accept_loop(listener, sock)))
+
+    async def _accept_loop(self, listener: Listener, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
+                log.warning("accept on %s failed: %s", sock.getsockname(), exc)
+                await asyncio.sleep(0.1)
+                continue
+            connection.setblocking(False)
+            task = asyncio.create_task(self._accept_implicit_tls(listener, connection))
+            self.sessions.setdefault(task, None)
+            task.add_done_callback(lambda done: self.sessions.pop(done, None))
+
+    async def _accept_implicit_tls(self, listener: Listener, connection: socket.socket) -> None:
+        """RFC 8314 3.3: the PROXY header (if any) in plaintext, then TLS, then SMTP."""
+        loop = asyncio.get_running_loop()
+        metrics.CONNECTIONS.labels(listener=listener.kind).inc()
+        try:
+            client_ip = str(connection.getpeername()[0])
+        except OSError:
+            client_ip = "unknown"
+        proxy_ip: str | None = None
+        context = self.security.tls_context
+        assert context is not None
+        try:
+            if self.config.smtp.proxy_protocol:
+                async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
+                    proxy_ip = await _read_proxy_header_exactly(loop, connection)
+            reader = asyncio.StreamReader(limit=self.config.smtp.max_text_line * 4)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, connection, ssl=context,
+                ssl_handshake_timeout=float(self.config.smtp.command_timeout))
+        except (ProxyHeaderError, TimeoutError, ConnectionError, OSError) as exc:
+            failed_handshake = isinstance(exc, ssl.SSLError) or not isinstance(exc, ProxyHeaderError)
+            if failed_handshake:
+                metrics.TLS_HANDSHAKES.labels(result="failure").inc()
+            else:
+                metrics.CONNECTIONS_REFUSED.labels(reason="proxy_header").inc()
+            log.info("connection from %s on %s refused before SMTP: %s", client_ip, listener.kind, exc)
+            connection.close()
+            return
+        metrics.TLS_HANDSHAKES.labels(result="success").inc()
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._serve(listener, reader, writer, proxy_ip or client_ip, b"")
+
     async def _shutdown(self) -> None:
         for server in self.servers:
             server.close()
+        for task in self._accept_loops:
+            task.cancel()
+        await asyncio.gather(*self._accept_loops, return_exceptions=True)
+        for sock in self._tls_sockets:
+            sock.close()
         # Idle sessions are told 421 and closed; sessions in the middle of storing a message get the chance to
         # finish and answer 250 (or 451), so that no client is left wondering whether its mail was taken.
         for task, session in list(self.sessions.items()):
@@ -104,14 +226,15 @@ class Frontend:
         if self.shards is not None:
             await self.shards.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, listener: Listener, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        metrics.CONNECTIONS.labels(listener=listener.kind).inc()
         peer = writer.get_extra_info("peername")
         client_ip = str(peer[0]) if peer else "unknown"
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        metrics.CONNECTIONS.inc()
         leftover = b""
         if self.config.smtp.proxy_protocol:
             try:
@@ -121,11 +244,19 @@ class Frontend:
                 metrics.CONNECTIONS_REFUSED.labels(reason="proxy_header").inc()
                 writer.close()
                 return
+        await self._serve(listener, reader, writer, client_ip, leftover)
+
+    async def _serve(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     client_ip: str, leftover: bytes) -> None:
+        """Apply the connection limits, then run one session."""
+        task = asyncio.current_task()
+        assert task is not None
+        others = len(self.sessions) - (task in self.sessions)  # an implicit-TLS connection is listed already
         refusal = None
-        if len(self.sessions) >= self.config.smtp.max_connections:
-            refusal, reason = TOO_MANY_CONNECTIONS, "max_connections"
+        if others >= self.config.smtp.max_connections:
+            refusal, reason = replies.TOO_MANY_CONNECTIONS, "max_connections"
         elif self.per_client[client_ip] >= self.config.smtp.max_connections_per_client:
-            refusal, reason = TOO_MANY_FROM_YOU, "per_client_limit"
+            refusal, reason = replies.TOO_MANY_FROM_YOU, "per_client_limit"
         if refusal is not None:
             metrics.CONNECTIONS_REFUSED.labels(reason=reason).inc()
             with contextlib.suppress(OSError):
@@ -134,15 +265,14 @@ class Frontend:
             writer.close()
             return
         assert self.shards is not None
-        task = asyncio.current_task()
-        assert task is not None
         self.sessions[task] = None
         self.per_client[client_ip] += 1
         metrics.CONNECTIONS_CURRENT.inc()
         try:
-            session = SmtpSession(reader, writer, config=self.config.smtp, settings=self.settings,
-                                  policy=self.policy, shards=self.shards, client_ip=client_ip,
-                                  initial_data=leftover, security=self.security)
+            session = InboundSession(reader, writer, config=self.config.smtp, listener=listener,
+                                     shards=self.shards, client_ip=client_ip,
+                                     trusted_network=self.relay.client_may_relay(client_ip),
+                                     initial_data=leftover, security=self.security)
             self.sessions[task] = session
             await session.run()
         except (ConnectionError, OSError) as exc:
@@ -171,3 +301,33 @@ class Frontend:
                 data += chunk
         # LOCAL / UNKNOWN (health checks): the balancer speaks for itself.
         return header.client_ip or peer_ip, data[header.consumed:]
+
+
+async def _read_proxy_header_exactly(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> str | None:
+    """Read a PROXY header from a plain socket without reading one byte past it (the TLS handshake follows).
+
+    v1 is one line: read it byte by byte up to its CRLF (at most 107 bytes). v2 is 16 bytes whose last two give
+    the length of the rest. Returns the client address (None for LOCAL / UNKNOWN); raises ProxyHeaderError.
+    """
+    async def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = await loop.sock_recv(connection, count - len(data))
+            if not chunk:
+                raise ProxyHeaderError("connection closed before the PROXY header ended")
+            data += chunk
+        return data
+
+    data = await exactly(6)
+    if data == V2_SIGNATURE[:6]:
+        data += await exactly(10)
+        data += await exactly(int.from_bytes(data[14:16], "big"))
+    else:
+        while not data.endswith(b"\r\n"):
+            if len(data) > PROXY_HEADER_MAX:
+                raise ProxyHeaderError("PROXY header too long")
+            data += await exactly(1)
+    header = parse_proxy_header(data)
+    if header is None or header.consumed != len(data):
+        raise ProxyHeaderError("malformed PROXY header")
+    return header.client_ip

@@ -52,7 +52,7 @@ from cluster.mailbox.pop3_protocol import (
     StartTlsRequested,
     UpdateRequested,
 )
-from cluster.tls import server_context
+from cluster.tls import server_context, start_tls
 from cluster.users import UserDatabase, UsersFileError
 
 log = logging.getLogger(__name__)
@@ -304,14 +304,11 @@ class Pop3Session:
 
     async def _start_tls(self) -> None:
         assert self.tls is not None
-        # "+OK Begin TLS negotiation" goes out in plain text. No task switch may come between it and start_tls
-        # (hence asyncio.timeout, not wait_for, which runs a new task): the client's first handshake bytes must
-        # reach the TLS layer, not the plain-text reader.
-        self.writer.write(self.conn.data_to_send())
+        # "+OK Begin TLS negotiation" goes out in plain text, then the handshake (RFC 2595 4, CVE-2011-0411).
         try:
-            async with asyncio.timeout(float(self.config.pop3.idle_timeout)):
-                await self.writer.start_tls(self.tls)
-        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
+            await start_tls(self.reader, self.writer, self.tls, self.conn.data_to_send(),
+                            float(self.config.pop3.idle_timeout))
+        except OSError as exc:  # ssl.SSLError, ConnectionError and handshake timeouts are all OSErrors
             log.info("pop3 STLS handshake with %s failed: %s", self.client_ip, exc)
             raise ConnectionError("TLS handshake failed") from None
         self.conn.tls_established()

@@ -41,16 +41,14 @@ from typing import TypeVar
 from cluster.sansio import ByteMachine
 from cluster.sansio import NeedData as NeedData
 from cluster.sansio import Paused as Paused
+from cluster.sansio import ProtocolUsageError as ProtocolUsageError
+from cluster.sansio import SessionEnded as SessionEnded
 from cluster.smtp.lines import OVERLONG, CommandFramer
 
 CRLF = b"\r\n"
 # RFC 2449 4: "Keywords and arguments ... command lines [are] up to 255 octets, including the terminating CRLF".
 MAX_COMMAND_LINE = 255
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-class ProtocolUsageError(RuntimeError):
-    """The glue called the state machine wrongly (an answer with no matching decision pending)."""
 
 
 class CredentialCheck(Enum):
@@ -99,13 +97,6 @@ class UpdateRequested:
 @dataclass(frozen=True)
 class StartTlsRequested:
     """STLS was accepted and "+OK" queued: flush it, do the TLS handshake, then call `tls_established`."""
-
-
-@dataclass(frozen=True)
-class SessionEnded:
-    """Informational: the session is over (the glue flushes, closes and releases the maildrop lock)."""
-
-    reason: str
 
 
 DecisionEvent = CredentialsReceived | MaildropRequested | MessageRequested | UpdateRequested | StartTlsRequested
@@ -421,8 +412,7 @@ class Pop3Connection(ByteMachine[Event, DecisionEvent]):
             self._error(TLS_UNAVAILABLE)
         else:
             self._send(b"+OK Begin TLS negotiation")
-            # CVE-2011-0411 family: what the client sent before the handshake must not run after it.
-            self._input.clear()
+            self._discard_plaintext_before_tls()
             self._decide(StartTlsRequested())
 
     def _capa(self, args: list[str], rest: str) -> None:

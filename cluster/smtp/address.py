@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.bus.ring import domain_key
+from cluster.domains import domain_key
 from cluster.smtp import replies
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2 (implied here by MAX_PATH, which counts "<", "@" and ">" too)

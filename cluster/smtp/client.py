@@ -27,7 +27,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets. Real servers exceed it now and then; be lenient
 # up to this, and call anything longer broken.

@@ -1,9 +1,11 @@
 """Events the sans-I/O SMTP server (`cluster.smtp.server.ServerConnection.next_event`) hands to the glue.
 
 Decision events (`MailRequested`, `RcptRequested`, `MessageReceived`, and for verbs the glue implements
-itself `ExtensionCommand` / `ExtensionLine`) pause the connection until the glue
-calls `respond(reply)`; `SessionEnded` is informational. `NeedData` and `Paused` are sentinel classes (not
-instances), as in h11: `NeedData` means feed more bytes, `Paused` means a decision is still awaiting `respond`.
+itself `ExtensionCommand` / `ExtensionLine`) pause the connection until the glue calls `respond(reply)`.
+`SessionEnded` (shared with POP3, from `cluster.sansio`) is informational; its `reason` is one of: "quit",
+"client closed the connection", "client closed the connection during DATA", "client closed the connection
+during BDAT", "too many errors", "timeout". `NeedData` and `Paused` are sentinel classes (not instances), as
+in h11: `NeedData` means feed more bytes, `Paused` means a decision is still awaiting `respond`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cluster.sansio import NeedData as NeedData
 from cluster.sansio import Paused as Paused
+from cluster.sansio import SessionEnded as SessionEnded
 from cluster.smtp.address import Address
 
 
@@ -69,17 +72,6 @@ class ExtensionLine:
 
     verb: str
     line: bytes | None
-
-
-@dataclass(frozen=True)
-class SessionEnded:
-    """The session is over; flush `data_to_send()` and close.
-
-    `reason` is one of: "quit", "client closed the connection", "client closed the connection during DATA",
-    "client closed the connection during BDAT", "too many errors", "timeout".
-    """
-
-    reason: str
 
 
 Event = MailRequested | RcptRequested | MessageReceived | ExtensionCommand | ExtensionLine | SessionEnded

@@ -1,21 +1,82 @@
-"""Every reply the sans-I/O SMTP server (`cluster.smtp.server`) sends on its own, as named `Reply` constants.
+"""SMTP replies: the `Reply` value type, and every reply text this project sends, as named constants.
 
-One source of truth for reply texts: the server, the frontend glue and the tests all use these names. Replies
-whose text depends on the session (greeting, EHLO/HELO, address errors) are built by the small functions at
-the end. Every reply carries an RFC 3463 enhanced status code (RFC 2034), except the 220 greeting, the
-EHLO/HELO replies and 354, as is conventional.
+One source of truth for reply texts (the SMTP server machine, the frontend glue, the delivery side and the
+tests all use these names; nothing else builds a reply from literal text). A `Reply` is a three-digit code, an
+optional RFC 3463 enhanced status code and text lines, kept apart (never flattened to a string and parsed
+back): the server formats its replies with `Reply.to_bytes()`, the client builds `Reply` values from what a
+remote server sent (`Reply.from_lines`).
+
+Replies whose text depends on the session (greeting, EHLO/HELO, address errors, queue ids) are built by small
+functions next to their constants. Every reply carries an enhanced status code (RFC 2034), except the 220
+greeting, the EHLO/HELO replies, 334 and 354, as is conventional.
 """
 
 from __future__ import annotations
 
-from cluster.smtp.reply import Reply
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str = ""
+    lines: tuple[str, ...] = ("",)
+
+    @classmethod
+    def of(cls, code: int, enhanced: str, *lines: str) -> Reply:
+        return cls(code, enhanced, lines or ("",))
+
+    @property
+    def text(self) -> str:
+        """All lines joined with a space: the server's words, for logs and DSN Diagnostic-Code."""
+        return " ".join(line for line in self.lines if line)
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def to_bytes(self) -> bytes:
+        """RFC 5321 4.2.1: "code-text" for every line but the last, "code text" for the last."""
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = []
+        for index, line in enumerate(self.lines):
+            sep = " " if index == len(self.lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8")
+
+    @classmethod
+    def from_lines(cls, code: int, lines: list[str]) -> Reply:
+        """Build from the text parts of a received reply, splitting off the enhanced code (RFC 2034)."""
+        enhanced = ""
+        texts = []
+        for line in lines or [""]:
+            m = _ENHANCED.match(line)
+            if m and m.group(1) == str(code)[0]:
+                enhanced = enhanced or f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+                line = line[m.end():]
+            texts.append(line)
+        return cls(code, enhanced, tuple(texts))
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.text}".rstrip()
+
 
 # --- positive replies ---
 OK = Reply.of(250, "2.0.0", "OK")
 RESET_OK = Reply.of(250, "2.0.0", "Reset OK")
-SENDER_OK = Reply.of(250, "2.1.0", "Sender OK")
-RECIPIENT_OK = Reply.of(250, "2.1.5", "Recipient OK")
-MESSAGE_ACCEPTED = Reply.of(250, "2.0.0", "Message accepted for delivery")
+SENDER_OK = Reply.of(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply.of(250, "2.1.5", "Recipient ok")
 # RFC 5321 4.2.1: 354 has no enhanced code (RFC 2034 covers only 2xx/4xx/5xx).
 START_DATA = Reply.of(354, "", "End data with <CR><LF>.<CR><LF>")
 BYE = Reply.of(221, "2.0.0", "Bye")
@@ -108,3 +169,45 @@ def bad_sender(text: str) -> Reply:
 def bad_recipient(text: str) -> Reply:
     """RFC 3463 X.1.3: bad destination mailbox address syntax."""
     return Reply.of(501, "5.1.3", f"Bad recipient address syntax: {text}")
+
+
+def queued_as(queue_ids: list[str]) -> Reply:
+    """RFC 5321 4.1.1.4 / DESIGN contract 1: the 250 to end of DATA, sent only once every shard stored its part."""
+    return Reply.of(250, "2.0.0", f"Ok: queued as {' '.join(queue_ids)}")
+
+
+# --- the frontend: connections, storage, relay (cluster.frontend) ---
+TOO_MANY_CONNECTIONS = Reply.of(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply.of(421, "4.7.0", "Too many connections from your address, try again later")
+SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
+# ARCHITECTURE.md contract 1: any failure or timeout before every shard answered Stored.
+QUEUE_UNAVAILABLE = Reply.of(451, "4.3.0", "Temporary queue failure, please try again later")
+# ARCHITECTURE.md contract 5: no open relay.
+RELAY_DENIED = Reply.of(554, "5.7.1", "Relay access denied: this server does not relay for you")
+# RFC 6409 4.3 / RFC 4954 6: the submission service takes mail only from authenticated users.
+AUTH_REQUIRED = Reply.of(530, "5.7.0", "Authentication required")
+
+# --- STARTTLS (RFC 3207 4) ---
+READY_FOR_TLS = Reply.of(220, "2.0.0", "Ready to start TLS")
+TLS_ALREADY_ACTIVE = Reply.of(503, "5.5.1", "TLS already active")
+STARTTLS_SYNTAX = Reply.of(501, "5.5.4", "Syntax: STARTTLS (no parameters)")
+
+# --- AUTH (RFC 4954 4 and 6; used by cluster.frontend.auth) ---
+AUTH_SUCCEEDED = Reply.of(235, "2.7.0", "Authentication successful")
+AUTH_INVALID_CREDENTIALS = Reply.of(535, "5.7.8", "Authentication credentials invalid")
+AUTH_ENCRYPTION_REQUIRED = Reply.of(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_ALREADY_AUTHENTICATED = Reply.of(503, "5.5.1", "Already authenticated")
+AUTH_NOT_IN_TRANSACTION = Reply.of(503, "5.5.1", "AUTH not permitted during a mail transaction")
+AUTH_NEED_EHLO = Reply.of(503, "5.5.1", "Send EHLO first")
+AUTH_UNKNOWN_MECHANISM = Reply.of(504, "5.5.4", "Unrecognized authentication type (use PLAIN or LOGIN)")
+AUTH_SYNTAX = Reply.of(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_CANNOT_DECODE = Reply.of(501, "5.5.2", "Cannot decode response")
+AUTH_CANCELLED = Reply.of(501, "5.7.0", "Authentication cancelled")
+AUTH_LINE_TOO_LONG = Reply.of(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_TEMPORARY_FAILURE = Reply.of(454, "4.7.0", "Temporary authentication failure")
+AUTH_TOO_MANY_FAILURES = Reply.of(421, "4.7.0", "Too many failed authentication attempts, closing connection")
+
+
+def auth_challenge(text: str) -> Reply:
+    """RFC 4954 4: "334" SP [base64], without an enhanced status code."""
+    return Reply.of(334, "", text)

@@ -6,6 +6,12 @@ The glue owns the socket and calls: `start()` once, `receive_data(bytes)` with w
 `next_event()` until it returns `NeedData`, `respond(reply)` for each decision event, and sends
 `data_to_send()` to the client. When `closed` becomes True it flushes `data_to_send()` and closes.
 
+States: `State` names them; the table `_OUT_OF_SEQUENCE` says which command each state refuses and with
+what reply (503 5.5.1 "Send EHLO or HELO first", "Need MAIL before RCPT"...), the way h11's `_state.py` keeps
+its transitions in tables. Transitions: EHLO/HELO -> GREETED; accepted MAIL -> MAIL; accepted RCPT -> RCPT;
+354 -> DATA -> (end of data) -> GREETED; BDAT -> BDAT -> CHUNKING or, with LAST, GREETED; RSET -> GREETED
+(or CONNECTED before EHLO); 334 -> AUTH_LINE -> back; 2xx to STARTTLS -> TLS_HANDSHAKE -> CONNECTED.
+
 Decision events (MailRequested, RcptRequested, MessageReceived) pause the machine: until `respond()`,
 `next_event()` returns `Paused` and new input is only buffered, so replies leave in command order even when
 the client pipelines. The machine answers everything else itself (EHLO, RSET, NOOP, syntax errors, limits).
@@ -21,7 +27,7 @@ syntax, bad sequence, bad lines or a refused DATA, and every 4xx/5xx the glue an
 extension command (relay denied, failed AUTH). Not counted: 452 too many recipients (RFC 5321 4.5.3.1.10 says
 the client should just continue in a new transaction) and the glue's answer to end of DATA (a storage
 failure is not the client's fault). Calling `respond()` with no decision pending is a glue bug and
-raises `ProtocolUsageError`. Nothing here raises on any client input.
+raises `ProtocolUsageError` (from `cluster.sansio`). Nothing here raises on any client input.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
-from cluster.sansio import ByteMachine, NeedData, Paused
+from cluster.sansio import ByteMachine, NeedData, Paused, ProtocolUsageError
 from cluster.smtp import replies
 from cluster.smtp.address import (
     Address,
@@ -52,7 +58,7 @@ from cluster.smtp.events import (
     SessionEnded,
 )
 from cluster.smtp.lines import OVERLONG, ChunkReader, CommandFramer, DataReader, DataResult
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 if TYPE_CHECKING:
     from cluster.config import SmtpConfig
@@ -72,6 +78,7 @@ __all__ = [
     "ServerSettings",
     "SessionEnded",
     "SessionObserver",
+    "State",
 ]
 
 # Parameters this server implements on MAIL (RFC 1870, RFC 6152, RFC 6531); none on RCPT yet.
@@ -92,30 +99,32 @@ class SessionObserver(Protocol):
         """A reply was queued for the client (compare with `cluster.smtp.replies` constants for reasons)."""
 
 
-class ProtocolUsageError(RuntimeError):
-    """The glue called the state machine wrongly (e.g. `respond()` with no decision pending)."""
+# RFC 4954 4: an AUTH response line may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
 
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """What one session needs to know. The limits come from `cluster.config.SmtpConfig` (their defaults live
+    there only): build with `from_config`, then `dataclasses.replace` what the glue implements."""
+
     hostname: str
-    max_command_line: int = 512  # octets incl. CRLF (RFC 5321 4.5.3.1.4)
-    max_text_line: int = 1000  # octets incl. CRLF (RFC 5321 4.5.3.1.6)
-    max_message_size: int = 25 * 2**20  # advertised in EHLO SIZE (RFC 1870)
-    max_recipients: int = 100  # RFC 5321 4.5.3.1.10: the 101st RCPT gets 452 4.5.3
-    max_errors: int = 20  # client errors before 421 4.7.0 and close
+    max_command_line: int  # octets incl. CRLF (RFC 5321 4.5.3.1.4)
+    max_text_line: int  # octets incl. CRLF (RFC 5321 4.5.3.1.6)
+    max_message_size: int  # advertised in EHLO SIZE (RFC 1870)
+    max_recipients: int  # RFC 5321 4.5.3.1.8: the RCPT over the limit gets 452 4.5.3
+    max_errors: int  # client errors before 421 4.7.0 and close
+    # RFC 3030 CHUNKING: when on, EHLO advertises CHUNKING and BDAT is accepted.
+    chunking: bool
     # Extra EHLO keywords (e.g. "STARTTLS", "AUTH PLAIN LOGIN") advertised once the glue implements them.
     extra_extensions: tuple[str, ...] = ()
     # Verbs (upper case) handed to the glue as ExtensionCommand events instead of 500 5.5.2, e.g. STARTTLS, AUTH.
     extension_commands: frozenset[str] = frozenset()
-    # RFC 4954 4: an AUTH response line may be up to 12288 octets.
-    max_continuation_line: int = 12288
+    max_continuation_line: int = MAX_AUTH_LINE
     # MAIL / RCPT parameter keywords (upper case) the glue implements (e.g. AUTH, RET, ENVID / NOTIFY, ORCPT):
     # passed through in the event's params for the glue to check, instead of 555 5.5.4.
     extra_mail_parameters: frozenset[str] = frozenset()
     extra_rcpt_parameters: frozenset[str] = frozenset()
-    # RFC 3030 CHUNKING (BDAT): off by default; when on, EHLO advertises CHUNKING and BDAT is accepted.
-    chunking: bool = False
 
     @classmethod
     def from_config(cls, smtp: SmtpConfig) -> ServerSettings:
@@ -126,14 +135,50 @@ class ServerSettings:
             max_message_size=int(smtp.max_message_size),
             max_recipients=smtp.max_recipients,
             max_errors=smtp.max_errors,
+            chunking=smtp.chunking,
         )
 
 
-class _Phase(Enum):
-    COMMAND = "command"
-    DATA = "data"
-    BDAT = "bdat"  # reading the octets of a BDAT chunk
+class State(Enum):
+    """Where a session is. Commands are read in the five command states; `_OUT_OF_SEQUENCE` says which
+    commands each of them refuses, and with what (RFC 5321 4.1.4, 4.3.2)."""
+
+    CONNECTED = "connected"  # greeting sent, no EHLO/HELO yet
+    GREETED = "greeted"  # EHLO/HELO accepted, no mail transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet (RFC 5321 3.3)
+    RCPT = "rcpt"  # at least one recipient accepted
+    CHUNKING = "chunking"  # RFC 3030: a BDAT chunk (not LAST) was accepted; DATA is no longer possible
+    DATA = "data"  # after 354: reading the message content up to CRLF.CRLF
+    BDAT = "bdat"  # reading the octets of one BDAT chunk (also of a refused one, to skip it)
+    AUTH_LINE = "auth_line"  # after a 334: the next line answers the challenge, it is no command (RFC 4954 4)
+    TLS_HANDSHAKE = "tls_handshake"  # after a 2xx to STARTTLS, until starttls_completed() (RFC 3207 4.2)
     CLOSED = "closed"
+
+
+COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.CHUNKING})
+TRANSACTION_STATES = frozenset({State.MAIL, State.RCPT, State.CHUNKING})
+
+# The state table: a command in a state listed here is refused with that reply; every other (command, state)
+# pair among the command states is accepted. Verbs not listed at all (EHLO, HELO, RSET, NOOP, QUIT, HELP, VRFY,
+# EXPN, and the glue's extension verbs) are accepted in every command state.
+_OUT_OF_SEQUENCE: dict[tuple[str, State], Reply] = {
+    ("MAIL", State.CONNECTED): replies.NEED_HELO,
+    ("MAIL", State.MAIL): replies.NESTED_MAIL,
+    ("MAIL", State.RCPT): replies.NESTED_MAIL,
+    ("MAIL", State.CHUNKING): replies.NESTED_MAIL,
+    ("RCPT", State.CONNECTED): replies.NEED_HELO,
+    ("RCPT", State.GREETED): replies.NEED_MAIL_BEFORE_RCPT,
+    ("DATA", State.CONNECTED): replies.NEED_HELO,
+    ("DATA", State.GREETED): replies.NEED_MAIL_BEFORE_DATA,
+    ("DATA", State.MAIL): replies.NO_VALID_RECIPIENTS,  # RFC 5321 3.3
+    ("DATA", State.CHUNKING): replies.DATA_AFTER_BDAT,  # RFC 3030 2
+    ("BDAT", State.CONNECTED): replies.NEED_HELO,
+    ("BDAT", State.GREETED): replies.NEED_MAIL_BEFORE_DATA,
+    ("BDAT", State.MAIL): replies.NO_VALID_RECIPIENTS,
+}
+# Verbs whose argument is checked before their place in the sequence: DATA (a DATA with arguments is a syntax
+# error wherever it comes) and BDAT (its size says how many octets to skip, even when it is refused).
+_SYNTAX_FIRST = frozenset({"DATA", "BDAT"})
 
 
 @dataclass
@@ -156,6 +201,7 @@ class _BdatCommand:
     last: bool
     reader: ChunkReader
     refusal: Reply | None  # the command was refused: discard the chunk, then send this
+    resume: State  # the command state to go back to when the chunk does not end the transaction
 
 
 class ServerConnection(ByteMachine[Event, DecisionEvent]):
@@ -168,16 +214,16 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         self.helo_name: str | None = None
         # True after EHLO (not HELO): the Received header says "with ESMTP" (RFC 3848).
         self.esmtp = False
-        self._phase = _Phase.COMMAND
+        self._state = State.CONNECTED
+        # The command state an AUTH exchange (AUTH_LINE) returns to.
+        self._resume = State.CONNECTED
         self._transaction: _Transaction | None = None
         self._errors = 0
         self._framer = CommandFramer(settings.max_command_line)
         self._data_reader: DataReader | None = None
         self._bdat: _BdatCommand | None = None
-        self._ended = False
-        # The extension verb whose exchange continues (after a 334 reply), and the STARTTLS handshake wait.
-        self._continuation_verb: str | None = None
-        self._awaiting_tls = False
+        # The extension verb whose exchange continues after a 334 reply.
+        self._continuation_verb = ""
         self._handlers: dict[str, _Handler] = {
             "EHLO": self._ehlo,
             "HELO": self._helo,
@@ -197,9 +243,13 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
     # --- glue-facing API ---
 
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
     def closed(self) -> bool:
         """True once the session must end: flush data_to_send(), then close the connection."""
-        return self._phase is _Phase.CLOSED
+        return self._state is State.CLOSED
 
     @property
     def in_transaction(self) -> bool:
@@ -209,13 +259,13 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
     @property
     def current_timeout_kind(self) -> str:
         """Which timeout runs now: "data" while reading message content (RFC 5321 4.5.3.2.5), else "command"."""
-        return "data" if self._phase in (_Phase.DATA, _Phase.BDAT) else "command"
+        return "data" if self._state in (State.DATA, State.BDAT) else "command"
 
     def start(self) -> None:
         self._send(replies.greeting(self.settings.hostname))
 
     def _paused(self) -> bool:
-        return self._pending is not None or self._awaiting_tls
+        return self._pending is not None or self._state is State.TLS_HANDSHAKE
 
     def respond(self, reply: Reply) -> None:
         """Answer the pending decision event. After the session closed (e.g. timed out) this does nothing."""
@@ -236,14 +286,17 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
                     body_8bitmime=(event.params.get("BODY") or "").upper() == "8BITMIME",
                     recipients=[],
                 )
+                self._state = State.MAIL
             self._send_result(reply, client_error=reply.code >= 400)
         elif isinstance(event, RcptRequested):
             if accepted and self._transaction is not None:
                 self._transaction.recipients.append(event.recipient)
+                if self._state is State.MAIL:
+                    self._state = State.RCPT
             self._send_result(reply, client_error=reply.code >= 400)
         else:
             # End of DATA: accepted or not, the transaction is over (RFC 5321 4.1.1.4).
-            self._transaction = None
+            self._end_transaction()
             self._send(reply)
 
     def starttls_completed(self) -> None:
@@ -251,12 +304,12 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
 
         The server forgets everything learnt from the client before TLS: the EHLO name and any transaction.
         """
-        if not self._awaiting_tls:
+        if self._state is not State.TLS_HANDSHAKE:
             raise ProtocolUsageError("starttls_completed() without an accepted STARTTLS")
-        self._awaiting_tls = False
         self.helo_name = None
         self.esmtp = False
         self._transaction = None
+        self._state = State.CONNECTED
 
     def timed_out(self) -> None:
         """The glue's timer for `current_timeout_kind` expired (RFC 5321 4.5.3.2): 421 4.4.2 and close."""
@@ -267,20 +320,27 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
 
     # --- internals ---
 
+    def _end_transaction(self) -> None:
+        """RFC 5321 4.1.1.5: back to the state after EHLO/HELO, with no transaction."""
+        self._transaction = None
+        self._state = State.GREETED if self.helo_name is not None else State.CONNECTED
+
     def _respond_extension(self, verb: str, reply: Reply) -> None:
+        resume = self._resume if self._state is State.AUTH_LINE else self._state
+        self._framer.max_line = self.settings.max_command_line
         if reply.code == 334:
             # RFC 4954 4: the next line is a response to the challenge, not a command.
             self._continuation_verb = verb
+            self._resume = resume
+            self._state = State.AUTH_LINE
             self._framer.max_line = max(self.settings.max_command_line, self.settings.max_continuation_line)
             self._send(reply)
             return
-        self._continuation_verb = None
-        self._framer.max_line = self.settings.max_command_line
+        self._state = resume
         if verb == "STARTTLS" and 200 <= reply.code < 300:
-            # RFC 3207 4.2 / CVE-2011-0411: anything the client sent before the handshake is plaintext
-            # injection and must not be executed after it.
-            self._input.clear()
-            self._awaiting_tls = True
+            # RFC 3207 4.2 / CVE-2011-0411: what the client sent before the handshake is not executed after it.
+            self._discard_plaintext_before_tls()
+            self._state = State.TLS_HANDSHAKE
         self._send_result(reply, client_error=reply.code >= 400)
 
     def _send(self, reply: Reply) -> None:
@@ -305,22 +365,21 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         self._send_result(reply, client_error=True)
 
     def _end(self, reason: str) -> None:
-        self._phase = _Phase.CLOSED
+        if self._state is State.CLOSED:
+            return
+        self._state = State.CLOSED
         self._pending = None
-        self._awaiting_tls = False
         self._input.clear()
         self._data_reader = None
         self._bdat = None
         self._transaction = None
-        if not self._ended:
-            self._ended = True
-            self._events.append(SessionEnded(reason))
+        self._events.append(SessionEnded(reason))
 
     def _step(self) -> bool:
         """Process input until an event is queued or a decision is pending; False when more data is needed."""
-        if self._phase is _Phase.DATA:
+        if self._state is State.DATA:
             return self._step_data()
-        if self._phase is _Phase.BDAT:
+        if self._state is State.BDAT:
             return self._step_bdat()
         item = self._framer.next_line(self._input)
         if item is None:
@@ -328,11 +387,9 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
                 self._end("client closed the connection")
                 return True
             return False
-        verb = self._continuation_verb
-        if verb is not None:
-            self._continuation_verb = None
+        if self._state is State.AUTH_LINE:
             self._framer.max_line = self.settings.max_command_line
-            self._decide(ExtensionLine(verb, item if isinstance(item, bytes) else None))
+            self._decide(ExtensionLine(self._continuation_verb, item if isinstance(item, bytes) else None))
         elif item is OVERLONG:
             self._error(replies.COMMAND_TOO_LONG)
         elif isinstance(item, bytes):
@@ -349,7 +406,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
                 return True
             return False
         self._data_reader = None
-        self._phase = _Phase.COMMAND
+        self._state = State.RCPT
         self._finish_data(result)
         return True
 
@@ -362,7 +419,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
                 return True
             return False
         self._bdat = None
-        self._phase = _Phase.COMMAND
+        self._state = command.resume
         if command.refusal is not None:
             self._error(command.refusal)
         elif command.reader.refused:
@@ -371,6 +428,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         elif command.last:
             self._finish_data(command.reader.result())
         else:
+            self._state = State.CHUNKING
             self._send(replies.chunk_received(command.size))
         return True
 
@@ -385,7 +443,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         elif result.line_too_long:
             refusal = replies.TEXT_LINE_TOO_LONG
         if refusal is not None or result.data is None:
-            self._transaction = None
+            self._end_transaction()
             self._error(refusal or replies.BARE_LINE_ENDING_IN_DATA)
             return
         self._decide(
@@ -401,6 +459,10 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
     def _decide(self, event: DecisionEvent) -> None:
         self._pending = event
         self._events.append(event)
+
+    def _out_of_sequence(self, verb: str) -> Reply | None:
+        """The state table's refusal of `verb` in the current state, or None when it is accepted here."""
+        return _OUT_OF_SEQUENCE.get((verb, self._state))
 
     def _handle_command_line(self, raw: bytes) -> None:
         if CommandFramer.has_forbidden_octets(raw):
@@ -422,13 +484,17 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         if handler is None:
             self._error(replies.UNKNOWN_COMMAND)
             return
+        refusal = None if verb in _SYNTAX_FIRST else self._out_of_sequence(verb)
+        if refusal is not None:
+            self._error(refusal)
+            return
         handler(argument)
 
     def _observe_command(self, verb: str) -> None:
         if self.observer is not None:
             self.observer.command(verb)
 
-    # --- commands (RFC 5321 4.1.1) ---
+    # --- commands (RFC 5321 4.1.1); each runs only where the state table accepts it ---
 
     def _greeting_name(self, argument: str) -> str | None:
         name = argument.strip(" ")
@@ -441,7 +507,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             return
         self.helo_name = name
         self.esmtp = True
-        self._transaction = None  # RFC 5321 4.1.4: EHLO implies RSET
+        self._end_transaction()  # RFC 5321 4.1.4: EHLO implies RSET
         extensions = (
             "PIPELINING",
             f"SIZE {self.settings.max_message_size}",
@@ -460,16 +526,10 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             return
         self.helo_name = name
         self.esmtp = False
-        self._transaction = None
+        self._end_transaction()
         self._send(replies.helo_reply(self.settings.hostname, name))
 
     def _mail(self, argument: str) -> None:
-        if self.helo_name is None:
-            self._error(replies.NEED_HELO)
-            return
-        if self._transaction is not None:
-            self._error(replies.NESTED_MAIL)
-            return
         if argument[:5].upper() != "FROM:":
             self._error(replies.MAIL_SYNTAX)
             return
@@ -502,13 +562,8 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         return size
 
     def _rcpt(self, argument: str) -> None:
-        if self.helo_name is None:
-            self._error(replies.NEED_HELO)
-            return
         transaction = self._transaction
-        if transaction is None:
-            self._error(replies.NEED_MAIL_BEFORE_RCPT)
-            return
+        assert transaction is not None  # the state table accepts RCPT only in a transaction
         if argument[:3].upper() != "TO:":
             self._error(replies.RCPT_SYNTAX)
             return
@@ -534,20 +589,12 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         if argument.strip(" "):
             self._error(replies.NO_ARGUMENTS_ALLOWED)
             return
-        if self.helo_name is None:
-            self._error(replies.NEED_HELO)
-            return
-        if self._transaction is None:
-            self._error(replies.NEED_MAIL_BEFORE_DATA)
-            return
-        if not self._transaction.recipients:
-            self._error(replies.NO_VALID_RECIPIENTS)
-            return
-        if self._transaction.chunks is not None:
-            self._error(replies.DATA_AFTER_BDAT)
+        refusal = self._out_of_sequence("DATA")
+        if refusal is not None:
+            self._error(refusal)
             return
         self._send(replies.START_DATA)
-        self._phase = _Phase.DATA
+        self._state = State.DATA
         self._data_reader = DataReader(self.settings.max_text_line, self.settings.max_message_size)
 
     def _bdat_command(self, argument: str) -> None:
@@ -561,14 +608,8 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             self._error(replies.BDAT_SYNTAX)
             return
         size = int(size_text)
-        refusal: Reply | None = None
+        refusal = self._out_of_sequence("BDAT")
         transaction = self._transaction
-        if self.helo_name is None:
-            refusal = replies.NEED_HELO
-        elif transaction is None:
-            refusal = replies.NEED_MAIL_BEFORE_DATA
-        elif not transaction.recipients:
-            refusal = replies.NO_VALID_RECIPIENTS
         if transaction is not None and refusal is None:
             if transaction.chunks is None:
                 transaction.chunks = ChunkReader(self.settings.max_text_line, self.settings.max_message_size)
@@ -576,14 +617,15 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         else:
             reader = ChunkReader(self.settings.max_text_line, self.settings.max_message_size)
         reader.start_chunk(size, keep=refusal is None)
-        self._bdat = _BdatCommand(size=size, last=len(words) == 2, reader=reader, refusal=refusal)
-        self._phase = _Phase.BDAT
+        self._bdat = _BdatCommand(size=size, last=len(words) == 2, reader=reader, refusal=refusal,
+                                  resume=self._state)
+        self._state = State.BDAT
 
     def _rset(self, argument: str) -> None:
         if argument.strip(" "):
             self._error(replies.NO_ARGUMENTS_ALLOWED)
             return
-        self._transaction = None
+        self._end_transaction()
         self._send(replies.RESET_OK)
 
     def _noop(self, argument: str) -> None:

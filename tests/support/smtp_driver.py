@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+from cluster.config import SmtpConfig
 from cluster.smtp import replies
 from cluster.smtp.events import (
     Event,
@@ -16,10 +19,13 @@ from cluster.smtp.events import (
     Paused,
     RcptRequested,
 )
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 from cluster.smtp.server import ServerConnection, ServerSettings
 
 Decider = Callable[[Event], Reply]
+
+# What the frontend answers to end of DATA once the message is stored (`replies.queued_as`).
+QUEUED = replies.queued_as(["00TESTQUEUEID"])
 
 
 def accept_all(event: Event) -> Reply:
@@ -27,7 +33,7 @@ def accept_all(event: Event) -> Reply:
         return replies.SENDER_OK
     if isinstance(event, RcptRequested):
         return replies.RECIPIENT_OK
-    return replies.MESSAGE_ACCEPTED
+    return QUEUED
 
 
 @dataclass
@@ -62,8 +68,21 @@ class Session:
         return [e for e in self.events if isinstance(e, MessageReceived)]
 
 
+_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(SmtpConfig))
+
+
+def server_settings(**values: Any) -> ServerSettings:
+    """Settings as a frontend builds them from the configuration defaults (`cluster.config.SmtpConfig`), with
+    hostname mx.example.test, CHUNKING off unless asked for, and `values` replaced (config keys or the glue's
+    fields such as extension_commands)."""
+    config = {"hostname": "mx.example.test", "chunking": False}
+    config.update({k: v for k, v in values.items() if k in _CONFIG_KEYS})
+    glue = {k: v for k, v in values.items() if k not in _CONFIG_KEYS}
+    return dataclasses.replace(ServerSettings.from_config(SmtpConfig(**config)), **glue)
+
+
 def make_session(settings: ServerSettings | None = None, decide: Decider = accept_all) -> Session:
-    conn = ServerConnection(settings or ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(settings or server_settings())
     session = Session(conn, decide)
     conn.start()
     session.pump()

@@ -112,3 +112,14 @@ def test_every_query_parses_as_promql(tmp_path: Path) -> None:
     check = subprocess.run([promtool, "check", "rules", "dashboard_rules.yml"], capture_output=True, text=True,
                            timeout=60, cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_frontend_traffic_is_shown_by_listener() -> None:
+    from cluster.frontend import metrics
+
+    exprs = [t["expr"] for p in query_panels() for t in p.get("targets", [])]
+    for metric in ("mtacluster_smtp_messages_accepted_total", "mtacluster_smtp_connections_total",
+                   "mtacluster_smtp_messages_rejected_total"):
+        assert any("by (listener" in e and metric in e for e in exprs), metric
+    for counter in (metrics.MESSAGES_ACCEPTED, metrics.CONNECTIONS, metrics.MESSAGES_REJECTED):
+        assert "listener" in counter._labelnames

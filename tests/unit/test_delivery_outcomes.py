@@ -10,7 +10,7 @@ from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer, as_deferral, outcome_from_reply
 from cluster.delivery.metrics import status_class
 from cluster.delivery.mx import StaticMxResolver
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 
 def test_reply_classes_map_to_statuses() -> None:

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from cluster.frontend import auth
 from cluster.frontend.auth import SmtpAuth, Verify
 from cluster.frontend.received import protocol_name
-from cluster.frontend.session import discard_buffered_input
-from cluster.smtp.reply import Reply
+from cluster.smtp import replies
+from cluster.smtp.replies import Reply
+from cluster.tls import discard_buffered_input
 
 
 def b64(data: bytes) -> str:
@@ -33,7 +34,7 @@ def test_plain_with_initial_response_asks_to_verify_then_succeeds() -> None:
     state = ready()
     step = command(state, "PLAIN " + b64(b"\0alice@example.org\0s3cret"))
     assert step == Verify("alice@example.org", "s3cret")
-    assert state.verified(True) == auth.SUCCEEDED
+    assert state.verified(True) == replies.AUTH_SUCCEEDED
     assert state.user == "alice@example.org" and state.failures == 0
 
 
@@ -65,54 +66,54 @@ def test_the_password_is_not_in_the_repr() -> None:
 def test_wrong_password_is_535_and_counts() -> None:
     state = ready()
     assert isinstance(command(state, "PLAIN " + b64(b"\0alice\0wrong")), Verify)
-    assert state.verified(False) == auth.INVALID_CREDENTIALS
+    assert state.verified(False) == replies.AUTH_INVALID_CREDENTIALS
     assert state.user is None and state.failures == 1 and not state.in_exchange
 
 
 def test_cancel_with_star() -> None:
     state = ready()
     command(state, "LOGIN")
-    assert state.line(b"*") == auth.CANCELLED
+    assert state.line(b"*") == replies.AUTH_CANCELLED
     assert state.failures == 1 and not state.in_exchange
 
 
 @pytest.mark.parametrize("response", ["not-base64!", "YWJj=ZGVm", "é"])
 def test_malformed_base64_is_501_5_5_2(response: str) -> None:
     state = ready()
-    assert command(state, "PLAIN " + response) == auth.CANNOT_DECODE
+    assert command(state, "PLAIN " + response) == replies.AUTH_CANNOT_DECODE
     command(state, "PLAIN")
-    assert state.line(response.encode()) == auth.CANNOT_DECODE
+    assert state.line(response.encode()) == replies.AUTH_CANNOT_DECODE
     assert state.failures == 2
 
 
 @pytest.mark.parametrize("message", [b"alice\0pw", b"\0\0pw", b"\0alice\0", b"\0a\0b\0c", b"\0\xff\0pw",
                                      b"\0" + b"a" * 256 + b"\0pw"])
 def test_malformed_plain_messages_are_refused(message: bytes) -> None:
-    assert command(ready(), "PLAIN " + b64(message)) == auth.CANNOT_DECODE
+    assert command(ready(), "PLAIN " + b64(message)) == replies.AUTH_CANNOT_DECODE
 
 
 def test_authzid_equal_to_authcid_is_accepted_any_other_is_refused_without_verifying() -> None:
     assert command(ready(), "PLAIN " + b64(b"Alice\0alice\0pw")) == Verify("alice", "pw")
     state = ready()
-    assert command(state, "PLAIN " + b64(b"root\0alice\0pw")) == auth.INVALID_CREDENTIALS
+    assert command(state, "PLAIN " + b64(b"root\0alice\0pw")) == replies.AUTH_INVALID_CREDENTIALS
     assert state.failures == 1
 
 
 def test_empty_initial_response_is_an_equals_sign() -> None:
     # RFC 4954 4: "=" is an empty initial response; an empty PLAIN message is malformed.
-    assert command(ready(), "PLAIN =") == auth.CANNOT_DECODE
+    assert command(ready(), "PLAIN =") == replies.AUTH_CANNOT_DECODE
 
 
 def test_overlong_line_is_500_5_5_6() -> None:
     state = ready()
     command(state, "PLAIN")
-    assert state.line(None) == auth.LINE_TOO_LONG
+    assert state.line(None) == replies.AUTH_LINE_TOO_LONG
 
 
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
-    [({"tls": False}, auth.ENCRYPTION_REQUIRED), ({"greeted": False}, auth.NEED_EHLO),
-     ({"in_transaction": True}, auth.NOT_IN_TRANSACTION)],
+    [({"tls": False}, replies.AUTH_ENCRYPTION_REQUIRED), ({"greeted": False}, replies.AUTH_NEED_EHLO),
+     ({"in_transaction": True}, replies.AUTH_NOT_IN_TRANSACTION)],
 )
 def test_auth_is_refused_without_tls_before_ehlo_and_during_a_transaction(kwargs: dict[str, bool],
                                                                           expected: Reply) -> None:
@@ -123,18 +124,18 @@ def test_auth_is_refused_without_tls_before_ehlo_and_during_a_transaction(kwargs
 
 
 def test_encryption_required_code() -> None:
-    assert (auth.ENCRYPTION_REQUIRED.code, auth.ENCRYPTION_REQUIRED.enhanced) == (538, "5.7.11")
+    assert (replies.AUTH_ENCRYPTION_REQUIRED.code, replies.AUTH_ENCRYPTION_REQUIRED.enhanced) == (538, "5.7.11")
 
 
 def test_auth_twice_is_503() -> None:
     state = ready()
     command(state, "PLAIN " + b64(b"\0a\0b"))
     state.verified(True)
-    assert command(state, "PLAIN " + b64(b"\0a\0b")) == auth.ALREADY_AUTHENTICATED
+    assert command(state, "PLAIN " + b64(b"\0a\0b")) == replies.AUTH_ALREADY_AUTHENTICATED
 
 
-@pytest.mark.parametrize(("argument", "expected"), [("CRAM-MD5", auth.UNKNOWN_MECHANISM), ("", auth.AUTH_SYNTAX),
-                                                    ("PLAIN a b", auth.AUTH_SYNTAX)])
+@pytest.mark.parametrize(("argument", "expected"), [("CRAM-MD5", replies.AUTH_UNKNOWN_MECHANISM),
+                                                    ("", replies.AUTH_SYNTAX), ("PLAIN a b", replies.AUTH_SYNTAX)])
 def test_unknown_mechanism_and_syntax(argument: str, expected: Reply) -> None:
     assert command(ready(), argument) == expected
 
@@ -152,7 +153,7 @@ def test_any_input_gives_a_reply_or_credentials_never_an_exception(mechanism: st
         step = state.line(line)
         assert isinstance(step, Reply | Verify)
     if isinstance(step, Verify):
-        assert state.verified(False) == auth.INVALID_CREDENTIALS
+        assert state.verified(False) == replies.AUTH_INVALID_CREDENTIALS
     assert state.user is None
 
 
@@ -168,7 +169,7 @@ def test_exhausted_after_max_failures() -> None:
 def test_temporary_failure_is_454_and_not_counted() -> None:
     state = ready()
     command(state, "PLAIN " + b64(b"\0a\0b"))
-    assert state.temporary_failure() == auth.TEMPORARY_FAILURE
+    assert state.temporary_failure() == replies.AUTH_TEMPORARY_FAILURE
     assert state.failures == 0 and state.user is None
 
 

@@ -1,9 +1,20 @@
-"""Relay policy (no open relay) and the Received header."""
+"""Session policy (the hooks, no open relay, submission needs AUTH) and the Received header."""
 
 from __future__ import annotations
 
-from cluster.frontend.policy import RELAY_DENIED, RelayPolicy
+from cluster.frontend.policy import (
+    SUBMISSION,
+    PolicyChain,
+    RelayPolicy,
+    SessionFacts,
+    SessionPolicy,
+    SubmissionPolicy,
+)
 from cluster.frontend.received import received_header
+from cluster.smtp import replies
+from cluster.smtp.address import Address
+from cluster.smtp.events import MessageReceived
+from cluster.smtp.replies import RELAY_DENIED, Reply
 
 
 def test_relay_networks_and_local_domains() -> None:
@@ -31,3 +42,65 @@ def test_received_header_is_safe_and_hides_bcc() -> None:
     many = received_header(helo=None, client_ip="::1", hostname="mx.test", protocol="SMTP", trace_id="abc",
                            recipients=["a@b.test", "c@d.test"], timestamp=0).decode()
     assert "a@b.test" not in many and "from unknown" in many
+
+
+OUTSIDE = Address("someone", "elsewhere.test")
+
+
+class Recorder(SessionPolicy):
+    """Records every question; refuses with `answer` (None: no objection)."""
+
+    def __init__(self, answer: Reply | None = None) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def check_auth(self, facts: SessionFacts) -> Reply | None:
+        self.asked.append("auth")
+        return self.answer
+
+    async def check_login(self, facts: SessionFacts, username: str, verified: bool) -> Reply | None:
+        self.asked.append(f"login {username} {verified}")
+        return self.answer
+
+    async def check_mail(self, facts: SessionFacts, sender: Address | None,
+                         params: dict[str, str | None]) -> Reply | None:
+        self.asked.append(f"mail {sender}")
+        return self.answer
+
+    async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+        self.asked.append(f"rcpt {recipient}")
+        return self.answer
+
+    async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
+        self.asked.append("message")
+        return self.answer
+
+
+async def test_the_chain_asks_in_order_and_the_first_refusal_wins() -> None:
+    first, refusing, never = Recorder(), Recorder(replies.RELAY_DENIED), Recorder()
+    chain = PolicyChain([first, refusing, never])
+    facts = SessionFacts(client_ip="192.0.2.1")
+    message = MessageReceived(None, (OUTSIDE,), b"x\r\n", False, False)
+    assert await chain.check_auth(facts) == replies.RELAY_DENIED
+    assert await chain.check_login(facts, "bob", True) == replies.RELAY_DENIED
+    assert await chain.check_mail(facts, None, {}) == replies.RELAY_DENIED
+    assert await chain.check_rcpt(facts, OUTSIDE) == replies.RELAY_DENIED
+    assert await chain.check_message(facts, message) == replies.RELAY_DENIED
+    assert first.asked == refusing.asked == ["auth", "login bob True", "mail None", f"rcpt {OUTSIDE}", "message"]
+    assert never.asked == []
+    assert await PolicyChain([first, Recorder()]).check_rcpt(facts, OUTSIDE) is None
+
+
+async def test_relay_needs_a_trusted_network_or_auth_and_submission_needs_auth() -> None:
+    relay = RelayPolicy(["10.0.0.0/8"], ["local.test"])
+    stranger = SessionFacts(client_ip="192.0.2.1")
+    assert await relay.check_rcpt(stranger, OUTSIDE) == replies.RELAY_DENIED
+    assert await relay.check_rcpt(stranger, Address("a", "LOCAL.test")) is None
+    assert await relay.check_rcpt(SessionFacts(client_ip="10.1.2.3", trusted_network=True), OUTSIDE) is None
+    assert await relay.check_rcpt(SessionFacts(client_ip="192.0.2.1", user="alice"), OUTSIDE) is None
+    submission = SubmissionPolicy()
+    anonymous = SessionFacts(client_ip="10.1.2.3", listener=SUBMISSION, trusted_network=True)
+    assert await submission.check_mail(anonymous, None, {}) == replies.AUTH_REQUIRED
+    assert replies.AUTH_REQUIRED.to_bytes() == b"530 5.7.0 Authentication required\r\n"
+    anonymous.user = "alice"
+    assert await submission.check_mail(anonymous, None, {}) is None

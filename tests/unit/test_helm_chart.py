@@ -30,7 +30,8 @@ CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 RELEASE, NAMESPACE = "mail", "mta"
 FULLNAME = f"{RELEASE}-mtacluster"
 # Config keys the chart sets itself (not accepted under `config` in values).
-CHART_OWNED_KEYS = {"smtp": {"listen", "proxy_protocol", "tls_cert_file", "tls_key_file"},
+CHART_OWNED_KEYS = {"smtp": {"listen", "submission_listen", "submissions_listen", "proxy_protocol", "tls_cert_file",
+                             "tls_key_file"},
                     "queue": {"shards", "spool_dir"}, "metrics": {"listen", "top_domains"},
                     "bus": {"curve_key_file"}, "auth": {"users_file"}}
 LINT_WARNING = 2  # helm's support.WarningSev; 1 is INFO ("icon is recommended")
@@ -181,6 +182,44 @@ def test_frontend_service_keeps_client_addresses_and_proxy_protocol_sets_the_con
     assert service["ports"] == [{"name": "smtp", "port": 25, "targetPort": "smtp", "protocol": "TCP"}]
     assert rendered_config(docs).smtp.proxy_protocol is False
     assert rendered_config(manifests({"frontend": {"service": {"proxyProtocol": True}}})).smtp.proxy_protocol is True
+
+
+def exposed_ports(docs: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int], set[str]]:
+    """(Service port by name, container port by name, NetworkPolicy ingress port names) of the frontends."""
+    service = named(docs, "Service", f"{FULLNAME}-smtp")
+    frontend = named(docs, "Deployment", f"{FULLNAME}-frontend")["spec"]["template"]["spec"]["containers"][0]
+    policy = named(docs, "NetworkPolicy", f"{FULLNAME}-frontend")
+    ingress = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    return ({p["name"]: p["port"] for p in service["spec"]["ports"]},
+            {p["name"]: p["containerPort"] for p in frontend["ports"]}, ingress)
+
+
+def test_frontends_expose_25_587_and_465_when_tls_is_set() -> None:
+    docs = manifests({"tls": {"existingSecret": "certs"}})
+    service, container, ingress = exposed_ports(docs)
+    assert service == {"smtp": 25, "submission": 587, "submissions": 465}
+    assert container == {"smtp": 2525, "submission": 5587, "submissions": 5465, "metrics": 9450}
+    assert {"smtp", "submission", "submissions"} <= ingress
+    config = rendered_config(docs)
+    assert config.smtp.listen == ("0.0.0.0:2525",)
+    assert config.smtp.submission_listen == ("0.0.0.0:5587",)
+    assert config.smtp.submissions_listen == ("0.0.0.0:5465",)
+
+
+def test_submission_listeners_need_tls_and_each_listener_can_be_turned_off() -> None:
+    service, container, _ = exposed_ports(manifests({}))
+    assert service == {"smtp": 25} and set(container) == {"smtp", "metrics"}
+    assert rendered_config(manifests({})).smtp.submission_listen == ()
+    off = {"tls": {"existingSecret": "certs"},
+           "frontend": {"listeners": {"smtp": False, "submission": True, "submissions": False}}}
+    docs = manifests(off)
+    service, container, ingress = exposed_ports(docs)
+    assert service == {"submission": 587} and set(container) == {"submission", "metrics"}
+    assert "smtp" not in ingress and "submissions" not in ingress
+    config = rendered_config(docs)
+    assert config.smtp.listen == () and config.smtp.submissions_listen == ()
+    with pytest.raises(helm_python.HelmError, match="turn on at least one listener"):
+        render({"frontend": {"listeners": {"smtp": False, "submission": True, "submissions": True}}})
 
 
 def test_autoscaling_replaces_fixed_replicas() -> None:

@@ -7,11 +7,11 @@ import pytest
 from cluster.smtp import replies
 from cluster.smtp.address import Address
 from cluster.smtp.events import MessageReceived, SessionEnded
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 from cluster.smtp.server import ServerSettings
-from tests.support.smtp_driver import Session, greeted, run
+from tests.support.smtp_driver import QUEUED, Session, greeted, run, server_settings
 
-CHUNKING = ServerSettings(hostname="mx.example.test", chunking=True)
+CHUNKING = server_settings(chunking=True)
 OPENING = greeted(b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>")
 
 
@@ -49,7 +49,7 @@ def test_message_in_several_chunks_is_exact(chunking: str) -> None:
         replies.chunk_received(len(parts[0])),
         replies.chunk_received(len(parts[1])),
         replies.chunk_received(0),
-        replies.MESSAGE_ACCEPTED,
+        QUEUED,
         replies.BYE,
     ]
 
@@ -110,7 +110,7 @@ def test_content_rules_apply_across_chunks(parts: list[bytes], expected: Reply, 
 
 
 def test_oversized_chunks_fail_the_transaction_and_later_chunks_are_discarded() -> None:
-    settings = ServerSettings(hostname="mx.example.test", chunking=True, max_message_size=100)
+    settings = server_settings(chunking=True, max_message_size=100)
     wire = OPENING + bdat(b"z" * 98 + b"\r\n") + bdat(b"more\r\n") + bdat(b"RSET\r\n", last=True) + b"NOOP\r\n"
     session = run([wire], settings)
     assert session.replies[-4:] == [
@@ -134,7 +134,7 @@ def test_8bit_chunk_content_is_flagged() -> None:
 
 
 def test_final_bare_cr_counts_towards_the_line_length() -> None:
-    settings = ServerSettings(hostname="mx.example.test", chunking=True, max_text_line=5)
+    settings = server_settings(chunking=True, max_text_line=5)
     session = run([OPENING + bdat(b"abc\r", last=True)], settings)
     assert session.replies[-1] == replies.BARE_LINE_ENDING_IN_DATA
     assert session.messages == []

@@ -16,7 +16,7 @@ from cluster.smtp.client import (
     dot_stuff,
     pipeline_groups,
 )
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 
 EHLO_REPLY = (b"250-mx.example.net Hello\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
               b"250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n")

@@ -16,12 +16,10 @@ from cluster.smtp.address import (
     parse_reverse_path,
 )
 from cluster.smtp.lines import ChunkReader, DataReader, DataResult
-from cluster.smtp.server import ServerSettings
-from tests.support.smtp_driver import greeted, run
+from tests.support.smtp_driver import greeted, run, server_settings
 
 OPENING = greeted(b"MAIL FROM:<alice@example.org>", b"RCPT TO:<bob@example.net>", b"DATA")
-SMALL_LIMITS = ServerSettings(
-    hostname="mx.example.test",
+SMALL_LIMITS = server_settings(
     max_command_line=40,
     max_text_line=60,
     max_message_size=400,
@@ -71,7 +69,7 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(body=bodies, cuts=st.lists(st.integers(min_value=0), max_size=12))
 def test_received_data_equals_the_original_body(body: bytes, cuts: list[int]) -> None:
     wire = OPENING + dot_stuff(body) + b".\r\nQUIT\r\n"
-    session = run(chunked(wire, cuts), ServerSettings(hostname="mx.example.test", max_text_line=200))
+    session = run(chunked(wire, cuts), server_settings(max_text_line=200))
     (message,) = session.messages
     assert message.data == body
 
@@ -89,7 +87,7 @@ def test_bdat_chunks_reassemble_the_body(body: bytes, sizes: list[int]) -> None:
     for index, chunk in enumerate(chunks):
         last = b" LAST" if index == len(chunks) - 1 else b""
         wire += b"BDAT %d%s\r\n" % (len(chunk), last) + chunk
-    settings = ServerSettings(hostname="mx.example.test", max_text_line=200, chunking=True)
+    settings = server_settings(max_text_line=200, chunking=True)
     (message,) = run([wire], settings).messages
     assert message.data == body
 

@@ -18,9 +18,9 @@ from cluster.smtp.events import (
     RcptRequested,
     SessionEnded,
 )
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 from cluster.smtp.server import ProtocolUsageError, ServerConnection, ServerSettings
-from tests.support.smtp_driver import Decider, accept_all, greeted, make_session, run
+from tests.support.smtp_driver import QUEUED, Decider, accept_all, greeted, make_session, run, server_settings
 
 EHLO = replies.ehlo_reply(
     "mx.example.test",
@@ -45,7 +45,7 @@ def test_greeting_and_ehlo_advertise_exactly_the_implemented_extensions() -> Non
 
 
 def test_extra_extensions_are_advertised() -> None:
-    settings = ServerSettings(hostname="mx.example.test", extra_extensions=("STARTTLS",))
+    settings = server_settings(extra_extensions=("STARTTLS",))
     session = run([b"EHLO c\r\n"], settings)
     assert session.replies[-1].lines[-1] == "STARTTLS"
 
@@ -88,7 +88,7 @@ def test_full_transaction_emits_events_in_order_with_replies() -> None:
         replies.SENDER_OK,
         replies.RECIPIENT_OK,
         replies.START_DATA,
-        replies.MESSAGE_ACCEPTED,
+        QUEUED,
         replies.BYE,
     ]
     mail, rcpt, message, ended = session.events
@@ -151,7 +151,7 @@ def test_empty_message() -> None:
 
 
 def test_paused_until_respond_and_input_is_buffered_meanwhile() -> None:
-    conn = ServerConnection(ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(server_settings())
     conn.start()
     conn.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nNOOP\r\n")
     event = conn.next_event()
@@ -167,7 +167,7 @@ def test_paused_until_respond_and_input_is_buffered_meanwhile() -> None:
 
 
 def test_respond_without_pending_decision_is_a_usage_error() -> None:
-    conn = ServerConnection(ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(server_settings())
     with pytest.raises(ProtocolUsageError):
         conn.respond(replies.OK)
 
@@ -202,7 +202,7 @@ def test_refused_message_resets_transaction() -> None:
 
 def test_accepted_message_resets_transaction() -> None:
     session = run([transaction() + b"RCPT TO:<c@d.example>\r\n"])
-    assert session.replies[-2:] == [replies.MESSAGE_ACCEPTED, replies.NEED_MAIL_BEFORE_RCPT]
+    assert session.replies[-2:] == [QUEUED, replies.NEED_MAIL_BEFORE_RCPT]
 
 
 # --- sequence errors ---
@@ -299,7 +299,7 @@ def test_parameter_refusals(mail: bytes, expected: Reply) -> None:
 
 
 def test_size_exactly_at_limit_is_accepted() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_message_size=1000)
+    settings = server_settings(max_message_size=1000)
     session = run([greeted(b"MAIL FROM:<a@b.example> size=1000")], settings)
     assert session.replies[-1] == replies.SENDER_OK
     assert session.events == [MailRequested(Address("a", "b.example"), {"SIZE": "1000"}, 1000)]
@@ -336,7 +336,7 @@ def test_bare_lf_does_not_end_a_command() -> None:
 
 
 def test_command_line_at_limit_is_accepted_and_over_limit_refused() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_command_line=20)
+    settings = server_settings(max_command_line=20)
     exact = b"NOOP " + b"x" * 13 + b"\r\n"  # 20 octets with CRLF
     assert len(exact) == 20
     session = run([b"EHLO c\r\n", exact, b"NOOP " + b"x" * 14 + b"\r\n", b"NOOP\r\n"], settings)
@@ -409,7 +409,7 @@ def test_text_line_exactly_at_limit_is_accepted() -> None:
 
 
 def test_oversized_message_is_refused_without_buffering() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_message_size=10_000)
+    settings = server_settings(max_message_size=10_000)
     session = make_session(settings)
     session.feed(greeted(b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>", b"DATA"))
     for _ in range(200):
@@ -422,7 +422,7 @@ def test_oversized_message_is_refused_without_buffering() -> None:
 
 
 def test_message_exactly_at_size_limit_is_accepted() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_message_size=12)
+    settings = server_settings(max_message_size=12)
     (message,) = run([transaction(b"0123456789\r\n")], settings).messages
     assert message.data == b"0123456789\r\n"
 
@@ -461,14 +461,14 @@ def test_pipelined_replies_come_in_command_order() -> None:
         replies.OK,
         replies.RECIPIENT_OK,
         replies.START_DATA,
-        replies.MESSAGE_ACCEPTED,
+        QUEUED,
         replies.BYE,
     ]
     assert session.messages[0].recipients == (Address("c", "d.example"),)
 
 
 def test_354_is_queued_only_after_earlier_replies() -> None:
-    conn = ServerConnection(ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(server_settings())
     conn.start()
     conn.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
     assert isinstance(conn.next_event(), MailRequested)
@@ -492,7 +492,7 @@ def test_after_failed_data_the_body_is_read_as_commands() -> None:
 
 
 def test_recipient_limit() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_recipients=3)
+    settings = server_settings(max_recipients=3)
     rcpts = [b"RCPT TO:<r%d@d.example>" % i for i in range(5)]
     session = run([greeted(b"MAIL FROM:<a@b.example>", *rcpts, b"DATA") + b"x\r\n.\r\n"], settings)
     assert session.replies[-4:-1] == [replies.TOO_MANY_RECIPIENTS, replies.TOO_MANY_RECIPIENTS, replies.START_DATA]
@@ -500,7 +500,7 @@ def test_recipient_limit() -> None:
 
 
 def test_too_many_errors_closes_with_421() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_errors=3)
+    settings = server_settings(max_errors=3)
     session = run([b"EHLO c\r\nBAD\r\nBAD\r\nBAD\r\nNOOP\r\n"], settings)
     assert session.replies[-4:] == [
         replies.UNKNOWN_COMMAND,
@@ -513,7 +513,7 @@ def test_too_many_errors_closes_with_421() -> None:
 
 
 def test_glue_refusals_of_recipients_count_as_errors() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_errors=2)
+    settings = server_settings(max_errors=2)
     denied = Reply.of(550, "5.1.1", "no such user")
     chunk = greeted(b"MAIL FROM:<a@b.example>", b"RCPT TO:<x@d.example>", b"RCPT TO:<y@d.example>")
     session = run([chunk], settings, decide=refuse(RcptRequested, denied))
@@ -521,7 +521,7 @@ def test_glue_refusals_of_recipients_count_as_errors() -> None:
 
 
 def test_successful_commands_do_not_count_as_errors() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_errors=2)
+    settings = server_settings(max_errors=2)
     session = run([b"EHLO c\r\n" + b"NOOP\r\n" * 50 + b"BAD\r\nNOOP\r\n"], settings)
     assert not session.conn.closed
 
@@ -543,7 +543,7 @@ def test_eof_during_data_never_emits_the_partial_message() -> None:
 
 
 def test_eof_while_paused_processes_buffered_input_first() -> None:
-    conn = ServerConnection(ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(server_settings())
     conn.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nNOOP\r\n")
     conn.receive_data(b"")
     assert isinstance(conn.next_event(), MailRequested)
@@ -554,7 +554,7 @@ def test_eof_while_paused_processes_buffered_input_first() -> None:
 
 
 def test_input_after_close_is_ignored() -> None:
-    conn = ServerConnection(ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(server_settings())
     conn.timed_out()
     conn.receive_data(b"NOOP\r\n")
     assert conn.next_event() == SessionEnded("timeout")
@@ -566,8 +566,7 @@ def test_input_after_close_is_ignored() -> None:
 
 # --- hooks for the glue: extension commands (STARTTLS, AUTH), observer, timeouts while paused ---
 
-TLS_AUTH = ServerSettings(
-    hostname="mx.example.test",
+TLS_AUTH = server_settings(
     extra_extensions=("STARTTLS", "AUTH PLAIN"),
     extension_commands=frozenset({"STARTTLS", "AUTH"}),
     max_errors=5,
@@ -599,8 +598,8 @@ def test_334_makes_the_next_line_a_continuation_even_if_long() -> None:
 
 
 def test_overlong_continuation_is_reported_as_none_and_command_limit_returns() -> None:
-    settings = ServerSettings(
-        hostname="mx.example.test", extension_commands=frozenset({"AUTH"}), max_continuation_line=300
+    settings = server_settings(
+        extension_commands=frozenset({"AUTH"}), max_continuation_line=300
     )
     conn = ServerConnection(settings)
     # The continuation limit never goes below the command line limit (512 here).
@@ -684,7 +683,7 @@ def test_in_transaction() -> None:
 
 
 def test_timeout_while_a_decision_is_pending_closes_and_late_respond_is_ignored() -> None:
-    conn = ServerConnection(ServerSettings(hostname="mx.example.test"))
+    conn = ServerConnection(server_settings())
     conn.receive_data(transaction())
     events = [conn.next_event()]
     conn.respond(replies.SENDER_OK)
@@ -694,7 +693,7 @@ def test_timeout_while_a_decision_is_pending_closes_and_late_respond_is_ignored(
     conn.timed_out()
     assert conn.next_event() == SessionEnded("timeout")
     assert conn.next_event() is NeedData
-    conn.respond(replies.MESSAGE_ACCEPTED)
+    conn.respond(QUEUED)
     assert conn.data_to_send().endswith(replies.TIMEOUT.to_bytes())
 
 
@@ -728,7 +727,7 @@ def test_overlong_text_line_streamed_in_pieces_is_refused_and_not_buffered() -> 
 
 
 def test_cr_at_a_piece_boundary_is_still_part_of_crlf() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_text_line=2000)
+    settings = server_settings(max_text_line=2000)
     conn, _ = open_data(settings)
     conn.receive_data(b".." + b"q" * 1200 + b"\r")
     assert drain(conn) == []
@@ -740,7 +739,7 @@ def test_cr_at_a_piece_boundary_is_still_part_of_crlf() -> None:
 
 
 def test_lone_cr_at_a_piece_boundary_followed_by_text_is_bare() -> None:
-    settings = ServerSettings(hostname="mx.example.test", max_text_line=2000)
+    settings = server_settings(max_text_line=2000)
     conn, _ = open_data(settings)
     conn.receive_data(b"q" * 1200 + b"\r")
     conn.receive_data(b"x\r\n.\r\n")
@@ -749,8 +748,7 @@ def test_lone_cr_at_a_piece_boundary_followed_by_text_is_bare() -> None:
 
 
 def test_extra_parameters_are_passed_through_to_the_glue() -> None:
-    settings = ServerSettings(
-        hostname="mx.example.test",
+    settings = server_settings(
         extra_mail_parameters=frozenset({"RET", "ENVID"}),
         extra_rcpt_parameters=frozenset({"NOTIFY"}),
     )

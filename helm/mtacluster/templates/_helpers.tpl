@@ -72,6 +72,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or .Values.tls.existingSecret .Values.tls.certificate }}true{{ end }}
 {{- end }}
 
+{{/* The frontend listeners that are on: SMTP when asked for; submission(s) when asked for and TLS is set. */}}
+{{- define "mtacluster.smtpListener" -}}
+{{- if .Values.frontend.listeners.smtp }}true{{ end }}
+{{- end }}
+
+{{- define "mtacluster.submissionListener" -}}
+{{- if and .Values.frontend.listeners.submission (include "mtacluster.tlsEnabled" .) }}true{{ end }}
+{{- end }}
+
+{{- define "mtacluster.submissionsListener" -}}
+{{- if and .Values.frontend.listeners.submissions (include "mtacluster.tlsEnabled" .) }}true{{ end }}
+{{- end }}
+
 {{- define "mtacluster.usersSecret" -}}
 {{- default (printf "%s-users" (include "mtacluster.fullname" .)) .Values.users.existingSecret }}
 {{- end }}
@@ -111,8 +124,25 @@ app.kubernetes.io/component: {{ .component }}
 {{/* The whole configuration file: values.config plus the keys the chart owns. */}}
 {{- define "mtacluster.configToml" -}}
 {{- $config := deepCopy .Values.config }}
+{{- $listen := list }}
+{{- if include "mtacluster.smtpListener" . }}
+{{- $listen = list (printf "0.0.0.0:%d" (int .Values.frontend.smtpPort)) }}
+{{- end }}
+{{- $submission := list }}
+{{- if include "mtacluster.submissionListener" . }}
+{{- $submission = list (printf "0.0.0.0:%d" (int .Values.frontend.submissionPort)) }}
+{{- end }}
+{{- $submissions := list }}
+{{- if include "mtacluster.submissionsListener" . }}
+{{- $submissions = list (printf "0.0.0.0:%d" (int .Values.frontend.submissionsPort)) }}
+{{- end }}
+{{- if not (or $listen $submission $submissions) }}
+{{- fail "frontend.listeners: turn on at least one listener (submission and submissions also need tls)" }}
+{{- end }}
 {{- $smtp := mergeOverwrite (default dict $config.smtp) (dict
-      "listen" (list (printf "0.0.0.0:%d" (int .Values.frontend.smtpPort)))
+      "listen" $listen
+      "submission_listen" $submission
+      "submissions_listen" $submissions
       "proxy_protocol" .Values.frontend.service.proxyProtocol) }}
 {{- if include "mtacluster.tlsEnabled" . }}
 {{- $smtp = mergeOverwrite $smtp (dict
