@@ -38,7 +38,9 @@ Bodies are bytes (msgpack bin); text is str (msgpack str, UTF-8). Addresses are 
 brackets; the null reverse-path is "".
 
 Validation (`decode`): every field has its type checked, nested ones too (outcomes, in_flight, client); counts
-are never negative; an Outcome's status is one of OUTCOME_STATUSES with a matching reply code. An Inject's
+are never negative; an Outcome's kind is one a worker may report (delivered, deferred, failed: `expired` is
+decided by the shard) with a matching reply code; a Result from a worker of the previous release, whose
+outcomes say `status` instead of `kind`, is read as the same thing. An Inject's
 envelope is checked as strictly as the SMTP server checks MAIL FROM / RCPT TO (cluster/smtp/address.py, UTF-8
 allowed as with SMTPUTF8): a sender the server would refuse, or a recipient without a domain, is a SchemaError,
 so nothing the SMTP server would refuse can be stored through the bus. A SchemaError carries the frame's `req`
@@ -48,6 +50,7 @@ when it had a readable one, so the receiver can answer Error(text, req) and the 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +91,8 @@ def _to_wire(value: Any) -> Any:
         return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
     return value
 
 
@@ -148,24 +153,47 @@ class Deliver(BusMessage):
     seq: int = 0
 
 
+class OutcomeKind(enum.StrEnum):
+    """What became of a recipient: the typed outcome that goes from worker to spool to DSN and CLI."""
+
+    DELIVERED = "delivered"  # 2xx: done
+    DEFERRED = "deferred"  # 4xx, network or DNS trouble: retry later
+    FAILED = "failed"  # 5xx: bounce
+    EXPIRED = "expired"  # deferred for longer than queue.max_lifetime: the shard gave up (4.4.7) and bounces
+
+    @property
+    def done(self) -> bool:
+        return self is not OutcomeKind.DEFERRED
+
+
+# What a worker may report; EXPIRED is the shard's own decision.
+WORKER_KINDS = (OutcomeKind.DELIVERED, OutcomeKind.DEFERRED, OutcomeKind.FAILED)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one recipient of a job.
 
-    status: "delivered" (2xx), "deferred" (4xx, network or DNS trouble: retry later) or "failed" (5xx: bounce).
-    code/enhanced/text: the reply that decided it; the remote server's own words when there was one.
-    remote: the host that answered ("mx1.example.net[192.0.2.1]"), "" when none did.
+    kind: delivered (2xx), deferred (4xx, network or DNS trouble) or failed (5xx), never a string to parse.
+    code/enhanced/text: the reply that decided it, kept apart; the remote server's own words when there was one.
+    remote: the host that answered ("mx1.example.net[192.0.2.1]"), "local" for a Maildir, "" when none did;
+    port: the TCP port it answered on (0 when none). connect_seconds: time to get a session (DNS, connect,
+    greeting, EHLO, STARTTLS; 0 for a reused connection); transfer_seconds: time of the SMTP transaction.
     """
 
     recipient: str
-    status: str
+    kind: OutcomeKind
     code: int
     enhanced: str
     text: str
     remote: str = ""
+    port: int = 0
+    connect_seconds: float = 0.0
+    transfer_seconds: float = 0.0
 
-
-OUTCOME_STATUSES = ("delivered", "deferred", "failed")
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, OutcomeKind) and self.kind in OutcomeKind._value2member_map_:
+            object.__setattr__(self, "kind", OutcomeKind(self.kind))
 
 
 @dataclass(frozen=True)
@@ -253,34 +281,40 @@ def _decode_outcomes(raw: Any) -> list[Outcome]:
     for item in raw:
         if not isinstance(item, dict):
             raise SchemaError("result.outcomes: expected a list of maps")
+        if "status" in item and "kind" not in item:  # a worker of the previous release
+            item = dict(item)
+            item["kind"] = item.pop("status")
+        kind = item.get("kind")
+        if kind not in WORKER_KINDS:
+            raise SchemaError(f"result.outcomes.kind: {kind!r} is not one of {[str(k) for k in WORKER_KINDS]}")
         try:
             outcome = Outcome(**item)
         except TypeError as exc:
             raise SchemaError(f"result: bad outcome: {exc}") from None
         _check_types(outcome, "result.outcomes")
-        if outcome.status not in OUTCOME_STATUSES:
-            raise SchemaError(f"result.outcomes.status: {outcome.status!r} is not one of {OUTCOME_STATUSES}")
-        if not 100 <= outcome.code <= 599 or _status_of_code(outcome.code) != outcome.status:
-            raise SchemaError(f"result.outcomes.code: {outcome.code} does not fit status {outcome.status!r}")
+        if not 100 <= outcome.code <= 599 or kind_of_code(outcome.code) is not outcome.kind:
+            raise SchemaError(f"result.outcomes.code: {outcome.code} does not fit kind {str(outcome.kind)!r}")
         outcomes.append(outcome)
     return outcomes
 
 
-def _status_of_code(code: int) -> str:
-    """The only status a reply code allows: 2xx delivered, 5xx failed, anything else deferred (a worker defers
+def kind_of_code(code: int) -> OutcomeKind:
+    """The only kind a reply code allows: 2xx delivered, 5xx failed, anything else deferred (a worker defers
     an odd 1xx/3xx where a final reply belongs: cluster/delivery/deliver.py:outcome_from_reply)."""
-    return {2: "delivered", 5: "failed"}.get(code // 100, "deferred")
+    return {2: OutcomeKind.DELIVERED, 5: OutcomeKind.FAILED}.get(code // 100, OutcomeKind.DEFERRED)
 
 _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,
     "code": int, "enhanced": str, "text": str, "worker": str, "free": int, "in_flight": list,
     "shard": int, "shard_epoch": str,
     "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
-    "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "status": str, "remote": str,
+    "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "kind": str, "remote": str,
+    "port": int, "connect_seconds": (int, float), "transfer_seconds": (int, float),
 }
 
-# Integer fields that count something, so can never be negative.
-_COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard"})
+# Number fields that count or measure something, so can never be negative.
+_COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard", "port", "connect_seconds",
+                     "transfer_seconds"})
 
 
 def _check_types(message: BusMessage | Outcome, where: str = "") -> None:

@@ -231,6 +231,15 @@ def _when(timestamp: object) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _last_outcome(last: object) -> str:
+    """A recipient's typed last outcome as one line: 'failed: 550 5.1.1 no such user (mx[192.0.2.1])'."""
+    if not isinstance(last, dict):
+        return ""
+    reply = " ".join(str(part) for part in (last.get("code") or "", last.get("enhanced"), last.get("text")) if part)
+    remote = f" ({last['remote']})" if last.get("remote") else ""
+    return f"{last.get('kind', '?')}: {reply}{remote}"
+
+
 def _print_messages(messages: list[dict[str, Any]]) -> None:
     print(f"{'QUEUE ID':<24} {'SIZE':>8} {'ARRIVED (UTC)':<19}  SENDER")
     for message in messages:
@@ -239,7 +248,7 @@ def _print_messages(messages: list[dict[str, Any]]) -> None:
         for rcpt in message.get("recipients", []):
             state = rcpt.get("state", "?")
             extra = f" next={_when(rcpt.get('next_attempt'))}" if state == "deferred" else ""
-            last = rcpt.get("last_reply") or ""
+            last = _last_outcome(rcpt.get("last"))
             print(f"    {state:<9} {rcpt.get('address', '?')}  attempts={rcpt.get('attempts', 0)}{extra}"
                   f"{'  ' + last if last else ''}")
 

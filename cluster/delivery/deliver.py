@@ -15,18 +15,22 @@ does: every recipient of the job gets exactly one Outcome, in the job's order.
   (RFC 1870 6.1).
 - Connections come from and go back to the `ConnectionCache`; a cached one that turns out stale is replaced
   by one fresh connection.
-- Outcome status: 2xx delivered, 4xx deferred, 5xx failed; `remote` names the host that answered.
+- Outcome kind (a `OutcomeKind`, never a string to parse): 2xx delivered, 4xx deferred, 5xx failed; `remote`
+  and `port` name the host that answered; `connect_seconds` (DNS, hosts tried, session setup) and
+  `transfer_seconds` (the SMTP transaction) feed the shard's log line (delays=a/b/c/d).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cluster.bus.schemas import Deliver, Outcome
+from cluster.bus.schemas import Deliver, Outcome, OutcomeKind
 from cluster.config import Config
 from cluster.delivery import metrics
 from cluster.delivery.connections import ConnectionCache
@@ -40,16 +44,23 @@ from cluster.smtp.replies import Reply
 log = logging.getLogger(__name__)
 
 
-def outcome_from_reply(recipient: str, reply: Reply, remote: str) -> Outcome:
+def outcome_from_reply(recipient: str, reply: Reply, remote: str, port: int = 0) -> Outcome:
+    """The typed outcome of one reply: its code, enhanced status and text kept apart."""
     if 200 <= reply.code < 300:
-        status = "delivered"
+        kind = OutcomeKind.DELIVERED
     elif reply.is_permanent:
-        status = "failed"
+        kind = OutcomeKind.FAILED
     else:
-        status = "deferred"  # 4xx, and anything odd (a 3xx where a final reply belongs): retry later
+        kind = OutcomeKind.DEFERRED  # 4xx, and anything odd (a 3xx where a final reply belongs): retry later
     enhanced = reply.enhanced or default_enhanced(reply.code)
-    return Outcome(recipient=recipient, status=status, code=reply.code, enhanced=enhanced,
-                   text=reply.text or str(reply.code), remote=remote)
+    return Outcome(recipient=recipient, kind=kind, code=reply.code, enhanced=enhanced,
+                   text=reply.text or str(reply.code), remote=remote, port=port)
+
+
+def timed(outcome: Outcome, connect_seconds: float, transfer_seconds: float) -> Outcome:
+    """The outcome with how long getting a session and the transaction took (the log's delays=.../c/d)."""
+    return dataclasses.replace(outcome, connect_seconds=round(max(connect_seconds, 0.0), 6),
+                               transfer_seconds=round(max(transfer_seconds, 0.0), 6))
 
 
 def default_enhanced(code: int) -> str:
@@ -70,6 +81,7 @@ def as_deferral(reply: Reply) -> Reply:
 class _HostFailure:
     reply: Reply
     remote: str
+    port: int
 
 
 class Deliverer:
@@ -104,7 +116,7 @@ class Deliverer:
         top = self._config.metrics.top_domains
         for outcome in outcomes:
             label = metrics.domain_label(outcome.recipient.rpartition("@")[2], top)
-            metrics.ATTEMPTS.labels(outcome=outcome.status, domain=label).inc()
+            metrics.ATTEMPTS.labels(outcome=outcome.kind.value, domain=label).inc()
             metrics.STATUS.labels(status_class=metrics.status_class(outcome.enhanced, outcome.code)).inc()
         return outcomes
 
@@ -130,23 +142,26 @@ class Deliverer:
         return outcome_from_reply(recipient, Reply.of(250, "2.0.0", f"Delivered to maildir as {path.name}"), "local")
 
     async def _deliver_smtp(self, job: Deliver, route: SmtpRoute, recipients: list[str]) -> list[Outcome]:
+        started = time.perf_counter()
         targets = await find_targets(self._resolver, route, self._delivery.max_mx_addresses, self._rng)
         if isinstance(targets, DnsFailure):
             reply = Reply.of(targets.code, targets.enhanced, targets.text)
-            return [outcome_from_reply(r, reply, "") for r in recipients]
+            return [timed(outcome_from_reply(r, reply, ""), time.perf_counter() - started, 0.0) for r in recipients]
         decided: dict[str, Outcome] = {}
         pending = list(recipients)
         last_failure: _HostFailure | None = None
         for target in targets:
-            pending, failure = await self._deliver_via(target, job, pending, decided)
+            pending, failure = await self._deliver_via(target, job, pending, decided, started)
             last_failure = failure or last_failure
             if not pending:
                 break
         if pending:
-            failure = last_failure or _HostFailure(Reply.of(451, "4.4.0", "No host could be tried"), "")
+            failure = last_failure or _HostFailure(Reply.of(451, "4.4.0", "No host could be tried"), "", 0)
             reply = as_deferral(failure.reply)
+            spent = time.perf_counter() - started
             for recipient in pending:
-                decided[recipient] = outcome_from_reply(recipient, reply, failure.remote)
+                decided[recipient] = timed(outcome_from_reply(recipient, reply, failure.remote, failure.port), spent,
+                                           0.0)
         return [decided[r] for r in recipients]
 
     async def _session(self, target: Target) -> SmtpSession:
@@ -160,14 +175,24 @@ class Deliverer:
         return await SmtpSession.open(target, self._settings)
 
     async def _deliver_via(self, target: Target, job: Deliver, recipients: Sequence[str],
-                           decided: dict[str, Outcome]) -> tuple[list[str], _HostFailure | None]:
-        """Send to one host. Returns the recipients it left undecided (for the next host) and why."""
+                           decided: dict[str, Outcome], started: float) -> tuple[list[str], _HostFailure | None]:
+        """Send to one host. Returns the recipients it left undecided (for the next host) and why.
+
+        Outcomes decided here carry the host's port and the time since `started` (DNS, earlier hosts, getting
+        this session) as connect_seconds, and the time of their transaction as transfer_seconds."""
         chunk_size = self._delivery.max_recipients_per_transaction
         chunks = [list(recipients[i:i + chunk_size]) for i in range(0, len(recipients), chunk_size)]
         try:
             session = await self._session(target)
         except HostUnavailable as exc:
-            return list(recipients), _HostFailure(exc.reply, exc.remote)
+            return list(recipients), _HostFailure(exc.reply, exc.remote, target.port)
+        connected = time.perf_counter()
+        setup = connected - started
+
+        def decide(recipient: str, reply: Reply, transfer: float = 0.0) -> None:
+            decided[recipient] = timed(outcome_from_reply(recipient, reply, session.remote, target.port), setup,
+                                       transfer)
+
         for index, chunk in enumerate(chunks):
             undecided = [r for chunk_rest in chunks[index:] for r in chunk_rest]
             limit = session.capabilities.size_limit
@@ -176,7 +201,7 @@ class Deliverer:
                 reply = Reply.of(552, "5.3.4", f"Message size {len(job.body)} exceeds the limit of {limit} "
                                                f"bytes of {session.remote}")
                 for recipient in undecided:
-                    decided[recipient] = outcome_from_reply(recipient, reply, session.remote)
+                    decide(recipient, reply)
                 self._cache.give_back(session)
                 return [], None
             if not session.capabilities.smtputf8:
@@ -184,18 +209,20 @@ class Deliverer:
                 if not chunk:
                     continue
                 undecided = [*chunk, *(r for later in chunks[index + 1:] for r in later)]
+            sending = time.perf_counter()
             try:
                 result = await self._transaction(session, target, job, chunk)
             except HostUnavailable as exc:
-                return undecided, _HostFailure(exc.reply, exc.remote)
+                return undecided, _HostFailure(exc.reply, exc.remote, target.port)
             session = result[0]
             replies = result[1].replies
             if result[1].all_recipients_deferred:
                 # Every RCPT got 4xx: this host is not taking mail now; the next one may.
                 self._cache.give_back(session)
-                return undecided, _HostFailure(replies[chunk[-1]], session.remote)
+                return undecided, _HostFailure(replies[chunk[-1]], session.remote, target.port)
+            transfer = time.perf_counter() - sending
             for recipient in chunk:
-                decided[recipient] = outcome_from_reply(recipient, replies[recipient], session.remote)
+                decide(recipient, replies[recipient], transfer)
         self._cache.give_back(session)
         return [], None
 

@@ -38,6 +38,7 @@ from cluster.bus.schemas import (
     Heartbeat,
     HeartbeatAck,
     Outcome,
+    OutcomeKind,
     Result,
     recipient_problem,
     sender_problem,
@@ -248,13 +249,14 @@ def envelope_refusals(job: Deliver) -> list[Outcome]:
     (the bus checks Injects, but a spool may hold older mail): all of them for a bad sender."""
     problem = sender_problem(job.sender)
     if problem is not None:
-        return [Outcome(recipient=r, status="failed", code=553, enhanced="5.1.7", text=problem)
+        return [Outcome(recipient=r, kind=OutcomeKind.FAILED, code=553, enhanced="5.1.7", text=problem)
                 for r in job.recipients]
     refused = []
     for recipient in job.recipients:
         problem = recipient_problem(recipient)
         if problem is not None:
-            refused.append(Outcome(recipient=recipient, status="failed", code=553, enhanced="5.1.3", text=problem))
+            refused.append(Outcome(recipient=recipient, kind=OutcomeKind.FAILED, code=553, enhanced="5.1.3",
+                                   text=problem))
     return refused
 
 
@@ -270,8 +272,8 @@ def internal_error_outcomes(job: Deliver, error: Exception) -> list[Outcome]:
               job.attempt, error, "failing its recipients (554 5.3.0)" if final else "deferring (451 4.3.0)",
               exc_info=final)
     if final:
-        return [Outcome(recipient=r, status="failed", code=554, enhanced="5.3.0",
+        return [Outcome(recipient=r, kind=OutcomeKind.FAILED, code=554, enhanced="5.3.0",
                         text=f"Internal error in the delivery worker on {job.attempt} attempts; giving up")
                 for r in job.recipients]
-    return [Outcome(recipient=r, status="deferred", code=451, enhanced="4.3.0",
+    return [Outcome(recipient=r, kind=OutcomeKind.DEFERRED, code=451, enhanced="4.3.0",
                     text="Internal error in the delivery worker") for r in job.recipients]

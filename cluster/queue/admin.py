@@ -9,7 +9,8 @@
     delete  {queue_id}                                         -> {"queue_id", "deleted": n}  no DSN
     bounce  {queue_id}                                         -> {"queue_id", "bounced": n}  5.0.0 + DSN
 where message = {"queue_id", "sender", "arrival", "size", "recipients": [{"address", "state", "attempts",
-"next_attempt", "last_reply", "remote"}]}.
+"next_attempt", "last"}]} and last = None or the typed last outcome {"kind", "code", "enhanced", "text",
+"remote"} (records.py: LastOutcome).
 
 Every change goes through the ledger (ledger.py): decided under the message's lock from its state at that
 moment, written to the spool, and only then answered, so admin operations are safe against each other and
@@ -26,14 +27,15 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster.bus.ring import domain_key
+from cluster.bus.schemas import OutcomeKind
 from cluster.queue.ledger import Applied, Change, Event, Ledger, copy_recipient
-from cluster.queue.records import PENDING_STATES, Message, State
+from cluster.queue.records import PENDING_STATES, LastOutcome, Message, State
 from cluster.queue.scheduler import Scheduler
 from cluster.queue.spoolio import SpoolIO
 
 DEFAULT_LIST_LIMIT = 10_000
-ADMIN_BOUNCE_REPLY = "550 5.0.0 Message deleted and returned by the queue administrator"
-ADMIN_DELETE_REPLY = "deleted by the queue administrator"
+ADMIN_BOUNCE = LastOutcome(OutcomeKind.FAILED, 550, "5.0.0", "Message deleted and returned by the queue administrator")
+ADMIN_DELETE = LastOutcome(OutcomeKind.FAILED, 0, "", "deleted by the queue administrator")
 # Messages per ledger transaction in a flush; the chunks are committed together through group commit.
 FLUSH_CHUNK = 1000
 
@@ -52,7 +54,7 @@ def describe(message: Message) -> dict[str, Any]:
     return {
         "queue_id": message.queue_id, "sender": message.sender, "arrival": message.arrival, "size": message.size,
         "recipients": [{"address": r.address, "state": r.state.value, "attempts": r.attempts,
-                        "next_attempt": r.next_attempt, "last_reply": r.last_reply, "remote": r.remote}
+                        "next_attempt": r.next_attempt, "last": None if r.last is None else r.last.as_dict()}
                        for r in message.recipients],
     }
 
@@ -176,7 +178,7 @@ class AdminOps:
     async def _delete(self, args: dict[str, Any]) -> dict[str, Any]:
         def decide(message: Message) -> list[Change]:
             self._drop_jobs(message)
-            return [Change(copy_recipient(r, State.FAILED, last_reply=ADMIN_DELETE_REPLY), PENDING, Event.DELETED)
+            return [Change(copy_recipient(r, State.FAILED, last=ADMIN_DELETE), PENDING, Event.DELETED)
                     for r in message.recipients if not r.state.done]
 
         queue_id, deleted = await self._change_one(args, decide)
@@ -185,7 +187,7 @@ class AdminOps:
     async def _bounce(self, args: dict[str, Any]) -> dict[str, Any]:
         def decide(message: Message) -> list[Change]:
             self._drop_jobs(message)
-            return [Change(copy_recipient(r, State.FAILED, last_reply=ADMIN_BOUNCE_REPLY), PENDING, Event.BOUNCED,
+            return [Change(copy_recipient(r, State.FAILED, last=ADMIN_BOUNCE), PENDING, Event.BOUNCED,
                            bounce=True)
                     for r in message.recipients if not r.state.done]
 

@@ -51,13 +51,12 @@ class BounceMaker:
         self._spawn = spawn
         self._delay_checks: list[tuple[float, str]] = []
 
-    def build(self, message: Message, recipients: list[Recipient], headers: bytes, now: float, action: str,
-              status: str = "") -> tuple[Message, bytes] | None:
+    def build(self, message: Message, recipients: list[Recipient], headers: bytes, now: float,
+              action: str) -> tuple[Message, bytes] | None:
         """A DSN about `recipients` of `message`, as a new spool message and its body; None for a null sender."""
         if not message.sender or not recipients:
             return None
-        reports = [RecipientReport(r.address, action, r.last_reply, r.remote, now if r.attempts else 0.0, status)
-                   for r in recipients]
+        reports = [RecipientReport(r.address, action, r.last, now if r.attempts else 0.0) for r in recipients]
         body = build_dsn(reporting_mta=self.config.smtp.hostname, queue_id=message.queue_id,
                          original_sender=message.sender, arrival=message.arrival, reports=reports,
                          original_headers=headers, now=now,

@@ -21,7 +21,8 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
-_REPLY = re.compile(r"^(?P<code>[245]\d\d)(?:[ -](?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?\b\s*(?P<text>.*)$", re.S)
+from cluster.queue.records import LastOutcome
+
 _REMOTE_HOST = re.compile(r"^(?P<host>[^\[\s]+)")
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -30,21 +31,25 @@ MAX_HEADER_BYTES = 64 * 1024
 class RecipientReport:
     address: str
     action: str  # "failed" or "delayed"
-    last_reply: str  # "550 5.1.1 the remote server's words" as the shard stored it
-    remote: str  # "mx.example.net[192.0.2.1]" or ""
+    last: LastOutcome | None  # what last happened to it (typed: kind, code, enhanced, text, remote); None if nothing
     last_attempt: float  # 0 when never tried
-    status: str = ""  # overrides the status taken from last_reply (e.g. "5.0.0" for an admin bounce)
+
+    @property
+    def remote(self) -> str:
+        return self.last.remote if self.last is not None else ""
+
+    @property
+    def reply(self) -> str:
+        return self.last.reply if self.last is not None else ""
 
 
 def status_of(report: RecipientReport) -> str:
-    """RFC 3464 2.3.4 Status: the enhanced code of the reply, or a generic one for its class."""
-    if report.status:
-        return report.status
-    match = _REPLY.match(report.last_reply)
-    if match and match.group("enhanced"):
-        return match.group("enhanced")
-    if match:
-        return f"{match.group('code')[0]}.0.0"
+    """RFC 3464 2.3.4 Status: the enhanced status of the last outcome, or a generic one for its reply class."""
+    last = report.last
+    if last is not None and last.enhanced:
+        return last.enhanced
+    if last is not None and last.code // 100 in (2, 4, 5):
+        return f"{last.code // 100}.0.0"
     return "5.0.0" if report.action == "failed" else "4.0.0"
 
 
@@ -100,7 +105,7 @@ def build_dsn(*, reporting_mta: str, queue_id: str, original_sender: str, arriva
     lines.append("")
     for r in reports:
         where = f" (remote host {r.remote})" if r.remote else ""
-        lines.append(f"<{r.address}>{where}: {r.last_reply or 'no reply'}")
+        lines.append(f"<{r.address}>{where}: {r.reply or 'no reply'}")
     report.attach(_text("\r\n".join(lines) + "\r\n", "plain"))
 
     per_message = [("Reporting-MTA", f"dns; {reporting_mta}"), ("X-Queue-ID", queue_id),
@@ -111,10 +116,10 @@ def build_dsn(*, reporting_mta: str, queue_id: str, original_sender: str, arriva
         host = _REMOTE_HOST.match(r.remote)
         if host:
             pairs.append(("Remote-MTA", f"dns; {host.group('host')}"))
-        if r.last_reply:
+        if r.reply:
             # RFC 3464 2.3.6: "smtp" when the words come from an SMTP server, else our own diagnostic type.
             kind = "smtp" if r.remote else "X-mtacluster"
-            pairs.append(("Diagnostic-Code", f"{kind}; {r.last_reply}"))
+            pairs.append(("Diagnostic-Code", f"{kind}; {r.reply}"))
         if r.last_attempt:
             pairs.append(("Last-Attempt-Date", _date(r.last_attempt)))
         if delayed and will_retry_until:

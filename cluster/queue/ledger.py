@@ -26,9 +26,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
+from cluster.bus.schemas import Outcome
 from cluster.queue import metrics
 from cluster.queue.bounces import BounceMaker
-from cluster.queue.records import Message, Recipient, RecipientUpdate, State
+from cluster.queue.records import LastOutcome, Message, Recipient, RecipientUpdate, State
 from cluster.queue.scheduler import Scheduler
 from cluster.queue.spool import Batch, SpoolError
 from cluster.queue.spoolio import SpoolIO
@@ -63,6 +64,8 @@ class Change:
     event: Event
     # Report this recipient in a DSN to the sender when it fails (never for a null sender).
     bounce: bool = False
+    # The worker's outcome behind the change (for the log line: relay, port, timings); None for admin changes.
+    outcome: Outcome | None = None
 
 
 @dataclass
@@ -159,7 +162,7 @@ class Ledger:
 
     def _follow(self, message: Message, change: Change) -> None:
         live, new = message.recipients[change.new.index], change.new
-        live.attempts, live.last_reply, live.remote = new.attempts, new.last_reply, new.remote
+        live.attempts, live.last = new.attempts, new.last
         self.scheduler.set_state(message, live, new.state, new.next_attempt)
         completed = COMPLETED_AS.get(change.event)
         if completed is not None:
@@ -176,9 +179,8 @@ class Ledger:
 
 
 def copy_recipient(recipient: Recipient, state: State, *, attempts: int | None = None, next_attempt: float = 0.0,
-                   last_reply: str | None = None, remote: str | None = None) -> Recipient:
+                   last: LastOutcome | None = None) -> Recipient:
     """A copy of `recipient` in `state`, other fields kept unless given."""
     return Recipient(recipient.index, recipient.address, state,
                      recipient.attempts if attempts is None else attempts, next_attempt,
-                     recipient.last_reply if last_reply is None else last_reply,
-                     recipient.remote if remote is None else remote)
+                     recipient.last if last is None else last)

@@ -92,7 +92,7 @@ class MemorySpool:
             return
         recipient = message.recipients[update.index]
         recipient.state, recipient.attempts, recipient.next_attempt = update.state, update.attempts, update.next_attempt
-        recipient.last_reply, recipient.remote = update.last_reply, update.remote
+        recipient.last = update.last
 
     def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
         self._check_open()

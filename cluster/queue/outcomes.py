@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from cluster.bus.schemas import Outcome
+from cluster.bus.schemas import Outcome, OutcomeKind
 from cluster.queue.ledger import Change, Event, Ledger, copy_recipient
-from cluster.queue.records import Message, Recipient, State
+from cluster.queue.records import LastOutcome, Message, Recipient, State
 from cluster.queue.retry import EXPIRED_STATUS, RetrySchedule
 from cluster.queue.scheduler import Job, Scheduler
 from cluster.queue.spool import SpoolError
@@ -46,7 +46,8 @@ class OutcomeRecorder:
         for index in job.indices:
             recipient = message.recipients[index]
             outcome = reported.get(recipient.address.lower()) or Outcome(
-                recipient.address, "deferred", 451, "4.4.0", "the worker returned no outcome for this recipient")
+                recipient.address, OutcomeKind.DEFERRED, 451, "4.4.0",
+                "the worker returned no outcome for this recipient")
             changes.append(self.decide(message, recipient, outcome, now))
         connection_trouble = all(
             change.new.state is State.DEFERRED and _connection_level(reported.get(change.new.address.lower()))
@@ -62,22 +63,24 @@ class OutcomeRecorder:
             log.error("shard %d: cannot record outcomes of %s: %s", self.index, queue_id, exc)
 
     def decide(self, message: Message, recipient: Recipient, outcome: Outcome, now: float) -> Change:
-        """The recipient's next state after an outcome."""
-        reply = f"{outcome.code} {outcome.enhanced} {outcome.text}".strip()
+        """The recipient's next state after an outcome (the typed outcome is kept as it came)."""
         attempts = recipient.attempts + 1
-        if outcome.status == "delivered":
-            return Change(copy_recipient(recipient, State.DELIVERED, attempts=attempts, last_reply=reply,
-                                         remote=outcome.remote), IN_FLIGHT, Event.SENT)
-        if outcome.status == "failed":
-            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last_reply=reply,
-                                         remote=outcome.remote), IN_FLIGHT, Event.BOUNCED, bounce=True)
+        last = LastOutcome.of(outcome)
+        if outcome.kind is OutcomeKind.DELIVERED:
+            return Change(copy_recipient(recipient, State.DELIVERED, attempts=attempts, last=last), IN_FLIGHT,
+                          Event.SENT, outcome=outcome)
+        if outcome.kind is OutcomeKind.FAILED:
+            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last=last), IN_FLIGHT,
+                          Event.BOUNCED, bounce=True, outcome=outcome)
         decision = self.retry.after_deferral(attempts, message.arrival, now)
         if decision.give_up:
-            expired = f"{outcome.code} {EXPIRED_STATUS} delivery time expired; last error: {reply}"
-            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last_reply=expired,
-                                         remote=outcome.remote), IN_FLIGHT, Event.EXPIRED, bounce=True)
+            # RFC 3463 4.4.7: delivery time expired; the last error stays readable in the text.
+            expired = LastOutcome(OutcomeKind.EXPIRED, outcome.code, EXPIRED_STATUS,
+                                  f"delivery time expired; last error: {last.reply}", outcome.remote)
+            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last=expired), IN_FLIGHT,
+                          Event.EXPIRED, bounce=True, outcome=outcome)
         return Change(copy_recipient(recipient, State.DEFERRED, attempts=attempts, next_attempt=decision.next_attempt,
-                                     last_reply=reply, remote=outcome.remote), IN_FLIGHT, Event.DEFERRED)
+                                     last=last), IN_FLIGHT, Event.DEFERRED, outcome=outcome)
 
 
 def _connection_level(outcome: Outcome | None) -> bool:

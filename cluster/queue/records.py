@@ -7,6 +7,8 @@ A message is stored once with its body; each recipient has its own state:
     any pending state <-> held                          (admin hold / release)
 
 A message leaves the spool when every recipient is done. Queue ids are short, unique and sort by arrival time.
+What last happened to a recipient is a typed `LastOutcome` (kind, reply code, enhanced status, text, remote
+host), stored field by field and shown as it is: never a string that is parsed back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from cluster.bus.ring import domain_key
+from cluster.bus.schemas import Outcome, OutcomeKind
 
 
 class State(enum.StrEnum):
@@ -34,6 +37,32 @@ class State(enum.StrEnum):
 PENDING_STATES = (State.READY, State.DEFERRED, State.IN_FLIGHT, State.HELD)
 
 
+@dataclass(frozen=True)
+class LastOutcome:
+    """What last happened to a recipient: the worker's typed outcome, the shard's expiry, or an admin action.
+
+    code is 0 and enhanced "" when no SMTP reply was involved (an admin delete)."""
+
+    kind: OutcomeKind
+    code: int
+    enhanced: str
+    text: str
+    remote: str = ""
+
+    @staticmethod
+    def of(outcome: Outcome) -> LastOutcome:
+        return LastOutcome(outcome.kind, outcome.code, outcome.enhanced, outcome.text, outcome.remote)
+
+    @property
+    def reply(self) -> str:
+        """The reply as an SMTP server would say it ("550 5.1.1 no such user"), for people to read."""
+        return " ".join(str(part) for part in (self.code or "", self.enhanced, self.text) if part)
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {"kind": self.kind.value, "code": self.code, "enhanced": self.enhanced, "text": self.text,
+                "remote": self.remote}
+
+
 @dataclass
 class Recipient:
     index: int
@@ -41,12 +70,15 @@ class Recipient:
     state: State = State.READY
     attempts: int = 0
     next_attempt: float = 0.0
-    last_reply: str = ""
-    remote: str = ""
+    last: LastOutcome | None = None
     domain: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         self.domain = recipient_domain(self.address)
+
+    @property
+    def remote(self) -> str:
+        return self.last.remote if self.last is not None else ""
 
 
 @dataclass
@@ -76,13 +108,12 @@ class RecipientUpdate:
     state: State
     attempts: int
     next_attempt: float
-    last_reply: str
-    remote: str
+    last: LastOutcome | None
 
     @staticmethod
     def of(queue_id: str, recipient: Recipient) -> RecipientUpdate:
         return RecipientUpdate(queue_id, recipient.index, recipient.state, recipient.attempts,
-                               recipient.next_attempt, recipient.last_reply, recipient.remote)
+                               recipient.next_attempt, recipient.last)
 
 
 def recipient_domain(address: str) -> str:

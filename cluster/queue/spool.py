@@ -14,6 +14,10 @@ SQLite runs in WAL mode with synchronous=FULL: a commit appends to the write-ahe
 fsync makes a whole batch durable (group commit), and a crash at any point leaves the last committed state.
 Each message row carries a checksum of its immutable parts (sender, arrival, body, recipient addresses);
 a mismatch on load means the record is damaged and it is quarantined.
+
+A recipient's last outcome is stored field by field (kind, code, enhanced, reply_text, remote). Spools written
+before those columns existed kept it as one `last_reply` string: `open()` adds the columns, and `load()` reads
+such an old row's string once (`legacy_outcome`) and the row is written typed at its next change.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +35,8 @@ from typing import Protocol
 
 import msgpack
 
-from cluster.queue.records import Message, Recipient, RecipientUpdate, State
+from cluster.bus.schemas import OutcomeKind
+from cluster.queue.records import LastOutcome, Message, Recipient, RecipientUpdate, State
 
 
 class SpoolError(OSError):
@@ -111,9 +117,43 @@ CREATE TABLE IF NOT EXISTS recipients (
     next_attempt REAL NOT NULL DEFAULT 0,
     last_reply TEXT NOT NULL DEFAULT '',
     remote TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',
+    code INTEGER NOT NULL DEFAULT 0,
+    enhanced TEXT NOT NULL DEFAULT '',
+    reply_text TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (queue_id, idx)
 ) WITHOUT ROWID;
 """
+# Columns added since the first release, with their definitions (added by `open` to an older spool).
+_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT ''", "code": "INTEGER NOT NULL DEFAULT 0",
+                  "enhanced": "TEXT NOT NULL DEFAULT ''", "reply_text": "TEXT NOT NULL DEFAULT ''"}
+_LEGACY_REPLY = re.compile(r"^(?P<code>[245]\d\d)(?:[ -](?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?\b\s*(?P<text>.*)$",
+                           re.S)
+_KINDS = {k.value for k in OutcomeKind}
+RecipientRow = tuple[int, str, str, int, float, str, str, str, int, str, str]
+
+
+def _last_columns(last: LastOutcome | None) -> tuple[str, int, str, str, str]:
+    """(kind, code, enhanced, reply_text, remote) of a last outcome, all empty for none."""
+    if last is None:
+        return "", 0, "", "", ""
+    return last.kind.value, last.code, last.enhanced, last.text, last.remote
+
+
+def legacy_outcome(state: State, last_reply: str, remote: str) -> LastOutcome | None:
+    """The typed outcome of a row written before the typed columns existed ("550 5.1.1 words" in one string)."""
+    if not last_reply:
+        return None
+    match = _LEGACY_REPLY.match(last_reply)
+    code, enhanced, text = (int(match["code"]), match["enhanced"] or "", match["text"]) if match else \
+        (0, "", last_reply)
+    if state is State.DELIVERED:
+        kind = OutcomeKind.DELIVERED
+    elif state is State.FAILED:
+        kind = OutcomeKind.EXPIRED if enhanced == "4.4.7" else OutcomeKind.FAILED
+    else:
+        kind = OutcomeKind.DEFERRED
+    return LastOutcome(kind, code, enhanced, text, remote)
 
 
 def checksum(sender: str, arrival: float, body: bytes, addresses: Iterable[str]) -> str:
@@ -148,6 +188,10 @@ class SqliteSpool:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(recipients)")}
+            for name, definition in _ADDED_COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE recipients ADD COLUMN {name} {definition}")
         except (OSError, sqlite3.Error) as exc:
             self._release_lock()
             raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from None
@@ -176,10 +220,10 @@ class SqliteSpool:
 
     def load(self) -> LoadResult:
         db = self.db
-        rows: dict[str, list[tuple[int, str, str, int, float, str, str]]] = {}
+        rows: dict[str, list[RecipientRow]] = {}
         for queue_id, *rest in db.execute(
-                "SELECT queue_id, idx, address, state, attempts, next_attempt, last_reply, remote FROM recipients "
-                "ORDER BY queue_id, idx"):
+                "SELECT queue_id, idx, address, state, attempts, next_attempt, last_reply, remote, kind, code, "
+                "enhanced, reply_text FROM recipients ORDER BY queue_id, idx"):
             rows.setdefault(queue_id, []).append(tuple(rest))
         messages: list[Message] = []
         damaged: list[tuple[str, str]] = []
@@ -190,8 +234,10 @@ class SqliteSpool:
             if problem:
                 damaged.append((queue_id, problem))
                 continue
-            recipients = [Recipient(idx, address, State(state), attempts, float(next_attempt), last_reply, remote)
-                          for idx, address, state, attempts, next_attempt, last_reply, remote in rows[queue_id]]
+            recipients = [Recipient(idx, address, State(state), attempts, float(next_attempt),
+                                    _last_of(State(state), last_reply, remote, kind, code, enhanced, reply_text))
+                          for idx, address, state, attempts, next_attempt, last_reply, remote, kind, code, enhanced,
+                          reply_text in rows[queue_id]]
             try:
                 client_facts = json.loads(client)
             except ValueError:
@@ -220,14 +266,14 @@ class SqliteSpool:
                          int(message.warned), message.forward_shard,
                          checksum(message.sender, message.arrival, body, addresses), body))
                     db.executemany(
-                        "INSERT INTO recipients (queue_id, idx, address, state, attempts, next_attempt, last_reply,"
-                        " remote) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO recipients (queue_id, idx, address, state, attempts, next_attempt, kind, code,"
+                        " enhanced, reply_text, remote) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [(message.queue_id, r.index, r.address, r.state.value, r.attempts, r.next_attempt,
-                          r.last_reply, r.remote) for r in message.recipients])
+                          *_last_columns(r.last)) for r in message.recipients])
                 db.executemany(
-                    "UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?, remote=? "
-                    "WHERE queue_id=? AND idx=?",
-                    [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.remote, u.queue_id, u.index)
+                    "UPDATE recipients SET state=?, attempts=?, next_attempt=?, kind=?, code=?, enhanced=?, "
+                    "reply_text=?, remote=?, last_reply='' WHERE queue_id=? AND idx=?",
+                    [(u.state.value, u.attempts, u.next_attempt, *_last_columns(u.last), u.queue_id, u.index)
                      for u in batch.updates])
                 db.executemany("UPDATE messages SET warned=?, forward_shard=? WHERE queue_id=?",
                                [(int(w), f, q) for q, (w, f) in batch.flags.items()])
@@ -291,8 +337,15 @@ class SqliteSpool:
         return stats.f_bavail * stats.f_frsize
 
 
+def _last_of(state: State, last_reply: str, remote: str, kind: str, code: int, enhanced: str,
+             reply_text: str) -> LastOutcome | None:
+    if kind:
+        return LastOutcome(OutcomeKind(kind), code, enhanced, reply_text, remote)
+    return legacy_outcome(state, last_reply, remote)
+
+
 def _check_message(queue_id: object, sender: object, arrival: object, body: object, stored_sum: object,
-                   recipients: list[tuple[int, str, str, int, float, str, str]]) -> str:
+                   recipients: list[RecipientRow]) -> str:
     """Why a stored record cannot be trusted, or "" when it is sound."""
     if not isinstance(queue_id, str) or not isinstance(sender, str) or not isinstance(arrival, int | float):
         return "message columns have the wrong types"
@@ -303,10 +356,13 @@ def _check_message(queue_id: object, sender: object, arrival: object, body: obje
     if [r[0] for r in recipients] != list(range(len(recipients))):
         return "recipient rows are missing"
     states = {s.value for s in State}
-    for _, address, state, attempts, next_attempt, _, _ in recipients:
+    for _, address, state, attempts, next_attempt, last_reply, remote, kind, code, enhanced, text in recipients:
         if not isinstance(address, str) or state not in states or not isinstance(attempts, int) \
                 or not isinstance(next_attempt, int | float):
             return "recipient row has bad values"
+        if (kind and kind not in _KINDS) or not isinstance(code, int) \
+                or not all(isinstance(v, str) for v in (last_reply, remote, enhanced, text)):
+            return "recipient row has a bad last outcome"
     if checksum(sender, float(arrival), body, [r[1] for r in recipients]) != stored_sum:
         return "checksum mismatch"
     return ""

@@ -270,7 +270,8 @@ def test_servfail_defers_and_queue_commands_steer_it(tmp_path: Path, world: Worl
             return [m for m in listing if any(r["state"] == "deferred" for r in m["recipients"])]
 
         (message,) = wait_for(deferred, 20, "the SERVFAIL message to be deferred")
-        assert "4.4.3" in message["recipients"][0]["last_reply"]
+        last = message["recipients"][0]["last"]
+        assert (last["kind"], last["code"], last["enhanced"]) == ("deferred", 451, "4.4.3")
         queue_id = message["queue_id"]
         shown = queue_command(cluster, "show", queue_id)
         assert marker in json.dumps(shown)

@@ -90,39 +90,39 @@ def make_deliverer(config: Config) -> Deliverer:
 
 
 def statuses(outcomes: list[Outcome]) -> list[tuple[str, int, str]]:
-    return [(o.status, o.code, o.enhanced) for o in outcomes]
+    return [(o.kind, o.code, o.enhanced) for o in outcomes]
 
 
 async def test_primary_down_backup_takes_it_in_the_same_attempt(peers: Peers) -> None:
     (outcome,) = await deliver(peers.config(), "user@backup.test")
-    assert outcome.status == "delivered", outcome
+    assert outcome.kind == "delivered", outcome
     assert outcome.remote == "mx2.backup.test[127.0.0.12]"
 
 
 async def test_primary_421_on_rcpt_goes_to_backup(peers: Peers) -> None:
     (outcome,) = await deliver(peers.config(), "user@q421.test")
-    assert outcome.status == "delivered", outcome
+    assert outcome.kind == "delivered", outcome
     assert outcome.remote == "mx2.backup.test[127.0.0.12]"
 
 
 async def test_without_backup_the_hosts_own_words_are_reported(peers: Peers) -> None:
     (closing,) = await deliver(peers.config(), "user@only421.test")
-    assert (closing.status, closing.code, closing.remote) == ("deferred", 421, "quits.test[127.0.0.13]"), closing
+    assert (closing.kind, closing.code, closing.remote) == ("deferred", 421, "quits.test[127.0.0.13]"), closing
     assert "lost connection" not in closing.text
     (soft,) = await deliver(peers.config(), "user@onlysoft.test")
-    assert (soft.status, soft.remote) == ("deferred", "softrcpt.test[127.0.0.14]"), soft
+    assert (soft.kind, soft.remote) == ("deferred", "softrcpt.test[127.0.0.14]"), soft
     assert (soft.code, soft.enhanced, soft.text) == (450, "4.3.0", "Error: command failed")  # smtp-sink's words
 
 
 async def test_primary_4xx_to_every_rcpt_goes_to_backup(peers: Peers) -> None:
     outcomes = await deliver(peers.config(), "a@soft.test", "b@soft.test")
-    assert [o.status for o in outcomes] == ["delivered", "delivered"], outcomes
+    assert [o.kind for o in outcomes] == ["delivered", "delivered"], outcomes
     assert {o.remote for o in outcomes} == {"mx2.backup.test[127.0.0.12]"}
 
 
 async def test_all_hosts_down_defers_with_the_last_hosts_words(peers: Peers) -> None:
     (outcome,) = await deliver(peers.config(), "user@alldown.test")
-    assert outcome.status == "deferred" and outcome.code == 451, outcome
+    assert outcome.kind == "deferred" and outcome.code == 451, outcome
     assert outcome.remote == "down2.test[127.0.0.22]"
     assert "refused" in outcome.text.lower()
 
@@ -134,7 +134,7 @@ async def test_null_mx_fails_at_once(peers: Peers) -> None:
 
 async def test_no_mx_but_an_address_is_delivered_to_it(peers: Peers) -> None:
     (outcome,) = await deliver(peers.config(), "user@amx.test")
-    assert outcome.status == "delivered" and outcome.remote == "amx.test[127.0.0.23]", outcome
+    assert outcome.kind == "delivered" and outcome.remote == "amx.test[127.0.0.23]", outcome
     messages = await asyncio.to_thread(peers.sinks["amx.test"].wait_for_messages, 1)
     assert messages[-1].recipients == ["user@amx.test"]
 
@@ -160,24 +160,24 @@ async def test_transports_bracketed_host_and_error(peers: Peers) -> None:
         ".blocked.example": "error:5.7.1 Mail to this domain is not allowed",
     })
     outcomes = await deliver(config, "x@routed.example")
-    assert outcomes[0].status == "delivered" and outcomes[0].remote == "127.0.0.9[127.0.0.9]", outcomes
+    assert outcomes[0].kind == "delivered" and outcomes[0].remote == "127.0.0.9[127.0.0.9]", outcomes
     messages = await asyncio.to_thread(peers.sinks["direct.test"].wait_for_messages, 1)
     assert "x@routed.example" in messages[-1].recipients
     (blocked,) = await deliver(config, "y@sub.blocked.example")
-    assert (blocked.status, blocked.code, blocked.enhanced, blocked.text) == (
+    assert (blocked.kind, blocked.code, blocked.enhanced, blocked.text) == (
         "failed", 550, "5.7.1", "Mail to this domain is not allowed")
 
 
 async def test_transport_mx_lookup_of_a_relay_host(peers: Peers) -> None:
     config = peers.config(transports={"elsewhere.example": f"smtp:backup.test:{peers.port}"})
     (outcome,) = await deliver(config, "z@elsewhere.example")
-    assert outcome.status == "delivered" and outcome.remote == "mx2.backup.test[127.0.0.12]", outcome
+    assert outcome.kind == "delivered" and outcome.remote == "mx2.backup.test[127.0.0.12]", outcome
 
 
 async def test_smarthost_takes_everything_without_dns(peers: Peers) -> None:
     config = peers.config(smarthost=f"127.0.0.23:{peers.port}", nameservers=["127.0.0.1:9"])
     (outcome,) = await deliver(config, "user@anything.invalid")
-    assert outcome.status == "delivered" and outcome.remote == "127.0.0.23[127.0.0.23]", outcome
+    assert outcome.kind == "delivered" and outcome.remote == "127.0.0.23[127.0.0.23]", outcome
 
 
 async def test_connections_are_reused_across_jobs(peers: Peers) -> None:
@@ -186,7 +186,7 @@ async def test_connections_are_reused_across_jobs(peers: Peers) -> None:
         for _ in range(3):
             job = Deliver(job_id="j", queue_id="q", sender="s@origin.test", recipients=["r@amx.test"],
                           domain="amx.test", body=BODY, attempt=1)
-            assert [o.status for o in await deliverer.deliver(job)] == ["delivered"]
+            assert [o.kind for o in await deliverer.deliver(job)] == ["delivered"]
     finally:
         deliverer.cache.close_all()
     assert deliverer.connections_opened == 1
@@ -198,7 +198,7 @@ async def test_recipients_are_split_into_transactions(peers: Peers) -> None:
     before = len(sink.messages())
     recipients = [f"split{i}@amx.test" for i in range(5)]
     outcomes = await deliver(config, *recipients)
-    assert [o.status for o in outcomes] == ["delivered"] * 5
+    assert [o.kind for o in outcomes] == ["delivered"] * 5
     messages = await asyncio.to_thread(sink.wait_for_messages, before + 3)
     split = [m.recipients for m in messages if any(r.startswith("split") for r in m.recipients)]
     assert sorted(len(r) for r in split) == [1, 2, 2]

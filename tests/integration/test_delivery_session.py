@@ -183,7 +183,7 @@ async def test_one_of_three_recipients_refused_others_delivered(servers: list[Sc
                                          "250 2.1.5 ok"))
     deliverer = smarthost(server)
     outcomes = await run(deliverer, "a@d.test", "bad@d.test", "c@d.test")
-    assert [(o.status, o.code, o.enhanced) for o in outcomes] == [
+    assert [(o.kind, o.code, o.enhanced) for o in outcomes] == [
         ("delivered", 250, "2.0.0"), ("failed", 550, "5.1.1"), ("delivered", 250, "2.0.0")]
     assert outcomes[1].text == "no such user"
     assert outcomes[1].remote == "127.0.0.1[127.0.0.1]"
@@ -197,35 +197,35 @@ async def test_4xx_for_some_recipients_defers_only_those(servers: list[ScriptedS
     server = await serve(servers, Script(rcpt=lambda a: "452 4.2.2 mailbox full" if a.startswith("full") else
                                          "250 ok"))
     outcomes = await run(smarthost(server), "full@d.test", "b@d.test")
-    assert [(o.status, o.code) for o in outcomes] == [("deferred", 452), ("delivered", 250)]
+    assert [(o.kind, o.code) for o in outcomes] == [("deferred", 452), ("delivered", 250)]
 
 
 async def test_message_over_the_servers_size_fails_without_sending(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(ehlo=["250-scripted.test", "250 SIZE 100"]))
     outcomes = await run(smarthost(server), "a@d.test", body=b"x" * 200 + b"\r\n")
-    assert [(o.status, o.code, o.enhanced) for o in outcomes] == [("failed", 552, "5.3.4")]
+    assert [(o.kind, o.code, o.enhanced) for o in outcomes] == [("failed", 552, "5.3.4")]
     assert "MAIL" not in server.commands
 
 
 async def test_mail_from_rejected_permanently_fails_every_recipient(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(mail="553 5.7.1 sender refused"))
     outcomes = await run(smarthost(server), "a@d.test", "b@d.test")
-    assert [(o.status, o.code, o.text) for o in outcomes] == [("failed", 553, "sender refused")] * 2
+    assert [(o.kind, o.code, o.text) for o in outcomes] == [("failed", 553, "sender refused")] * 2
 
 
 async def test_ehlo_refused_falls_back_to_helo(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(ehlo=["500 5.5.1 what?"]))
     outcomes = await run(smarthost(server), "a@d.test")
-    assert outcomes[0].status == "delivered"
+    assert outcomes[0].kind == "delivered"
     assert server.commands[:2] == ["EHLO", "HELO"]
 
 
 async def test_4xx_data_reply_and_final_5xx(servers: list[ScriptedServer]) -> None:
     busy = await serve(servers, Script(data="451 4.3.0 try later"))
-    assert [(o.status, o.code) for o in await run(smarthost(busy), "a@d.test")] == [("deferred", 451)]
+    assert [(o.kind, o.code) for o in await run(smarthost(busy), "a@d.test")] == [("deferred", 451)]
     refuses = await serve(servers, Script(final="554 5.6.0 content rejected"))
     outcome = (await run(smarthost(refuses), "a@d.test"))[0]
-    assert (outcome.status, outcome.code, outcome.text) == ("failed", 554, "content rejected")
+    assert (outcome.kind, outcome.code, outcome.text) == ("failed", 554, "content rejected")
 
 
 async def test_backup_used_when_primary_greets_with_4xx_or_breaks_protocol(servers: list[ScriptedServer]) -> None:
@@ -238,7 +238,7 @@ async def test_backup_used_when_primary_greets_with_4xx_or_breaks_protocol(serve
                 "primary.d.test": {"A": [primary.host]}, "backup.d.test": {"A": [good.host]}}
         deliverer = made(Deliverer(config_for(port=port), StaticMxResolver(zone), ConnectionCache(30, 100)))
         outcomes = await run(deliverer, "a@d.test")
-        assert outcomes[0].status == "delivered", outcomes
+        assert outcomes[0].kind == "delivered", outcomes
         assert outcomes[0].remote == f"backup.d.test[{good.host}]"
         assert primary.connections == 1
         deliverer.cache.close_all()
@@ -247,10 +247,10 @@ async def test_backup_used_when_primary_greets_with_4xx_or_breaks_protocol(serve
 async def test_stale_cached_connection_is_replaced_once(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(close_after_transaction=True))
     deliverer = smarthost(server)
-    assert (await run(deliverer, "a@d.test"))[0].status == "delivered"
+    assert (await run(deliverer, "a@d.test"))[0].kind == "delivered"
     # The server closed the connection after the transaction; the cache notices (or the reuse fails) and
     # a fresh connection carries the second message.
-    assert (await run(deliverer, "b@d.test"))[0].status == "delivered"
+    assert (await run(deliverer, "b@d.test"))[0].kind == "delivered"
     assert server.connections == 2
     assert len(server.messages) == 2
 
@@ -258,7 +258,7 @@ async def test_stale_cached_connection_is_replaced_once(servers: list[ScriptedSe
 async def test_malformed_reply_defers_with_a_clear_text(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(mail="250-ok\r\n550 mixed codes"))
     (outcome,) = await run(smarthost(server), "a@d.test")
-    assert outcome.status == "deferred" and outcome.code == 451
+    assert outcome.kind == "deferred" and outcome.code == 451
     assert "protocol error" in outcome.text and "550" in outcome.text
 
 
@@ -273,7 +273,7 @@ async def test_opportunistic_starttls_without_certificate_check(servers: list[Sc
     server = await serve(servers, Script(tls=server_tls(ca, "other-name.test")))
     deliverer = smarthost(server)
     (outcome,) = await run(deliverer, "a@d.test")
-    assert outcome.status == "delivered", outcome
+    assert outcome.kind == "delivered", outcome
     assert "STARTTLS" in server.commands and server.commands.count("EHLO") == 2
     deliverer.cache.close_all()
 
@@ -286,16 +286,16 @@ async def test_verified_tls_checks_the_certificate(servers: list[ScriptedServer]
     ca.configure_trust(client_context)
     trusted = made(Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100),
                              settings=SessionSettings.from_config(config.delivery, "client.test", client_context)))
-    assert (await run(trusted, "a@d.test"))[0].status == "delivered"
+    assert (await run(trusted, "a@d.test"))[0].kind == "delivered"
     trusted.cache.close_all()
     # The system trust store does not know the test CA: the host is unusable and the mail deferred.
     untrusted = made(Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100)))
     (outcome,) = await run(untrusted, "a@d.test")
-    assert (outcome.status, outcome.enhanced) == ("deferred", "4.7.5"), outcome
+    assert (outcome.kind, outcome.enhanced) == ("deferred", "4.7.5"), outcome
 
 
 async def test_verified_tls_refuses_a_server_without_starttls(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script())
     (outcome,) = await run(smarthost(server, tls="verify"), "a@d.test")
-    assert (outcome.status, outcome.enhanced) == ("deferred", "4.7.10")
+    assert (outcome.kind, outcome.enhanced) == ("deferred", "4.7.10")
     assert "MAIL" not in server.commands

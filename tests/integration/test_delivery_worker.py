@@ -118,11 +118,11 @@ async def test_jobs_are_delivered_and_results_returned(running: tuple[Worker, Fa
     result = await shard.next_of(Result)
     assert isinstance(result, Result)
     assert result.job_id == "j1" and result.worker == "worker-test"
-    assert [(o.recipient, o.status, o.code) for o in result.outcomes] == [
+    assert [(o.recipient, o.kind, o.code) for o in result.outcomes] == [
         ("a@dest.test", "delivered", 250), ("b@dest.test", "delivered", 250)], result.outcomes
     await shard.send(job("j2", "c@dest.test").encode())
     result = await shard.next_of(Result)
-    assert isinstance(result, Result) and result.outcomes[0].status == "delivered"
+    assert isinstance(result, Result) and result.outcomes[0].kind == "delivered"
     messages = await asyncio.to_thread(sink.wait_for_messages, 2)
     assert sorted(r for m in messages for r in m.recipients) == ["a@dest.test", "b@dest.test", "c@dest.test"]
     # Byte-identical body (the sink dumps LF line ends) with the leading dot un-stuffed again.
@@ -180,7 +180,7 @@ async def test_shard_restart_is_noticed_and_bad_frames_ignored(running: tuple[Wo
     assert isinstance(beat, Heartbeat) and beat.free == 3
     await shard.send(job("j3", "d@dest.test").encode())
     result = await shard.next_of(Result)
-    assert isinstance(result, Result) and result.outcomes[0].status == "delivered"
+    assert isinstance(result, Result) and result.outcomes[0].kind == "delivered"
 
 
 async def test_result_kept_while_the_shard_is_away_and_sent_when_it_returns(config: Config) -> None:
@@ -221,7 +221,7 @@ async def test_result_kept_while_the_shard_is_away_and_sent_when_it_returns(conf
         shard.epoch = "epoch-2"
         result = await shard.next_of(Result)
         assert isinstance(result, Result) and result.job_id == "kept"
-        assert (result.outcomes[0].status, result.outcomes[0].code) == ("deferred", 421)
+        assert (result.outcomes[0].kind, result.outcomes[0].code) == ("deferred", 421)
         beat = await shard.next_of(Heartbeat)
         assert isinstance(beat, Heartbeat) and beat.in_flight == [] and beat.free == 3
     finally:

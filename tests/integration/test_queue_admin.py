@@ -36,7 +36,7 @@ async def test_list_show_hold_release_survive_restart(tmp_path: Path) -> None:
         assert message["queue_id"] == stored.queue_id and message["sender"] == "a@sender.test"
         assert message["size"] == len(BODY) and message["arrival"] > 0
         assert message["recipients"][0] == {"address": "r1@h.test", "state": "ready", "attempts": 0,
-                                            "next_attempt": 0.0, "last_reply": "", "remote": ""}
+                                            "next_attempt": 0.0, "last": None}
         assert [m["queue_id"] for m in (await admin(cli, "list", domain="H.test")).data] == [stored.queue_id]
         assert (await admin(cli, "list", domain="other.test")).data == []
         shown = await admin(cli, "show", queue_id=stored.queue_id)
@@ -67,7 +67,9 @@ async def test_flush_makes_deferred_ready_now(tmp_path: Path) -> None:
         await worker.send(Result(job.job_id, "w", [Outcome("r@j.test", "deferred", 451, "4.3.0", "later")]))
         listing = await cli_wait_state(cli, stored.queue_id, "deferred")
         (recipient,) = listing[0]["recipients"]
-        assert recipient["attempts"] == 1 and recipient["last_reply"] == "451 4.3.0 later"
+        assert recipient["attempts"] == 1
+        assert recipient["last"] == {"kind": "deferred", "code": 451, "enhanced": "4.3.0", "text": "later",
+                                     "remote": ""}
         assert recipient["next_attempt"] > 0
         assert len((await admin(cli, "list", deferred_only=True)).data) == 1
         flushed = await admin(cli, "flush", domain="j.test")

@@ -17,10 +17,11 @@ from cluster.bus.schemas import (
     HeartbeatAck,
     InjectRefused,
     Outcome,
+    OutcomeKind,
     Result,
     Stored,
 )
-from cluster.queue.records import State
+from cluster.queue.records import LastOutcome, State
 from tests.support.shard import BODY, RunningShard, inject, shard_config, until
 
 pytestmark = pytest.mark.integration
@@ -49,7 +50,7 @@ async def test_inject_deliver_result_cycle(running_shard: RunningShard) -> None:
     await until(lambda: [r.state for r in message.recipients] == [State.DELIVERED, State.FAILED, State.DEFERRED],
                 what="the outcomes applied")
     deferred = message.recipients[2]
-    assert deferred.attempts == 1 and deferred.last_reply == "421 4.4.2 try later"
+    assert deferred.attempts == 1 and deferred.last == LastOutcome(OutcomeKind.DEFERRED, 421, "4.4.2", "try later")
     assert 26 <= deferred.next_attempt - time.time() <= 34  # retry_first=30 with +-10 % jitter
     # The failure of y@A.test makes a DSN from <> to the sender, whose domain this (only) shard owns.
     dsn = await worker.recv_type(Deliver)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import msgpack
 import pytest
@@ -17,6 +18,7 @@ from cluster.bus.schemas import (
     Heartbeat,
     Inject,
     Outcome,
+    OutcomeKind,
     Result,
     SchemaError,
     Stored,
@@ -116,6 +118,13 @@ def test_envelopes_the_smtp_server_accepts_pass(sender: str) -> None:
         {"recipient": "r", "status": "sent", "code": 250, "enhanced": "2.0.0", "text": ""}]},
     {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
         {"recipient": "r", "status": "delivered", "code": 550, "enhanced": "5.0.0", "text": ""}]},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": "r", "kind": "expired", "code": 451, "enhanced": "4.4.7", "text": ""}]},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": "r", "kind": "delivered", "code": 250, "enhanced": "2.0.0", "text": "", "port": -25}]},
+    {"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": "r", "kind": "delivered", "code": 250, "enhanced": "2.0.0", "text": "",
+         "transfer_seconds": "1"}]},
     {"t": "result", "job_id": "j", "worker": "w", "outcomes": "none"},
     {"t": "result", "job_id": "j", "worker": "w", "outcomes": [["r", "delivered"]]},
     {"t": "inject_refused", "req": 1, "code": 250, "enhanced": "2.0.0", "text": "ok?"},
@@ -125,6 +134,16 @@ def test_envelopes_the_smtp_server_accepts_pass(sender: str) -> None:
 def test_every_field_is_checked(payload: dict[str, object]) -> None:
     with pytest.raises(SchemaError):
         decode(msgpack.packb(payload))
+
+
+def test_typed_outcomes_round_trip_and_a_previous_worker_is_understood() -> None:
+    outcome = Outcome("r@d.test", OutcomeKind.FAILED, 550, "5.1.1", "no such user", "mx[192.0.2.1]", 25, 0.5, 0.25)
+    (decoded,) = cast(Result, decode(Result("j", "w", [outcome]).encode())).outcomes
+    assert decoded == outcome and decoded.kind is OutcomeKind.FAILED
+    old = msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {"recipient": "r@d.test", "status": "deferred", "code": 451, "enhanced": "4.4.1", "text": "busy"}]})
+    (legacy,) = cast(Result, decode(old)).outcomes
+    assert legacy.kind is OutcomeKind.DEFERRED and (legacy.code, legacy.enhanced, legacy.port) == (451, "4.4.1", 0)
 
 
 def test_odd_reply_codes_are_deferrals_and_errors_name_their_request() -> None:

@@ -45,8 +45,8 @@ async def test_local_transport_delivers_and_reports(tmp_path: Path) -> None:
     job = Deliver(job_id="j", queue_id="q", sender="s@o.test", recipients=["u1@local.test", "../x@local.test"],
                   domain="local.test", body=BODY, attempt=1)
     ok, bad = await deliverer.deliver(job)
-    assert (ok.status, ok.code, ok.remote) == ("delivered", 250, "local")
-    assert (bad.status, bad.code, bad.enhanced) == ("failed", 550, "5.1.3")
+    assert (ok.kind, ok.code, ok.remote) == ("delivered", 250, "local")
+    assert (bad.kind, bad.code, bad.enhanced) == ("failed", 550, "5.1.3")
     (path,) = (tmp_path / "u1" / "new").iterdir()
     assert path.read_bytes().endswith(BODY)
 
@@ -60,4 +60,4 @@ async def test_unwritable_root_defers(tmp_path: Path) -> None:
     job = Deliver(job_id="j", queue_id="q", sender="s@o.test", recipients=["u@local.test"], domain="local.test",
                   body=BODY, attempt=1)
     (outcome,) = await deliverer.deliver(job)
-    assert (outcome.status, outcome.code, outcome.enhanced) == ("deferred", 451, "4.3.0")
+    assert (outcome.kind, outcome.code, outcome.enhanced) == ("deferred", 451, "4.3.0")

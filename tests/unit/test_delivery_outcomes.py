@@ -14,11 +14,11 @@ from cluster.smtp.replies import Reply
 
 
 def test_reply_classes_map_to_statuses() -> None:
-    assert outcome_from_reply("a@b", Reply.of(250, "2.0.0", "ok"), "mx[1.2.3.4]").status == "delivered"
+    assert outcome_from_reply("a@b", Reply.of(250, "2.0.0", "ok"), "mx[1.2.3.4]").kind == "delivered"
     deferred = outcome_from_reply("a@b", Reply.of(451, "", "try", "later"), "mx[1.2.3.4]")
-    assert (deferred.status, deferred.enhanced, deferred.text, deferred.remote) == (
+    assert (deferred.kind, deferred.enhanced, deferred.text, deferred.remote) == (
         "deferred", "4.0.0", "try later", "mx[1.2.3.4]")
-    assert outcome_from_reply("a@b", Reply.of(550, "5.1.1", "no"), "").status == "failed"
+    assert outcome_from_reply("a@b", Reply.of(550, "5.1.1", "no"), "").kind == "failed"
 
 
 def test_unusable_host_refusal_is_reported_as_deferral() -> None:
@@ -46,8 +46,8 @@ async def test_error_transport_and_domain_labels() -> None:
     job = Deliver(job_id="j", queue_id="q", sender="s@o.test", recipients=["a@top.test", "b@rare.test"],
                   domain="top.test", body=b"x\r\n", attempt=1)
     failed, deferred = await deliverer.deliver(job)
-    assert (failed.status, failed.code, failed.enhanced, failed.text) == ("failed", 550, "5.7.1", "Not here")
-    assert (deferred.status, deferred.code, deferred.enhanced) == ("deferred", 450, "4.2.1")
+    assert (failed.kind, failed.code, failed.enhanced, failed.text) == ("failed", 550, "5.7.1", "Not here")
+    assert (deferred.kind, deferred.code, deferred.enhanced) == ("deferred", 450, "4.2.1")
     assert sample("mtacluster_delivery_attempts_total", {"outcome": "failed", "domain": "top.test"}) == before_top + 1
     assert sample("mtacluster_delivery_attempts_total", {"outcome": "deferred", "domain": "other"}) == before_other + 1
     assert sample("mtacluster_delivery_status_total", {"status_class": "5.7"}) == before_class + 1

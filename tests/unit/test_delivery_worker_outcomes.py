@@ -41,7 +41,7 @@ async def test_poison_sender_fails_every_recipient_without_trying(caplog: pytest
     deliverer = FakeDeliverer()
     with caplog.at_level(logging.WARNING):
         outcomes = await worker_with(deliverer)._outcomes(job("\x00@\x00", ["a@d.test", "b@d.test"]))
-    assert [(o.recipient, o.status, o.code, o.enhanced) for o in outcomes] == [
+    assert [(o.recipient, o.kind, o.code, o.enhanced) for o in outcomes] == [
         ("a@d.test", "failed", 553, "5.1.7"), ("b@d.test", "failed", 553, "5.1.7")]
     assert "invalid sender" in outcomes[0].text and deliverer.jobs == []
     assert len(caplog.records) == 1 and "queue_id=Q1" in caplog.text and "Traceback" not in caplog.text
@@ -50,7 +50,7 @@ async def test_poison_sender_fails_every_recipient_without_trying(caplog: pytest
 async def test_a_bad_recipient_fails_alone_and_the_others_are_delivered() -> None:
     deliverer = FakeDeliverer()
     outcomes = await worker_with(deliverer)._outcomes(job("s@a.test", ["a@d.test", "b\x00@d.test"]))
-    assert {o.recipient: (o.status, o.code, o.enhanced) for o in outcomes} == {
+    assert {o.recipient: (o.kind, o.code, o.enhanced) for o in outcomes} == {
         "a@d.test": ("delivered", 250, "2.0.0"), "b\x00@d.test": ("failed", 553, "5.1.3")}
     assert [j.recipients for j in deliverer.jobs] == [["a@d.test"]]
 
@@ -61,7 +61,7 @@ async def test_a_bug_defers_then_fails_with_one_traceback(caplog: pytest.LogCapt
     with caplog.at_level(logging.ERROR):
         for attempt in range(1, INTERNAL_ERROR_ATTEMPTS + 1):
             outcomes = await worker._outcomes(job("s@a.test", ["a@d.test"], attempt))
-            statuses.append((outcomes[0].status, outcomes[0].code, outcomes[0].enhanced))
+            statuses.append((outcomes[0].kind, outcomes[0].code, outcomes[0].enhanced))
     assert statuses == [("deferred", 451, "4.3.0")] * (INTERNAL_ERROR_ATTEMPTS - 1) + [("failed", 554, "5.3.0")]
     assert len(caplog.records) == INTERNAL_ERROR_ATTEMPTS
     assert all("queue_id=Q1" in r.getMessage() and "RuntimeError('boom')" in r.getMessage() for r in caplog.records)

@@ -9,7 +9,9 @@ from email.message import EmailMessage
 
 import pytest
 
+from cluster.bus.schemas import OutcomeKind
 from cluster.queue.dsn import RecipientReport, build_dsn, status_of
+from cluster.queue.records import LastOutcome
 from tests.support.dsn import status_blocks
 
 ARRIVAL = 1_700_000_000.0
@@ -26,9 +28,11 @@ def parse(data: bytes) -> EmailMessage:
 def test_failure_dsn_fields() -> None:
     data = build_dsn(
         reporting_mta="mx.me.test", queue_id="Q1", original_sender="alice@sender.test", arrival=ARRIVAL,
-        reports=[RecipientReport("bob@remote.test", "failed", "550 5.1.1 <bob@remote.test>: no such user",
-                                 "mx1.remote.test[192.0.2.7]", ARRIVAL + 30),
-                 RecipientReport("carol@nowhere.test", "failed", "554 5.4.4 Host not found", "", ARRIVAL + 31)],
+        reports=[RecipientReport("bob@remote.test", "failed", LastOutcome(
+                     OutcomeKind.FAILED, 550, "5.1.1", "<bob@remote.test>: no such user", "mx1.remote.test[192.0.2.7]"),
+                     ARRIVAL + 30),
+                 RecipientReport("carol@nowhere.test", "failed",
+                                 LastOutcome(OutcomeKind.FAILED, 554, "5.4.4", "Host not found"), ARRIVAL + 31)],
         original_headers=ORIGINAL, now=ARRIVAL + 32)
     assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
     message = parse(data)
@@ -61,7 +65,9 @@ def test_failure_dsn_fields() -> None:
 def test_delayed_dsn() -> None:
     message = parse(build_dsn(
         reporting_mta="mx.me.test", queue_id="Q2", original_sender="alice@sender.test", arrival=ARRIVAL,
-        reports=[RecipientReport("bob@remote.test", "delayed", "421 4.4.2 timeout", "mx[192.0.2.1]", ARRIVAL + 5)],
+        reports=[RecipientReport("bob@remote.test", "delayed",
+                                 LastOutcome(OutcomeKind.DEFERRED, 421, "4.4.2", "timeout", "mx[192.0.2.1]"),
+                                 ARRIVAL + 5)],
         original_headers=ORIGINAL, now=ARRIVAL + 3600, will_retry_until=ARRIVAL + 5 * 86400))
     assert message["Subject"] == "Delayed Mail (still being retried)"
     _, status, _ = list(message.iter_parts())
@@ -70,21 +76,23 @@ def test_delayed_dsn() -> None:
     assert email.utils.parsedate_to_datetime(recipient["Will-Retry-Until"]).timestamp() == ARRIVAL + 5 * 86400
 
 
-@pytest.mark.parametrize(("reply", "action", "override", "expected"), [
-    ("550 5.7.1 denied", "failed", "", "5.7.1"),
-    ("550 denied", "failed", "", "5.0.0"),
-    ("", "failed", "", "5.0.0"),
-    ("451 try later", "delayed", "", "4.0.0"),
-    ("550 5.1.1 x", "failed", "5.0.0", "5.0.0"),
+@pytest.mark.parametrize(("last", "action", "expected"), [
+    (LastOutcome(OutcomeKind.FAILED, 550, "5.7.1", "denied"), "failed", "5.7.1"),
+    (LastOutcome(OutcomeKind.FAILED, 550, "", "denied"), "failed", "5.0.0"),
+    (None, "failed", "5.0.0"),
+    (LastOutcome(OutcomeKind.FAILED, 0, "", "deleted by the queue administrator"), "failed", "5.0.0"),
+    (LastOutcome(OutcomeKind.DEFERRED, 451, "", "try later"), "delayed", "4.0.0"),
+    (LastOutcome(OutcomeKind.EXPIRED, 451, "4.4.7", "delivery time expired"), "failed", "4.4.7"),
 ])
-def test_status_comes_from_the_reply(reply: str, action: str, override: str, expected: str) -> None:
-    assert status_of(RecipientReport("a@b.test", action, reply, "", 0, override)) == expected
+def test_status_comes_from_the_typed_outcome(last: LastOutcome | None, action: str, expected: str) -> None:
+    assert status_of(RecipientReport("a@b.test", action, last, 0)) == expected
 
 
 def test_non_ascii_headers_and_text_survive() -> None:
     message = parse(build_dsn(
         reporting_mta="mx.me.test", queue_id="Q3", original_sender="alice@sender.test", arrival=ARRIVAL,
-        reports=[RecipientReport("jörg@bücher.test", "failed", "550 5.1.1 unbekannt", "", 0)],
+        reports=[RecipientReport("jörg@bücher.test", "failed",
+                                 LastOutcome(OutcomeKind.FAILED, 550, "5.1.1", "unbekannt"), 0)],
         original_headers="Subject: Grüße\r\n\r\n".encode(), now=ARRIVAL))
     _, status, headers = list(message.iter_parts())
     assert status_blocks(status)[1]["Final-Recipient"] == "utf-8; j\\x{F6}rg@b\\x{FC}cher.test"

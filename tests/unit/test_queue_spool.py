@@ -9,8 +9,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cluster.queue.records import Message, QueueIdFactory, Recipient, RecipientUpdate, State
-from cluster.queue.spool import Batch, SpoolError, SqliteSpool
+from cluster.bus.schemas import OutcomeKind
+from cluster.queue.records import LastOutcome, Message, QueueIdFactory, Recipient, RecipientUpdate, State
+from cluster.queue.spool import Batch, SpoolError, SqliteSpool, checksum
 
 
 def message(queue_id: str, recipients: list[str], sender: str = "s@sender.test") -> Message:
@@ -45,15 +46,20 @@ def test_store_and_recover(spool: SqliteSpool, tmp_path: Path) -> None:
     reopened.close()
 
 
+SENT = LastOutcome(OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx[192.0.2.1]")
+LATER = LastOutcome(OutcomeKind.DEFERRED, 421, "4.4.2", "later")
+
+
 def test_mark_and_remove(spool: SqliteSpool) -> None:
     spool.commit(Batch(stores=[message("Q1", ["a@x.test", "b@y.test"])], bodies={"Q1": b"b"}))
     spool.commit(Batch(updates=[
-        RecipientUpdate("Q1", 0, State.DELIVERED, 1, 0.0, "250 2.0.0 ok", "mx[192.0.2.1]"),
-        RecipientUpdate("Q1", 1, State.DEFERRED, 2, 1234.5, "421 4.4.2 later", "")], flags={"Q1": (True, -1)}))
+        RecipientUpdate("Q1", 0, State.DELIVERED, 1, 0.0, SENT),
+        RecipientUpdate("Q1", 1, State.DEFERRED, 2, 1234.5, LATER)], flags={"Q1": (True, -1)}))
     loaded = spool.load().messages[0]
     assert loaded.warned
-    assert [(r.state, r.attempts, r.next_attempt, r.last_reply, r.remote) for r in loaded.recipients] == [
-        (State.DELIVERED, 1, 0.0, "250 2.0.0 ok", "mx[192.0.2.1]"), (State.DEFERRED, 2, 1234.5, "421 4.4.2 later", "")]
+    assert [(r.state, r.attempts, r.next_attempt, r.last) for r in loaded.recipients] == [
+        (State.DELIVERED, 1, 0.0, SENT), (State.DEFERRED, 2, 1234.5, LATER)]
+    assert loaded.recipients[1].last is not None and loaded.recipients[1].last.kind is OutcomeKind.DEFERRED
     spool.commit(Batch(removals=["Q1"]))
     assert spool.load().messages == []
     assert spool.read_bodies(["Q1"]) == {}
@@ -113,3 +119,42 @@ def test_one_process_per_spool(spool: SqliteSpool, tmp_path: Path) -> None:
     again = SqliteSpool(tmp_path / "shard-0")
     again.open()
     again.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE messages (queue_id TEXT PRIMARY KEY, sender TEXT NOT NULL, arrival REAL NOT NULL, size INTEGER NOT NULL,
+    client TEXT NOT NULL, warned INTEGER NOT NULL DEFAULT 0, forward_shard INTEGER NOT NULL DEFAULT -1,
+    checksum TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE recipients (queue_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0, last_reply TEXT NOT NULL DEFAULT '',
+    remote TEXT NOT NULL DEFAULT '', PRIMARY KEY (queue_id, idx)) WITHOUT ROWID;
+"""
+
+
+def test_a_spool_of_the_previous_release_loads_with_typed_outcomes(tmp_path: Path) -> None:
+    """Rows written when the last outcome was one string are read once into their fields, then written typed."""
+    directory = tmp_path / "shard-0"
+    directory.mkdir()
+    db = sqlite3.connect(directory / "spool.sqlite3")
+    db.executescript(OLD_SCHEMA)
+    addresses = ["a@x.test", "b@y.test", "c@z.test", "d@w.test"]
+    db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, 0, -1, ?, ?)",
+               ("Q1", "s@sender.test", 1.5, 4, "{}", checksum("s@sender.test", 1.5, b"body", addresses), b"body"))
+    db.executemany("INSERT INTO recipients VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+        ("Q1", 0, "a@x.test", "deferred", 1, 99.0, "421 4.4.2 try later", "mx.x.test[192.0.2.1]"),
+        ("Q1", 1, "b@y.test", "ready", 0, 0.0, "", ""),
+        ("Q1", 2, "c@z.test", "failed", 3, 0.0, "451 4.4.7 delivery time expired; last error: 451 busy", ""),
+        ("Q1", 3, "d@w.test", "failed", 0, 0.0, "deleted by the queue administrator", "")])
+    db.commit()
+    db.close()
+    spool = SqliteSpool(directory)
+    spool.open()
+    (loaded,) = spool.load().messages
+    assert [r.last for r in loaded.recipients] == [
+        LastOutcome(OutcomeKind.DEFERRED, 421, "4.4.2", "try later", "mx.x.test[192.0.2.1]"), None,
+        LastOutcome(OutcomeKind.EXPIRED, 451, "4.4.7", "delivery time expired; last error: 451 busy"),
+        LastOutcome(OutcomeKind.FAILED, 0, "", "deleted by the queue administrator")]
+    sent = LastOutcome(OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx.y.test[192.0.2.2]")
+    spool.commit(Batch(updates=[RecipientUpdate("Q1", 1, State.DELIVERED, 1, 0.0, sent)]))
+    assert spool.load().messages[0].recipients[1].last == sent
+    spool.close()
