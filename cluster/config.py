@@ -173,6 +173,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    # "text": one human-readable line per event; "json": one JSON object per line, with the event's fields
+    # (queue_id, to, relay, delays, dsn, status...) for log pipelines such as Loki or Elasticsearch.
+    format: str = "text"
+
+
+@dataclass(frozen=True)
 class BusConfig:
     # File holding the cluster's CURVE key pair (made by `mtacluster keys`): every process of the cluster
     # encrypts and authenticates bus traffic with it. Required when a shard endpoint is not on loopback.
@@ -245,6 +252,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     pop3: Pop3Config = field(default_factory=Pop3Config)
@@ -459,6 +467,8 @@ def _check_bounds(config: Config) -> None:
             )
     if config.metrics.listen:
         split_host_port(config.metrics.listen, key="metrics.listen")
+    if config.log.format not in ("text", "json"):
+        raise ConfigError("log.format", f'expected "text" or "json", got {config.log.format!r}')
     at_least("up.frontends", config.up.frontends, 1)
     at_least("up.workers", config.up.workers, 1)
     p = config.pop3
@@ -540,6 +550,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
     "metrics": MetricsConfig,
+    "log": LogConfig,
     "bus": BusConfig,
     "auth": AuthConfig,
     "pop3": Pop3Config,

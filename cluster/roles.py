@@ -18,6 +18,7 @@ from typing import Protocol
 
 import uvloop
 
+from cluster import logs
 from cluster.config import Config
 
 ROLES = ("frontend", "queue", "worker", "pop3")
@@ -91,8 +92,7 @@ async def _announce_when_ready(ready: Callable[[], bool], line: str) -> None:
 
 def serve(role: str, config: Config, shard: int = 0) -> int:
     """Run one role until SIGTERM/SIGINT; return the exit code."""
-    logging.basicConfig(level=os.environ.get("MTACLUSTER_LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logs.configure(role, config.log.format)
     try:
         return uvloop.run(_serve(role, config, shard))
     except (OSError, ValueError) as exc:

@@ -23,6 +23,7 @@ text, e.g. "unknown queue id 01ABC"); a spool failure raises SpoolError (answere
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from cluster.queue.ledger import Applied, Change, Event, Ledger, copy_recipient
 from cluster.queue.records import PENDING_STATES, LastOutcome, Message, State
 from cluster.queue.scheduler import Scheduler
 from cluster.queue.spoolio import SpoolIO
+
+log = logging.getLogger("mtacluster.queue")
 
 DEFAULT_LIST_LIMIT = 10_000
 ADMIN_BOUNCE = LastOutcome(OutcomeKind.FAILED, 550, "5.0.0", "Message deleted and returned by the queue administrator")
@@ -149,10 +152,13 @@ class AdminOps:
                                        return_exceptions=True)
         self.scheduler.clear_backoff(key)
         self._wake()
+        flushed = sum(r.count() for r in results if isinstance(r, Applied))
+        log.info("flush%s: %d deferred recipients made ready by the queue administrator",
+                 f" of {key}" if key else "", flushed)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return {"flushed": sum(r.count() for r in results if isinstance(r, Applied))}
+        return {"flushed": flushed}
 
     async def _hold(self, args: dict[str, Any]) -> dict[str, Any]:
         def decide(message: Message) -> list[Change]:

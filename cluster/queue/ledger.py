@@ -9,7 +9,8 @@ goes through `Ledger.apply(queue_ids, decide)`:
    no longer in one of its `expected` states is dropped (someone else got there first);
 3. one spool transaction (through group commit) records every change, removes messages that are done and
    stores one DSN per message for its new failures that ask for one (bounces.py);
-4. only then memory follows, metrics count, and the locks are released.
+4. only then memory follows, metrics count, each change writes its log line (maillog.py: one per recipient
+   outcome or admin action, grep-able by queue id), and the locks are released.
 On a spool error nothing in memory changes except that recipients which were in flight go back to ready
 (their job is over), and the SpoolError reaches the caller (an admin request then answers an error).
 
@@ -27,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.bus.schemas import Outcome
-from cluster.queue import metrics
+from cluster.queue import maillog, metrics
 from cluster.queue.bounces import BounceMaker
 from cluster.queue.records import LastOutcome, Message, Recipient, RecipientUpdate, State
 from cluster.queue.scheduler import Scheduler
@@ -66,6 +67,8 @@ class Change:
     bounce: bool = False
     # The worker's outcome behind the change (for the log line: relay, port, timings); None for admin changes.
     outcome: Outcome | None = None
+    # When the job that led to this change was dispatched (for the log line's delays); 0 for admin changes.
+    dispatched_at: float = 0.0
 
 
 @dataclass
@@ -152,21 +155,27 @@ class Ledger:
                 raise
             for dsn in dsns:
                 self.bounces.stored(dsn)
+                log.info("%s: sender non-delivery notification: %s", dsn.client.get("original_queue_id", "?"),
+                         dsn.queue_id)
             removed = set(batch.removals)
             for message in messages:
                 for change in applied.changes.get(message.queue_id, []):
-                    self._follow(message, change)
+                    self._follow(message, change, now)
                 if message.queue_id in removed:
                     self.scheduler.remove_message(message.queue_id)
+                    log.info("%s: removed", message.queue_id)
         return applied
 
-    def _follow(self, message: Message, change: Change) -> None:
+    def _follow(self, message: Message, change: Change, now: float) -> None:
+        """Memory follows a committed change; the change is logged and counted (maillog.py)."""
         live, new = message.recipients[change.new.index], change.new
         live.attempts, live.last = new.attempts, new.last
         self.scheduler.set_state(message, live, new.state, new.next_attempt)
         completed = COMPLETED_AS.get(change.event)
         if completed is not None:
             metrics.COMPLETED.labels(self.label, completed).inc()
+        maillog.record(self.label, message.queue_id, live.address, change.event.value, live.last, live.attempts,
+                       message.arrival, now, change.dispatched_at, change.outcome)
 
     def _back_to_ready(self, messages: list[Message], applied: Applied) -> None:
         """A failed commit: recipients whose job is over (in flight, no job any more) are ready again."""

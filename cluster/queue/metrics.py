@@ -28,6 +28,9 @@ POSSIBLE_DUPLICATES = Counter("mtacluster_queue_possible_duplicates_total",
                               "Recipients in flight at a crash, queued again on recovery", ["shard"])
 BOUNCES = Counter("mtacluster_queue_bounces_generated_total", "Delivery status notifications generated",
                   ["shard", "kind"])
+OUTCOMES = Counter("mtacluster_queue_outcomes_total",
+                   "Recipient outcomes the shard recorded and logged, by status as in the log line (sent, deferred, "
+                   "bounced, expired; deleted, held, released, flushed by an admin)", ["shard", "status"])
 INJECTS_REFUSED = Counter("mtacluster_queue_injects_refused_total", "Injects refused, by reason",
                           ["shard", "reason"])
 
@@ -40,6 +43,8 @@ def initialise(shard: str) -> None:
         metric.labels(shard)
     for outcome in ("delivered", "failed", "expired", "deleted"):
         COMPLETED.labels(shard, outcome)
+    for status in ("sent", "deferred", "bounced", "expired", "deleted", "held", "released", "flushed"):
+        OUTCOMES.labels(shard, status)
     for kind in ("failed", "delayed"):
         BOUNCES.labels(shard, kind)
     for reason in ("disk_full", "spool_error"):

@@ -48,7 +48,9 @@ class OutcomeRecorder:
             outcome = reported.get(recipient.address.lower()) or Outcome(
                 recipient.address, OutcomeKind.DEFERRED, 451, "4.4.0",
                 "the worker returned no outcome for this recipient")
-            changes.append(self.decide(message, recipient, outcome, now))
+            change = self.decide(message, recipient, outcome, now)
+            change.dispatched_at = job.assigned_at
+            changes.append(change)
         connection_trouble = all(
             change.new.state is State.DEFERRED and _connection_level(reported.get(change.new.address.lower()))
             for change in changes)

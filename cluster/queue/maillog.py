@@ -1,0 +1,69 @@
+"""The delivery log: one line per recipient outcome, Postfix-style, grep-able by queue id (ARCHITECTURE.md
+contract 8), and the metric counting the same outcomes.
+
+    0A1B2C3D4E5F6G00: to=<bob@example.net>, relay=mx.example.net[192.0.2.7]:25, delay=1.2,
+        delays=0.01/0.03/0.4/0.76, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)
+
+(one line in the log). status is sent, deferred, bounced or expired for delivery outcomes, and deleted, held,
+released for admin actions (`QUEUEID: to=<...>, status=held (by the queue administrator)`); a flush logs one
+line for all it made ready.
+delay: seconds since the message arrived; delays=a/b/c/d: a = queued before this attempt was dispatched,
+b = from dispatch to the start of the SMTP work (bus, waiting in the worker), c = connection setup (DNS, hosts
+tried, greeting, EHLO, STARTTLS), d = the SMTP transaction; c and d are measured by the worker.
+The same facts go into the record as `extra={"fields": ...}`, which the JSON log format writes as fields
+(cluster/logs.py). Inputs: the change the ledger has just committed. No failure modes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cluster.bus.schemas import Outcome
+from cluster.logs import FIELDS
+from cluster.queue import metrics
+from cluster.queue.records import LastOutcome
+
+log = logging.getLogger("mtacluster.queue")
+
+DELIVERY_STATUSES = ("sent", "deferred", "bounced", "expired")
+ADMIN_STATUSES = ("deleted", "held", "released", "flushed")
+
+
+def seconds(value: float) -> str:
+    """Postfix's way: two decimals at most, no trailing zeros, whole seconds from 100 on."""
+    value = max(value, 0.0)
+    if value >= 100:
+        return str(round(value))
+    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+
+
+def record(label: str, queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
+           arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None) -> None:
+    """Log one outcome and count it in mtacluster_queue_outcomes_total{status}.
+
+    A flush is counted but not logged per recipient (it may touch a whole queue): admin.py logs one line."""
+    metrics.OUTCOMES.labels(label, status).inc()
+    if status == "flushed":
+        return
+    fields: dict[str, Any] = {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts}
+    reply = last.reply if last is not None else ""
+    if status not in DELIVERY_STATUSES:
+        text = last.text if status == "deleted" and last is not None else "by the queue administrator"
+        fields["reply"] = text
+        log.info("%s: to=<%s>, status=%s (%s)", queue_id, address, status, text, extra={FIELDS: fields})
+        return
+    relay = "none"
+    if outcome is not None and outcome.remote:
+        relay = f"{outcome.remote}:{outcome.port}" if outcome.port else outcome.remote
+    connect = outcome.connect_seconds if outcome is not None else 0.0
+    transfer = outcome.transfer_seconds if outcome is not None else 0.0
+    dispatched = dispatched_at or now
+    delays = (dispatched - arrival, now - dispatched - connect - transfer, connect, transfer)
+    dsn = last.enhanced if last is not None and last.enhanced else ""
+    fields.update({"relay": relay, "delay": round(max(now - arrival, 0.0), 3),
+                   "delays": [round(max(d, 0.0), 3) for d in delays], "dsn": dsn, "reply": reply,
+                   "code": last.code if last is not None else 0})
+    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)", queue_id, address, relay,
+             seconds(now - arrival), "/".join(seconds(d) for d in delays), dsn or "-", status, reply,
+             extra={FIELDS: fields})
