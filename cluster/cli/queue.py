@@ -9,7 +9,9 @@ always says how many are queued in total.
 Failure modes (exit code 1, one line each on stderr, the other shards' answers still printed): a shard that is
 not connected within `CONNECT_TIMEOUT` is unreachable; a shard that got the request but did not answer within
 `--timeout` may still be carrying it out (said so, with how to check, so nobody repeats a flush blindly); a
-shard that refused (unknown queue id, spool error) is named with its reason.
+shard that refused (spool error, bad argument) is named with its reason, and its refusal fails the command even
+when other shards did their part. "Unknown queue id" from the shards that do not hold a message is not a
+failure when one shard does.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class Answers:
     data: list[tuple[int, Any]] = field(default_factory=list)
     refusals: list[tuple[int, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Shards that do not hold the queue id asked about (normal for all but one of them).
+    not_found: list[tuple[int, str]] = field(default_factory=list)
 
 
 def ask_shards(config: Config, op: str, args: dict[str, Any], timeout: float) -> Answers:
@@ -106,6 +110,8 @@ def ask_shards(config: Config, op: str, args: dict[str, Any], timeout: float) ->
     for index, reply in enumerate(replies):
         if isinstance(reply, AdminReply) and reply.ok:
             answers.data.append((index, reply.data))
+        elif isinstance(reply, AdminReply) and isinstance(reply.data, dict) and reply.data.get("not_found"):
+            answers.not_found.append((index, reply.error))
         elif isinstance(reply, AdminReply):
             answers.refusals.append((index, reply.error or "refused without a reason"))
         elif isinstance(reply, NoAnswer):
@@ -156,11 +162,15 @@ def run(args: argparse.Namespace) -> int:
         return 1 if answers.problems or answers.refusals else 0
     if not answers.data:
         return _nobody_did_it(command, answers)
+    # A shard that holds the message (or, for flush, any shard) but could not change it: the change failed there
+    # (e.g. its spool could not be written), whatever the others did.
+    for index, why in answers.refusals:
+        _warn(command, f"shard {index} failed: {why}")
     if op == "show":
         _show(answers, args.json)
     else:
         _changed(op, answers, args.json)
-    return 1 if answers.problems else 0
+    return 1 if answers.problems or answers.refusals else 0
 
 
 def _warn(command: str, text: str) -> None:
@@ -168,7 +178,7 @@ def _warn(command: str, text: str) -> None:
 
 
 def _nobody_did_it(command: str, answers: Answers) -> int:
-    reasons = "; ".join(sorted({why for _, why in answers.refusals}))
+    reasons = "; ".join(sorted({why for _, why in answers.refusals or answers.not_found}))
     if reasons and answers.problems:
         raise CommandFailed(command, f"{reasons} (on the shards that answered)")
     if reasons:

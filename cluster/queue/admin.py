@@ -17,7 +17,9 @@ moment, written to the spool, and only then answered, so admin operations are sa
 against the dispatcher (two overlapping flushes make each deferred recipient ready once). A flush of many
 messages is cut into chunks whose transactions go through group commit together.
 Errors: unknown op, unknown queue id, bad argument raise `AdminError` (the shard answers ok=False with its
-text, e.g. "unknown queue id 01ABC"); a spool failure raises SpoolError (answered as an error too).
+text, e.g. "unknown queue id 01ABC", and data {"not_found": true} for an unknown queue id, so the CLI can tell
+"not here" from "failed here"); a spool failure raises SpoolError (answered as an error too: the change did
+not happen, and the command must say so).
 """
 
 from __future__ import annotations

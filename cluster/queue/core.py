@@ -161,7 +161,11 @@ class ShardCore:
     async def _admin(self, identity: bytes, request: AdminRequest) -> None:
         try:
             data = await self.admin.handle(request.op, request.args)
-        except (AdminError, ValueError, TypeError) as exc:
+        except AdminError as exc:
+            data = {"not_found": True} if exc.not_found else None
+            await self._send(identity, AdminReply(request.req, False, data, str(exc)))
+            return
+        except (ValueError, TypeError) as exc:
             await self._send(identity, AdminReply(request.req, False, None, str(exc)))
             return
         except SpoolError as exc:

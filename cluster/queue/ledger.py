@@ -128,7 +128,7 @@ class Ledger:
             messages = [m for q in wanted if (m := self.scheduler.messages.get(q)) is not None]
             applied.found.update(m.queue_id for m in messages)
             batch = Batch()
-            dsns: list[Message] = []
+            dsns: dict[str, Message] = {}  # original queue id -> its DSN
             for message in messages:
                 changes = [c for c in decide(message)
                            if message.recipients[c.new.index].state in c.expected]
@@ -145,7 +145,7 @@ class Ledger:
                     made = self.bounces.build(message, failed, headers, now, "failed")
                     if made is not None:
                         batch.add_message(*made)
-                        dsns.append(made[0])
+                        dsns[message.queue_id] = made[0]
             if not batch:
                 return applied
             try:
@@ -153,14 +153,15 @@ class Ledger:
             except SpoolError:
                 self._back_to_ready(messages, applied)
                 raise
-            for dsn in dsns:
+            for dsn in dsns.values():
                 self.bounces.stored(dsn)
-                log.info("%s: sender non-delivery notification: %s", dsn.client.get("original_queue_id", "?"),
-                         dsn.queue_id)
             removed = set(batch.removals)
             for message in messages:
                 for change in applied.changes.get(message.queue_id, []):
                     self._follow(message, change, now)
+                if message.queue_id in dsns:
+                    log.info("%s: sender non-delivery notification: %s", message.queue_id,
+                             dsns[message.queue_id].queue_id)
                 if message.queue_id in removed:
                     self.scheduler.remove_message(message.queue_id)
                     log.info("%s: removed", message.queue_id)

@@ -7,12 +7,14 @@ the dispatcher runs only when a test calls `dispatch_once`, and time moves only 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cluster.bus.schemas import (
     AdminReply,
@@ -24,6 +26,7 @@ from cluster.bus.schemas import (
     Inject,
     InjectRefused,
     Outcome,
+    OutcomeKind,
     Result,
     Stored,
 )
@@ -90,8 +93,10 @@ class Harness:
         return jobs
 
     async def result(self, job: Deliver, status: str, code: int, enhanced: str, text: str = "words",
-                     remote: str = "mx.test[192.0.2.1]", worker: str = "w") -> None:
-        outcomes = [Outcome(r, status, code, enhanced, text, remote) for r in job.recipients]
+                     remote: str = "mx.test[192.0.2.1]", worker: str = "w", port: int = 0,
+                     connect: float = 0.0, transfer: float = 0.0) -> None:
+        outcomes = [Outcome(r, OutcomeKind(status), code, enhanced, text, remote, port, connect, transfer)
+                    for r in job.recipients]
         await self.core.handle(WORKER, Result(job.job_id, worker, outcomes))
         await self.core.idle()
 
@@ -303,3 +308,63 @@ async def test_disk_full_refuses_new_mail() -> None:
         h.spool.free_bytes = 10_000
         h.core.tick(10)
         assert await h.inject("a@sender.test", ["r@f.test"])
+
+
+def lines_about(caplog: pytest.LogCaptureFixture, queue_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: ")]
+
+
+async def test_one_log_line_per_outcome_grep_able_by_queue_id(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mtacluster.queue")
+    async with shard(retry_first=300, retry_max=600, max_lifetime=3600) as h:
+        queue_id = await h.inject("a@sender.test", ["x@a.test", "y@b.test", "z@c.test"])
+        await h.heartbeat()
+        jobs = {job.domain: job for job in await h.deliveries()}
+        h.clock.advance(2.0)  # the worker took two seconds; it measured 0.5 s connecting and 1.25 s sending
+        await h.result(jobs["a.test"], "delivered", 250, "2.0.0", "Ok: queued as 4F2A", "mx.a.test[192.0.2.7]",
+                       port=25, connect=0.5, transfer=1.25)
+        await h.result(jobs["b.test"], "failed", 550, "5.1.1", "no such user", "mx.b.test[192.0.2.8]", port=25)
+        await h.result(jobs["c.test"], "deferred", 421, "4.4.2", "timeout", "")
+        lines = lines_about(caplog, queue_id)
+        assert lines[0] == f"{queue_id}: from=<a@sender.test>, size={len(BODY)}, nrcpt=3 (queue active)"
+        assert lines[1] == (f"{queue_id}: to=<x@a.test>, relay=mx.a.test[192.0.2.7]:25, delay=2, "
+                            "delays=0/0.25/0.5/1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)")
+        assert lines[2].startswith(f"{queue_id}: to=<y@b.test>, relay=mx.b.test[192.0.2.8]:25, delay=2, ")
+        assert lines[2].endswith("dsn=5.1.1, status=bounced (550 5.1.1 no such user)")
+        assert lines[3].startswith(f"{queue_id}: sender non-delivery notification: ")
+        assert lines[4] == (f"{queue_id}: to=<z@c.test>, relay=none, delay=2, delays=0/2/0/0, dsn=4.4.2, "
+                            "status=deferred (421 4.4.2 timeout)")
+        h.clock.advance(3600)
+        h.core.tick(0)
+        await h.heartbeat()
+        (again,) = [job for job in await h.deliveries() if job.domain == "c.test"]
+        await h.result(again, "deferred", 421, "4.4.2", "timeout", "")
+        expired, notification, removed = lines_about(caplog, queue_id)[-3:]
+        assert expired == (f"{queue_id}: to=<z@c.test>, relay=none, delay=3602, delays=3602/0/0/0, dsn=4.4.7, "
+                           "status=expired (421 4.4.7 delivery time expired; last error: 421 4.4.2 timeout)")
+        assert notification.startswith(f"{queue_id}: sender non-delivery notification: ")
+        assert removed == f"{queue_id}: removed"
+        record = next(r for r in caplog.records if "status=sent" in r.getMessage())
+        fields = record.__dict__["fields"]
+        assert (fields["queue_id"], fields["to"], fields["status"], fields["dsn"], fields["delays"]) == (
+            queue_id, "x@a.test", "sent", "2.0.0", [0.0, 0.25, 0.5, 1.25])
+        sent = REGISTRY.get_sample_value("mtacluster_queue_outcomes_total", {"shard": "0", "status": "sent"})
+        assert sent is not None and sent >= 1
+
+
+async def test_admin_actions_and_refusals_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mtacluster.queue")
+    async with shard(MemorySpool(free_bytes=10), min_free_space=1000) as h:
+        await h.core.handle(FRONTEND, Inject(1, "a@sender.test", ["r@f.test", "s@f.test"], BODY))
+        await h.core.idle()
+        assert "NOQUEUE: reject: from=<a@sender.test> nrcpt=2: 452 4.3.1 Insufficient system storage" in [
+            r.getMessage() for r in caplog.records]
+        h.spool.free_bytes = 10_000
+        h.core.tick(10)
+        queue_id = await h.inject("a@sender.test", ["r@f.test"])
+        await h.admin("hold", queue_id=queue_id)
+        await h.admin("delete", queue_id=queue_id)
+        assert lines_about(caplog, queue_id)[1:] == [
+            f"{queue_id}: to=<r@f.test>, status=held (by the queue administrator)",
+            f"{queue_id}: to=<r@f.test>, status=deleted (deleted by the queue administrator)",
+            f"{queue_id}: removed"]
