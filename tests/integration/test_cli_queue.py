@@ -57,11 +57,11 @@ async def test_list_hold_release_delete_as_an_operator_types_them(
 
     code, out, err = await mtacluster(capsys, "queue", "list", "--limit", "2", "--config", config)
     assert code == 0 and ids[0] in out and ids[1] in out and ids[2] not in out  # the oldest first
-    assert "-- showing the oldest 2 " in out and "use --limit N to see more" in out
+    assert out.rstrip().endswith("-- showing the oldest 2 of 3 messages on 1 shard; use --limit N to see more")
 
     code, out, err = await mtacluster(capsys, "queue", "list", "--json", "--limit", "2", "--config", config)
     assert code == 0 and [m["queue_id"] for m in json.loads(out)] == ids[:2]
-    assert "showing the oldest 2 " in err  # said even when the output is for a program
+    assert "showing the oldest 2 of 3 messages" in err  # said even when the output is for a program
 
     code, out, err = await mtacluster(capsys, "queue", "show", ids[1], "--config", config)
     assert (code, err) == (0, "") and ids[1] in out and "r2@h.test" in out and "s2@i.test" in out
