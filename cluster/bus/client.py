@@ -23,7 +23,8 @@
   connection is made when the shard is back.
 
 Failure modes: an undecodable frame is logged and dropped, never raised; a send error is logged and reported
-as False / NoAnswer; closing cancels the background loop and fails the requests still waiting with NoAnswer.
+as False / NoAnswer; an `on_message` handler that raises is logged and the reception goes on; closing cancels
+the background loop and fails the requests still waiting with NoAnswer.
 """
 
 from __future__ import annotations
@@ -189,7 +190,10 @@ class BusLink:
     async def _receive_forever(self, on_message: OnMessage) -> None:
         while True:
             for message in await self.receive(None):
-                await on_message(message)
+                try:
+                    await on_message(message)
+                except Exception:  # a handler's bug must not stop the answers to every later request
+                    log.exception("%s (%s): handling a %s failed", self.name, self.endpoint, message.TYPE)
             await asyncio.sleep(0)  # a burst of frames must not starve the other tasks
 
     async def _unexpected(self, message: BusMessage) -> None:

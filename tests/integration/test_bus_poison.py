@@ -1,10 +1,14 @@
 """A poison Inject (an envelope the SMTP server would refuse) is refused by a real shard's bus decoder and never
-stored, so no worker ever has to deliver it."""
+stored, so no worker ever has to deliver it; the refusal names the request, so a bus client stops waiting at
+once instead of timing out."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from cluster.bus.client import BusLink
 from cluster.bus.schemas import AdminReply, AdminRequest, Error, Inject, Stored
 from tests.support.shard import BODY, RunningShard, inject
 
@@ -28,3 +32,15 @@ async def test_poison_inject_is_refused_and_not_stored(running_shard: RunningSha
     assert (listing.data if isinstance(listing.data, list) else listing.data["messages"]) == []
     # The shard is not harmed: the next good message is stored.
     assert isinstance(await inject(client, 9, "a@sender.test", ["r@h.test"], BODY), Stored)
+
+
+async def test_the_refusal_answers_the_request_at_once(running_shard: RunningShard) -> None:
+    link = BusLink(running_shard.endpoint, None, name="shard 0")
+    link.start()
+    try:
+        started = time.monotonic()
+        answer = await link.request(lambda req: Inject(req, "\x00@\x00", ["r@h.test"], BODY, {}), 30)
+        assert isinstance(answer, Error) and "invalid sender" in answer.text and answer.req == 1
+        assert time.monotonic() - started < 5
+    finally:
+        await link.close()

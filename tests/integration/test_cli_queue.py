@@ -57,11 +57,15 @@ async def test_list_hold_release_delete_as_an_operator_types_them(
 
     code, out, err = await mtacluster(capsys, "queue", "list", "--limit", "2", "--config", config)
     assert code == 0 and ids[0] in out and ids[1] in out and ids[2] not in out  # the oldest first
-    assert "-- showing the oldest 2 " in out and "use --limit N to see more" in out
+    assert out.rstrip().endswith("-- showing the oldest 2 of 3 messages on 1 shard; use --limit N to see more")
 
     code, out, err = await mtacluster(capsys, "queue", "list", "--json", "--limit", "2", "--config", config)
     assert code == 0 and [m["queue_id"] for m in json.loads(out)] == ids[:2]
-    assert "showing the oldest 2 " in err  # said even when the output is for a program
+    assert "showing the oldest 2 of 3 messages" in err  # said even when the output is for a program
+
+    code, out, err = await mtacluster(capsys, "queue", "show", ids[1], "--config", config)
+    assert (code, err) == (0, "") and ids[1] in out and "r2@h.test" in out and "s2@i.test" in out
+    assert "Received from: client=192.0.2.1" in out and "Subject: hi" in out and "{" not in out
 
     code, out, err = await mtacluster(capsys, "queue", "hold", ids[0], "--config", config)
     assert (code, out, err) == (0, f"message {ids[0]}: 2 recipients held: no delivery until "
@@ -70,6 +74,8 @@ async def test_list_hold_release_delete_as_an_operator_types_them(
     assert (code, out) == (0, f"message {ids[0]}: 2 recipients released for delivery\n")
     code, out, _ = await mtacluster(capsys, "queue", "delete", ids[0], "--config", config)
     assert (code, out) == (0, f"message {ids[0]}: 2 pending recipients deleted, without a bounce\n")
+    code, out, _ = await mtacluster(capsys, "queue", "bounce", ids[1], "--config", config)
+    assert (code, out) == (0, f"message {ids[1]}: 2 pending recipients failed; a bounce goes to the sender\n")
     code, out, _ = await mtacluster(capsys, "queue", "flush", "--domain", "h.test", "--config", config)
     assert (code, out) == (0, "0 deferred recipients will be retried now\n")
 

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cluster.bus.schemas import AdminReply, AdminRequest, Deliver, Heartbeat, Outcome, Result
+from cluster.queue.admin import DEFAULT_LIST_LIMIT
 from tests.support.shard import BODY, BusClient, RunningShard, inject, shard_config
 
 pytestmark = pytest.mark.integration
 
 
 async def admin(client: BusClient, op: str, **args: Any) -> AdminReply:
+    """The shard's answer; for "list", with `data` the message list after checking the total and the limit."""
     await client.send(AdminRequest(99, op, args))
     reply = await client.recv_type(AdminReply)
     assert isinstance(reply, AdminReply) and reply.req == 99
+    if op == "list" and reply.ok:
+        messages = reply.data["messages"]
+        assert reply.data["limit"] == args.get("limit", DEFAULT_LIST_LIMIT)
+        assert len(messages) == min(reply.data["total"], reply.data["limit"])
+        return dataclasses.replace(reply, data=messages)
     return reply
 
 
@@ -126,3 +134,20 @@ async def test_ping_says_which_shard_and_whether_it_is_ready(tmp_path: Path) -> 
         assert reply.ok and reply.data == {"shard": 0, "epoch": running.shard.epoch, "ready": True}
     finally:
         await running.close()
+
+
+async def test_list_gives_at_most_limit_messages_and_always_the_total(running_shard: RunningShard) -> None:
+    cli = running_shard.client()
+    ids = [(await inject(cli, n, "a@sender.test", [f"r@{domain}.test"], BODY)).queue_id
+           for n, domain in enumerate(["h", "i", "h", "h"], start=1)]
+    for args, total, shown in (({"limit": 2}, 4, ids[:2]), ({}, 4, ids), ({"domain": "h.test", "limit": 2}, 3,
+                                                                            [ids[0], ids[2]]),
+                               ({"domain": "i.test"}, 1, [ids[1]]), ({"deferred_only": True}, 0, [])):
+        await cli.send(AdminRequest(5, "list", args))
+        reply = await cli.recv_type(AdminReply)
+        assert reply.ok, reply.error
+        assert reply.data["total"] == total, args
+        assert [m["queue_id"] for m in reply.data["messages"]] == shown, args  # the oldest first
+    await cli.send(AdminRequest(6, "list", {"limit": 0}))
+    refused = await cli.recv_type(AdminReply)
+    assert not refused.ok and "limit" in refused.error

@@ -173,6 +173,7 @@ async def test_other_traffic_goes_to_the_handler_and_garbage_is_dropped(endpoint
 
     async def on_message(message: BusMessage) -> None:
         seen.append(message)
+        raise RuntimeError("a handler bug")  # logged; later frames and answers still arrive
 
     link.start(on_message)
     try:
@@ -186,6 +187,7 @@ async def test_other_traffic_goes_to_the_handler_and_garbage_is_dropped(endpoint
             await asyncio.sleep(0.01)
         # An Error without req and the ack are delivered; garbage and a stray answer are not.
         assert seen == [Error(text="unsolicited"), HeartbeatAck(0, "e1")]
+        assert isinstance(await link.request(ping(), 5), AdminReply)
     finally:
         await link.close()
         await router.stop()
