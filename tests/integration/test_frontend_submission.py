@@ -135,6 +135,7 @@ async def test_submission_needs_tls_then_auth_and_completes_the_header(
     assert seen["mail_before_tls"] == (530, b"5.7.0 Authentication required")
     assert seen["auth_before_tls"] == (538, b"5.7.11 Encryption required for requested authentication mechanism")
     assert seen["after_tls"]["auth"] == " PLAIN LOGIN"
+    assert "chunking" in seen["after_tls"]  # smtp.chunking defaults to true
     assert seen["mail_before_auth"] == (530, b"5.7.0 Authentication required")
     assert seen["auth"] == (235, b"2.7.0 Authentication successful")
     # The replies production sends, from the one catalogue.
