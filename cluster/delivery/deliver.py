@@ -39,7 +39,7 @@ from cluster.delivery.routing import ErrorRoute, LocalRoute, Router, SmtpRoute
 from cluster.delivery.session import HostUnavailable, SessionSettings, SmtpSession, TransactionResult
 from cluster.domains import domain_key
 from cluster.mailbox.maildir import MailboxNameError, MaildirStore
-from cluster.smtp.replies import Reply
+from cluster.smtp.replies import NO_HOST_TRIED, Reply, smtputf8_unsupported, too_big_for_remote
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Deliverer:
             if not pending:
                 break
         if pending:
-            failure = last_failure or _HostFailure(Reply.of(451, "4.4.0", "No host could be tried"), "", 0)
+            failure = last_failure or _HostFailure(NO_HOST_TRIED, "", 0)
             reply = as_deferral(failure.reply)
             spent = time.perf_counter() - started
             for recipient in pending:
@@ -198,8 +198,7 @@ class Deliverer:
             limit = session.capabilities.size_limit
             if limit and len(job.body) > limit:
                 # RFC 1870 6.1: do not send what the server said it will not take.
-                reply = Reply.of(552, "5.3.4", f"Message size {len(job.body)} exceeds the limit of {limit} "
-                                               f"bytes of {session.remote}")
+                reply = too_big_for_remote(len(job.body), limit, session.remote)
                 for recipient in undecided:
                     decide(recipient, reply)
                 self._cache.give_back(session)
@@ -232,7 +231,7 @@ class Deliverer:
         """RFC 6531 3.2: non-ASCII addresses need SMTPUTF8; without it they fail (553 5.6.7, RFC 6531 3.6.1)."""
         needs = chunk if not sender.isascii() else [r for r in chunk if not r.isascii()]
         for recipient in needs:
-            reply = Reply.of(553, "5.6.7", f"{remote} does not support SMTPUTF8, needed for this address")
+            reply = smtputf8_unsupported(remote)
             decided[recipient] = outcome_from_reply(recipient, reply, remote)
         return [r for r in chunk if r not in needs]
 

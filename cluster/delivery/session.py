@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from cluster.config import DeliveryConfig
 from cluster.delivery import metrics
 from cluster.delivery.mx import Target
+from cluster.smtp import replies
 from cluster.smtp.client import (
     Capabilities,
     ClientConnection,
@@ -103,7 +104,7 @@ def _completed(reply: Reply) -> bool:
 
 
 def _network_reply(text: str, enhanced: str = "4.4.2") -> Reply:
-    return Reply.of(451, enhanced, text)
+    return replies.delivery_trouble(text, enhanced)
 
 
 class SmtpSession:
@@ -152,8 +153,7 @@ class SmtpSession:
         if self._settings.tls_mode != "none" and self.capabilities.starttls:
             await self._starttls()
         elif self._settings.tls_mode == "verify":
-            raise HostUnavailable(Reply.of(451, "4.7.10", f"{self.remote} does not offer STARTTLS, and "
-                                                          "delivery.tls requires it"), self.remote)
+            raise HostUnavailable(replies.starttls_required(self.remote), self.remote)
 
     async def _hello(self) -> None:
         ehlo = await self._command(Command.ehlo(self._settings.helo_name), self._settings.helo_timeout)
@@ -308,14 +308,14 @@ class SmtpSession:
             text = f"timeout after {timeout:g}s waiting for the reply to {what} from {self.remote}"
             raise HostUnavailable(_network_reply(text), self.remote) from None
         except SmtpProtocolError as exc:
-            raise HostUnavailable(Reply.of(451, "4.5.0", f"protocol error from {self.remote} after {what}: {exc}"),
-                                  self.remote) from None
+            raise HostUnavailable(replies.remote_protocol_error(f"protocol error from {self.remote} after {what}: "
+                                                                f"{exc}"), self.remote) from None
         except OSError as exc:
             raise HostUnavailable(_network_reply(f"lost connection with {self.remote}: {exc}"), self.remote) from None
         command, reply = answer
         if command != what:
-            raise HostUnavailable(Reply.of(451, "4.5.0", f"protocol error: {self.remote} answered {command} "
-                                                         f"while {what} was expected"), self.remote)
+            raise HostUnavailable(replies.remote_protocol_error(f"protocol error: {self.remote} answered {command} "
+                                                                f"while {what} was expected"), self.remote)
         return reply
 
     @property

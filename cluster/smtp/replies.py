@@ -211,3 +211,33 @@ AUTH_TOO_MANY_FAILURES = Reply.of(421, "4.7.0", "Too many failed authentication 
 def auth_challenge(text: str) -> Reply:
     """RFC 4954 4: "334" SP [base64], without an enhanced status code."""
     return Reply.of(334, "", text)
+
+
+# --- the delivery side's own words (cluster.delivery): what a worker reports when no remote server answered
+# the question, or the answer cannot be used. Always 4xx unless the message itself can never be sent. ---
+NO_HOST_TRIED = Reply.of(451, "4.4.0", "No host could be tried")
+
+
+def delivery_trouble(text: str, enhanced: str = "4.4.2") -> Reply:
+    """A network or TLS failure talking to a remote host (RFC 3463 4.4.2 connection dropped, 4.7.5 TLS...)."""
+    return Reply.of(451, enhanced, text)
+
+
+def remote_protocol_error(text: str) -> Reply:
+    """The remote server broke the protocol (RFC 3463 4.5.0)."""
+    return Reply.of(451, "4.5.0", text)
+
+
+def starttls_required(remote: str) -> Reply:
+    """delivery.tls = "verify" and the remote host offers no STARTTLS (RFC 3463 4.7.10)."""
+    return Reply.of(451, "4.7.10", f"{remote} does not offer STARTTLS, and delivery.tls requires it")
+
+
+def too_big_for_remote(size: int, limit: int, remote: str) -> Reply:
+    """RFC 1870 6.1: the remote host's SIZE is smaller than the message; it is not sent (552 5.3.4)."""
+    return Reply.of(552, "5.3.4", f"Message size {size} exceeds the limit of {limit} bytes of {remote}")
+
+
+def smtputf8_unsupported(remote: str) -> Reply:
+    """RFC 6531 3.6.1: a non-ASCII address to a host without SMTPUTF8 (553 5.6.7)."""
+    return Reply.of(553, "5.6.7", f"{remote} does not support SMTPUTF8, needed for this address")

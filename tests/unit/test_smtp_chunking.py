@@ -138,3 +138,18 @@ def test_final_bare_cr_counts_towards_the_line_length() -> None:
     session = run([OPENING + bdat(b"abc\r", last=True)], settings)
     assert session.replies[-1] == replies.BARE_LINE_ENDING_IN_DATA
     assert session.messages == []
+
+
+def test_smtp_chunking_turns_chunking_on_and_off() -> None:
+    from cluster.config import ConfigError, SmtpConfig, config_from_dict
+
+    default = ServerSettings.from_config(config_from_dict({}, environ={}).smtp)
+    assert default.chunking is True  # the built-in default, as Postfix since 3.4
+    on = run([b"EHLO c\r\n"], default)
+    assert "CHUNKING" in on.replies[1].lines
+    off = run([OPENING + bdat(b"x\r\n", last=True)], ServerSettings.from_config(SmtpConfig(chunking=False)))
+    assert "CHUNKING" not in off.replies[1].lines
+    assert replies.UNKNOWN_COMMAND in off.replies
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"smtp": {"chunking": "yes"}}, environ={})
+    assert caught.value.key == "smtp.chunking"
