@@ -1,4 +1,4 @@
-"""Relay policy: who may send mail to which recipient (DESIGN.md contract 5: no open relay, ever).
+"""Relay policy: who may send mail to which recipient (ARCHITECTURE.md contract 5: no open relay, ever).
 
 A recipient is accepted when its domain is one of `smtp.local_domains` (anyone may send to us), or when the
 client's address is inside `smtp.relay_networks` (our own users and trusted hosts), or when the session has
