@@ -62,11 +62,11 @@ class SmtpConfig:
     relay_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     # Domains that anyone may send to; mail to them is accepted from any client.
     local_domains: tuple[str, ...] = ()
-    # RFC 5321 4.5.3.1.4: at least 64 KiB; 25 MiB matches common practice.
+    # RFC 5321 4.5.3.1.7: at least 64 KiB; 25 MiB matches common practice.
     max_message_size: Size = Size(25 * 1024 * 1024)
     # RFC 5321 4.5.3.1.8: at least 100 recipients per transaction.
     max_recipients: int = 100
-    # RFC 5321 4.5.3.1.4/5: command line 512 octets, text line 1000 octets, both counting CRLF.
+    # RFC 5321 4.5.3.1.4 and 4.5.3.1.6: command line 512 octets, text line 1000 octets, both counting CRLF.
     max_command_line: int = 512
     max_text_line: int = 1000
     # Protocol errors tolerated per session before the connection is closed (Postfix smtpd_hard_error_limit).
@@ -77,14 +77,14 @@ class SmtpConfig:
     max_connections: int = 2000
     # RFC 5321 4.5.3.2.7: server timeout while waiting for a command, 5 minutes.
     command_timeout: Duration = Duration(300)
-    # RFC 5321 4.5.3.2.5/6: 3 minutes between data blocks.
+    # RFC 5321 4.5.3.2.5: 3 minutes between data blocks.
     data_timeout: Duration = Duration(180)
     # How long the frontend waits for every shard's Stored before answering 451 4.3.0.
     inject_timeout: Duration = Duration(60)
     # Expect a PROXY protocol v1/v2 header from the load balancer on every connection.
     proxy_protocol: bool = False
     # RFC 3207 STARTTLS: PEM certificate chain and private key of the frontends (both or neither). When set,
-    # EHLO offers STARTTLS, and SMTP AUTH is offered only after it (DESIGN.md contract 5).
+    # EHLO offers STARTTLS, and SMTP AUTH is offered only after it (ARCHITECTURE.md contract 5).
     tls_cert_file: str = ""
     tls_key_file: str = ""
     # Failed SMTP AUTH exchanges per session before 421 4.7.0 and close (slows down password guessing).
@@ -430,7 +430,7 @@ def _check_bounds(config: Config) -> None:
             raise ConfigError("queue.shards", f'expected "tcp://host:port" or "ipc://path", got {endpoint!r}')
     if len(set(q.shards)) != len(q.shards):
         raise ConfigError("queue.shards", "lists the same endpoint twice")
-    # DESIGN.md contract 5: bus traffic that leaves the host is encrypted and authenticated (CURVE).
+    # ARCHITECTURE.md contract 5: bus traffic that leaves the host is encrypted and authenticated (CURVE).
     off_host = [e for e in q.shards if not _is_loopback_endpoint(e)]
     if off_host and not config.bus.curve_key_file:
         raise ConfigError("bus.curve_key_file", f"required: shard endpoint {off_host[0]} is not on loopback, and "

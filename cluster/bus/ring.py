@@ -1,6 +1,6 @@
 """Which queue shard owns a domain: rendezvous (highest random weight) hashing over the shard list.
 
-DESIGN.md contract 3: all state about one destination lives in one shard. The key is the recipient domain,
+ARCHITECTURE.md contract 3: all state about one destination lives in one shard. The key is the recipient domain,
 normalised by `cluster.domains.domain_key` (lower-cased, IDNA-encoded), so "Example.COM", "example.com" and
 "bücher.de" / "xn--bcher-kva.de" each map to exactly one shard. Rendezvous hashing moves only about 1/N of
 the domains when a shard is added.

@@ -4,7 +4,7 @@ Transport: each shard binds one ZeroMQ ROUTER socket on its endpoint (`queue.sha
 and the admin CLI connect DEALER sockets to it. Every ZeroMQ message is one frame: a msgpack map whose key "t"
 names the message type. Unknown types and malformed maps are answered with `Error` (never a crash).
 
-Frontend -> shard (submission; DESIGN.md contract 1)
+Frontend -> shard (submission; ARCHITECTURE.md contract 1)
     Inject(req, sender, recipients, body, client)      one message, only this shard's recipients
     shard -> Stored(req, queue_id)                      after the spool transaction holding it is fsynced
     shard -> InjectRefused(req, code, enhanced, text)   e.g. 452 4.3.1 when the disk is full

@@ -1,4 +1,4 @@
-"""CURVE encryption and authentication of bus traffic (DESIGN.md contract 5).
+"""CURVE encryption and authentication of bus traffic (ARCHITECTURE.md contract 5).
 
 The cluster has one CURVE key pair, made by `mtacluster keys FILE` and given to every process (in Kubernetes,
 a Secret mounted as `bus.curve_key_file`). Shards are CURVE servers with it; frontends, workers and the admin

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the delivery worker (names: mtacluster_delivery_*; see /tmp/brief/metrics.md)."""
+"""Prometheus metrics of the delivery worker (names: mtacluster_delivery_*; rules in ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ with three implementations:
   temporary failures not at all).
 
 `find_targets(resolver, route, max_addresses, rng)` turns a route into the ordered list of `Target`s to try, or
-a `DnsFailure` that decides the recipients' outcome at once. Rules (RFC 5321 5.1, RFC 7505, DESIGN.md):
+a `DnsFailure` that decides the recipients' outcome at once. Rules (RFC 5321 5.1, RFC 7505):
 - MX records lowest preference first; hosts of equal preference in random order (load spreading);
 - no MX records but the name exists (NOERROR/NODATA): the name itself is the only host (implicit MX);
 - null MX (a single "0 ." record, RFC 7505): 556 5.1.10, permanent, at once;

@@ -1,7 +1,7 @@
 """One outbound SMTP connection over asyncio streams, driven by the sans-I/O `cluster.smtp.client`.
 
 `SmtpSession.open(target, settings)` connects, reads the greeting, says EHLO (HELO when EHLO gets 5xx, RFC 5321
-4.1.1.1), upgrades with STARTTLS when offered (RFC 3207; opportunistic without a certificate check unless
+3.2), upgrades with STARTTLS when offered (RFC 3207; opportunistic without a certificate check unless
 `delivery.tls = "verify"`) and returns a session ready for transactions. `session.transaction(sender,
 recipients, body)` runs MAIL, RCPT..., DATA (pipelined under RFC 2920 when offered) and returns the reply that
 decided each recipient. The session can then take another transaction (connection reuse).

@@ -1,4 +1,4 @@
-"""Hand accepted messages to the queue shards and wait until they are on disk (DESIGN.md contract 1).
+"""Hand accepted messages to the queue shards and wait until they are on disk (ARCHITECTURE.md contract 1).
 
 `ShardClient.inject()` splits a message's recipients by the shard that owns each recipient's domain
 (rendezvous hashing, `cluster.bus.ring`), sends one `Inject` per shard over its bus link

@@ -3,7 +3,7 @@
 Callers `await submit(batch)`; a single writer task merges every batch that arrived while the previous
 transaction was running (up to `batch_max` new messages) into one `Spool.commit`, run in the spool's
 dedicated thread. Each caller's await returns once the transaction holding its batch is durable, or raises
-the SpoolError that made it fail (DESIGN.md contract 1: Stored only after fsync).
+the SpoolError that made it fail (ARCHITECTURE.md contract 1: Stored only after fsync).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a queue shard (names from the team's metrics list); every metric has label shard="N".
+"""Prometheus metrics of a queue shard (names follow ARCHITECTURE.md, "Metric names"); every metric has label shard="N".
 
 Gauges are set from counters the scheduler keeps up to date on every state change, so refreshing them costs
 no scan of the queue.

@@ -152,13 +152,19 @@ def greeting(hostname: str) -> Reply:
     return Reply.of(220, "", f"{hostname} ESMTP mtacluster")
 
 
+def _echoed(client_name: str) -> str:
+    """The client's EHLO/HELO name as a reply repeats it: printable US-ASCII only (RFC 5321 4.2 textstring), any
+    other character as "?", at most 255 of them (4.5.3.1.2), so the reply line stays within 512 octets."""
+    return "".join(c if " " <= c <= "~" else "?" for c in client_name[:255])
+
+
 def helo_reply(hostname: str, client_name: str) -> Reply:
-    return Reply.of(250, "", f"{hostname} Hello {client_name}")
+    return Reply.of(250, "", f"{hostname} Hello {_echoed(client_name)}")
 
 
 def ehlo_reply(hostname: str, client_name: str, extensions: tuple[str, ...]) -> Reply:
     """RFC 5321 4.1.1.1: first line is the greeting, each further line one extension keyword."""
-    return Reply(250, "", (f"{hostname} Hello {client_name}", *extensions))
+    return Reply(250, "", (f"{hostname} Hello {_echoed(client_name)}", *extensions))
 
 
 def bad_sender(text: str) -> Reply:

@@ -90,7 +90,7 @@ _Handler = Callable[[str], None]
 
 
 class SessionObserver(Protocol):
-    """Optional hooks for metrics (DESIGN: commands_total{command}, replies_total{class}, rejections)."""
+    """Optional hooks for metrics (commands_total{command}, replies_total{class}, rejections)."""
 
     def command(self, verb: str) -> None:
         """A command line was read; `verb` is one of the known verbs upper-cased, or "other"."""

@@ -112,7 +112,7 @@ def test_smtp_source_load_all_delivered_once(cluster: Cluster, sink: SmtpSink) -
         return [m for m in sink.messages() if m.sender == "load@sender.test"]
 
     wait_for(lambda: len(loaded()) >= count, 60, f"{count} smtp-source messages delivered")
-    # Exactly once: no message may be delivered twice when nothing crashed (DESIGN.md contract 2).
+    # Exactly once: no message may be delivered twice when nothing crashed (ARCHITECTURE.md contract 2).
     assert len(loaded()) == count
 
 

@@ -1,5 +1,5 @@
 """deploy/: the example configurations pass the configuration check (also with their commented-out optional
-settings uncommented), and the Dockerfile is built the way DESIGN.md and the chart expect (one image for every
+settings uncommented), and the Dockerfile is built the way ARCHITECTURE.md and the chart expect (one image for every
 role, non-root, no secrets baked in).
 
 There is no Docker engine in CI, so the Dockerfile is checked statically.
