@@ -556,6 +556,15 @@ class Scheduler:
             worker.identity = identity
             worker.last_seen = max(worker.last_seen, worker.sent_at(sent, now))
 
+    def excuse(self, seconds: float) -> None:
+        """The shard itself was stalled (paused, or its event loop blocked) for `seconds`: that time counts
+        neither as the workers' silence nor against their leases (what they sent meanwhile may not be readable
+        yet: ZeroMQ's I/O thread has to catch up first)."""
+        for worker in self.workers.values():
+            worker.last_seen += seconds
+        for job in self.jobs.values():
+            job.lease_until += seconds
+
     def expire(self, now: float) -> list[Job]:
         """Take back jobs of silent workers (worker_timeout) and jobs whose lease ran out.
 

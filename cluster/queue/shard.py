@@ -7,7 +7,9 @@ outbox forwarder). What happens to each message is in the module core.py routes 
 
 Receiving and ticking share one loop, and a tick judges workers silent (expiry) only right after the socket
 was read empty: after a pause (SIGSTOP, a stalled host) the heartbeats and Results waiting in the socket are
-handled before anyone is taken for dead, so finished jobs are not dispatched again (issue 8).
+handled before anyone is taken for dead, so finished jobs are not dispatched again; and the time the shard
+itself was stalled (a tick late by STALL or more) is not held against the workers, since what they sent
+meanwhile may still be on its way through ZeroMQ's I/O thread (issue 8).
 Stopping: dispatching stops first, and the Results of the jobs in flight are awaited (up to STOP_DRAIN
 seconds) while workers still run (`mtacluster up` stops shards before workers), so a clean stop leaves no
 recipient marked in flight.
@@ -53,6 +55,8 @@ STOP_GRACE = 5.0
 STOP_DRAIN = 10.0
 # Frames handled in one go before other tasks get a turn; the socket counts as drained when a read finds none.
 FRAMES_PER_TURN = 200
+# A tick this late (seconds) means the shard itself was stalled; the time is not held against the workers.
+STALL = 1.0
 # Room for the envelope and framing around the largest body in one bus frame.
 FRAME_SLACK = 1024 * 1024
 
@@ -191,6 +195,11 @@ class Shard:
             if drained:
                 last_drained = now
             if now >= next_tick:
+                stalled = now - next_tick
+                if stalled >= STALL:
+                    log.warning("shard %d was stalled for %.1fs (paused?): that time does not count as the "
+                                "workers' silence", self.index, stalled)
+                    self.core.scheduler.excuse(stalled)
                 # Under a flood that never leaves the socket empty, expiry still runs once a worker_timeout.
                 self.core.tick(now, expire=drained or now - last_drained >= self.config.queue.worker_timeout)
                 next_tick = now + TIMER_INTERVAL

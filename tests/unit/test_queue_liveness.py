@@ -319,3 +319,13 @@ def test_every_message_is_delivered_after_any_pauses_and_cuts(messages: int, job
     assert after * STEP <= LIMITS.lease_time + (jobs // 4 + 1) * max(job_steps) * STEP + 5
     duplicates = sum(count - 1 for count in sim.sink.values())
     assert duplicates <= sim.scheduler.possible_duplicates
+
+
+def test_the_time_the_shard_was_stalled_is_excused() -> None:
+    scheduler = Scheduler(LIMITS)
+    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.heartbeat("w", b"id", 5, [], now=0)
+    (job,) = scheduler.dispatch(now=0)
+    scheduler.excuse(100)  # the shard was paused from 1 to 101
+    assert scheduler.expire(now=101) == [] and scheduler.jobs[job.job_id].lease_until == 100 + LIMITS.lease_time
+    assert [j.job_id for j in scheduler.expire(now=100 + LIMITS.worker_timeout)] == [job.job_id]
