@@ -71,7 +71,10 @@ class _ShardLink:
         # ZMQ_IMMEDIATE (set by BusLink): nothing is queued for a shard that is not connected, so a burst of old
         # heartbeats (with old in_flight lists) never misleads it when it comes back. Results are kept in the
         # session until the shard revokes their jobs.
-        self.bus = BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}")
+        # liveness: a connection silent for worker_timeout (a cut link, a paused shard) is dropped and made again,
+        # instead of waiting for TCP retransmissions to resume after the cut heals.
+        self.bus = BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}",
+                           liveness=config.queue.worker_timeout)
         self.session = ShardSession(config.delivery.concurrency, config.queue.worker_timeout / 2)
         self.jobs: dict[str, asyncio.Task[None]] = {}
         # Bounds the deliveries running at once even if the shard sends more jobs than it had credits for.
