@@ -8,6 +8,7 @@ figures (accepted, delivered, duplicates, counted possible duplicates, seconds t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.faults import Load, Tally, wait_delivered
+from cluster.bus.security import generate_key_file
+from tests.support.faults import Load, Tally, ip, netns, wait_delivered
 from tests.support.harness import REPO, Cluster, RoleProcess, SmtpSink, wait_for, write_config
-from tests.support.tooling import free_port
+from tests.support.tooling import free_port, in_ci, require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -170,3 +172,77 @@ def test_sigterm_of_up_under_load_leaves_nothing_in_flight(tmp_path: Path) -> No
             except subprocess.TimeoutExpired:
                 up.kill()
         sink.stop()
+
+
+def test_a_30s_cut_between_shard_and_workers_in_network_namespaces(tmp_path: Path) -> None:
+    """Shard, workers and frontend+sink on three hosts (network namespaces joined by veth pairs, CURVE on); the
+    shard-worker link goes down for 30 s under load and comes back: no restart, nothing lost, duplicates counted."""
+    require_tool("ip")
+    if os.geteuid() != 0:
+        message = "network namespaces need root"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    tag = f"f{os.getpid() % 10000}"
+    net = f"10.{os.getpid() % 250}"
+    keys = tmp_path / "curve.keys"
+    generate_key_file(keys)
+    sink_port, shard_port, smtp_port, metrics_port = free_port(), free_port(), free_port(), free_port()
+    with netns(tag) as ns:
+        queue_ns, worker_ns = ns.namespace("q"), ns.namespace("w")
+        ns.link(None, "fq", f"{net}.1.1/24", queue_ns, "qf", f"{net}.1.2/24")  # frontend host <-> shard
+        ns.link(queue_ns, "qa", f"{net}.2.1/24", worker_ns, "wa", f"{net}.2.2/24")  # shard <-> workers: cut
+        ns.link(None, "sw", f"{net}.3.1/24", worker_ns, "ws", f"{net}.3.2/24")  # workers <-> sink host
+        ip("route", "add", f"{net}.1.0/24", "via", f"{net}.2.1", namespace=worker_ns)
+        sink = SmtpSink(host=f"{net}.3.1", port=sink_port).start()
+        config = write_config(tmp_path / "netns.toml", {
+            "smtp": {"hostname": "mta.test", "listen": [f"127.0.0.1:{smtp_port}"], "inject_timeout": 3},
+            "queue": {"shards": [f"tcp://{net}.1.2:{shard_port}"], "spool_dir": str(tmp_path / "spool"), **QUEUE},
+            "delivery": {"smarthost": sink.address},
+            "metrics": {"listen": ""},
+            "bus": {"curve_key_file": str(keys)},
+        })
+
+        def role(name: str, namespace: str | None, env: dict[str, str] | None = None) -> RoleProcess:
+            wrapper = ["ip", "netns", "exec", namespace] if namespace else []
+            return RoleProcess(name, ["serve", name, "--config", str(config), *(["--shard", "0"] if name == "queue"
+                                                                                   else [])],
+                               tmp_path / f"{name}-{len(processes)}.log", env=env or {}, wrapper=wrapper)
+
+        processes: list[RoleProcess] = []
+        processes.append(role("queue", queue_ns, {"MTACLUSTER_METRICS_LISTEN": f"{net}.1.2:{metrics_port}"}))
+        processes.append(role("worker", worker_ns))
+        processes.append(role("worker", worker_ns))
+        processes.append(role("frontend", None))
+        try:
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.wait_ready(30)
+            shard = processes[0]
+            assert shard.process is not None
+            pid = shard.process.pid
+            with Load("127.0.0.1", smtp_port, "cut", pause=0.1) as load:
+                load.wait_accepted(100)
+                ns.set_link(queue_ns, "qa", up=False)
+                cut = time.monotonic()
+                try:
+                    cut_at = len(load.accepted)
+                    wait_for(lambda: len(load.accepted) >= cut_at + 100, 30, "mail accepted during the cut")
+                    time.sleep(max(0.0, 30 - (time.monotonic() - cut)))  # the fault: the link is down for 30 s
+                finally:
+                    ns.set_link(queue_ns, "qa", up=True)
+                restored = time.monotonic()
+                wait_for(lambda: len(load.accepted) >= cut_at + 200, 30, "mail accepted after the cut")
+            tally, _ = wait_delivered(sink, load.accepted, 60)
+            recovered = time.monotonic() - restored
+            counted = shard.metric(DUPLICATES, shard="0")
+            report("30 s cut (netns, CURVE)", tally, counted, recovered)
+            assert shard.process.pid == pid and shard.process.poll() is None, "the shard was restarted"
+            check(tally, counted)
+            assert recovered < 60
+        finally:
+            for process in reversed(processes):
+                with contextlib.suppress(AssertionError):
+                    process.stop()
+            sink.stop()

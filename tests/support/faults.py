@@ -24,9 +24,12 @@ from tests.support.harness import SmtpSink, wait_for
 class Load:
     """SMTP clients sending until stopped; `accepted` are the Message-IDs answered 250."""
 
-    def __init__(self, host: str, port: int, prefix: str, threads: int = 4, size: int = 1024) -> None:
+    def __init__(self, host: str, port: int, prefix: str, threads: int = 4, size: int = 1024,
+                 pause: float = 0.0) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.size = size
+        # Seconds each client waits between messages: shapes the load (a long trial need not pile up a backlog).
+        self.pause = pause
         self.accepted: set[str] = set()
         self.failed = 0
         self._lock = threading.Lock()
@@ -74,6 +77,7 @@ class Load:
                 continue
             with self._lock:
                 self.accepted.add(message_id)
+            self._stop.wait(self.pause)
         if connection is not None:
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 connection.quit()
