@@ -15,7 +15,10 @@ Outputs: an `asyncio.Server` (its `sockets[0].getsockname()` gives the bound por
 
 Failure modes: a malformed request line or header block gets 400, a request head over `MAX_REQUEST_HEAD` bytes
 gets 431, a client that does not finish its request head within `READ_TIMEOUT` gets 408, a client that does not
-read the answer within `WRITE_TIMEOUT` is dropped, and over `MAX_CONNECTIONS` concurrent clients get 503 at once.
+read the answer within `WRITE_TIMEOUT` is dropped. At most `MAX_CONNECTIONS` connections are kept: when a new
+one arrives, the connection idle the longest (no complete request yet, or already answered) is closed to make
+room, so clients that connect and send nothing cannot starve the liveness probe; only when every connection is
+busy being answered does the newcomer get 503 at once.
 Input the client sent beyond its request head is drained (bounded) before the close, so the answer is not lost
 to a TCP reset. A connection still open when the event loop stops is aborted quietly.
 Nothing a client sends raises out of the handler; a `ready()` that raises is logged and reported as not ready.
@@ -78,7 +81,9 @@ class _Endpoint:
     def __init__(self, role: str, ready: Callable[[], bool]) -> None:
         self._role = role
         self._ready = ready
-        self._connections = 0
+        # Every connection kept, and those idle (waiting for a request head, or lingering), oldest first.
+        self._open: set[asyncio.StreamWriter] = set()
+        self._idle: dict[asyncio.StreamWriter, None] = {}
 
     def is_ready(self) -> bool:
         try:
@@ -89,14 +94,28 @@ class _Endpoint:
         UP_READY.labels(role=self._role).set(1 if ready else 0)
         return ready
 
+    def _make_room(self) -> bool:
+        """Close idle connections, oldest first, until a new one fits; False when all are busy."""
+        while len(self._open) >= MAX_CONNECTIONS and self._idle:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            self._open.discard(oldest)
+            oldest.transport.abort()
+        return len(self._open) < MAX_CONNECTIONS
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections += 1
         try:
-            if self._connections > MAX_CONNECTIONS:
+            if not self._make_room():
                 await self._respond(writer, 503, b"too many connections\n", head_only=False)
             else:
+                self._open.add(writer)
+                self._idle[writer] = None
                 status, body, extra, head_only = await self._answer(reader)
+                if writer not in self._open:
+                    return  # closed to make room for a newer client
+                del self._idle[writer]
                 await self._respond(writer, status, body, head_only=head_only, extra=extra)
+                self._idle[writer] = None
                 await self._linger(reader, writer)
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), WRITE_TIMEOUT)
@@ -109,7 +128,8 @@ class _Endpoint:
             # spurious traceback.
             writer.transport.abort()
         finally:
-            self._connections -= 1
+            self._open.discard(writer)
+            self._idle.pop(writer, None)
 
     @staticmethod
     async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

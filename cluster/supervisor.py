@@ -4,7 +4,9 @@ Starts every queue shard of `queue.shards`, `up.frontends` frontends (sharing th
 `up.workers` workers and one pop3 process (when `up.pop3`), each as `python -m cluster serve ROLE`. Each child
 gets its own metrics port: the port of `metrics.listen` plus the child's index. A child that exits unexpectedly
 is restarted after `up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then pop3,
-the workers, the shards (spool closed cleanly); a child still running after the grace period is killed.
+then the shards, then the workers: a stopping shard dispatches nothing more and waits (bounded) for the Results
+of the jobs in flight while the workers are still running, so no recipient is left marked in flight; the
+workers are stopped last, with nothing left to do. A child still running after the grace period is killed.
 Children are tied to this process with PR_SET_PDEATHSIG, so even a kill -9 of the supervisor leaves no orphans.
 """
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from cluster.config import Config, split_host_port
 
 GRACE_SECONDS = 15.0
+# Shards stop before workers: they stop dispatching and collect the Results of the jobs in flight first.
+STOP_ORDER = ("frontend", "pop3", "queue", "worker")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -113,8 +117,8 @@ class Supervisor:
             self._start(child)
 
     def _shutdown(self) -> int:
-        print("mtacluster up: stopping (frontends, then workers, then shards)", flush=True)
-        for role in ("frontend", "pop3", "worker", "queue"):
+        print("mtacluster up: stopping (frontends, then shards, then workers)", flush=True)
+        for role in STOP_ORDER:
             group = [c.process for c in self.children if c.role == role and c.process is not None]
             for process in group:
                 if process.poll() is None:

@@ -9,23 +9,42 @@ Frontend -> shard (submission; ARCHITECTURE.md contract 1)
     shard -> Stored(req, queue_id)                      after the spool transaction holding it is fsynced
     shard -> InjectRefused(req, code, enhanced, text)   e.g. 452 4.3.1 when the disk is full
 
-Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases)
-    Heartbeat(worker, free, in_flight, seen, seen_epoch)
-                                         every `queue.heartbeat_interval`. `free` is the number of further
-                                         jobs the worker takes from this shard. A shard that does not know
-                                         the worker (first contact, or the shard restarted) sets the worker's
-                                         credits to `free`; afterwards credits go down by one per Deliver and
-                                         up by one per Result. `in_flight` lists the job ids the worker holds;
-                                         it renews their leases. `seen` is the highest Deliver.seq the worker
-                                         has received from the shard instance `seen_epoch`: a job the shard
-                                         sent with seq <= seen that is missing from `in_flight` was lost and
-                                         goes back to ready. Jobs sent after `seen` are never taken back by a
-                                         heartbeat (it crossed the Deliver on the wire): no double delivery.
-    shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt, seq)
-                                         seq numbers the Delivers sent to one worker, from 1, per shard epoch.
-    Result(job_id, outcomes)             one Outcome per recipient of the job; returns one credit.
-    shard -> HeartbeatAck(shard_epoch)   lets the worker notice that the shard restarted.
-    A worker silent for `queue.worker_timeout` is forgotten and all its jobs go back to ready.
+Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases; ARCHITECTURE.md contract 2)
+    Heartbeat(worker, free, in_flight, seen, seen_epoch, incarnation, sent, finished)
+                                         every `queue.heartbeat_interval`. Facts, not history: the shard
+                                         rebuilds its view of the worker from each one.
+                                         `free`: further jobs the worker takes from this shard; the shard sets
+                                         the worker's credits to `free` minus the Delivers the worker cannot
+                                         have counted yet, then spends one per Deliver and gets one back per
+                                         Result until the next heartbeat.
+                                         `in_flight`: jobs the worker holds and has not finished (renews their
+                                         leases); `finished`: jobs whose Result it sent and keeps until the
+                                         shard says to forget it (a Result can be lost in a network cut).
+                                         `seen`: the highest Deliver.seq received from (or acked as sent by)
+                                         the shard instance `seen_epoch` in the registration `incarnation`.
+                                         A job with seq <= seen, or listed before, that is missing from both
+                                         lists was lost and goes back to ready; a job sent after `seen` is never
+                                         taken back by a heartbeat (it crossed the Deliver on the wire).
+                                         `sent`: the worker's monotonic clock at sending (0 = unknown); the
+                                         shard judges silence on when messages were sent, not when it read them.
+    shard -> HeartbeatAck(shard, shard_epoch, incarnation, last_seq, revoked, resend)
+                                         `shard_epoch` changes when the shard restarts. `incarnation` numbers
+                                         the worker's registration (new each time the shard (re)registers it,
+                                         e.g. after it was silent for `queue.worker_timeout`); Delivers
+                                         numbering restarts at 1 in each. `last_seq`: every Deliver up to it
+                                         was sent before this ack, so one not received by now was lost.
+                                         `revoked`: listed jobs that are not the worker's (finished, or handed
+                                         out again after it was silent): it must not start them and forgets
+                                         their Results. `resend`: finished jobs whose Result never arrived.
+    shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt, seq, epoch, incarnation)
+                                         seq numbers the Delivers sent to one (epoch, incarnation), from 1.
+    Result(job_id, worker, outcomes)     one Outcome per recipient of the job. A Result for a job the shard
+                                         took back is reconciled: its outcomes stand for the recipients not
+                                         handed out again; a delivery of one that was handed out again is a
+                                         counted duplicate (mtacluster_queue_possible_duplicates_total).
+    A worker silent for `queue.worker_timeout` is forgotten and its jobs go back to ready (counted as possible
+    duplicates when handed out again). A worker whose shard has not acked for half of `queue.worker_timeout`
+    starts no new job from it (fencing) until an ack says which of its jobs are still its own.
 
 Admin (mtacluster queue ...)
     AdminRequest(req, op, args) -> AdminReply(req, ok, data, error)
@@ -131,6 +150,9 @@ class Heartbeat(BusMessage):
     in_flight: list[str]
     seen: int = 0
     seen_epoch: str = ""
+    incarnation: int = 0
+    sent: float = 0.0
+    finished: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,10 @@ class HeartbeatAck(BusMessage):
     TYPE: ClassVar[str] = "heartbeat_ack"
     shard: int
     shard_epoch: str
+    incarnation: int = 0
+    last_seq: int = 0
+    revoked: list[str] = field(default_factory=list)
+    resend: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -151,6 +177,8 @@ class Deliver(BusMessage):
     body: bytes
     attempt: int
     seq: int = 0
+    epoch: str = ""
+    incarnation: int = 0
 
 
 class OutcomeKind(enum.StrEnum):
@@ -306,7 +334,8 @@ def kind_of_code(code: int) -> OutcomeKind:
 _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,
     "code": int, "enhanced": str, "text": str, "worker": str, "free": int, "in_flight": list,
-    "shard": int, "shard_epoch": str,
+    "shard": int, "shard_epoch": str, "incarnation": int, "last_seq": int, "sent": (int, float), "epoch": str,
+    "finished": list, "revoked": list, "resend": list,
     "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
     "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "kind": str, "remote": str,
     "port": int, "connect_seconds": (int, float), "transfer_seconds": (int, float),
@@ -314,7 +343,7 @@ _EXPECTED: dict[str, type | tuple[type, ...]] = {
 
 # Number fields that count or measure something, so can never be negative.
 _COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard", "port", "connect_seconds",
-                     "transfer_seconds"})
+                     "transfer_seconds", "incarnation", "last_seq"})
 
 
 def _check_types(message: BusMessage | Outcome, where: str = "") -> None:
@@ -400,6 +429,13 @@ def _check_deliver(message: BusMessage) -> None:
 def _check_heartbeat(message: BusMessage) -> None:
     assert isinstance(message, Heartbeat)
     _strings("heartbeat.in_flight", message.in_flight)
+    _strings("heartbeat.finished", message.finished)
+
+
+def _check_ack(message: BusMessage) -> None:
+    assert isinstance(message, HeartbeatAck)
+    _strings("heartbeat_ack.revoked", message.revoked)
+    _strings("heartbeat_ack.resend", message.resend)
 
 
 def _check_admin_request(message: BusMessage) -> None:
@@ -415,6 +451,6 @@ def _check_refused(message: BusMessage) -> None:
 
 
 _CHECKS: dict[type[BusMessage], Callable[[BusMessage], None]] = {
-    Inject: _check_inject, Deliver: _check_deliver, Heartbeat: _check_heartbeat,
+    Inject: _check_inject, Deliver: _check_deliver, Heartbeat: _check_heartbeat, HeartbeatAck: _check_ack,
     AdminRequest: _check_admin_request, InjectRefused: _check_refused,
 }

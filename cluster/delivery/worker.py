@@ -1,23 +1,24 @@
 """The worker role: takes delivery jobs from every queue shard and sends back one Result per job.
 
-Protocol (cluster/bus/schemas.py): one bus link (cluster/bus/client.py) per shard in `queue.shards`. Every
-`queue.heartbeat_interval` the worker sends Heartbeat(worker, free, in_flight, seen) to each shard: `free` is how
-many more jobs it takes from that shard (`delivery.concurrency` minus the jobs it holds from it), `in_flight`
-the ids of those jobs (renewing their leases). Each Deliver starts an asyncio task running
-`Deliverer.deliver`; its outcomes go back as Result(job_id, worker, outcomes). A HeartbeatAck whose
-shard_epoch differs from the last one means the shard restarted and forgot us: the worker heartbeats again at
-once so the shard learns its credits.
+Protocol (cluster/bus/schemas.py): one bus link (cluster/bus/client.py) per shard in `queue.shards`; the
+protocol state of each is a `ShardSession` (delivery/shard_session.py). Every `queue.heartbeat_interval` the
+worker sends it a Heartbeat (free slots, jobs held, Results kept, seen). Each Deliver starts an asyncio task that
+waits for a delivery slot, then for the shard to be unfenced (acked within half of `queue.worker_timeout`), then
+delivers; its outcomes go back as Result(job_id, worker, outcomes), kept until the shard revokes the job. An ack
+can drop jobs that have not started (revoked: no longer ours) and ask for lost Results again. A HeartbeatAck
+from a new shard epoch means the shard restarted and forgot us: the worker heartbeats again at once so the
+shard learns its credits.
 
 Failure modes: an undecodable or unexpected frame is logged and dropped (never a crash). A Deliver for a job
-already running is ignored. A recipient (or sender) address the SMTP server would refuse fails at once with
+already held is ignored. A recipient (or sender) address the SMTP server would refuse fails at once with
 553 5.1.3 (5.1.7), logged in one line. An unexpected error inside a delivery defers the job's recipients with
 451 4.3.0 on its first attempts (one log line each) and fails them with 554 5.3.0 from attempt
 `INTERNAL_ERROR_ATTEMPTS` on (traceback logged with that failure), so one poison message is bounced, not
-retried with tracebacks for days. Nothing is queued for an unreachable shard (ZMQ_IMMEDIATE): heartbeats are
-skipped, and a Result that cannot be sent is kept and retried before each heartbeat, its job still listed as
-in flight (a worker that dies meanwhile leaves it to the shard's lease: a possible duplicate, never a loss).
-On stop, running jobs get `SHUTDOWN_GRACE` seconds to finish; the rest are abandoned and come back to the
-shard through their leases.
+retried with tracebacks for days. Nothing is queued for an unreachable shard (ZMQ_IMMEDIATE): a heartbeat or
+Result that cannot be sent is skipped; the Result stays listed as finished, and the shard asks for it again (a
+worker that dies meanwhile leaves the job to the shard's lease: a counted possible duplicate, never a loss).
+On stop, jobs that have not started are handed back at once (a last heartbeat without them), running jobs get
+`SHUTDOWN_GRACE` seconds to finish, and the rest come back to the shard through their leases.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from cluster.bus.schemas import (
     BusMessage,
     Deliver,
     Error,
-    Heartbeat,
     HeartbeatAck,
     Outcome,
     OutcomeKind,
@@ -49,6 +49,7 @@ from cluster.delivery import metrics
 from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer
 from cluster.delivery.mx import CachingMxResolver, DnsMxResolver, MxResolver
+from cluster.delivery.shard_session import ShardSession
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +70,18 @@ class _ShardLink:
         self.index = index
         self.endpoint = endpoint
         # ZMQ_IMMEDIATE (set by BusLink): nothing is queued for a shard that is not connected, so a burst of old
-        # heartbeats (with old in_flight lists) never misleads it when it comes back. Results that cannot go out
-        # wait in `unsent` instead.
-        self.bus = BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}")
+        # heartbeats (with old in_flight lists) never misleads it when it comes back. Results are kept in the
+        # session until the shard revokes their jobs.
+        # liveness: a connection silent for worker_timeout (a cut link, a paused shard) is dropped and made again,
+        # instead of waiting for TCP retransmissions to resume after the cut heals.
+        self.bus = BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}",
+                           liveness=config.queue.worker_timeout)
+        self.session = ShardSession(config.delivery.concurrency, config.queue.worker_timeout / 2)
         self.jobs: dict[str, asyncio.Task[None]] = {}
-        # Results not yet accepted by the socket (shard unreachable): retried before every heartbeat, and their
-        # jobs stay listed as in flight so the shard keeps their leases.
-        self.unsent: dict[str, bytes] = {}
         # Bounds the deliveries running at once even if the shard sends more jobs than it had credits for.
         self.slots = asyncio.Semaphore(config.delivery.concurrency)
-        self.epoch: str | None = None
-        self.last_ack = float("-inf")
-        # seq of the last Deliver received from the shard instance `epoch` (echoed in heartbeats, so the shard
-        # knows which jobs we must have: see bus/schemas.py).
-        self.seen = 0
+        # Set by every ack: fenced jobs wait for it.
+        self.acked = asyncio.Event()
 
     async def send(self, frame: bytes) -> bool:
         return await self.bus.send(frame)
@@ -107,7 +106,7 @@ class Worker:
     def _shards_connected(self) -> int:
         now = time.monotonic()
         window = self.config.queue.worker_timeout
-        connected = sum(1 for link in self._links if now - link.last_ack < window)
+        connected = sum(1 for link in self._links if now - link.session.last_ack < window)
         metrics.SHARDS_CONNECTED.set(connected)
         return connected
 
@@ -122,14 +121,32 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._hand_back_waiting()
             await self._finish_jobs()
             for link in self._links:
-                for frame in link.unsent.values():
+                for frame in link.session.results.values():
                     await link.send(frame)  # one last try; the shard's lease covers a failure
             self.cache.close_all()
             for link in self._links:
                 await link.bus.close()
             metrics.SHARDS_CONNECTED.set(0)
+
+    async def _hand_back_waiting(self) -> None:
+        """Drop the jobs that have not started and say so in a last heartbeat: their shards re-queue them now
+        (they were never attempted: no duplicate possible)."""
+        cancelled: list[asyncio.Task[None]] = []
+        for link in self._links:
+            waiting = list(link.session.waiting)
+            for job_id in waiting:
+                link.session.abandon(job_id)
+                task = link.jobs.get(job_id)
+                if task is not None:
+                    task.cancel()
+                    cancelled.append(task)
+            if waiting:
+                log.info("shard %d: handing back %d jobs not started", link.index, len(waiting))
+            await link.send(link.session.heartbeat(self.name, time.monotonic()).encode())
+        await asyncio.gather(*cancelled, return_exceptions=True)
 
     async def _finish_jobs(self) -> None:
         running = [task for link in self._links for task in link.jobs.values()]
@@ -146,14 +163,7 @@ class Worker:
     async def _heartbeat(self, link: _ShardLink) -> None:
         if self._stopping:
             return
-        for job_id, frame in list(link.unsent.items()):
-            if not await link.send(frame):
-                break
-            del link.unsent[job_id]
-        held = [*link.jobs, *(job_id for job_id in link.unsent if job_id not in link.jobs)]
-        free = max(0, self.config.delivery.concurrency - len(held))
-        await link.send(Heartbeat(worker=self.name, free=free, in_flight=held, seen=link.seen,
-                                  seen_epoch=link.epoch or "").encode())
+        await link.send(link.session.heartbeat(self.name, time.monotonic()).encode())
 
     async def _prune_forever(self) -> None:
         while True:
@@ -187,25 +197,30 @@ class Worker:
             log.warning("shard %d sent an unexpected %s", link.index, message.TYPE)
 
     async def _on_ack(self, link: _ShardLink, ack: HeartbeatAck) -> None:
-        link.last_ack = time.monotonic()
-        restarted = link.epoch is not None and ack.shard_epoch != link.epoch
-        if ack.shard_epoch != link.epoch:
-            # A new shard instance numbers its Delivers from 1; its ack arrives before any of them.
-            link.seen = 0
-        link.epoch = ack.shard_epoch
-        if restarted:
+        actions = link.session.on_ack(ack, time.monotonic())
+        for job_id in actions.dropped:
+            task = link.jobs.pop(job_id, None)
+            if task is not None:
+                task.cancel()
+                metrics.JOBS_IN_FLIGHT.dec()
+        if actions.dropped:
+            log.info("shard %d revoked %d jobs we had not started (handed out again while we were cut off)",
+                     link.index, len(actions.dropped))
+        for frame in actions.resend:
+            await link.send(frame)
+        link.acked.set()
+        link.acked.clear()
+        if actions.restarted:
             log.info("shard %d restarted (new epoch %s): announcing ourselves again", link.index, ack.shard_epoch)
             await self._heartbeat(link)
 
     async def _on_deliver(self, link: _ShardLink, job: Deliver) -> None:
-        link.seen = max(link.seen, job.seq)
         if self._stopping:
-            return  # not in our heartbeats any more: the shard takes it back
-        if job.job_id in link.jobs:
-            log.warning("shard %d sent job %s again while it is running; ignored", link.index, job.job_id)
-            return
-        if not job.recipients:
-            await link.send(Result(job_id=job.job_id, worker=self.name, outcomes=[]).encode())
+            link.session.accept(job)
+            link.session.abandon(job.job_id)
+            return  # not in our heartbeats: the shard takes it back
+        if not link.session.accept(job):
+            log.warning("shard %d sent job %s again while we hold it; ignored", link.index, job.job_id)
             return
         task = asyncio.create_task(self._run_job(link, job))
         link.jobs[job.job_id] = task
@@ -215,14 +230,20 @@ class Worker:
         started = time.perf_counter()
         try:
             async with link.slots:
-                outcomes = await self._outcomes(job)
+                while link.session.fenced(time.monotonic()) and job.job_id in link.session.waiting:
+                    await link.acked.wait()
+                if not link.session.start(job.job_id):
+                    link.jobs.pop(job.job_id, None)
+                    metrics.JOBS_IN_FLIGHT.dec()
+                    return  # revoked while it waited: another worker has it now
+                outcomes = await self._outcomes(job) if job.recipients else []
         except asyncio.CancelledError:
-            link.jobs.pop(job.job_id, None)
-            metrics.JOBS_IN_FLIGHT.dec()
+            if link.jobs.pop(job.job_id, None) is not None:
+                metrics.JOBS_IN_FLIGHT.dec()
             raise
         frame = Result(job_id=job.job_id, worker=self.name, outcomes=outcomes).encode()
-        if not await link.send(frame):
-            link.unsent[job.job_id] = frame
+        link.session.finish(job.job_id, frame)
+        await link.send(frame)
         link.jobs.pop(job.job_id, None)
         metrics.JOBS_IN_FLIGHT.dec()
         metrics.DURATION.observe(time.perf_counter() - started)

@@ -284,6 +284,10 @@ class Frontend:
             await session.run()
         except (ConnectionError, OSError) as exc:
             log.debug("session with %s ended: %s", client_ip, exc)
+        except asyncio.CancelledError:
+            # Stopping (the session said 421). Not re-raised: this task is a leaf nobody awaits, and on Python
+            # 3.11 asyncio's done-callback for a cancelled stream handler logs a traceback per session.
+            log.debug("session with %s closed: the frontend is stopping", client_ip)
         finally:
             self.sessions.pop(task, None)
             self.per_client[client_ip] -= 1

@@ -74,13 +74,14 @@ class ShardCore:
         self.io = SpoolIO(spool, self.label, config.queue.commit_batch_max, self._observe_commit)
         self.ids = QueueIdFactory(index)
         self.space = DiskSpace(self.label, self.io.free_space)
-        self.dispatcher = Dispatcher(index, self.scheduler, self.io, clock, send)
+        self.workers = WorkerRegistry(index, self.epoch, self.scheduler)
+        self.dispatcher = Dispatcher(index, self.scheduler, self.io, clock, send, self.epoch,
+                                     self.workers.count_duplicates)
         self.outbox = Outbox(config, index, self.io)
         self.bounces = BounceMaker(config, index, self.ids, self.io, self.outbox, self.scheduler.messages.get,
                                    self._schedule, self.spawn)
         self.ledger = Ledger(self.label, self.scheduler, self.io, self.bounces, self.dispatcher.wake)
         self.outcomes = OutcomeRecorder(index, self.scheduler, RetrySchedule(config.queue), self.ledger, self.spawn)
-        self.workers = WorkerRegistry(index, self.epoch, self.scheduler)
         self.injector = Injector(config, index, self.io, self.ids, self.space, clock, self._schedule_new)
         self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity)
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
@@ -173,9 +174,15 @@ class ShardCore:
             return
         await self._send(identity, AdminReply(request.req, True, data, ""))
 
-    def tick(self, monotonic: float) -> None:
-        if self.maintainer.tick(self.clock(), monotonic):
+    def tick(self, monotonic: float, expire: bool = True) -> None:
+        """Periodic work; `expire=False` skips judging workers silent (frames are still waiting to be read)."""
+        if self.maintainer.tick(self.clock(), monotonic, expire):
             self.dispatcher.wake()
+
+    async def idle_outcomes(self, grace: float) -> None:
+        """Wait (up to `grace` seconds) for the outcomes being recorded to be committed."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
 
     # -- glue between the parts ---------------------------------------------------------------------------
 

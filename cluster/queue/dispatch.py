@@ -25,8 +25,14 @@ log = logging.getLogger("mtacluster.queue")
 
 class Dispatcher:
     def __init__(self, index: int, scheduler: Scheduler, io: SpoolIO, clock: Callable[[], float],
-                 send: Callable[[bytes, BusMessage], Awaitable[None]]) -> None:
+                 send: Callable[[bytes, BusMessage], Awaitable[None]], epoch: str = "",
+                 sent: Callable[[], None] = lambda: None) -> None:
         self.index = index
+        self.epoch = epoch
+        # Called after each batch of Delivers (the shard counts possible duplicates there).
+        self._sent = sent
+        # False once the shard is stopping: nothing more is dispatched (up stops shards before workers).
+        self.enabled = True
         self.scheduler = scheduler
         self.io = io
         self.clock = clock
@@ -54,6 +60,8 @@ class Dispatcher:
 
     async def dispatch_once(self) -> int:
         """Make and send the jobs workers have credits for now; returns how many were sent."""
+        if not self.enabled:
+            return 0
         jobs = self.scheduler.dispatch(self.clock())
         if not jobs:
             return 0
@@ -70,6 +78,7 @@ class Dispatcher:
         sent = 0
         for job in jobs:
             sent += await self._send_job(job, bodies.get(job.queue_id))
+        self._sent()
         self.wake()
         return sent
 
@@ -80,6 +89,8 @@ class Dispatcher:
             return 0
         message = self.scheduler.messages[job.queue_id]
         recipients = [message.recipients[i].address for i in job.indices]
+        seq = self.scheduler.next_seq(job)
         await self._send(worker.identity, Deliver(job.job_id, job.queue_id, message.sender, recipients, job.domain,
-                                                  body, job.attempt, self.scheduler.next_seq(job)))
+                                                  body, job.attempt, seq, self.epoch, job.incarnation))
+        self.scheduler.note_sent(job)
         return 1

@@ -31,9 +31,10 @@ class Maintainer:
         self.space = space
         self._last_disk_check = float("-inf")
 
-    def tick(self, now: float, monotonic: float) -> bool:
+    def tick(self, now: float, monotonic: float, expire: bool = True) -> bool:
         wake = self.scheduler.promote_due(now) > 0
-        wake = self.workers.expire(now) > 0 or wake
+        if expire:  # only once every frame waiting on the socket was read (shard.py)
+            wake = self.workers.expire(now) > 0 or wake
         wake = self.scheduler.end_backoffs(now) or wake
         if monotonic - self._last_disk_check >= DISK_CHECK_INTERVAL:
             self._last_disk_check = monotonic

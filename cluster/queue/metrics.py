@@ -25,7 +25,8 @@ WORKERS = Gauge("mtacluster_queue_workers_connected", "Workers heard from within
 LEASES_EXPIRED = Counter("mtacluster_queue_leases_expired_total",
                          "Jobs taken back from a vanished or stuck worker", ["shard"])
 POSSIBLE_DUPLICATES = Counter("mtacluster_queue_possible_duplicates_total",
-                              "Recipients in flight at a crash, queued again on recovery", ["shard"])
+                              "Recipients handed out again while an earlier delivery of them may have happened "
+                              "(in flight at a crash, or taken back from a silent worker)", ["shard"])
 BOUNCES = Counter("mtacluster_queue_bounces_generated_total", "Delivery status notifications generated",
                   ["shard", "kind"])
 OUTCOMES = Counter("mtacluster_queue_outcomes_total",

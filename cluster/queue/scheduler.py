@@ -5,10 +5,23 @@ Holds the in-memory view of every queued message and decides what to deliver nex
 - a heap of deferred recipients ordered by their next attempt time;
 - jobs in flight, each with a lease; at most `destination_concurrency` jobs per destination at once;
 - destination backoff: a destination whose last jobs were all deferred waits as a whole;
-- workers with credits (schemas docstring: credit-based flow control): set from `free` on first contact,
-  one spent per job dispatched, one back when the job ends (its Result, or taken back from the worker);
+- workers with credits (schemas docstring: credit-based flow control), re-established from facts on every
+  heartbeat: the worker's `free` minus the jobs sent to it that it cannot have counted yet (in transit); between
+  heartbeats one is spent per job dispatched and one comes back per Result;
 - locked messages (`lock`/`unlock`, held by ledger.py while a change to them is decided and committed):
   their recipients are neither dispatched nor promoted until unlocked.
+
+Job ownership, also from facts (ARCHITECTURE.md contract 2): every heartbeat lists the jobs the worker holds.
+A listed job the shard had taken back (the worker was silent, e.g. a pause or a network cut) is adopted again
+when none of its recipients was handed out since; any other listed job the worker does not own is revoked (the
+worker must not start it). A registration is an incarnation (a number new at every registration), so a `seen`
+count from an earlier registration never takes back jobs of the new one. Silence is judged on when the
+worker's last message was sent (its own clock, mapped onto ours by the quickest message), not when we read it.
+
+Possible duplicates: a job taken back from a silent worker or an expired lease after its Deliver was sent may
+have been delivered. Its recipients are marked doubtful; handing one out again counts one possible duplicate
+(`possible_duplicates`). A late Result of such a job is reconciled: its outcomes stand for every recipient not
+handed out again, so they are not delivered twice.
 
 A job is the ready recipients of one message for one domain (at most `max_recipients` of them).
 Every recipient state change goes through `set_state`, which keeps the per-state counters for metrics exact
@@ -37,8 +50,19 @@ class Job:
     worker: str = ""
     assigned_at: float = 0.0
     lease_until: float = 0.0
-    # Number of the Deliver that carried this job to its worker (0 = not sent yet); see bus/schemas.py.
+    # Number of the Deliver that carried this job to its worker (0 = not sent yet), within the worker's
+    # incarnation; see bus/schemas.py.
     seq: int = 0
+    incarnation: int = 0
+    # The worker listed it in a heartbeat: it holds (or held) the job, whatever the Deliver numbering says.
+    confirmed: bool = False
+
+
+# Drift allowed between a worker's clock and ours when mapping its send times onto our clock (seconds per
+# second): far above real clock drift, far below any delay worth noticing.
+CLOCK_DRIFT = 1e-3
+# Jobs taken back are remembered (for adoption and late Results) up to this many, oldest forgotten first.
+TAKEN_BACK_MEMORY = 50_000
 
 
 @dataclass
@@ -46,10 +70,62 @@ class WorkerState:
     name: str
     identity: bytes
     credits: int
+    # When the worker last sent something, on our clock.
     last_seen: float
+    incarnation: int = 0
     jobs: set[str] = field(default_factory=set)
-    # seq of the last Deliver sent to this worker.
+    # seq of the last Deliver numbered for this incarnation, and of the last one handed to the socket (acks
+    # tell the worker the latter: a Deliver numbered at or below it that it never got was lost on the wire).
     last_seq: int = 0
+    sent_seq: int = 0
+    # Our clock minus the worker's, from its quickest message so far (None before its first timed message).
+    clock_offset: float | None = None
+    offset_at: float = 0.0
+
+    def sent_at(self, sent: float | None, now: float) -> float:
+        """When a message stamped `sent` (worker clock) left the worker, on our clock; `now` if unstamped.
+
+        The smallest (receive time - send stamp) seen is the clock offset plus the quickest transit; a message
+        read late (a backlog after a pause) then maps to when it was sent, not when we got round to it.
+        """
+        if sent is None:
+            return now
+        observed = now - sent
+        if self.clock_offset is None:
+            self.clock_offset = observed
+        else:
+            self.clock_offset = min(observed, self.clock_offset + CLOCK_DRIFT * max(0.0, now - self.offset_at))
+        self.offset_at = now
+        return min(now, sent + self.clock_offset)
+
+
+@dataclass
+class HeartbeatOutcome:
+    """What one heartbeat changed; the shard answers `incarnation`, `last_seq` and `revoked` in its ack."""
+
+    incarnation: int
+    last_seq: int
+    registered: bool = False
+    # Jobs the worker received and no longer holds, without a Result: ready again (never delivered).
+    returned: list[Job] = field(default_factory=list)
+    # Jobs taken back earlier that the worker still holds: its own again.
+    adopted: list[str] = field(default_factory=list)
+    # Jobs the worker lists that are not its own (finished, or handed out again): it must not start them,
+    # and forgets their Results.
+    revoked: list[str] = field(default_factory=list)
+    # Finished jobs whose Result never reached us: the worker sends it again.
+    resend: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ResultDecision:
+    """What a Result decides: `job.indices` are the recipients its outcomes stand for (in flight, for the
+    caller to record). For a job taken back earlier, `duplicates` are the recipients handed out again meanwhile
+    (delivered twice if the Result says delivered); `stale` tells the two cases apart."""
+
+    job: Job
+    duplicates: list[int]
+    stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +159,10 @@ class Scheduler:
         self._job_ids = itertools.count(1)
         self._job_prefix = job_prefix
         self._worker_cursor = 0
+        self._incarnations = itertools.count(1)
+        self._taken_back: dict[str, Job] = {}
+        self._doubtful: set[tuple[str, int]] = set()
+        self.possible_duplicates = 0
 
     # -- messages and recipient states --------------------------------------------------------------------
 
@@ -100,6 +180,8 @@ class Scheduler:
         message = self.messages.pop(queue_id, None)
         if message is None:
             return None
+        for recipient in message.recipients:
+            self._doubtful.discard((queue_id, recipient.index))
         counts = self._per_message.pop(queue_id)
         for state, count in counts.items():
             self.recipient_counts[state] -= count
@@ -196,6 +278,7 @@ class Scheduler:
             if job is None:
                 break
             job.worker = worker.name
+            job.incarnation = worker.incarnation
             job.assigned_at = now
             job.lease_until = now + self.limits.lease_time
             worker.credits -= 1
@@ -244,6 +327,9 @@ class Scheduler:
                       attempt=max(r.attempts for r in chosen) + 1)
             for recipient in chosen:
                 self.set_state(message, recipient, State.IN_FLIGHT)
+                if (queue_id, recipient.index) in self._doubtful:
+                    self._doubtful.discard((queue_id, recipient.index))
+                    self.possible_duplicates += 1
             self.jobs[job.job_id] = job
             self._in_flight_per_domain[domain] += 1
             self._drop_domain_if_idle(domain)
@@ -274,8 +360,13 @@ class Scheduler:
             worker.credits += 1
         return job
 
-    def return_job(self, job_id: str) -> Job | None:
-        """Put a job's recipients that are still in flight back to ready (vanished worker, expired lease)."""
+    def return_job(self, job_id: str, doubtful: bool = False) -> Job | None:
+        """Put a job's recipients that are still in flight back to ready (vanished worker, expired lease).
+
+        `doubtful`: the worker may have delivered it (its Deliver was sent and it never said otherwise); the
+        job is remembered for adoption and a late Result, and its recipients count as possible duplicates when
+        they are handed out again.
+        """
         job = self.finish_job(job_id)
         if job is None:
             return None
@@ -285,7 +376,61 @@ class Scheduler:
                 recipient = message.recipients[index]
                 if recipient.state is State.IN_FLIGHT:
                     self.set_state(message, recipient, State.READY)
+                    if doubtful:
+                        self._doubtful.add((job.queue_id, index))
+        if doubtful:
+            self._remember_taken_back(job)
         return job
+
+    def _remember_taken_back(self, job: Job) -> None:
+        self._taken_back[job.job_id] = job
+        while len(self._taken_back) > TAKEN_BACK_MEMORY:
+            del self._taken_back[next(iter(self._taken_back))]
+
+    def _ready_recipients_of(self, job: Job) -> tuple[Message | None, list[int]]:
+        message = self.messages.get(job.queue_id)
+        if message is None or job.queue_id in self._locked:  # a locked message is someone else's to change
+            return message, []
+        return message, [i for i in job.indices if message.recipients[i].state is State.READY]
+
+    def _adopt(self, job_id: str, worker: WorkerState, now: float) -> bool:
+        """A worker still holds a job we took back: it is its own again if no recipient was handed out since."""
+        job = self._taken_back.get(job_id)
+        if job is None:
+            return False
+        message, ready = self._ready_recipients_of(job)
+        if message is None or len(ready) != len(job.indices):
+            return False
+        del self._taken_back[job_id]
+        for index in job.indices:
+            self.set_state(message, message.recipients[index], State.IN_FLIGHT)
+            self._doubtful.discard((job.queue_id, index))
+        job.worker = worker.name
+        job.incarnation = worker.incarnation
+        job.lease_until = now + self.limits.lease_time
+        job.confirmed = True
+        self.jobs[job_id] = job
+        worker.jobs.add(job_id)
+        self._in_flight_per_domain[job.domain] += 1
+        return True
+
+    def stale_result(self, job_id: str) -> ResultDecision | None:
+        """A Result for a job we took back; None when the job is unknown (finished, or long forgotten).
+
+        Recipients still ready take the Result's outcomes (they go in flight until the caller records them);
+        the others were handed out again, so a delivery reported here for them is a duplicate.
+        """
+        job = self._taken_back.pop(job_id, None)
+        if job is None:
+            return None
+        message, ready = self._ready_recipients_of(job)
+        if message is None:
+            return None
+        for index in ready:
+            self.set_state(message, message.recipients[index], State.IN_FLIGHT)
+            self._doubtful.discard((job.queue_id, index))
+        decided = Job(job.job_id, job.queue_id, job.domain, ready, job.attempt, job.worker, job.assigned_at)
+        return ResultDecision(decided, [i for i in job.indices if i not in ready], stale=True)
 
     def in_flight_jobs_of(self, domain: str) -> int:
         return self._in_flight_per_domain[domain]
@@ -321,58 +466,121 @@ class Scheduler:
     # -- workers ------------------------------------------------------------------------------------------
 
     def heartbeat(self, name: str, identity: bytes, free: int, in_flight: list[str], now: float,
-                  seen: int = 0) -> list[Job]:
-        """Renew the leases of the jobs a worker lists; jobs it should hold but does not list go back to ready.
+                  seen: int = 0, incarnation: int = 0, sent: float | None = None,
+                  finished: list[str] | None = None) -> HeartbeatOutcome:
+        """Register or renew a worker from the facts it reports (see the module docstring).
 
-        A job counts as missing only when the worker says it received its Deliver (job.seq <= seen): a heartbeat
-        that crossed a Deliver on the wire never takes back the job the worker is about to receive.
-        `seen` must be 0 when the worker's count belongs to another shard instance (epoch).
+        `in_flight`: jobs the worker holds and has not finished; `finished`: jobs whose Result it sent and keeps
+        until told to forget it (revoked) or to send it again (resend: we never got it, e.g. a network cut).
+        `seen`: the highest Deliver seq the worker has received or been told was sent, counted in the
+        registration `incarnation` (the caller passes seen=0 when it belongs to another shard epoch). A job the
+        worker does not list and cannot have missed (seq <= seen, or listed before) goes back to ready: never
+        a job still on the wire. `sent`: the worker's clock when it sent the heartbeat.
         """
         worker = self.workers.get(name)
+        registered = worker is None
         if worker is None:
-            self.workers[name] = WorkerState(name, identity, max(free, 0), now)
-            return []
+            worker = self.workers[name] = WorkerState(name, identity, 0, now, next(self._incarnations))
         worker.identity = identity
-        worker.last_seen = now
-        listed = set(in_flight)
-        returned: list[Job] = []
+        worker.last_seen = max(worker.last_seen, worker.sent_at(sent, now))
+        if incarnation != worker.incarnation:
+            seen = 0
+        outcome = HeartbeatOutcome(worker.incarnation, worker.sent_seq, registered)
+        finished = finished or []
+        for job_id in in_flight:
+            if job_id in worker.jobs:
+                self._renew(self.jobs[job_id], now)
+            elif self._adopt(job_id, worker, now):
+                outcome.adopted.append(job_id)
+            else:
+                outcome.revoked.append(job_id)
+        for job_id in finished:
+            if job_id in worker.jobs:
+                self._renew(self.jobs[job_id], now)
+                outcome.resend.append(job_id)
+            elif job_id in self._taken_back:
+                outcome.resend.append(job_id)
+            else:
+                outcome.revoked.append(job_id)
+        listed = {*in_flight, *finished}
+        in_transit = 0
         for job_id in list(worker.jobs):
-            job = self.jobs[job_id]
             if job_id in listed:
-                job.lease_until = now + self.limits.lease_time
-            elif 0 < job.seq <= seen:
+                continue
+            job = self.jobs[job_id]
+            if job.confirmed or 0 < job.seq <= seen:
                 taken_back = self.return_job(job_id)
                 if taken_back is not None:
-                    returned.append(taken_back)
-        return returned
+                    outcome.returned.append(taken_back)
+            else:
+                in_transit += 1
+        worker.credits = max(0, free - in_transit)
+        return outcome
+
+    def _renew(self, job: Job, now: float) -> None:
+        job.lease_until = now + self.limits.lease_time
+        job.confirmed = True
 
     def next_seq(self, job: Job) -> int:
-        """Number the Deliver about to carry `job` to its worker."""
+        """Number the Deliver about to carry `job` to its worker (in the worker's current incarnation)."""
         worker = self.workers[job.worker]
         worker.last_seq += 1
         job.seq = worker.last_seq
+        job.incarnation = worker.incarnation
         return job.seq
 
-    def seen(self, name: str, identity: bytes, now: float) -> None:
+    def note_sent(self, job: Job) -> None:
+        """The Deliver numbered `job.seq` was handed to the socket (so an ack sent later follows it)."""
+        worker = self.workers.get(job.worker)
+        if worker is not None and worker.incarnation == job.incarnation:
+            worker.sent_seq = max(worker.sent_seq, job.seq)
+
+    def take_result(self, job_id: str, worker: str) -> ResultDecision | None:
+        """The job a Result decides, or None (unknown, long forgotten, or not this worker's).
+
+        A live job is finished (its credit comes back); a job taken back earlier is reconciled (stale_result).
+        The returned job's recipients are in flight; the caller records their outcomes.
+        """
+        job = self.jobs.get(job_id)
+        if job is not None:
+            if job.worker != worker:
+                return None
+            self.finish_job(job_id)
+            return ResultDecision(job, [])
+        return self.stale_result(job_id)
+
+    def seen(self, name: str, identity: bytes, now: float, sent: float | None = None) -> None:
         """A worker sent something: it is alive, and replies go to its current socket."""
         worker = self.workers.get(name)
         if worker is not None:
             worker.identity = identity
-            worker.last_seen = now
+            worker.last_seen = max(worker.last_seen, worker.sent_at(sent, now))
+
+    def excuse(self, seconds: float) -> None:
+        """The shard itself was stalled (paused, or its event loop blocked) for `seconds`: that time counts
+        neither as the workers' silence nor against their leases (what they sent meanwhile may not be readable
+        yet: ZeroMQ's I/O thread has to catch up first)."""
+        for worker in self.workers.values():
+            worker.last_seen += seconds
+        for job in self.jobs.values():
+            job.lease_until += seconds
 
     def expire(self, now: float) -> list[Job]:
-        """Take back jobs of silent workers (worker_timeout) and jobs whose lease ran out."""
+        """Take back jobs of silent workers (worker_timeout) and jobs whose lease ran out.
+
+        Call it only after every message waiting to be read was handled: silence is judged on what was sent.
+        """
         returned: list[Job] = []
         for name, worker in list(self.workers.items()):
             if now - worker.last_seen >= self.limits.worker_timeout:
                 del self.workers[name]
                 for job_id in list(worker.jobs):
-                    job = self.return_job(job_id)
+                    job = self.return_job(job_id, doubtful=self.jobs[job_id].seq > 0)
                     if job is not None:
                         returned.append(job)
         for job_id, job in list(self.jobs.items()):
             if job.lease_until <= now:
-                taken_back = self.return_job(job_id)
+                taken_back = self.return_job(job_id, doubtful=job.seq > 0)
                 if taken_back is not None:
                     returned.append(taken_back)
         self.leases_expired += len(returned)

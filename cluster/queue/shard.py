@@ -5,6 +5,15 @@ frames, decodes them and hands each message to `ShardCore.handle`, sends what th
 core's maintenance every TIMER_INTERVAL, and runs the background tasks (group-commit writer, dispatcher,
 outbox forwarder). What happens to each message is in the module core.py routes it to.
 
+Receiving and ticking share one loop, and a tick judges workers silent (expiry) only right after the socket
+was read empty: after a pause (SIGSTOP, a stalled host) the heartbeats and Results waiting in the socket are
+handled before anyone is taken for dead, so finished jobs are not dispatched again; and the time the shard
+itself was stalled (a tick late by STALL or more) is not held against the workers, since what they sent
+meanwhile may still be on its way through ZeroMQ's I/O thread (issue 8).
+Stopping: dispatching stops first, and the Results of the jobs in flight are awaited (up to STOP_DRAIN
+seconds) while workers still run (`mtacluster up` stops shards before workers), so a clean stop leaves no
+recipient marked in flight.
+
 Inputs: frames from frontends, workers, other shards' outboxes and the admin CLI (cluster/bus/schemas.py).
 Outputs: the answers, Delivers, and an Error for any frame it cannot understand.
 Failure modes: a frame that does not decode, or whose handler fails, is answered with Error and the shard
@@ -42,6 +51,12 @@ log = logging.getLogger("mtacluster.queue")
 
 # On stop, requests already being stored get this long to finish and be answered.
 STOP_GRACE = 5.0
+# On stop, the Results of the jobs in flight are awaited this long (below `mtacluster up`'s grace period).
+STOP_DRAIN = 10.0
+# Frames handled in one go before other tasks get a turn; the socket counts as drained when a read finds none.
+FRAMES_PER_TURN = 200
+# A tick this late (seconds) means the shard itself was stalled; the time is not held against the workers.
+STALL = 1.0
 # Room for the envelope and framing around the largest body in one bus frame.
 FRAME_SLACK = 1024 * 1024
 
@@ -108,13 +123,14 @@ class Shard:
                 raise OSError(f"cannot listen on {endpoint}: {exc}") from None
             self._socket = socket
             others = [asyncio.create_task(coro) for coro in (
-                self._receive_loop(), self.core.dispatcher.run(), self._timer_loop(),
-                self.core.outbox.forward_loop(context))]
+                self._serve_loop(), self.core.dispatcher.run(), self.core.outbox.forward_loop(context))]
             self.core.ready = True
             log.info("shard %d ready: %d messages queued", self.index, len(self.core.scheduler.messages))
             await stop.wait()
         finally:
             self.core.ready = False
+            if others:
+                await self._drain_jobs(STOP_DRAIN)
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
@@ -140,28 +156,67 @@ class Shard:
         except zmq.ZMQError as exc:
             log.warning("shard %d: cannot send %s: %s", self.index, message.TYPE, exc)
 
-    async def _receive_loop(self) -> None:
+    async def _drain_jobs(self, grace: float) -> None:
+        """Stop dispatching and wait (up to `grace` seconds) for the Results of the jobs in flight."""
+        self.core.dispatcher.enabled = False
+        jobs = self.core.scheduler.jobs
+        if not jobs:
+            return
+        log.info("shard %d stopping: dispatching stopped, waiting up to %gs for %d jobs in flight", self.index,
+                 grace, len(jobs))
+        deadline = time.monotonic() + grace
+        while jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.core.idle_outcomes(max(0.0, deadline - time.monotonic()))
+        if jobs:
+            log.warning("shard %d stopping with %d jobs still in flight: their recipients are queued again at the "
+                        "next start (possible duplicates)", self.index, len(jobs))
+
+    async def _serve_loop(self) -> None:
+        """Read frames and tick the maintenance in one loop, so that expiry only runs once the socket is empty."""
         assert self._socket is not None
+        next_tick = time.monotonic() + TIMER_INTERVAL
+        last_drained = time.monotonic()
         while True:
-            frames = await self._socket.recv_multipart()
-            if len(frames) < 2:
-                continue
-            identity, payload = frames[0], frames[-1]
-            try:
-                message = decode(payload)
-            except SchemaError as exc:
-                await self.send(identity, Error(f"bad frame: {exc}", req=exc.req))
-                continue
-            try:
-                await self.core.handle(identity, message)
-            except Exception:  # one bad request must not make the shard deaf (contract 6)
-                log.exception("shard %d: cannot handle a %s message", self.index, message.TYPE)
-                req = getattr(message, "req", 0)
-                await self.send(identity, Error(f"the shard failed to handle this {message.TYPE}",
-                                                req=req if isinstance(req, int) else 0))
+            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            drained = False
+            if await self._socket.poll(wait_ms):
+                for _ in range(FRAMES_PER_TURN):
+                    try:
+                        frames = await self._socket.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        drained = True
+                        break
+                    await self._on_frames(frames)
+                await asyncio.sleep(0)  # the dispatcher, the writer and the request handlers get a turn
+            else:
+                drained = True
+            now = time.monotonic()
+            if drained:
+                last_drained = now
+            if now >= next_tick:
+                stalled = now - next_tick
+                if stalled >= STALL:
+                    log.warning("shard %d was stalled for %.1fs (paused?): that time does not count as the "
+                                "workers' silence", self.index, stalled)
+                    self.core.scheduler.excuse(stalled)
+                # Under a flood that never leaves the socket empty, expiry still runs once a worker_timeout.
+                self.core.tick(now, expire=drained or now - last_drained >= self.config.queue.worker_timeout)
+                next_tick = now + TIMER_INTERVAL
 
-    async def _timer_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TIMER_INTERVAL)
-            self.core.tick(time.monotonic())
-
+    async def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        identity, payload = frames[0], frames[-1]
+        try:
+            message = decode(payload)
+        except SchemaError as exc:
+            await self.send(identity, Error(f"bad frame: {exc}", req=exc.req))
+            return
+        try:
+            await self.core.handle(identity, message)
+        except Exception:  # one bad request must not make the shard deaf (contract 6)
+            log.exception("shard %d: cannot handle a %s message", self.index, message.TYPE)
+            req = getattr(message, "req", 0)
+            await self.send(identity, Error(f"the shard failed to handle this {message.TYPE}",
+                                            req=req if isinstance(req, int) else 0))

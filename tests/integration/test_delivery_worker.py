@@ -52,9 +52,10 @@ class FakeShard:
                 if isinstance(message, kind):
                     return message
 
-    async def ack(self) -> None:
+    async def ack(self, revoked: list[str] | None = None, resend: list[str] | None = None) -> None:
         assert self.worker_identity is not None
-        await self.socket.send_multipart([self.worker_identity, HeartbeatAck(shard=0, shard_epoch=self.epoch).encode()])
+        ack = HeartbeatAck(shard=0, shard_epoch=self.epoch, revoked=revoked or [], resend=resend or [])
+        await self.socket.send_multipart([self.worker_identity, ack.encode()])
 
     async def send(self, frame: bytes) -> None:
         assert self.worker_identity is not None
@@ -183,7 +184,7 @@ async def test_shard_restart_is_noticed_and_bad_frames_ignored(running: tuple[Wo
     assert isinstance(result, Result) and result.outcomes[0].kind == "delivered"
 
 
-async def test_result_kept_while_the_shard_is_away_and_sent_when_it_returns(config: Config) -> None:
+async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(config: Config) -> None:
     # The smarthost holds the job in its greeting until the shard has gone away.
     release = asyncio.Event()
     held: list[asyncio.StreamWriter] = []
@@ -215,15 +216,22 @@ async def test_result_kept_while_the_shard_is_away_and_sent_when_it_returns(conf
         shard.close()
         release.set()
         async with asyncio.timeout(5):
-            while "kept" not in worker._links[0].unsent:
+            while "kept" not in worker._links[0].session.results:
                 await asyncio.sleep(0.02)
+        # The same shard instance is back (a network cut, not a restart): the worker lists the finished job,
+        # the shard never got its Result and asks for it again.
         shard = FakeShard(away.queue.shards[0])
-        shard.epoch = "epoch-2"
-        result = await shard.next_of(Result)
+        beat = await shard.receive()
+        assert isinstance(beat, Heartbeat) and beat.finished == ["kept"] and beat.in_flight == []
+        await shard.ack(resend=["kept"])
+        result = await shard.receive()
         assert isinstance(result, Result) and result.job_id == "kept"
         assert (result.outcomes[0].kind, result.outcomes[0].code) == ("deferred", 421)
-        beat = await shard.next_of(Heartbeat)
-        assert isinstance(beat, Heartbeat) and beat.in_flight == [] and beat.free == 3
+        beat = await shard.receive()
+        assert isinstance(beat, Heartbeat) and beat.finished == ["kept"]
+        await shard.ack(revoked=["kept"])  # recorded: the worker forgets it
+        beat = await shard.receive()
+        assert isinstance(beat, Heartbeat) and beat.finished == [] and beat.in_flight == [] and beat.free == 3
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)

@@ -95,11 +95,12 @@ async def test_job_missing_from_heartbeat_goes_back_to_ready(running_shard: Runn
     ack = await worker.recv_type(HeartbeatAck)
     first = await worker.recv_type(Deliver)
     # A heartbeat that has not seen the Deliver yet (it crossed it on the wire) takes nothing back...
-    await worker.send(Heartbeat("w2", 1, [], seen=first.seq - 1, seen_epoch=ack.shard_epoch))
+    await worker.send(Heartbeat("w2", 1, [], seen=first.seq - 1, seen_epoch=ack.shard_epoch,
+                                incarnation=ack.incarnation))
     await worker.recv_type(HeartbeatAck)
     assert running_shard.shard.scheduler.messages[stored.queue_id].recipients[0].state is State.IN_FLIGHT
     # ...one that has seen it but does not list the job says the job was lost: it goes back to ready.
-    await worker.send(Heartbeat("w2", 1, [], seen=first.seq, seen_epoch=ack.shard_epoch))
+    await worker.send(Heartbeat("w2", 1, [], seen=first.seq, seen_epoch=ack.shard_epoch, incarnation=ack.incarnation))
     await worker.recv_type(HeartbeatAck)
     # The job is ready again and, the credit being returned with it, delivered again.
     again = await worker.recv_type(Deliver)

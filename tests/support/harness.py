@@ -194,10 +194,12 @@ class RoleProcess:
     process: subprocess.Popen[bytes] | None = None
     # Environment overrides for this process only (MTACLUSTER_<SECTION>_<KEY>), e.g. its own metrics port.
     env: dict[str, str] = field(default_factory=dict)
+    # Command prefix, e.g. ["ip", "netns", "exec", "NS"] to run the role in a network namespace.
+    wrapper: list[str] = field(default_factory=list)
 
     def start(self) -> RoleProcess:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "cluster", *self.args], stdout=log,
+            self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "cluster", *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env})
         return self
 

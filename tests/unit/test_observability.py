@@ -240,20 +240,60 @@ async def test_slow_client_gets_408(endpoint: Endpoint, monkeypatch: pytest.Monk
     assert response.status == 408
 
 
-async def test_too_many_connections_get_503_and_the_server_recovers(
+async def test_200_idle_connections_do_not_starve_the_liveness_probe(endpoint: Endpoint) -> None:
+    """Issue 8, found 6: 64 idle connections made /healthz answer 503 (and a liveness probe restart the pod)."""
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(await asyncio.open_connection("127.0.0.1", endpoint.port))
+        for _ in range(3):
+            assert (await exchange(endpoint.port, get("/healthz"))).status == 200
+        # The oldest idle connections were closed to make room; at most MAX_CONNECTIONS are kept.
+        closed = 0
+        for reader, _writer in idle:
+            try:
+                closed += await asyncio.wait_for(reader.read(), 5) == b""
+            except ConnectionError:
+                closed += 1
+            if closed >= 200 - observability.MAX_CONNECTIONS + 1:
+                break
+        assert closed >= 200 - observability.MAX_CONNECTIONS + 1
+    finally:
+        for _reader, writer in idle:
+            writer.close()
+
+
+async def test_a_newcomer_gets_503_only_when_every_connection_is_busy(
         endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(observability, "MAX_CONNECTIONS", 1)
-    _idle_reader, idle = await asyncio.open_connection("127.0.0.1", endpoint.port)
+    blocked = asyncio.Event()
+
+    def slow_ready() -> bool:
+        blocked.set()
+        return True
+
+    server = await serve_http("127.0.0.1:0", "queue", slow_ready)
+    port = server.sockets[0].getsockname()[1]
     try:
-        assert (await exchange(endpoint.port, get("/healthz"))).status == 503
+        # A connection busy being answered is never closed for a newcomer: fill the one slot with a client that
+        # sent its request and does not read a large /metrics answer, then check the newcomer gets 503.
+        monkeypatch.setattr(observability, "generate_latest", lambda: b"x" * 50_000_000)
+        busy_reader, busy = await asyncio.open_connection("127.0.0.1", port)
+        busy.write(get("/metrics"))
+        await busy.drain()
+        await asyncio.wait_for(blocked.wait(), 5)
+        assert (await exchange(port, get("/healthz"))).status == 503
+        busy.close()
+        monkeypatch.setattr(observability, "generate_latest", lambda: b"")
+
+        async def healthy() -> bool:
+            return (await exchange(port, get("/healthz"))).status == 200
+
+        await wait_until(healthy, "the busy connection to be released")
+        del busy_reader
     finally:
-        idle.close()
-        await idle.wait_closed()
-
-    async def healthy() -> bool:
-        return (await exchange(endpoint.port, get("/healthz"))).status == 200
-
-    await wait_until(healthy, "the idle connection to be released")
+        server.close()
+        await server.wait_closed()
 
 
 async def test_client_that_vanishes_leaves_the_server_serving(

@@ -51,7 +51,7 @@ def test_credits_limit_dispatch_and_results_return_them(scheduler: Scheduler) ->
     scheduler.heartbeat("w", b"id", 2, [], now=0)
     first = scheduler.dispatch(now=0)
     assert len(first) == 2 and scheduler.dispatch(now=0) == []
-    scheduler.heartbeat("w", b"id", 50, [j.job_id for j in first], now=1)  # known worker: credits unchanged
+    scheduler.heartbeat("w", b"id", 0, [j.job_id for j in first], now=1)  # holds both, no slot free
     assert scheduler.dispatch(now=1) == []
     scheduler.finish_job(first[0].job_id)  # its Result: one credit back
     assert len(scheduler.dispatch(now=1)) == 1
@@ -64,7 +64,7 @@ def test_expired_lease_returns_job_to_ready(scheduler: Scheduler) -> None:
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     for t in range(5, 60, 5):  # the worker keeps beating and listing the job: the lease is renewed
-        assert scheduler.heartbeat("w", b"id", 5, [job.job_id], now=t) == []
+        assert scheduler.heartbeat("w", b"id", 5, [job.job_id], now=t).returned == []
         assert scheduler.expire(now=t) == []
     assert [j.job_id for j in scheduler.expire(now=55 + 9 + LIMITS.lease_time)] == [job.job_id]
     assert scheduler.messages["Q"].recipients[0].state is State.READY
@@ -94,13 +94,16 @@ def test_job_missing_from_heartbeat_only_once_the_worker_saw_its_deliver(schedul
     scheduler.add_message(msg("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=1)
-    assert scheduler.heartbeat("w", b"id", 5, [], now=1.5) == []  # not sent yet: nothing to miss
+    incarnation = scheduler.workers["w"].incarnation
+    assert scheduler.heartbeat("w", b"id", 5, [], now=1.5, incarnation=incarnation).returned == []  # not sent yet
     seq = scheduler.next_seq(job)
     assert seq == 1
     # However late it arrives, a heartbeat sent before the Deliver reached the worker takes nothing back.
-    assert scheduler.heartbeat("w", b"id", 5, [], now=60, seen=seq - 1) == []
-    assert scheduler.heartbeat("w", b"id", 5, [job.job_id], now=61, seen=seq) == []
-    assert [j.job_id for j in scheduler.heartbeat("w", b"id", 5, [], now=62, seen=seq)] == [job.job_id]
+    assert scheduler.heartbeat("w", b"id", 5, [], now=5, seen=seq - 1, incarnation=incarnation).returned == []
+    assert scheduler.workers["w"].credits == 4  # the job on the wire will take one of the 5 free slots
+    assert scheduler.heartbeat("w", b"id", 4, [job.job_id], now=6, seen=seq, incarnation=incarnation).returned == []
+    returned = scheduler.heartbeat("w", b"id", 5, [], now=7, seen=seq, incarnation=incarnation).returned
+    assert [j.job_id for j in returned] == [job.job_id]
     assert scheduler.workers["w"].credits == 5  # no Result will come for it: the credit is back
 
 
