@@ -28,3 +28,6 @@ def status_class(enhanced: str, code: int) -> str:
     if len(parts) == 3 and all(part.isdigit() for part in parts):
         return f"{parts[0]}.{parts[1]}"
     return f"{code // 100}.0"
+LMTP = Counter("mtacluster_delivery_lmtp", "Recipients handed to mailbox nodes over LMTP (the local transport), by "
+               "outcome: delivered, deferred (4xx or node unreachable), failed (5xx).", ["outcome"])
+LMTP_OUTCOMES = ("delivered", "deferred", "failed")

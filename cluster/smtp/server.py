@@ -444,7 +444,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             refusal = replies.TEXT_LINE_TOO_LONG
         if refusal is not None or result.data is None:
             self._end_transaction()
-            self._error(refusal or replies.BARE_LINE_ENDING_IN_DATA)
+            self._refuse_message(refusal or replies.BARE_LINE_ENDING_IN_DATA, len(transaction.recipients))
             return
         self._decide(
             MessageReceived(
@@ -455,6 +455,10 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
                 smtputf8=transaction.smtputf8,
             )
         )
+
+    def _refuse_message(self, reply: Reply, recipients: int) -> None:
+        """The machine itself refuses the message at its end: one reply (LMTP answers once per recipient)."""
+        self._error(reply)
 
     def _decide(self, event: DecisionEvent) -> None:
         self._pending = event

@@ -1,4 +1,5 @@
-"""The pop3 role in this process over real sockets: idle timeout, connection limit, shutdown, users file errors.
+"""The mailbox role's POP3 listener in this process over real sockets: idle timeout, connection limit, shutdown,
+users file errors.
 
 Timeouts here are shorter than `load_config` allows (RFC 1939 asks for 10 minutes): the Config is built directly.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import Config, Duration, Pop3Config, config_from_dict
+from cluster.config import Config, Duration, config_from_dict
 from cluster.mailbox.maildir import MaildirStore
 from cluster.mailbox.pop3 import Pop3Server
 from cluster.users import add_user
@@ -25,11 +26,11 @@ PASSWORD = "pw"
 
 
 def make_config(tmp_path: Path, users_file: str, *, idle_timeout: float = 600, max_connections: int = 500) -> Config:
-    base = config_from_dict({"delivery": {"maildir_root": str(tmp_path / "maildir")},
+    base = config_from_dict({"mailbox": {"maildir_root": str(tmp_path / "maildir"),
+                                         "pop3_listen": [f"127.0.0.1:{free_port()}"]},
                              "auth": {"users_file": users_file}, "metrics": {"listen": ""}}, environ={})
-    pop3 = Pop3Config(listen=(f"127.0.0.1:{free_port()}",), idle_timeout=Duration(idle_timeout),
-                      max_connections=max_connections)
-    return dataclasses.replace(base, pop3=pop3)
+    mailbox = dataclasses.replace(base.mailbox, idle_timeout=Duration(idle_timeout), max_connections=max_connections)
+    return dataclasses.replace(base, mailbox=mailbox)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def test_commented_settings_are_valid_when_uncommented(example: Path, tmp_path: 
     uncommented = tmp_path / example.name
     uncommented.write_text(COMMENTED_SETTING.sub(r"\1", text))
     config = load_config(uncommented, environ={})
-    assert config.auth.users_file and config.smtp.tls_cert_file and config.pop3.tls_cert_file
+    assert config.auth.users_file and config.smtp.tls_cert_file and config.mailbox.tls_cert_file
 
 
 def test_kubernetes_example_encrypts_the_bus_and_listens_on_every_interface() -> None:
