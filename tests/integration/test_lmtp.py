@@ -1,0 +1,143 @@
+"""The local transport end to end in one process: a worker's Deliverer speaks LMTP over real sockets to a
+mailbox node (`MailboxServer`), which stores each recipient on its own (fsync, quota, errors) and answers it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.bus.schemas import Deliver
+from cluster.config import Config, config_from_dict
+from cluster.delivery.connections import ConnectionCache
+from cluster.delivery.deliver import Deliverer
+from cluster.delivery.mx import StaticMxResolver
+from cluster.mailbox.ownership import node_for_localpart
+from cluster.mailbox.quota import mailbox_usage
+from cluster.mailbox.service import MailboxServer
+from tests.tooling import free_port
+
+pytestmark = pytest.mark.integration
+
+BODY = b"Received: from x\r\nSubject: local\r\n\r\n.dot stays single here\r\n\xc3\xa9\r\n"
+
+
+def make_config(tmp_path: Path, nodes: int = 1, **mailbox: Any) -> Config:
+    ports = [free_port() for _ in range(nodes)]
+    return config_from_dict({
+        "delivery": {"transports": {"local.test": "local"}, "connect_timeout": 2},
+        "mailbox": {"maildir_root": str(tmp_path / "maildir"), "nodes": [f"127.0.0.1:{p}" for p in ports],
+                    "lmtp_listen": [f"127.0.0.1:{ports[0]}"], "pop3_listen": [f"127.0.0.1:{free_port()}"],
+                    **mailbox},
+        "metrics": {"listen": ""},
+    }, environ={})
+
+
+@contextlib.asynccontextmanager
+async def mailbox_node(config: Config, node: int = 0) -> AsyncIterator[MailboxServer]:
+    server = MailboxServer(config, node)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    async with asyncio.timeout(5):
+        while not server.is_ready():
+            await asyncio.sleep(0.01)
+    try:
+        yield server
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def job(*recipients: str, body: bytes = BODY) -> Deliver:
+    return Deliver(job_id="j", queue_id="q", sender="s@o.test", recipients=list(recipients), domain="local.test",
+                   body=body, attempt=1)
+
+
+@contextlib.asynccontextmanager
+async def deliverer(config: Config) -> AsyncIterator[Deliverer]:
+    worker = Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100))
+    try:
+        yield worker
+    finally:
+        worker.cache.close_all()
+
+
+def files(root: Path, mailbox: str) -> list[Path]:
+    return sorted((root / mailbox / "new").iterdir()) if (root / mailbox / "new").is_dir() else []
+
+
+async def test_each_recipient_is_stored_fsynced_and_reported(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    async with mailbox_node(config), deliverer(config) as worker:
+        ok, other, bad = await worker.deliver(job("u1@local.test", "U2@local.test", ".hidden@local.test"))
+        assert len(worker.cache) == 1  # the connection went back to the cache, and is reused
+        again = await worker.deliver(job("u1@local.test"))
+        assert worker.connections_opened == 0 and len(worker.cache) == 1
+    assert (ok.status, ok.code, other.status, bad.status, bad.enhanced) == ("delivered", 250, "delivered",
+                                                                            "failed", "5.1.3")
+    assert ok.text.startswith("Delivered to the mailbox as ") and ok.remote == "127.0.0.1[127.0.0.1]"
+    assert again[0].status == "delivered"
+    first, _ = files(tmp_path / "maildir", "u1")
+    assert first.name in ok.text
+    assert first.read_bytes() == b"Return-Path: <s@o.test>\r\n" + BODY
+    assert len(files(tmp_path / "maildir", "u2")) == 1
+    assert list((tmp_path / "maildir" / "u1" / "tmp").iterdir()) == []
+
+
+async def test_quota_decides_per_recipient(tmp_path: Path) -> None:
+    """452 4.2.2 over quota now (deferred), 552 5.2.2 larger than the quota (failed); the others delivered."""
+    config = make_config(tmp_path, quota=3 * len(BODY))
+    async with mailbox_node(config), deliverer(config) as worker:
+        for _ in range(2):
+            assert [o.status for o in await worker.deliver(job("full@local.test"))] == ["delivered"]
+        outcomes = await worker.deliver(job("full@local.test", "empty@local.test"))
+        assert [(o.status, o.code, o.enhanced) for o in outcomes] == [("deferred", 452, "4.2.2"),
+                                                                     ("delivered", 250, "2.0.0")]
+        big = await worker.deliver(job("empty@local.test", body=BODY * 4))
+        assert [(o.status, o.code, o.enhanced) for o in big] == [("failed", 552, "5.2.2")]
+    usage = mailbox_usage(config, "full@local.test")
+    assert (usage.messages, usage.quota) == (2, 3 * len(BODY)) and usage.octets > 2 * len(BODY)
+
+
+async def test_a_write_error_defers_only_that_recipient(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    (tmp_path / "maildir").mkdir()
+    (tmp_path / "maildir" / "blocked").write_text("a file where the Maildir should be")
+    async with mailbox_node(config), deliverer(config) as worker:
+        blocked, fine = await worker.deliver(job("blocked@local.test", "fine@local.test"))
+    assert (blocked.status, blocked.code, blocked.enhanced) == ("deferred", 451, "4.3.0")
+    assert fine.status == "delivered"
+
+
+async def test_an_unreachable_node_defers(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    async with deliverer(config) as worker:
+        (outcome,) = await worker.deliver(job("u@local.test"))
+    assert (outcome.status, outcome.code, outcome.enhanced) == ("deferred", 451, "4.4.1")
+
+
+async def test_recipients_go_to_their_owner_and_a_node_refuses_the_others(tmp_path: Path) -> None:
+    config = make_config(tmp_path, nodes=2)
+    names = [f"user{i}" for i in range(40)]
+    mine = [n for n in names if node_for_localpart(n, config.mailbox.nodes) == 0]
+    theirs = [n for n in names if node_for_localpart(n, config.mailbox.nodes) == 1]
+    assert mine and theirs
+    async with mailbox_node(config, 0) as server:
+        async with deliverer(config) as worker:
+            outcomes = await worker.deliver(job(*(f"{n}@local.test" for n in (mine[0], theirs[0]))))
+        # Node 1 is not running: its recipient is deferred, node 0's is delivered.
+        assert [o.status for o in outcomes] == ["delivered", "deferred"]
+        # A worker with another idea of the nodes (one node only) reaches node 0 with node 1's mailbox.
+        stale = config_from_dict({"delivery": {"transports": {"local.test": "local"}},
+                                  "mailbox": {"nodes": [config.mailbox.nodes[0]]}, "metrics": {"listen": ""}},
+                                 environ={})
+        async with deliverer(stale) as worker:
+            (refused,) = await worker.deliver(job(f"{theirs[0]}@local.test"))
+        assert (refused.status, refused.code, refused.enhanced) == ("deferred", 451, "4.3.5")
+        assert server.node == 0
+    assert not os.path.exists(tmp_path / "maildir" / theirs[0])
