@@ -20,7 +20,7 @@ from cluster.delivery.mx import StaticMxResolver
 from cluster.mailbox.ownership import node_for_localpart
 from cluster.mailbox.quota import mailbox_usage
 from cluster.mailbox.service import MailboxServer
-from tests.tooling import free_port
+from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from cluster.smtp.events import MailRequested, MessageReceived, NeedData, RcptRe
 from cluster.smtp.lmtp import LmtpServerConnection
 from cluster.smtp.reply import Reply
 from cluster.smtp.server import ProtocolUsageError, ServerSettings
-from tests.unit.smtp_driver import parse_replies
+from tests.support.smtp_driver import parse_replies
 
 SETTINGS = ServerSettings(hostname="mbox.test", max_message_size=65536)
 
