@@ -67,6 +67,8 @@ class LocalDelivery:
         self._secure = dataclasses.replace(smtp, tls_mode="verify", lmtp=True,
                                            ssl_context=cluster_client_context(config.mailbox.node_ca_file))
         self._chunk = d.max_recipients_per_transaction
+        for outcome in metrics.LMTP_OUTCOMES:
+            metrics.LMTP.labels(outcome=outcome)  # every series exists from the start, at 0
 
     async def deliver(self, sender: str, recipients: Sequence[str], body: bytes) -> dict[str, LocalResult]:
         results: dict[str, LocalResult] = {}
@@ -81,10 +83,7 @@ class LocalDelivery:
         for node, group in by_node.items():
             results.update(await self._deliver_to_node(self._targets[node], sender, group, body))
         for result in results.values():
-            code = result.reply.code
-            outcome = "delivered" if 200 <= code < 300 else "failed" if code >= 500 and not result.host_failed \
-                else "deferred"
-            metrics.LMTP.labels(outcome=outcome).inc()
+            metrics.LMTP.labels(outcome=_outcome(result)).inc()
         return results
 
     async def _deliver_to_node(self, target: Target, sender: str, recipients: list[str],
@@ -118,3 +117,9 @@ class LocalDelivery:
             self._cache.give_back(session)
         return decided
 
+
+def _outcome(result: LocalResult) -> str:
+    if result.host_failed:
+        return "node_unavailable"
+    code = result.reply.code
+    return "delivered" if 200 <= code < 300 else "failed" if code >= 500 else "deferred"

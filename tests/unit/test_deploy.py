@@ -27,6 +27,7 @@ def test_there_are_single_host_and_kubernetes_examples() -> None:
 def test_example_configuration_passes_the_check(example: Path) -> None:
     config = load_config(example, environ={})
     assert config.metrics.listen
+    assert config.deprecations == ()
 
 
 # A commented-out setting: "# key = value", the key in lower case (prose comments start otherwise).
