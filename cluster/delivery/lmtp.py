@@ -58,7 +58,7 @@ class LocalDelivery:
         self._config = config
         self._cache = cache
         self._nodes = config.mailbox.nodes
-        self._targets = node_targets(self._nodes)
+        self.targets = node_targets(self._nodes)
         d = config.delivery
         helo = d.helo_name or config.smtp.hostname
         smtp = SessionSettings.from_config(d, helo)
@@ -69,6 +69,10 @@ class LocalDelivery:
         self._chunk = d.max_recipients_per_transaction
         for outcome in metrics.LMTP_OUTCOMES:
             metrics.LMTP.labels(outcome=outcome)  # every series exists from the start, at 0
+
+    def settings_for(self, target: Target) -> SessionSettings:
+        """Plain LMTP to a node on loopback; anywhere else STARTTLS is required (ARCHITECTURE.md contract 5)."""
+        return self._plain if is_loopback_host(target.address) else self._secure
 
     async def deliver(self, sender: str, recipients: Sequence[str], body: bytes) -> dict[str, LocalResult]:
         results: dict[str, LocalResult] = {}
@@ -81,7 +85,7 @@ class LocalDelivery:
                 continue
             by_node.setdefault(node, []).append(recipient)
         for node, group in by_node.items():
-            results.update(await self._deliver_to_node(self._targets[node], sender, group, body))
+            results.update(await self._deliver_to_node(self.targets[node], sender, group, body))
         for result in results.values():
             metrics.LMTP.labels(outcome=_outcome(result)).inc()
         return results
@@ -89,7 +93,7 @@ class LocalDelivery:
     async def _deliver_to_node(self, target: Target, sender: str, recipients: list[str],
                                body: bytes) -> dict[str, LocalResult]:
         decided: dict[str, LocalResult] = {}
-        settings = self._plain if is_loopback_host(target.address) else self._secure
+        settings = self.settings_for(target)
         session: SmtpSession | None = self._cache.take(target)
         for start in range(0, len(recipients), self._chunk):
             chunk = recipients[start:start + self._chunk]

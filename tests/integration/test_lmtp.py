@@ -11,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from prometheus_client import REGISTRY
 
 from cluster.bus.schemas import Deliver
 from cluster.config import Config, config_from_dict
 from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer
-from cluster.delivery.mx import StaticMxResolver
+from cluster.delivery.lmtp import LocalDelivery
+from cluster.delivery.mx import StaticMxResolver, Target
+from cluster.delivery.session import HostUnavailable, SmtpSession
 from cluster.mailbox.ownership import node_for_localpart
 from cluster.mailbox.quota import mailbox_usage
 from cluster.mailbox.service import MailboxServer
@@ -141,3 +145,62 @@ async def test_recipients_go_to_their_owner_and_a_node_refuses_the_others(tmp_pa
         assert (refused.status, refused.code, refused.enhanced) == ("deferred", 451, "4.3.5")
         assert server.node == 0
     assert not os.path.exists(tmp_path / "maildir" / theirs[0])
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_lmtp_to_a_node_off_loopback_requires_starttls(tmp_path: Path) -> None:
+    """ARCHITECTURE.md contract 5: workers speak LMTP to nodes off loopback only under TLS (checked with
+    mailbox.node_ca_file when set). Loopback here stands in for the network: the settings a worker uses for an
+    off-host node are applied to a local one."""
+    ca = trustme.CA()
+    pem, ca_file = tmp_path / "node.pem", tmp_path / "ca.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca.cert_pem.write_to_path(str(ca_file))
+    with_tls = make_config(tmp_path, tls_cert_file=str(pem), tls_key_file=str(pem), node_ca_file=str(ca_file))
+    local = LocalDelivery(with_tls, ConnectionCache(30, 100))
+    off_host = Target("mailbox-1.example", "10.0.0.7", 2424)
+    assert local.settings_for(off_host).tls_mode == "verify"
+    assert local.settings_for(Target("127.0.0.1", "127.0.0.1", 2424)).tls_mode == "none"
+    node = local.targets[0]
+    async with mailbox_node(with_tls):
+        session = await SmtpSession.open(node, local.settings_for(off_host))
+        assert session.tls and session.capabilities.offers("PIPELINING")
+        result = await session.transaction("s@o.test", ["tls@local.test"], BODY)
+        assert result.replies["tls@local.test"].code == 250
+        session.close()
+    without_tls = make_config(tmp_path / "plain")
+    plain = LocalDelivery(without_tls, ConnectionCache(30, 100))
+    async with mailbox_node(without_tls):
+        with pytest.raises(HostUnavailable, match="does not offer STARTTLS"):
+            await SmtpSession.open(plain.targets[0], local.settings_for(off_host))
+    # A certificate from another CA is refused when node_ca_file is set.
+    stranger = tmp_path / "stranger.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(stranger))
+    impostor = make_config(tmp_path / "impostor", tls_cert_file=str(stranger), tls_key_file=str(stranger))
+    async with mailbox_node(impostor):
+        with pytest.raises(HostUnavailable, match="TLS handshake"):
+            await SmtpSession.open(LocalDelivery(impostor, ConnectionCache(30, 100)).targets[0],
+                                   local.settings_for(off_host))
+
+
+async def test_metrics_count_lmtp_outcomes_on_both_sides(tmp_path: Path) -> None:
+    config = make_config(tmp_path, quota=2 * len(BODY))
+    before = {o: metric("mtacluster_lmtp_deliveries_total", outcome=o) for o in ("delivered", "too_big", "refused")}
+    worker_before = {o: metric("mtacluster_delivery_lmtp_total", outcome=o)
+                     for o in ("delivered", "failed", "node_unavailable")}
+    async with mailbox_node(config), deliverer(config) as worker:
+        await worker.deliver(job("m1@local.test", ".bad@local.test"))
+        await worker.deliver(job("m1@local.test", body=BODY * 3))
+    async with deliverer(config) as worker:
+        await worker.deliver(job("m1@local.test"))  # the node is gone
+    assert metric("mtacluster_lmtp_deliveries_total", outcome="delivered") == before["delivered"] + 1
+    assert metric("mtacluster_lmtp_deliveries_total", outcome="too_big") == before["too_big"] + 1
+    assert metric("mtacluster_delivery_lmtp_total", outcome="delivered") == worker_before["delivered"] + 1
+    # ".bad" never reaches a node (the worker refuses it), the too-big message is refused by the node.
+    assert metric("mtacluster_delivery_lmtp_total", outcome="failed") == worker_before["failed"] + 2
+    assert metric("mtacluster_delivery_lmtp_total", outcome="node_unavailable") == \
+        worker_before["node_unavailable"] + 1
+    assert metric("mtacluster_mailbox_size_bytes_count") >= 1
