@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from cluster.config import SmtpConfig
 from cluster.smtp import replies
 from cluster.smtp.client import ClientConnection, Command
 from cluster.smtp.events import MailRequested, MessageReceived, NeedData, RcptRequested
 from cluster.smtp.lmtp import LmtpServerConnection
-from cluster.smtp.reply import Reply
+from cluster.smtp.replies import Reply
 from cluster.smtp.server import ProtocolUsageError, ServerSettings
 from tests.support.smtp_driver import parse_replies
 
-SETTINGS = ServerSettings(hostname="mbox.test", max_message_size=65536)
+SETTINGS = dataclasses.replace(ServerSettings.from_config(SmtpConfig(hostname="mbox.test")), max_message_size=65536)
 
 
 class Driver:
