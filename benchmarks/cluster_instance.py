@@ -85,7 +85,7 @@ def render_config(settings: ClusterSettings) -> str:
         "[up]",
         f"frontends = {s.frontends}",
         f"workers = {s.workers}",
-        "pop3 = false  # the same work as the Postfix side: SMTP in, SMTP out",
+        "mailbox = false  # the same work as the Postfix side: SMTP in, SMTP out",
         "",
         *([f"[dkim.domains.{_toml_string(s.dkim_domain)}]", 'selector = "bench"',
            f"key_file = {_toml_string(str(s.dkim_key_file))}", ""] if s.dkim_key_file is not None else []),

@@ -152,9 +152,8 @@ class DeliveryConfig:
     # STARTTLS: "opportunistic" (default, no certificate check), "verify" (required and checked) or "none".
     tls: str = "opportunistic"
     # Routing table: domain or ".parent" -> "smtp:[host]:port", "smtp:host", "local" or "error:5.x.y text".
+    # "local" delivers by LMTP to the mailbox node that owns the recipient (see [mailbox]).
     transports: Mapping[str, str] = field(default_factory=dict)
-    # The "local" transport delivers to the Maildir <maildir_root>/<localpart>/ (new, cur, tmp).
-    maildir_root: str = "./var/maildir"
 
 
 @dataclass(frozen=True)
@@ -187,21 +186,42 @@ class BusConfig:
 
 
 @dataclass(frozen=True)
-class Pop3Config:
-    # Addresses the pop3 role listens on, "host:port" (RFC 1939 names port 110; 1110 needs no privileges).
-    listen: tuple[str, ...] = ("127.0.0.1:1110",)
-    # RFC 2595 STLS: PEM certificate chain and private key (both or neither). Without them, logins are accepted
-    # only from loopback clients (plaintext passwords never cross a network).
+class MailboxConfig:
+    # The mailbox role owns the Maildirs: <maildir_root>/<mailbox>/ (new, cur, tmp), where <mailbox> is the
+    # lower-cased local part of the recipient or login name.
+    maildir_root: str = "./var/maildir"
+    # LMTP endpoints ("host:port") of every mailbox node, in node order: a user's Maildir lives on the node that
+    # rendezvous hashing of the mailbox name picks (ARCHITECTURE.md contract 7). Workers deliver the `local`
+    # transport there; POP3 logins on another node are proxied to it (to the node's host, on the POP3 port
+    # that every node uses: the port of pop3_listen[0], or of pop3s_listen[0] without POP3).
+    nodes: tuple[str, ...] = ("127.0.0.1:2424",)
+    # Where this node accepts LMTP (RFC 2033) from the workers. Not a public port: only workers connect.
+    lmtp_listen: tuple[str, ...] = ("127.0.0.1:2424",)
+    # POP3 with STLS (RFC 1939, RFC 2595; port 110, 1110 needs no privileges) and POP3S, implicit TLS
+    # (RFC 8314; port 995). POP3S needs tls_cert_file / tls_key_file.
+    pop3_listen: tuple[str, ...] = ("127.0.0.1:1110",)
+    pop3s_listen: tuple[str, ...] = ()
+    # PEM certificate chain and private key (both or neither), for STLS, POP3S and STARTTLS on LMTP. Without
+    # them, POP3 logins are accepted only from loopback clients (plaintext passwords never cross a network),
+    # and every node must be on loopback (LMTP off the host is encrypted: ARCHITECTURE.md contract 5).
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    # Failed logins (USER/PASS) per session before "-ERR [AUTH]" and close (slows down password guessing).
+    # CA certificate (PEM) that workers and mailbox nodes check a node's certificate against, for LMTP and for
+    # proxied POP3. Empty: the connection is still encrypted (TLS is required off loopback), but not checked.
+    node_ca_file: str = ""
+    # Largest Maildir (octets of its messages) per user; 0 = no limit. A user's `mailbox_quota` in the users
+    # file overrides it. Over quota: 452 4.2.2 (try later); a message larger than the quota: 552 5.2.2.
+    quota: Size = Size(0)
+    # Failed logins (USER/PASS) per POP3 session before "-ERR [AUTH]" and close (slows down password guessing).
     max_auth_failures: int = 3
-    # Other "-ERR" answers to client mistakes per session before the connection is closed.
+    # Other "-ERR" answers to client mistakes per POP3 session before the connection is closed.
     max_errors: int = 10
-    # RFC 1939 3: the autologout timer of an idle session is at least 10 minutes.
+    # RFC 1939 3: the autologout timer of an idle POP3 session is at least 10 minutes.
     idle_timeout: Duration = Duration(600)
-    # Concurrent POP3 connections per pop3 process; more get "-ERR [SYS/TEMP]" and are closed.
+    # Concurrent POP3 connections per mailbox process; more get "-ERR [SYS/TEMP]" and are closed.
     max_connections: int = 500
+    # RFC 5321 4.5.3.2.7 (LMTP is SMTP on this point): an idle LMTP connection is closed after this.
+    lmtp_timeout: Duration = Duration(300)
 
 
 @dataclass(frozen=True)
@@ -209,8 +229,8 @@ class UpConfig:
     # Processes started by `mtacluster up`.
     frontends: int = 2
     workers: int = 2
-    # Also start one pop3 process (after the workers).
-    pop3: bool = True
+    # Also start one mailbox process (after the workers): node 0 of mailbox.nodes.
+    mailbox: bool = True
     # Restart a child that exits unexpectedly, after this delay.
     restart_delay: Duration = Duration(1)
 
@@ -255,9 +275,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
-    pop3: Pop3Config = field(default_factory=Pop3Config)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     up: UpConfig = field(default_factory=UpConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    # Deprecated keys that were read and mapped to their new names (`config check` and every role print them).
+    deprecations: tuple[str, ...] = ()
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -457,8 +479,6 @@ def _check_bounds(config: Config) -> None:
     at_least("delivery.max_deliveries_per_connection", d.max_deliveries_per_connection, 1)
     if d.tls not in ("opportunistic", "verify", "none"):
         raise ConfigError("delivery.tls", f'expected "opportunistic", "verify" or "none", got {d.tls!r}')
-    if not d.maildir_root:
-        raise ConfigError("delivery.maildir_root", "must not be empty")
     for domain, route in d.transports.items():
         if not _TRANSPORT.fullmatch(route):
             raise ConfigError(
@@ -471,19 +491,8 @@ def _check_bounds(config: Config) -> None:
         raise ConfigError("log.format", f'expected "text" or "json", got {config.log.format!r}')
     at_least("up.frontends", config.up.frontends, 1)
     at_least("up.workers", config.up.workers, 1)
-    p = config.pop3
-    if not p.listen:
-        raise ConfigError("pop3.listen", "needs at least one address")
-    for address in p.listen:
-        split_host_port(address, key="pop3.listen")
-    if bool(p.tls_cert_file) != bool(p.tls_key_file):
-        missing = "pop3.tls_key_file" if p.tls_cert_file else "pop3.tls_cert_file"
-        raise ConfigError(missing, "pop3.tls_cert_file and pop3.tls_key_file must be set together (or neither)")
-    at_least("pop3.max_auth_failures", p.max_auth_failures, 1)
-    at_least("pop3.max_errors", p.max_errors, 1)
-    at_least("pop3.idle_timeout", p.idle_timeout, 600)  # RFC 1939 3: "at least 10 minutes"
-    at_least("pop3.max_connections", p.max_connections, 1)
     _check_dkim(config.dkim)
+    _check_mailbox(config.mailbox)
 
 
 def _check_dkim(dkim: DkimConfig) -> None:
@@ -508,6 +517,47 @@ def _check_dkim(dkim: DkimConfig) -> None:
             raise ConfigError("dkim.sign_headers", f"{header!r} is not a header field name")
 
 
+def _check_mailbox(m: MailboxConfig) -> None:
+    if not m.maildir_root:
+        raise ConfigError("mailbox.maildir_root", "must not be empty")
+    if not m.nodes:
+        raise ConfigError("mailbox.nodes", "needs at least one LMTP endpoint")
+    for node in m.nodes:
+        split_host_port(node, key="mailbox.nodes")
+    if len({node.strip().lower() for node in m.nodes}) != len(m.nodes):
+        raise ConfigError("mailbox.nodes", "lists the same endpoint twice")
+    if not m.lmtp_listen:
+        raise ConfigError("mailbox.lmtp_listen", "needs at least one address")
+    if not m.pop3_listen and not m.pop3s_listen:
+        raise ConfigError("mailbox.pop3_listen", "needs at least one address (or set mailbox.pop3s_listen)")
+    for key in ("lmtp_listen", "pop3_listen", "pop3s_listen"):
+        for address in getattr(m, key):
+            split_host_port(address, key=f"mailbox.{key}")
+    if bool(m.tls_cert_file) != bool(m.tls_key_file):
+        missing = "mailbox.tls_key_file" if m.tls_cert_file else "mailbox.tls_cert_file"
+        raise ConfigError(missing, "mailbox.tls_cert_file and mailbox.tls_key_file must be set together "
+                          "(or neither)")
+    if m.pop3s_listen and not m.tls_cert_file:
+        raise ConfigError("mailbox.tls_cert_file", "required: mailbox.pop3s_listen is set, and POP3S is TLS "
+                          "from the first byte (RFC 8314)")
+    # ARCHITECTURE.md contract 5: traffic between cluster processes that leaves the host is encrypted. LMTP and
+    # proxied POP3 to a node off loopback run under TLS (STARTTLS / STLS), which needs the nodes' certificate.
+    off_host = [node for node in m.nodes if not is_loopback_host(split_host_port(node)[0])]
+    if off_host and not m.tls_cert_file:
+        raise ConfigError("mailbox.tls_cert_file", f"required: mailbox node {off_host[0]} is not on loopback, "
+                          "and LMTP and proxied POP3 off the host must be encrypted (TLS)")
+    _at_least("mailbox.max_auth_failures", m.max_auth_failures, 1)
+    _at_least("mailbox.max_errors", m.max_errors, 1)
+    _at_least("mailbox.idle_timeout", m.idle_timeout, 600)  # RFC 1939 3: "at least 10 minutes"
+    _at_least("mailbox.max_connections", m.max_connections, 1)
+    _at_least("mailbox.lmtp_timeout", m.lmtp_timeout, 1)
+
+
+def _at_least(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(key, f"must be at least {minimum:g}, got {value:g}")
+
+
 def check_readable(key: str, path: str) -> None:
     """Raise ConfigError naming `key` when the file `path` cannot be opened for reading."""
     try:
@@ -526,7 +576,8 @@ def check_files(config: Config) -> None:
     files: list[tuple[str, str]] = [
         ("smtp.tls_cert_file", config.smtp.tls_cert_file), ("smtp.tls_key_file", config.smtp.tls_key_file),
         ("auth.users_file", config.auth.users_file),
-        ("pop3.tls_cert_file", config.pop3.tls_cert_file), ("pop3.tls_key_file", config.pop3.tls_key_file)]
+        ("mailbox.tls_cert_file", config.mailbox.tls_cert_file), ("mailbox.tls_key_file", config.mailbox.tls_key_file),
+        ("mailbox.node_ca_file", config.mailbox.node_ca_file)]
     files += list((f"dkim.domains.{name}.key_file", entry.key_file) for name, entry in config.dkim.domains.items())
     for key, path in files:
         if path:
@@ -536,7 +587,11 @@ def check_files(config: Config) -> None:
 def _is_loopback_endpoint(endpoint: str) -> bool:
     if endpoint.startswith("ipc://"):
         return True
-    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    return is_loopback_host(endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1): traffic that never leaves the host."""
     if host == "localhost":
         return True
     try:
@@ -553,10 +608,45 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "bus": BusConfig,
     "auth": AuthConfig,
-    "pop3": Pop3Config,
+    "mailbox": MailboxConfig,
     "up": UpConfig,
     "dkim": DkimConfig,
 }
+
+# Keys that moved, old "section.key" -> new "section.key": still read, with a deprecation note. The pop3 role
+# became the mailbox role (it owns the Maildirs and takes LMTP), so its section and the Maildir root moved.
+_RENAMED = {
+    "pop3.listen": "mailbox.pop3_listen",
+    "pop3.tls_cert_file": "mailbox.tls_cert_file",
+    "pop3.tls_key_file": "mailbox.tls_key_file",
+    "pop3.max_auth_failures": "mailbox.max_auth_failures",
+    "pop3.max_errors": "mailbox.max_errors",
+    "pop3.idle_timeout": "mailbox.idle_timeout",
+    "pop3.max_connections": "mailbox.max_connections",
+    "delivery.maildir_root": "mailbox.maildir_root",
+    "up.pop3": "up.mailbox",
+}
+_OLD_SECTIONS = frozenset(old.partition(".")[0] for old in _RENAMED) - set(_SECTIONS)
+
+
+def _apply_renames(merged: dict[str, dict[str, object]]) -> tuple[str, ...]:
+    """Move deprecated keys to their new names (a new name set explicitly wins); return one note per key."""
+    notes = []
+    for old, new in _RENAMED.items():
+        old_section, _, old_key = old.partition(".")
+        table = merged.get(old_section)
+        if table is None or old_key not in table:
+            continue
+        value = table.pop(old_key)
+        new_section, _, new_key = new.partition(".")
+        merged.setdefault(new_section, {}).setdefault(new_key, value)
+        notes.append(f"{old} is deprecated; it is read as {new} (rename it)")
+    for section in _OLD_SECTIONS:
+        leftover = merged.pop(section, {})
+        for key in leftover:
+            raise ConfigError(f"{section}.{key}", f"unknown key (the [{section}] section is deprecated; "
+                              "see [mailbox])")
+    return tuple(notes)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
@@ -579,7 +669,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
 def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
     """Build a validated Config from parsed TOML (plus environment overrides)."""
     for section in raw:
-        if section not in _SECTIONS:
+        if section not in _SECTIONS and section not in _OLD_SECTIONS:
             raise ConfigError(section, f"unknown section (known sections: {', '.join(_SECTIONS)})")
     merged: dict[str, dict[str, object]] = {}
     for section, table in raw.items():
@@ -588,8 +678,9 @@ def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | Non
         merged[section] = dict(table)
     for section, table in _env_overrides(os.environ if environ is None else environ).items():
         merged.setdefault(section, {}).update(table)
+    deprecations = _apply_renames(merged)
     sections = {name: _build_section(cls, name, merged.get(name, {})) for name, cls in _SECTIONS.items()}
-    config = Config(**sections)
+    config = Config(**sections, deprecations=deprecations)
     _check_bounds(config)
     return config
 

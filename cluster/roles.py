@@ -1,4 +1,4 @@
-"""Run one role of the cluster (frontend, queue shard, worker, pop3) in this process: what `mtacluster serve` does.
+"""Run one role of the cluster (frontend, queue shard, worker, mailbox) in this process: what `mtacluster serve` does.
 
 Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, starts the role's /metrics /healthz /readyz HTTP
 listener, prints one startup line once the role is ready, and returns the process exit code.
@@ -21,7 +21,7 @@ import uvloop
 from cluster import logs
 from cluster.config import Config
 
-ROLES = ("frontend", "queue", "worker", "pop3")
+ROLES = ("frontend", "queue", "worker", "mailbox")
 log = logging.getLogger("mtacluster")
 
 
@@ -31,7 +31,7 @@ class Service(Protocol):
     def is_ready(self) -> bool: ...
 
 
-def build_service(role: str, config: Config, shard: int) -> tuple[Service, str]:
+def build_service(role: str, config: Config, shard: int, node: int = 0) -> tuple[Service, str]:
     """The role's service object and a short description of where it listens, for the startup line."""
     if role == "frontend":
         from cluster.frontend.server import Frontend
@@ -51,21 +51,25 @@ def build_service(role: str, config: Config, shard: int) -> tuple[Service, str]:
         from cluster.delivery.worker import Worker
 
         return Worker(config), f"shards={len(config.queue.shards)}"
-    if role == "pop3":
-        from cluster.mailbox.pop3 import Pop3Server
+    if role == "mailbox":
+        from cluster.mailbox.service import MailboxServer
 
-        return Pop3Server(config), "pop3=" + ",".join(config.pop3.listen)
+        m = config.mailbox
+        return MailboxServer(config, node), (f"node={node} lmtp={','.join(m.lmtp_listen)} "
+                                             f"pop3={','.join(m.pop3_listen)} pop3s={','.join(m.pop3s_listen)}")
     raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
 
 
-async def _serve(role: str, config: Config, shard: int) -> int:
+async def _serve(role: str, config: Config, shard: int, node: int) -> int:
     from cluster.observability import serve_http
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    service, where = build_service(role, config, shard)
+    for note in config.deprecations:
+        log.warning("configuration: %s", note)
+    service, where = build_service(role, config, shard, node)
     http = None
     metrics_where = "metrics=off"
     if config.metrics.listen:
@@ -90,11 +94,11 @@ async def _announce_when_ready(ready: Callable[[], bool], line: str) -> None:
     print(f"mtacluster: ready role={line}", flush=True)
 
 
-def serve(role: str, config: Config, shard: int = 0) -> int:
+def serve(role: str, config: Config, shard: int = 0, node: int = 0) -> int:
     """Run one role until SIGTERM/SIGINT; return the exit code."""
     logs.configure(role, config.log.format)
     try:
-        return uvloop.run(_serve(role, config, shard))
+        return uvloop.run(_serve(role, config, shard, node))
     except (OSError, ValueError) as exc:
         print(f"mtacluster serve {role}: {exc}", file=sys.stderr)
         return 1

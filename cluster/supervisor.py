@@ -1,9 +1,9 @@
 """`mtacluster up`: run the whole cluster on one machine as child processes, and watch them.
 
 Starts every queue shard of `queue.shards`, `up.frontends` frontends (sharing the SMTP port with SO_REUSEPORT),
-`up.workers` workers and one pop3 process (when `up.pop3`), each as `python -m cluster serve ROLE`. Each child
+`up.workers` workers and one mailbox process (when `up.mailbox`), each as `python -m cluster serve ROLE`. Each child
 gets its own metrics port: the port of `metrics.listen` plus the child's index. A child that exits unexpectedly
-is restarted after `up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then pop3,
+is restarted after `up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then the mailbox,
 then the shards, then the workers: a stopping shard dispatches nothing more and waits (bounded) for the Results
 of the jobs in flight while the workers are still running, so no recipient is left marked in flight; the
 workers are stopped last, with nothing left to do. A child still running after the grace period is killed.
@@ -24,7 +24,7 @@ from cluster.config import Config, split_host_port
 
 GRACE_SECONDS = 15.0
 # Shards stop before workers: they stop dispatching and collect the Results of the jobs in flight first.
-STOP_ORDER = ("frontend", "pop3", "queue", "worker")
+STOP_ORDER = ("frontend", "mailbox", "queue", "worker")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,7 +48,7 @@ def _die_with_parent() -> None:
 
 
 def plan_children(config: Config, config_path: str | None) -> list[Child]:
-    """The processes `up` runs, in start order: shards, workers, pop3 (when `up.pop3`), frontends."""
+    """The processes `up` runs, in start order: shards, workers, mailbox (when `up.mailbox`), frontends."""
     base = [sys.executable, "-m", "cluster", "serve"]
     config_args = ["--config", config_path] if config_path else []
     metrics_host, metrics_port = split_host_port(config.metrics.listen) if config.metrics.listen else ("", 0)
@@ -64,8 +64,8 @@ def plan_children(config: Config, config_path: str | None) -> list[Child]:
         add("queue", ["--shard", str(index)])
     for _ in range(config.up.workers):
         add("worker", [])
-    if config.up.pop3:
-        add("pop3", [])
+    if config.up.mailbox:
+        add("mailbox", [])
     for _ in range(config.up.frontends):
         add("frontend", [])
     return children
@@ -94,7 +94,7 @@ class Supervisor:
         submission = self.config.smtp.submission_listen + self.config.smtp.submissions_listen
         print(f"mtacluster up: pid={os.getpid()} {len(self.children)} processes "
               f"(shards={len(self.config.queue.shards)} workers={self.config.up.workers} "
-              f"frontends={self.config.up.frontends} pop3={int(self.config.up.pop3)}); "
+              f"frontends={self.config.up.frontends} mailbox={int(self.config.up.mailbox)}); "
               f"SMTP on {', '.join(self.config.smtp.listen) or 'nothing'}; "
               f"submission on {', '.join(submission) or 'nothing'}; "
               f"spool under {self.config.queue.spool_dir}; Ctrl-C stops", flush=True)

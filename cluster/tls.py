@@ -1,7 +1,8 @@
-"""TLS for the servers: contexts for STARTTLS (SMTP, RFC 3207), STLS (POP3, RFC 2595) and implicit TLS
-(RFC 8314), built once per process, and the one way a plaintext session is upgraded (`start_tls`).
+"""TLS for the servers: contexts for STARTTLS (SMTP, RFC 3207; LMTP), STLS (POP3, RFC 2595) and implicit
+TLS (RFC 8314), built once per process, and the one way a plaintext session is upgraded (`start_tls`); and
+the client context for connections between cluster processes (LMTP, proxied POP3).
 
-Input: a PEM certificate chain and key file, and the configuration section they come from ("smtp", "pop3"),
+Input: a PEM certificate chain and key file, and the configuration section they come from ("smtp", "mailbox"),
 so errors name the right keys. Output: an `ssl.SSLContext` accepting TLS 1.2 and newer with the `ssl`
 module's default (secure) cipher choice, or None when no certificate is configured.
 Failure modes: a missing, unreadable or mismatched certificate or key raises `ConfigError` naming the key,
@@ -69,3 +70,18 @@ async def start_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     discarded = discard_buffered_input(reader)
     await writer.start_tls(context, ssl_handshake_timeout=timeout)
     return discarded
+
+
+def cluster_client_context(ca_file: str) -> ssl.SSLContext:
+    """Client side of TLS between cluster processes (worker -> mailbox node LMTP, mailbox node -> mailbox node
+    POP3 proxy). With `ca_file` the peer's chain must lead to it; without, the connection is encrypted but the
+    peer is not checked. Host names are not checked: nodes are reached by pod names or addresses that the
+    certificate rarely lists, and the CA is the cluster's own."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -27,6 +27,14 @@ def _owner(key: str, shard_count: int) -> int:
     return max(range(shard_count), key=lambda index: _weight(str(index), key))
 
 
+def owner_index(key: str, count: int) -> int:
+    """The owner of an already normalised `key` among `count` members (shards, mailbox nodes): the same ring
+    for every kind of owned state (ARCHITECTURE.md contract 7)."""
+    if count < 1:
+        raise ValueError("no owners configured")
+    return _owner(key, count)
+
+
 def shard_for_domain(domain: str, shards: Sequence[str]) -> int:
     """Index of the shard (in `shards`, the configured endpoint list) that owns `domain`."""
     if not shards:

@@ -1,7 +1,7 @@
 """The `mtacluster` command: run the cluster or one role, check configuration, administer queue and users.
 
     mtacluster up [--config FILE]                                   the whole cluster on this machine
-    mtacluster serve frontend|queue|worker|pop3 [--config FILE] [--shard N]    one role (what a pod runs)
+    mtacluster serve frontend|queue|worker|mailbox [--config FILE] [--shard N] [--node N]   one role (a pod)
     mtacluster config check [FILE | --config FILE]                  validate a configuration and its files
     mtacluster keys FILE                                            the cluster's CURVE key pair
     mtacluster queue list|show|flush|hold|release|delete|bounce ... queue administration (every shard)

@@ -5,6 +5,7 @@ and the reason (exit code 2); without a file, the built-in defaults are checked.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from cluster.cli.common import add_config_option, load
@@ -30,9 +31,11 @@ def run_check(args: argparse.Namespace) -> int:
     config = load(args)
     check_files(config)
     server_context(config.smtp.tls_cert_file, config.smtp.tls_key_file, "smtp")
-    server_context(config.pop3.tls_cert_file, config.pop3.tls_key_file, "pop3")
+    server_context(config.mailbox.tls_cert_file, config.mailbox.tls_key_file, "mailbox")
     cluster_keys(config.bus)
     DkimSigner.from_config(config.dkim)
+    for note in config.deprecations:
+        print(f"{args.config}: warning: {note}", file=sys.stderr)
     print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, "
           f"listen {', '.join(config.smtp.listen)})")
     return 0

@@ -10,7 +10,7 @@ from cluster.cli.common import add_config_option, load
 
 def register(commands: Any) -> None:
     up = commands.add_parser("up", help="run the whole cluster on this machine",
-                             description="Run every role on this machine (1 shard, 2 frontends, 2 workers, pop3) "
+                             description="Run every role on this machine (1 shard, 2 frontends, 2 workers, a mailbox) "
                              "and restart any that dies. Stop with Ctrl-C or SIGTERM.")
     add_config_option([up])
     up.set_defaults(func=run)

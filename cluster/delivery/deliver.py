@@ -1,4 +1,4 @@
-"""One delivery attempt of one job: route, resolve, talk SMTP (or write Maildir), one `Outcome` per recipient.
+"""One delivery attempt of one job: route, resolve, talk SMTP (or LMTP), one `Outcome` per recipient.
 
 `Deliverer.deliver(job) -> list[Outcome]` never raises for anything the network, DNS or the remote server
 does: every recipient of the job gets exactly one Outcome, in the job's order.
@@ -22,7 +22,6 @@ does: every recipient of the job gets exactly one Outcome, in the job's order.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import random
@@ -34,11 +33,11 @@ from cluster.bus.schemas import Deliver, Outcome, OutcomeKind
 from cluster.config import Config
 from cluster.delivery import metrics
 from cluster.delivery.connections import ConnectionCache
+from cluster.delivery.lmtp import LocalDelivery
 from cluster.delivery.mx import DnsFailure, MxResolver, Target, find_targets
 from cluster.delivery.routing import ErrorRoute, LocalRoute, Router, SmtpRoute
 from cluster.delivery.session import HostUnavailable, SessionSettings, SmtpSession, TransactionResult
 from cluster.domains import domain_key
-from cluster.mailbox.maildir import MailboxNameError, MaildirStore
 from cluster.smtp.replies import NO_HOST_TRIED, Reply, smtputf8_unsupported, too_big_for_remote
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class Deliverer:
         self._rng = rng or random.Random()
         helo = config.delivery.helo_name or config.smtp.hostname
         self._settings = settings or SessionSettings.from_config(config.delivery, helo)
-        self._maildir = MaildirStore(config.delivery.maildir_root, config.smtp.hostname)
+        self._local = LocalDelivery(config, cache)
         # How many TCP connections this deliverer opened (the cache's effect is visible in tests).
         self.connections_opened = 0
 
@@ -126,20 +125,15 @@ class Deliverer:
             reply = Reply.of(route.code, route.enhanced, route.text)
             return [outcome_from_reply(r, reply, "") for r in recipients]
         if isinstance(route, LocalRoute):
-            return [await self._deliver_local(job, r) for r in recipients]
+            return await self._deliver_local(job, recipients)
         return await self._deliver_smtp(job, route, recipients)
 
-    async def _deliver_local(self, job: Deliver, recipient: str) -> Outcome:
-        localpart = recipient.rpartition("@")[0] or recipient
-        try:
-            path = await asyncio.to_thread(self._maildir.deliver, localpart, job.sender, job.body)
-        except MailboxNameError as exc:
-            return outcome_from_reply(recipient, Reply.of(550, "5.1.3", str(exc)), "")
-        except OSError as exc:
-            log.warning("maildir delivery for %s failed: %s", recipient, exc)
-            return outcome_from_reply(recipient, Reply.of(451, "4.3.0", f"Mailbox write failed: {exc.strerror}"),
-                                      "")
-        return outcome_from_reply(recipient, Reply.of(250, "2.0.0", f"Delivered to maildir as {path.name}"), "local")
+    async def _deliver_local(self, job: Deliver, recipients: list[str]) -> list[Outcome]:
+        """The `local` transport: LMTP to the mailbox node owning each recipient (`cluster.delivery.lmtp`)."""
+        results = await self._local.deliver(job.sender, recipients, job.body)
+        return [outcome_from_reply(recipient, as_deferral(result.reply) if result.host_failed else result.reply,
+                                   result.remote)
+                for recipient, result in ((r, results[r]) for r in recipients)]
 
     async def _deliver_smtp(self, job: Deliver, route: SmtpRoute, recipients: list[str]) -> list[Outcome]:
         started = time.perf_counter()

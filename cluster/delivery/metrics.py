@@ -28,3 +28,7 @@ def status_class(enhanced: str, code: int) -> str:
     if len(parts) == 3 and all(part.isdigit() for part in parts):
         return f"{parts[0]}.{parts[1]}"
     return f"{code // 100}.0"
+LMTP = Counter("mtacluster_delivery_lmtp", "Recipients handed to mailbox nodes over LMTP (the local transport), by "
+               "outcome: delivered, deferred (the node answered 4xx, e.g. over quota), failed (5xx), "
+               "node_unavailable (refused, timed out, TLS failure or died before answering).", ["outcome"])
+LMTP_OUTCOMES = ("delivered", "deferred", "failed", "node_unavailable")

@@ -12,6 +12,10 @@ is then closed. That is: refused or timed-out connections, TLS failures, 421 at 
 greeting, 4xx to EHLO/HELO or MAIL, connection loss, and replies that break the protocol. A 5xx to MAIL, or
 any reply to RCPT or to the end of data, is returned, not raised: it belongs to the recipients.
 Every wait has the RFC 5321 4.5.3.2 timeout given in `delivery.*_timeout`.
+
+With `SessionSettings.lmtp` the same session speaks LMTP (RFC 2033) to a mailbox node: LHLO instead of EHLO,
+and after the data one reply per accepted recipient; a server that dies while answering leaves the recipients
+it already answered decided (see `_read_lmtp_replies`), so a crash duplicates only what was in flight.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class SessionSettings:
     data_block_timeout: float
     data_done_timeout: float
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
+    # RFC 2033 LMTP instead of SMTP: LHLO (no HELO fallback), one reply per accepted recipient after the data.
+    lmtp: bool = False
 
     @classmethod
     def from_config(cls, config: DeliveryConfig, helo_name: str,
@@ -156,6 +162,12 @@ class SmtpSession:
             raise HostUnavailable(replies.starttls_required(self.remote), self.remote)
 
     async def _hello(self) -> None:
+        if self._settings.lmtp:
+            lhlo = await self._command(Command.lhlo(self._settings.helo_name), self._settings.helo_timeout)
+            if lhlo.code != 250:
+                raise HostUnavailable(lhlo, self.remote)
+            self.capabilities = Capabilities.from_ehlo(lhlo)
+            return
         ehlo = await self._command(Command.ehlo(self._settings.helo_name), self._settings.helo_timeout)
         if ehlo.code == 250:
             self.capabilities = Capabilities.from_ehlo(ehlo)
@@ -241,6 +253,9 @@ class SmtpSession:
             if data_reply.code != 354:
                 await self._abort_transaction(None)
                 return TransactionResult({**replies, **dict.fromkeys(accepted, data_reply)}, message_sent=False)
+            if self._settings.lmtp:
+                await self._write(self._conn.send_message(body, len(accepted)), self._settings.data_block_timeout)
+                return TransactionResult({**replies, **await self._read_lmtp_replies(accepted)}, message_sent=True)
             await self._write(self._conn.send_message(body), self._settings.data_block_timeout)
             final = await self._read("message", self._settings.data_done_timeout)
             self._raise_if_closing(final)
@@ -248,6 +263,23 @@ class SmtpSession:
         except BaseException:  # HostUnavailable, or the job being cancelled: the conversation is unusable
             self.close()
             raise
+
+    async def _read_lmtp_replies(self, accepted: list[str]) -> dict[str, Reply]:
+        """RFC 2033 4.2: one reply per accepted recipient, in RCPT order. When the server stops answering (it
+        crashed, or said 421), the recipients answered so far keep their replies and only the rest get the
+        failure: those already stored must not be delivered twice. The session is closed then."""
+        decided: dict[str, Reply] = {}
+        for recipient in accepted:
+            try:
+                reply = await self._read("message", self._settings.data_done_timeout)
+            except HostUnavailable as exc:
+                self.close()
+                return {**decided, **dict.fromkeys(accepted[len(decided):], exc.reply)}
+            decided[recipient] = reply
+            if reply.code == 421:
+                self.close()
+                return {**decided, **dict.fromkeys(accepted[len(decided):], reply)}
+        return decided
 
     async def _abort_transaction(self, pipelined_data_reply: Reply | None) -> None:
         """Leave the connection ready for the next transaction after one that sent no message."""

@@ -1,4 +1,4 @@
-"""Maildir delivery for the `local` transport (the Maildir format as qmail defined it).
+"""Maildir storage of the mailbox role (the Maildir format as qmail defined it).
 
 `MaildirStore(root).deliver(localpart, sender, body)` writes one message to `<root>/<localpart>/new/`:
 the file is written in `tmp/`, fsynced, renamed into `new/` (atomic: a reader never sees half a message),
@@ -37,6 +37,11 @@ def mailbox_name(localpart: str) -> str:
     return name
 
 
+def with_return_path(sender: str, body: bytes) -> bytes:
+    """The message as stored: RFC 5321 4.4 Return-Path line first (its size counts against the quota)."""
+    return b"Return-Path: <" + sender.encode("utf-8") + b">\r\n" + body
+
+
 class MaildirStore:
     def __init__(self, root: str | Path, hostname: str | None = None) -> None:
         self.root = Path(root)
@@ -55,7 +60,7 @@ class MaildirStore:
         name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{self._host}"
         temporary = box / "tmp" / name
         final = box / "new" / name
-        content = b"Return-Path: <" + sender.encode("utf-8") + b">\r\n" + body
+        content = with_return_path(sender, body)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:

@@ -12,7 +12,8 @@ Decision events pause the machine (`next_event()` returns `Paused`, new input is
 answers with the matching method:
 - `CredentialsReceived` -> `credentials_checked(CredentialCheck)` (check the users file);
 - `MaildropRequested` -> `maildrop_opened([MessageInfo...])` or `maildrop_unavailable(in_use=...)`
-  (take the user's exclusive maildrop lock, list the messages);
+  (take the user's exclusive maildrop lock, list the messages), or `maildrop_proxied()` when another node
+  owns the maildrop and the glue hands the session over to it;
 - `MessageRequested` -> `message_loaded(content or None)` (RETR and TOP: read one message);
 - `UpdateRequested` -> `update_done(not_removed)` (QUIT: remove the messages marked deleted);
 - `StartTlsRequested` -> `tls_established()` after the glue sent "+OK" and finished the TLS handshake.
@@ -256,6 +257,18 @@ class Pop3Connection(ByteMachine[Event, DecisionEvent]):
         self._state = _State.TRANSACTION
         count, octets = self._totals()
         self._send(f"+OK Maildrop locked and ready, {count} messages ({octets} octets)".encode())
+
+    def maildrop_proxied(self) -> bytes:
+        """The maildrop lives on another node, which now serves this session (a proxy, as Dovecot's): the
+        machine stops here. Returns the client's input that arrived after PASS and was not yet processed
+        (pipelined commands), for the glue to pass on to that node; the glue sends the node's "+OK"."""
+        event = self._take(MaildropRequested)
+        self.username = event.username
+        leftover = bytes(self._input)
+        self._input.clear()
+        self._state = _State.CLOSED
+        self._ended = True
+        return leftover
 
     def maildrop_unavailable(self, *, in_use: bool) -> None:
         """RFC 1939 4: the lock could not be had; stay in AUTHORIZATION (the client may retry or QUIT)."""

@@ -38,7 +38,7 @@ MAX_REPLY_LINES = 200
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]?)(.*)$", re.DOTALL)
 
 # RFC 2920 3.1: these commands may only be the last one of a pipelined group.
-_GROUP_ENDERS = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP", "AUTH", "STARTTLS"})
+_GROUP_ENDERS = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP", "AUTH", "STARTTLS"})
 
 
 class SmtpProtocolError(Exception):
@@ -63,6 +63,11 @@ class Command:
     @classmethod
     def ehlo(cls, name: str) -> Command:
         return cls._build("EHLO", name)
+
+    @classmethod
+    def lhlo(cls, name: str) -> Command:
+        """RFC 2033 4.1: LMTP's EHLO."""
+        return cls._build("LHLO", name)
 
     @classmethod
     def helo(cls, name: str) -> Command:
@@ -266,9 +271,10 @@ class ClientConnection:
         """Several commands at once (one RFC 2920 pipelined group)."""
         return b"".join(self.send(command) for command in commands)
 
-    def send_message(self, body: bytes) -> bytes:
-        """The message content after a 354 reply to DATA; the reply to it is named "message"."""
-        self._awaiting.append("message")
+    def send_message(self, body: bytes, replies: int = 1) -> bytes:
+        """The message content after a 354 reply to DATA; the reply to it is named "message". An LMTP server
+        answers once per accepted recipient (RFC 2033 4.2): pass their number as `replies`."""
+        self._awaiting.extend(["message"] * replies)
         return dot_stuff(body)
 
     def receive_data(self, data: bytes) -> None:

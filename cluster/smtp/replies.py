@@ -143,6 +143,32 @@ TEXT_LINE_TOO_LONG = Reply.of(550, "5.6.0", "Message refused: text line longer t
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Reply.of(421, "4.4.2", "Timeout waiting for client, closing connection")
 
+# --- LMTP (RFC 2033), used by cluster.smtp.lmtp and the mailbox role's glue ---
+# RFC 2033 4.2: DATA with no accepted recipient "MUST fail with a 503 reply code".
+LMTP_NO_VALID_RECIPIENTS = Reply.of(503, "5.5.1", "No valid recipients")
+# RFC 3463 X.2.2: mailbox full. 452 while the mailbox is over its quota now (or the disk is full): try later.
+MAILBOX_OVER_QUOTA = Reply.of(452, "4.2.2", "Mailbox over quota, try again later")
+MAILBOX_DISK_FULL = Reply.of(452, "4.2.2", "Mailbox storage full, try again later")
+# 552 when the message is larger than the whole quota: it can never fit.
+MESSAGE_EXCEEDS_QUOTA = Reply.of(552, "5.2.2", "Message larger than the mailbox quota")
+MAILBOX_WRITE_FAILED = Reply.of(451, "4.3.0", "Mailbox write failed, try again later")
+# RFC 3463 X.1.3: the local part cannot name a mailbox.
+BAD_MAILBOX_NAME = Reply.of(550, "5.1.3", "Local part cannot name a mailbox")
+# ARCHITECTURE.md contract 7: a node takes only the mailboxes it owns; another node's are a configuration
+# mismatch between worker and mailbox node (X.3.5: system incorrectly configured), retried later.
+NOT_MAILBOX_OWNER = Reply.of(451, "4.3.5", "This mailbox node does not own that mailbox (mailbox.nodes differ?)")
+
+
+def lmtp_greeting(hostname: str) -> Reply:
+    return Reply.of(220, "", f"{hostname} LMTP mtacluster")
+
+
+def lmtp_delivered(file_name: str) -> Reply:
+    """250 once the message file and its directory are fsynced; the file name links the shard's log line
+    (which carries the queue id and this reply) to the Maildir file."""
+    return Reply.of(250, "2.0.0", f"Delivered to the mailbox as {file_name}")
+
+
 # --- address syntax (used by cluster.smtp.address) ---
 UTF8_NEEDS_SMTPUTF8 = Reply.of(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter on MAIL (RFC 6531)")
 

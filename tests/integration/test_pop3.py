@@ -1,4 +1,4 @@
-"""The pop3 role as a real process, driven by Python's poplib: listing, retrieval, deletion, locks, STLS."""
+"""The mailbox role's POP3 as a real process, driven by Python's poplib: listing, retrieval, deletion, locks, STLS."""
 
 from __future__ import annotations
 
@@ -57,15 +57,15 @@ def pop3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pop3Role]:
     ca = trustme.CA()
     pem = directory / "pop3.pem"
     ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, lmtp_port = free_port(), free_port(), free_port()
     cluster = Cluster(directory, overrides={
-        "delivery": {"maildir_root": str(directory / "maildir")},
         "auth": {"users_file": str(users_file)},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-        "pop3": {"listen": [f"127.0.0.1:{port}"], "tls_cert_file": str(pem), "tls_key_file": str(pem),
-                 "max_auth_failures": 2},
+        "mailbox": {"maildir_root": str(directory / "maildir"), "pop3_listen": [f"127.0.0.1:{port}"],
+                    "lmtp_listen": [f"127.0.0.1:{lmtp_port}"], "nodes": [f"127.0.0.1:{lmtp_port}"],
+                    "tls_cert_file": str(pem), "tls_key_file": str(pem), "max_auth_failures": 2},
     })
-    process = cluster.role("pop3").start()
+    process = cluster.role("mailbox").start()
     try:
         process.wait_ready()
         yield Pop3Role(process, port, metrics_port, directory / "maildir", ca)
@@ -200,7 +200,8 @@ def test_metrics(pop3: Pop3Role) -> None:
     assert PASSWORD not in pop3.process.log()
 
 
-def test_a_bad_certificate_stops_the_role_with_one_line(tmp_path: Path) -> None:
+def test_a_bad_certificate_stops_the_role_with_one_line_also_under_the_old_names(tmp_path: Path) -> None:
+    """The old [pop3] section and `serve pop3` still work (as the mailbox role), with deprecation notes."""
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
     cluster = Cluster(tmp_path, overrides={
@@ -210,5 +211,7 @@ def test_a_bad_certificate_stops_the_role_with_one_line(tmp_path: Path) -> None:
     assert process.process is not None
     assert process.process.wait(20) == 1
     log = process.log()
-    assert "mtacluster serve pop3: pop3.tls_key_file: cannot use" in log
+    assert "the pop3 role is now the mailbox role" in log
+    assert "pop3.tls_key_file is deprecated; it is read as mailbox.tls_key_file" in log
+    assert "mtacluster serve mailbox: mailbox.tls_key_file: cannot use" in log
     assert "Traceback" not in log

@@ -1,4 +1,5 @@
-"""End to end: SMTP in at a frontend, queued by a shard, written to a Maildir by a worker, fetched by POP3."""
+"""End to end: SMTP in at a frontend, queued by a shard, handed by a worker over LMTP to the mailbox role,
+written to its Maildir, fetched by POP3."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ pytestmark = pytest.mark.integration
 def test_mail_to_a_local_domain_is_fetched_by_pop3(tmp_path: Path) -> None:
     users_file = tmp_path / "users"
     add_user(str(users_file), "alice@local.test", "pw for alice")
-    pop3_port = free_port()
+    pop3_port, lmtp_port = free_port(), free_port()
     cluster = Cluster(tmp_path / "cluster", overrides={
-        "delivery": {"transports": {"local.test": "local"}, "maildir_root": str(tmp_path / "maildir")},
+        "delivery": {"transports": {"local.test": "local"}},
         "auth": {"users_file": str(users_file)},
-        "pop3": {"listen": [f"127.0.0.1:{pop3_port}"]},
+        "mailbox": {"pop3_listen": [f"127.0.0.1:{pop3_port}"], "lmtp_listen": [f"127.0.0.1:{lmtp_port}"],
+                    "nodes": [f"127.0.0.1:{lmtp_port}"], "maildir_root": str(tmp_path / "maildir")},
     })
-    pop3 = cluster.role("pop3")
+    pop3 = cluster.role("mailbox")
     try:
         cluster.start()
         pop3.start().wait_ready()

@@ -1,4 +1,5 @@
-"""The pop3 role in this process over real sockets: idle timeout, connection limit, shutdown, users file errors.
+"""The mailbox role's POP3 listener in this process over real sockets: idle timeout, connection limit, shutdown,
+users file errors.
 
 Timeouts here are shorter than `load_config` allows (RFC 1939 asks for 10 minutes): the Config is built directly.
 """
@@ -12,9 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
-from cluster.config import Config, Duration, Pop3Config, config_from_dict
+from cluster.config import Config, Duration, config_from_dict
 from cluster.mailbox.maildir import MaildirStore
+from cluster.mailbox.ownership import node_for_localpart
 from cluster.mailbox.pop3 import Pop3Server
 from cluster.users import add_user
 from tests.support.tooling import free_port
@@ -25,11 +28,11 @@ PASSWORD = "pw"
 
 
 def make_config(tmp_path: Path, users_file: str, *, idle_timeout: float = 600, max_connections: int = 500) -> Config:
-    base = config_from_dict({"delivery": {"maildir_root": str(tmp_path / "maildir")},
+    base = config_from_dict({"mailbox": {"maildir_root": str(tmp_path / "maildir"),
+                                         "pop3_listen": [f"127.0.0.1:{free_port()}"]},
                              "auth": {"users_file": users_file}, "metrics": {"listen": ""}}, environ={})
-    pop3 = Pop3Config(listen=(f"127.0.0.1:{free_port()}",), idle_timeout=Duration(idle_timeout),
-                      max_connections=max_connections)
-    return dataclasses.replace(base, pop3=pop3)
+    mailbox = dataclasses.replace(base.mailbox, idle_timeout=Duration(idle_timeout), max_connections=max_connections)
+    return dataclasses.replace(base, mailbox=mailbox)
 
 
 @pytest.fixture
@@ -54,8 +57,8 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def start(config: Config) -> AsyncIterator[Running]:
-    server = Pop3Server(config)
+async def start(config: Config, node: int = 0) -> AsyncIterator[Running]:
+    server = Pop3Server(config, node=node)
     stop = asyncio.Event()
     task = asyncio.create_task(server.run(stop))
     async with asyncio.timeout(5):
@@ -131,3 +134,56 @@ async def test_a_user_whose_name_cannot_be_a_maildir(tmp_path: Path) -> None:
         assert await command(reader, writer, b"PASS " + PASSWORD.encode()) == \
             b"-ERR [SYS/TEMP] Maildrop temporarily unavailable, try again later\r\n"
         writer.close()
+
+
+def two_node_configs(tmp_path: Path, users_file: str) -> list[Config]:
+    """Node 0 on 127.0.0.1, node 1 on 127.0.0.2, the same POP3 port, each with its own Maildir root."""
+    port = free_port()
+    hosts = ("127.0.0.1", "127.0.0.2")
+    return [config_from_dict({"mailbox": {"maildir_root": str(tmp_path / f"maildir-{node}"),
+                                          "nodes": [f"{host}:2424" for host in hosts],
+                                          "pop3_listen": [f"{hosts[node]}:{port}"]},
+                              "auth": {"users_file": users_file}, "metrics": {"listen": ""}}, environ={})
+            for node in (0, 1)]
+
+
+def user_on(node: int, config: Config) -> str:
+    return next(f"u{i}" for i in range(100) if node_for_localpart(f"u{i}", config.mailbox.nodes) == node)
+
+
+async def test_a_login_on_the_wrong_node_is_proxied_with_pipelined_commands(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    configs = two_node_configs(tmp_path, str(users))
+    owned_by_1 = user_on(1, configs[0])
+    add_user(str(users), owned_by_1, PASSWORD)
+    MaildirStore(tmp_path / "maildir-1", "h").deliver(owned_by_1, "s@example.net", b"Subject: on node 1\r\n\r\nx\r\n")
+    proxied = REGISTRY.get_sample_value("mtacluster_pop3_sessions_total", {"listener": "pop3", "served": "proxied"})
+    async with start(configs[0], 0) as first, start(configs[1], 1):
+        reader, writer = await first.connect()
+        # Everything in one write: what follows PASS is still in the first node's buffer when it hands over.
+        writer.write(f"USER {owned_by_1}\r\nPASS {PASSWORD}\r\nSTAT\r\nRETR 1\r\nQUIT\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    lines = answer.split(b"\r\n")
+    assert lines[0] == b"+OK Send your password"
+    assert lines[1].startswith(b"+OK Maildrop locked and ready, 1 messages")
+    assert lines[2].startswith(b"+OK 1 ")
+    assert b"Subject: on node 1" in answer and lines[-2].startswith(b"+OK Bye")
+    after = REGISTRY.get_sample_value("mtacluster_pop3_sessions_total", {"listener": "pop3", "served": "proxied"})
+    assert (after or 0) == (proxied or 0) + 1
+
+
+async def test_an_unreachable_owner_is_a_temporary_failure(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    config = two_node_configs(tmp_path, str(users))[0]
+    owned_by_1 = user_on(1, config)
+    add_user(str(users), owned_by_1, PASSWORD)
+    failures = REGISTRY.get_sample_value("mtacluster_pop3_logins_total", {"result": "proxy_error"}) or 0
+    async with start(config, 0) as first:  # node 1 is not running
+        reader, writer = await first.connect()
+        await command(reader, writer, f"USER {owned_by_1}".encode())
+        assert await command(reader, writer, b"PASS " + PASSWORD.encode()) == \
+            b"-ERR [SYS/TEMP] Maildrop temporarily unavailable, try again later\r\n"
+        assert await command(reader, writer, b"QUIT") == b"+OK Bye\r\n"
+        writer.close()
+    assert REGISTRY.get_sample_value("mtacluster_pop3_logins_total", {"result": "proxy_error"}) == failures + 1

@@ -1,7 +1,7 @@
 """The dashboard and the alert rules against a real Prometheus scraping a real cluster under a short load.
 
 Starts smtp-sink (the smarthost and the MX host), dnsmasq (a test zone, so workers do MX lookups), the whole
-cluster with `mtacluster up` (1 shard, 1 worker, 1 pop3, 1 frontend; metrics ports printed on each "ready" line;
+cluster with `mtacluster up` (1 shard, 1 worker, 1 mailbox, 1 frontend; metrics ports printed on each "ready" line;
 STARTTLS with a trustme certificate and a users file with one user), and Debian's `prometheus` scraping every
 metrics port each second with deploy/prometheus/alerts.yml loaded. The load covers the paths the dashboard shows:
 plain deliveries, MX routing, a permanent failure (bounce), a deferral, an oversized message, refused connections,
@@ -44,7 +44,7 @@ ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 # What Grafana puts in place of its variables ("All" is ".*", which also matches series without the label).
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1s", "$namespace": ".*", "$pod": ".*"}
 READY_LINE = re.compile(r"mtacluster: ready role=(\w+) pid=\d+ .*?metrics=(\S+)")
-PROCESSES = 4  # 1 shard, 1 worker, 1 pop3, 1 frontend
+PROCESSES = 4  # 1 shard, 1 worker, 1 mailbox, 1 frontend
 NORMAL_MESSAGES = 12
 MAX_MESSAGE_SIZE = 65536
 # The one user of the users file: logs in with SMTP AUTH and reads the Maildir "reader" over POP3.
@@ -135,7 +135,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     base.chmod(0o755)  # smtp-sink writes its dumps as "nobody"
     sink = SmtpSink(base / "sink").start()
     dns = DnsServer([("dns.test", "mx.dns.test", 10)], {"mx.dns.test": "127.0.0.1"}).start()
-    smtp_port, pop3_port = free_port(), free_port()
+    smtp_port, pop3_port, lmtp_port = free_port(), free_port(), free_port()
     metrics_base = consecutive_free_ports(PROCESSES)
     ca = trustme.CA()
     cert_file, key_file = issue_certificate(ca, base)
@@ -154,13 +154,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
         "delivery": {"smarthost": sink.address, "port": sink.port, "nameservers": [dns.address],
                      "connect_timeout": 2,
                      "transports": {"dns.test": "smtp:dns.test", "bounce.test": "error:5.1.1 no such user",
-                                    "defer.test": f"smtp:[127.0.0.1]:{free_port()}", "mailbox.test": "local"},
-                     "maildir_root": str(base / "maildir")},
+                                    "defer.test": f"smtp:[127.0.0.1]:{free_port()}", "mailbox.test": "local"}},
         "metrics": {"listen": f"127.0.0.1:{metrics_base}", "top_domains": ["sink.test"]},
         "auth": {"users_file": str(users_file)},
-        # Plaintext USER/PASS is accepted from loopback clients, so pop3 needs no certificate here.
-        "pop3": {"listen": [f"127.0.0.1:{pop3_port}"]},
-        "up": {"frontends": 1, "workers": 1, "pop3": True},  # PROCESSES: the 4 roles
+        # Plaintext USER/PASS is accepted from loopback clients, so the mailbox needs no certificate here.
+        "mailbox": {"pop3_listen": [f"127.0.0.1:{pop3_port}"], "lmtp_listen": [f"127.0.0.1:{lmtp_port}"],
+                    "nodes": [f"127.0.0.1:{lmtp_port}"], "maildir_root": str(base / "maildir")},
+        "up": {"frontends": 1, "workers": 1, "mailbox": True},  # PROCESSES: the 4 roles
     })
     log_path = base / "up.log"
     up: subprocess.Popen[bytes] | None = None
@@ -321,7 +321,7 @@ def test_every_target_is_up(loaded: LiveCluster) -> None:
     answer = loaded.prometheus.get("/api/v1/targets")
     health = {t["labels"]["instance"]: t["health"] for t in answer["data"]["activeTargets"]}
     assert health == {address: "up" for address in loaded.targets}
-    assert sorted(loaded.targets.values()) == ["frontend", "pop3", "queue", "worker"]
+    assert sorted(loaded.targets.values()) == ["frontend", "mailbox", "queue", "worker"]
 
 
 def test_every_dashboard_query_parses_and_returns_data(loaded: LiveCluster) -> None:

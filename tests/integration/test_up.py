@@ -60,14 +60,15 @@ def free_port_run(count: int) -> int:
 def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     sink = SmtpSink(tmp_path / "sink").start()
     smtp_port = free_port()
-    pop3_port = free_port()
+    pop3_port, lmtp_port = free_port(), free_port()
     metrics_port = free_port_run(6)
     config = write_config(tmp_path / "up.toml", {
         "smtp": {"listen": [f"127.0.0.1:{smtp_port}"], "hostname": "up.test"},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
         "delivery": {"smarthost": sink.address},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-        "pop3": {"listen": [f"127.0.0.1:{pop3_port}"]},
+        "mailbox": {"pop3_listen": [f"127.0.0.1:{pop3_port}"], "lmtp_listen": [f"127.0.0.1:{lmtp_port}"],
+                    "nodes": [f"127.0.0.1:{lmtp_port}"], "maildir_root": str(tmp_path / "maildir")},
         "up": {"frontends": 2, "workers": 2},
     })
     log_path = tmp_path / "up.log"
@@ -76,12 +77,12 @@ def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
                               stderr=subprocess.STDOUT, cwd=REPO)
     try:
         wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 6, 30,
-                 "6 ready lines (1 shard, 2 workers, 1 pop3, 2 frontends)")
+                 "6 ready lines (1 shard, 2 workers, 1 mailbox, 2 frontends)")
         text = log_path.read_text()
-        for role, count in (("queue", 1), ("worker", 2), ("pop3", 1), ("frontend", 2)):
+        for role, count in (("queue", 1), ("worker", 2), ("mailbox", 1), ("frontend", 2)):
             assert text.count(f"ready role={role} pid=") == count, text
         assert f"smtp=127.0.0.1:{smtp_port}" in text
-        assert f"pop3=127.0.0.1:{pop3_port}" in text
+        assert f"lmtp=127.0.0.1:{lmtp_port} pop3=127.0.0.1:{pop3_port}" in text
         for offset in range(6):
             assert f"metrics=127.0.0.1:{metrics_port + offset}" in text
         children = children_of(up.pid)
@@ -96,7 +97,7 @@ def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
         assert up.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "children left running after the supervisor stopped"
         assert not port_open("127.0.0.1", smtp_port)
-        assert not port_open("127.0.0.1", pop3_port)
+        assert not port_open("127.0.0.1", pop3_port) and not port_open("127.0.0.1", lmtp_port)
     finally:
         if up.poll() is None:
             up.kill()
@@ -104,12 +105,13 @@ def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
-    smtp_port = free_port()
+    smtp_port, lmtp_port = free_port(), free_port()
     config = write_config(tmp_path / "up.toml", {
         "smtp": {"listen": [f"127.0.0.1:{smtp_port}"]},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
         "metrics": {"listen": ""},
-        "pop3": {"listen": [f"127.0.0.1:{free_port()}"]},
+        "mailbox": {"pop3_listen": [f"127.0.0.1:{free_port()}"], "lmtp_listen": [f"127.0.0.1:{lmtp_port}"],
+                    "nodes": [f"127.0.0.1:{lmtp_port}"]},
         "up": {"frontends": 1, "workers": 1},
     })
     up = subprocess.Popen([sys.executable, "-m", "cluster", "up", "--config", str(config)],
@@ -117,7 +119,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     try:
         wait_for(lambda: port_open("127.0.0.1", smtp_port), 30, "the frontend to listen")
         children = wait_for(lambda: c if len(c := children_of(up.pid)) == 4 else None, 10,
-                            "4 children (shard, worker, pop3, frontend)")
+                            "4 children (shard, worker, mailbox, frontend)")
         os.kill(up.pid, signal.SIGKILL)
         up.wait(10)
         wait_for(lambda: not [pid for pid in children if alive(pid)], 20, "children to exit after a kill -9")
@@ -127,8 +129,9 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
 
 
 def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None:
-    """No configuration file at all: SMTP on 127.0.0.1:2525, POP3 on 1110, spool under ./var, metrics from 9450."""
-    for port in (2525, 1110, 5570, *range(9450, 9456)):
+    """No configuration file at all: SMTP on 127.0.0.1:2525, POP3 on 1110, LMTP on 2424, spool under ./var,
+    metrics from 9450."""
+    for port in (2525, 1110, 2424, 5570, *range(9450, 9456)):
         assert not port_open("127.0.0.1", port), f"port {port} is taken: the defaults cannot be tested here"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTACLUSTER_")}
     env["PYTHONPATH"] = str(REPO)
@@ -139,7 +142,7 @@ def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None
     try:
         wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 6, 30, "6 ready lines")
         assert "smtp=127.0.0.1:2525" in log_path.read_text()
-        assert "pop3=127.0.0.1:1110" in log_path.read_text()
+        assert "lmtp=127.0.0.1:2424 pop3=127.0.0.1:1110" in log_path.read_text()
         with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
             assert client.ehlo()[0] == 250
         pop = poplib.POP3("127.0.0.1", 1110, timeout=10)

@@ -328,7 +328,7 @@ class Cluster:
         return [p for p in self.processes if p.role == "queue"][index]
 
     def stop(self) -> None:
-        for role in ("frontend", "worker", "queue"):
+        for role in ("frontend", "mailbox", "worker", "queue"):
             for process in self.processes:
                 if process.role == role:
                     with contextlib.suppress(AssertionError):

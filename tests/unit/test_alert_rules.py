@@ -45,7 +45,7 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
     names = {rule["alert"] for rule in alerts()}
     assert {"MtaclusterQueueGrowing", "MtaclusterOldestMessageTooOld", "MtaclusterBounceRateHigh",
             "MtaclusterShardDown", "MtaclusterNoDeliveries", "MtaclusterDiskAlmostFull",
-            "MtaclusterAuthFailureSurge"} <= names
+            "MtaclusterAuthFailureSurge", "MtaclusterLmtpFailures"} <= names
 
 
 def test_every_alert_has_a_firing_and_a_not_firing_unit_test() -> None:

@@ -114,3 +114,15 @@ def test_list_merges_shards_oldest_first_and_says_the_total(capsys: pytest.Captu
     assert capsys.readouterr().out.endswith("-- 1 message on 1 shard\n")
     _list(Answers(data=[(0, {"messages": [], "total": 0}), (1, [])]), 10, as_json=False)
     assert capsys.readouterr().out == "queue is empty\n"
+
+
+def test_config_check_insists_on_tls_for_mailbox_nodes_off_loopback_and_names_deprecated_keys(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    off_host = tmp_path / "off-host.toml"
+    off_host.write_text('[mailbox]\nnodes = ["10.0.0.5:2424", "10.0.0.6:2424"]\n')
+    assert main(["config", "check", str(off_host)]) == 2
+    assert "mailbox.tls_cert_file: required: mailbox node 10.0.0.5:2424 is not on loopback" in capsys.readouterr().err
+    old = tmp_path / "old.toml"
+    old.write_text('[pop3]\nlisten = ["127.0.0.1:1110"]\n')
+    assert main(["config", "check", str(old)]) == 0
+    assert "warning: pop3.listen is deprecated; it is read as mailbox.pop3_listen" in capsys.readouterr().err

@@ -88,6 +88,18 @@ def test_security_and_pop3_row_shows_auth_tls_and_pop3() -> None:
     assert "sum by (result) (rate(mtacluster_smtp_auth_total" in exprs
 
 
+def test_mailbox_row_shows_lmtp_outcomes_mailbox_sizes_and_pop3_sessions() -> None:
+    panels = dashboard()["panels"]
+    row = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"].startswith("Mailbox"))
+    following = next((i for i, p in enumerate(panels) if i > row and p["type"] == "row"), len(panels))
+    exprs = " ".join(t["expr"] for p in panels[row + 1:following] for t in p["targets"])
+    for metric in ("mtacluster_lmtp_deliveries_total", "mtacluster_delivery_lmtp_total",
+                   "mtacluster_mailbox_size_bytes_bucket", "mtacluster_mailbox_quota_usage_ratio_bucket",
+                   "mtacluster_pop3_sessions_total", "mtacluster_lmtp_connections_current"):
+        assert metric in exprs, metric
+    assert "sum by (outcome) (rate(mtacluster_lmtp_deliveries_total" in exprs
+
+
 def test_every_query_filters_by_pod_and_uses_only_exported_metrics() -> None:
     exported = exported_series_names()
     for panel in query_panels():

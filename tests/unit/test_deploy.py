@@ -27,6 +27,7 @@ def test_there_are_single_host_and_kubernetes_examples() -> None:
 def test_example_configuration_passes_the_check(example: Path) -> None:
     config = load_config(example, environ={})
     assert config.metrics.listen
+    assert config.deprecations == ()
 
 
 # A commented-out setting: "# key = value", the key in lower case (prose comments start otherwise).
@@ -40,7 +41,7 @@ def test_commented_settings_are_valid_when_uncommented(example: Path, tmp_path: 
     uncommented = tmp_path / example.name
     uncommented.write_text(COMMENTED_SETTING.sub(r"\1", text))
     config = load_config(uncommented, environ={})
-    assert config.auth.users_file and config.smtp.tls_cert_file and config.pop3.tls_cert_file
+    assert config.auth.users_file and config.smtp.tls_cert_file and config.mailbox.tls_cert_file
 
 
 def test_kubernetes_example_encrypts_the_bus_and_listens_on_every_interface() -> None:

@@ -33,7 +33,9 @@ FULLNAME = f"{RELEASE}-mtacluster"
 CHART_OWNED_KEYS = {"smtp": {"listen", "submission_listen", "submissions_listen", "proxy_protocol", "tls_cert_file",
                              "tls_key_file"},
                     "queue": {"shards", "spool_dir"}, "metrics": {"listen", "top_domains"},
-                    "bus": {"curve_key_file"}, "auth": {"users_file"}}
+                    "bus": {"curve_key_file"}, "auth": {"users_file"},
+                    "mailbox": {"maildir_root", "nodes", "lmtp_listen", "pop3_listen", "pop3s_listen", "tls_cert_file",
+                                "tls_key_file", "node_ca_file"}}
 LINT_WARNING = 2  # helm's support.WarningSev; 1 is INFO ("icon is recommended")
 
 
@@ -112,7 +114,8 @@ def test_rendered_config_passes_config_check_and_lists_one_endpoint_per_shard(va
 def test_every_container_has_probes_resources_and_a_locked_down_security_context(values: dict[str, Any]) -> None:
     docs = manifests(values)
     found = {d["metadata"]["name"] for d in workloads(docs)}
-    assert found == {f"{FULLNAME}-frontend", f"{FULLNAME}-queue", f"{FULLNAME}-worker"}
+    mailbox = {f"{FULLNAME}-mailbox"} if values.get("mailbox", {}).get("enabled") else set()
+    assert found == {f"{FULLNAME}-frontend", f"{FULLNAME}-queue", f"{FULLNAME}-worker", *mailbox}
     for workload in workloads(docs):
         pod = workload["spec"]["template"]["spec"]
         where = workload["metadata"]["name"]
@@ -305,7 +308,7 @@ def test_tls_secret_sets_the_starttls_certificate_in_the_config() -> None:
     assert mounts["/etc/mtacluster/tls"] == "tls"
 
 
-def test_users_secret_is_mounted_on_frontends_only_and_sets_auth_users_file() -> None:
+def test_users_secret_is_mounted_on_frontends_and_mailboxes_only_and_sets_auth_users_file() -> None:
     assert rendered_config(manifests()).auth.users_file == ""
     assert "/etc/mtacluster/users" not in frontend_mounts(manifests())[0]
     users_line = "alice@example.org:scrypt$16384$8$1$c2FsdA==$aGFzaA==\n"
@@ -319,6 +322,12 @@ def test_users_secret_is_mounted_on_frontends_only_and_sets_auth_users_file() ->
         if not workload["metadata"]["name"].endswith("-frontend"):
             pod = workload["spec"]["template"]["spec"]
             assert all(v["name"] != "users" for v in pod["volumes"]), workload["metadata"]["name"]
+    with_mailbox = manifests({"users": {"file": users_line}, "tls": {"existingSecret": "t"},
+                              "mailbox": {"enabled": True}})
+    pod = named(with_mailbox, "StatefulSet", f"{FULLNAME}-mailbox")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {v["name"]: v for v in pod["volumes"]}[mounts["/etc/mtacluster/users"]]["secret"]["secretName"] == \
+        f"{FULLNAME}-users"
 
     existing = manifests({"users": {"existingSecret": "logins"}})
     assert of_kind(existing, "Secret") == []
@@ -354,7 +363,11 @@ def test_network_policies_limit_the_bus_to_the_release() -> None:
      ({"config": {"smtp": {"max_auth_failures": 0}}}, "/config/smtp/max_auth_failures"),
      ({"config": {"auth": {"users_file": "/x"}}}, "users_file"),
      ({"users": {"file": 5}}, "/users/file"),
-     ({"queue": {"persistence": {"size": "lots"}}}, "/queue/persistence/size")],
+     ({"queue": {"persistence": {"size": "lots"}}}, "/queue/persistence/size"),
+     ({"mailbox": {"replicas": 0}}, "/mailbox/replicas"),
+     ({"mailbox": {"service": {"type": "Ingress"}}}, "/mailbox/service/type"),
+     ({"config": {"mailbox": {"nodes": ["elsewhere:24"]}}}, "nodes"),
+     ({"config": {"mailbox": {"quota": True}}}, "/config/mailbox/quota")],
 )
 def test_schema_refuses_invalid_values(values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm_python.HelmError, match=re.escape(complaint)):
@@ -366,7 +379,7 @@ def test_schema_config_sections_match_config_py() -> None:
     config_schema = schema["properties"]["config"]["properties"]
     sections = {"smtp": config_module.SmtpConfig, "queue": config_module.QueueConfig,
                 "delivery": config_module.DeliveryConfig, "bus": config_module.BusConfig,
-                "auth": config_module.AuthConfig}
+                "auth": config_module.AuthConfig, "mailbox": config_module.MailboxConfig}
     for name, cls in sections.items():
         expected = {f.name for f in dataclasses.fields(cls)} - CHART_OWNED_KEYS.get(name, set())
         assert set(config_schema[name]["properties"]) == expected, f"values.schema.json config.{name} is stale"
@@ -404,3 +417,71 @@ def test_chart_has_a_readme_describing_every_component() -> None:
     readme = (CHART / "README.md").read_text()
     for word in ("frontend", "queue", "worker", "ServiceMonitor", "PROXY", "existingSecret", "values.schema.json"):
         assert word in readme
+
+
+MAILBOX_VALUES = values_file(CHART / "ci" / "mailbox-values.yaml")
+
+
+def test_mailbox_is_off_by_default_and_needs_a_certificate() -> None:
+    docs = manifests()
+    assert [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "mailbox"] == []
+    assert rendered_config(docs).mailbox.nodes == ("127.0.0.1:2424",)
+    with pytest.raises(helm_python.HelmError, match=r"mailbox\.enabled needs a TLS certificate"):
+        render({"mailbox": {"enabled": True}})
+    # The frontends' certificate serves when the mailbox has none of its own.
+    shared = manifests({"mailbox": {"enabled": True}, "tls": {"existingSecret": "mail-tls"}})
+    pod = named(shared, "StatefulSet", f"{FULLNAME}-mailbox")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["mailbox-tls"]["secret"]["secretName"] == "mail-tls"
+
+
+def test_mailbox_statefulset_has_a_volume_per_node_a_pdb_probes_and_graceful_stop() -> None:
+    docs = manifests(MAILBOX_VALUES)
+    spec = named(docs, "StatefulSet", f"{FULLNAME}-mailbox")["spec"]
+    assert spec["replicas"] == 2 and spec["serviceName"] == f"{FULLNAME}-mailbox-headless"
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "maildir" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ['exec mtacluster serve mailbox --config /etc/mtacluster/mtacluster.toml '
+                                 '--node "${HOSTNAME##*-}"']
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/var/lib/mtacluster/maildir"] == "maildir"
+    assert {v["name"]: v for v in pod["volumes"]}["mailbox-tls"]["secret"]["secretName"] == "mailbox-tls"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["terminationGracePeriodSeconds"] >= 30  # STOP_GRACE of cluster.mailbox.service
+    assert named(docs, "PodDisruptionBudget", f"{FULLNAME}-mailbox")["spec"]["maxUnavailable"] == 1
+
+    config = rendered_config(docs)
+    headless = f"{FULLNAME}-mailbox-headless"
+    assert config.mailbox.nodes == tuple(f"{FULLNAME}-mailbox-{i}.{headless}.{NAMESPACE}.svc:2424" for i in range(2))
+    assert config.mailbox.maildir_root == "/var/lib/mtacluster/maildir"
+    assert config.mailbox.tls_cert_file == "/etc/mtacluster/mailbox-tls/tls.crt"
+    assert config.mailbox.node_ca_file == "/etc/mtacluster/mailbox-tls/ca.crt" and config.mailbox.quota == 2 * 2**30
+    assert config.delivery.transports == {"example.org": "local"}
+    # Workers check the nodes' certificates: they mount the CA, and only the CA.
+    worker = named(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]
+    ca = {v["name"]: v for v in worker["volumes"]}["mailbox-ca"]["secret"]
+    assert ca["secretName"] == "mailbox-tls" and ca["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_pop3_service_serves_110_and_995_from_every_node() -> None:
+    docs = manifests(MAILBOX_VALUES)
+    service = named(docs, "Service", f"{FULLNAME}-pop3")["spec"]
+    assert service["type"] == "LoadBalancer" and service["externalTrafficPolicy"] == "Local"
+    assert {p["port"]: p["targetPort"] for p in service["ports"]} == {110: "pop3", 995: "pop3s"}
+    assert service["selector"]["app.kubernetes.io/component"] == "mailbox"
+    assert service["loadBalancerSourceRanges"] == ["198.51.100.0/24"]
+    plain = named(manifests({**MAILBOX_VALUES, "mailbox": {"enabled": True}}), "Service", f"{FULLNAME}-pop3")
+    assert plain["spec"]["type"] == "ClusterIP" and "externalTrafficPolicy" not in plain["spec"]
+
+
+def test_only_workers_reach_lmtp() -> None:
+    docs = manifests(MAILBOX_VALUES)
+    policy = named(docs, "NetworkPolicy", f"{FULLNAME}-mailbox")["spec"]
+    lmtp = [rule for rule in policy["ingress"] if any(p["port"] == "lmtp" for p in rule["ports"])]
+    assert lmtp == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "mtacluster", "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "worker"}}}], "ports": [{"port": "lmtp", "protocol": "TCP"}]}]
+    pop3 = [rule for rule in policy["ingress"] if any(p["port"] == "pop3" for p in rule["ports"])]
+    assert pop3 and all("from" not in rule for rule in pop3)

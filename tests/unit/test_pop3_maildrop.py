@@ -1,4 +1,4 @@
-"""The pop3 role's decisions without sockets: who may log in without TLS, user -> Maildir, locks, UIDL, sizes."""
+"""The mailbox role's POP3 decisions without sockets: who may log in without TLS, user -> Maildir, locks, UIDL."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, Pop3Config, config_from_dict
+from cluster.config import ConfigError, MailboxConfig, config_from_dict
 from cluster.mailbox.maildir import MaildirStore
+from cluster.mailbox.ownership import login_localpart as mailbox_localpart
 from cluster.mailbox.pop3 import (
     Maildrop,
     MaildropLocked,
-    mailbox_localpart,
     message_size,
     plaintext_login_allowed,
     uid_for,
@@ -94,22 +94,51 @@ def test_open_of_an_empty_mailbox_creates_it(tmp_path: Path) -> None:
     drop.close()
 
 
-def test_pop3_config_defaults_and_bounds() -> None:
+def test_mailbox_config_defaults_and_bounds() -> None:
     config = config_from_dict({}, environ={})
-    assert config.pop3 == Pop3Config()
-    assert config.pop3.listen == ("127.0.0.1:1110",) and float(config.pop3.idle_timeout) == 600.0 and config.up.pop3
-    with pytest.raises(ConfigError, match=r"pop3.idle_timeout"):
-        config_from_dict({"pop3": {"idle_timeout": "5m"}}, environ={})
-    with pytest.raises(ConfigError, match=r"pop3.tls_key_file"):
-        config_from_dict({"pop3": {"tls_cert_file": "/x.pem"}}, environ={})
-    with pytest.raises(ConfigError, match=r"pop3.listen"):
-        config_from_dict({"pop3": {"listen": ["nonsense"]}}, environ={})
-    with pytest.raises(ConfigError, match=r"pop3.max_auth_failures"):
-        config_from_dict({"pop3": {"max_auth_failures": 0}}, environ={})
-    with pytest.raises(ConfigError, match=r"pop3.max_connections"):
-        config_from_dict({"pop3": {"max_connections": 0}}, environ={})
-    with pytest.raises(ConfigError, match=r"up.pop3"):
-        config_from_dict({"up": {"pop3": "yes"}}, environ={})
+    assert config.mailbox == MailboxConfig()
+    m = config.mailbox
+    assert m.pop3_listen == ("127.0.0.1:1110",) and float(m.idle_timeout) == 600.0 and config.up.mailbox
+    assert m.nodes == m.lmtp_listen == ("127.0.0.1:2424",) and m.pop3s_listen == () and m.quota == 0
+    for raw, key in (({"idle_timeout": "5m"}, "mailbox.idle_timeout"),
+                     ({"tls_cert_file": "/x.pem"}, "mailbox.tls_key_file"),
+                     ({"pop3_listen": ["nonsense"]}, "mailbox.pop3_listen"),
+                     ({"lmtp_listen": ["nonsense"]}, "mailbox.lmtp_listen"),
+                     ({"nodes": []}, "mailbox.nodes"),
+                     ({"nodes": ["a:24", "A:24"]}, "mailbox.nodes"),
+                     ({"max_auth_failures": 0}, "mailbox.max_auth_failures"),
+                     ({"max_connections": 0}, "mailbox.max_connections"),
+                     ({"quota": "lots"}, "mailbox.quota"),
+                     ({"pop3s_listen": ["127.0.0.1:995"]}, "mailbox.tls_cert_file")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config_from_dict({"mailbox": raw}, environ={})
+    with pytest.raises(ConfigError, match=r"up.mailbox"):
+        config_from_dict({"up": {"mailbox": "yes"}}, environ={})
+
+
+def test_mailbox_nodes_off_loopback_need_tls() -> None:
+    """ARCHITECTURE.md contract 5: LMTP and proxied POP3 that leave the host are encrypted."""
+    with pytest.raises(ConfigError, match=r"mailbox\.tls_cert_file: required: mailbox node 10\.0\.0\.7:24"):
+        config_from_dict({"mailbox": {"nodes": ["127.0.0.1:24", "10.0.0.7:24"]}}, environ={})
+    config = config_from_dict({"mailbox": {"nodes": ["10.0.0.6:24", "10.0.0.7:24"], "tls_cert_file": "/c.pem",
+                                           "tls_key_file": "/k.pem"}}, environ={})
+    assert len(config.mailbox.nodes) == 2
+
+
+def test_old_pop3_section_still_loads_with_a_deprecation_note() -> None:
+    config = config_from_dict({"pop3": {"listen": ["127.0.0.1:1999"], "max_errors": 4},
+                               "delivery": {"maildir_root": "/srv/mail"}, "up": {"pop3": False}}, environ={})
+    assert config.mailbox.pop3_listen == ("127.0.0.1:1999",) and config.mailbox.max_errors == 4
+    assert config.mailbox.maildir_root == "/srv/mail" and not config.up.mailbox
+    assert "pop3.listen is deprecated; it is read as mailbox.pop3_listen (rename it)" in config.deprecations
+    assert len(config.deprecations) == 4
+    # The new name wins when both are given.
+    both = config_from_dict({"pop3": {"listen": ["127.0.0.1:1"]}, "mailbox": {"pop3_listen": ["127.0.0.1:2"]}},
+                            environ={})
+    assert both.mailbox.pop3_listen == ("127.0.0.1:2",)
+    with pytest.raises(ConfigError, match=r"pop3\.nonsense: unknown key"):
+        config_from_dict({"pop3": {"nonsense": 1}}, environ={})
+    assert config_from_dict({}, environ={}).deprecations == ()
 
 
 def test_tls_context_errors_name_the_key(tmp_path: Path) -> None:
