@@ -82,10 +82,10 @@ async def test_each_recipient_is_stored_fsynced_and_reported(tmp_path: Path) -> 
         assert len(worker.cache) == 1  # the connection went back to the cache, and is reused
         again = await worker.deliver(job("u1@local.test"))
         assert worker.connections_opened == 0 and len(worker.cache) == 1
-    assert (ok.status, ok.code, other.status, bad.status, bad.enhanced) == ("delivered", 250, "delivered",
+    assert (ok.kind, ok.code, other.kind, bad.kind, bad.enhanced) == ("delivered", 250, "delivered",
                                                                             "failed", "5.1.3")
     assert ok.text.startswith("Delivered to the mailbox as ") and ok.remote == "127.0.0.1[127.0.0.1]"
-    assert again[0].status == "delivered"
+    assert again[0].kind == "delivered"
     first, _ = files(tmp_path / "maildir", "u1")
     assert first.name in ok.text
     assert first.read_bytes() == b"Return-Path: <s@o.test>\r\n" + BODY
@@ -98,12 +98,12 @@ async def test_quota_decides_per_recipient(tmp_path: Path) -> None:
     config = make_config(tmp_path, quota=3 * len(BODY))
     async with mailbox_node(config), deliverer(config) as worker:
         for _ in range(2):
-            assert [o.status for o in await worker.deliver(job("full@local.test"))] == ["delivered"]
+            assert [o.kind for o in await worker.deliver(job("full@local.test"))] == ["delivered"]
         outcomes = await worker.deliver(job("full@local.test", "empty@local.test"))
-        assert [(o.status, o.code, o.enhanced) for o in outcomes] == [("deferred", 452, "4.2.2"),
+        assert [(o.kind, o.code, o.enhanced) for o in outcomes] == [("deferred", 452, "4.2.2"),
                                                                      ("delivered", 250, "2.0.0")]
         big = await worker.deliver(job("empty@local.test", body=BODY * 4))
-        assert [(o.status, o.code, o.enhanced) for o in big] == [("failed", 552, "5.2.2")]
+        assert [(o.kind, o.code, o.enhanced) for o in big] == [("failed", 552, "5.2.2")]
     usage = mailbox_usage(config, "full@local.test")
     assert (usage.messages, usage.quota) == (2, 3 * len(BODY)) and usage.octets > 2 * len(BODY)
 
@@ -114,15 +114,15 @@ async def test_a_write_error_defers_only_that_recipient(tmp_path: Path) -> None:
     (tmp_path / "maildir" / "blocked").write_text("a file where the Maildir should be")
     async with mailbox_node(config), deliverer(config) as worker:
         blocked, fine = await worker.deliver(job("blocked@local.test", "fine@local.test"))
-    assert (blocked.status, blocked.code, blocked.enhanced) == ("deferred", 451, "4.3.0")
-    assert fine.status == "delivered"
+    assert (blocked.kind, blocked.code, blocked.enhanced) == ("deferred", 451, "4.3.0")
+    assert fine.kind == "delivered"
 
 
 async def test_an_unreachable_node_defers(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     async with deliverer(config) as worker:
         (outcome,) = await worker.deliver(job("u@local.test"))
-    assert (outcome.status, outcome.code, outcome.enhanced) == ("deferred", 451, "4.4.1")
+    assert (outcome.kind, outcome.code, outcome.enhanced) == ("deferred", 451, "4.4.1")
 
 
 async def test_recipients_go_to_their_owner_and_a_node_refuses_the_others(tmp_path: Path) -> None:
@@ -135,14 +135,14 @@ async def test_recipients_go_to_their_owner_and_a_node_refuses_the_others(tmp_pa
         async with deliverer(config) as worker:
             outcomes = await worker.deliver(job(*(f"{n}@local.test" for n in (mine[0], theirs[0]))))
         # Node 1 is not running: its recipient is deferred, node 0's is delivered.
-        assert [o.status for o in outcomes] == ["delivered", "deferred"]
+        assert [o.kind for o in outcomes] == ["delivered", "deferred"]
         # A worker with another idea of the nodes (one node only) reaches node 0 with node 1's mailbox.
         stale = config_from_dict({"delivery": {"transports": {"local.test": "local"}},
                                   "mailbox": {"nodes": [config.mailbox.nodes[0]]}, "metrics": {"listen": ""}},
                                  environ={})
         async with deliverer(stale) as worker:
             (refused,) = await worker.deliver(job(f"{theirs[0]}@local.test"))
-        assert (refused.status, refused.code, refused.enhanced) == ("deferred", 451, "4.3.5")
+        assert (refused.kind, refused.code, refused.enhanced) == ("deferred", 451, "4.3.5")
         assert server.node == 0
     assert not os.path.exists(tmp_path / "maildir" / theirs[0])
 
