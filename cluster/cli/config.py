@@ -33,6 +33,9 @@ def run_check(args: argparse.Namespace) -> int:
     server_context(config.pop3.tls_cert_file, config.pop3.tls_key_file, "pop3")
     cluster_keys(config.bus)
     DkimSigner.from_config(config.dkim)
-    print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, "
-          f"listen {', '.join(config.smtp.listen)})")
+    smtp = config.smtp
+    listeners = ", ".join(f"{name} {' '.join(addresses)}" for name, addresses in (
+        ("listen", smtp.listen), ("submission", smtp.submission_listen), ("submissions", smtp.submissions_listen))
+        if addresses)
+    print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, {listeners})")
     return 0

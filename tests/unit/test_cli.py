@@ -114,3 +114,26 @@ def test_list_merges_shards_oldest_first_and_says_the_total(capsys: pytest.Captu
     assert capsys.readouterr().out.endswith("-- 1 message on 1 shard\n")
     _list(Answers(data=[(0, {"messages": [], "total": 0}), (1, [])]), 10, as_json=False)
     assert capsys.readouterr().out == "queue is empty\n"
+
+
+def test_config_check_names_the_submission_listeners_and_refuses_them_without_tls(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[smtp]\nsubmission_listen = ["127.0.0.1:5587"]\n')
+    assert main(["config", "check", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtacluster: configuration error: smtp.submission_listen: needs smtp.tls_cert_file")
+    twice = tmp_path / "twice.toml"
+    twice.write_text('[smtp]\nlisten = ["127.0.0.1:2525"]\nsubmissions_listen = ["127.0.0.1:2525"]\n')
+    assert main(["config", "check", str(twice)]) == 2
+    assert "smtp.submissions_listen: 127.0.0.1:2525 is also in smtp.listen" in capsys.readouterr().err
+    certificate, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    trustme = pytest.importorskip("trustme")
+    issued = trustme.CA().issue_cert("mx.test")
+    issued.private_key_pem.write_to_path(str(key))
+    certificate.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    good = tmp_path / "good.toml"
+    good.write_text(f'[smtp]\ntls_cert_file = "{certificate}"\ntls_key_file = "{key}"\n'
+                    'submission_listen = ["127.0.0.1:5587"]\nsubmissions_listen = ["127.0.0.1:5465"]\n')
+    assert main(["config", "check", str(good)]) == 0
+    assert "listen 127.0.0.1:2525, submission 127.0.0.1:5587, submissions 127.0.0.1:5465" in capsys.readouterr().out
