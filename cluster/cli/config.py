@@ -36,6 +36,9 @@ def run_check(args: argparse.Namespace) -> int:
     DkimSigner.from_config(config.dkim)
     for note in config.deprecations:
         print(f"{args.config}: warning: {note}", file=sys.stderr)
-    print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, "
-          f"listen {', '.join(config.smtp.listen)})")
+    smtp = config.smtp
+    listeners = ", ".join(f"{name} {' '.join(addresses)}" for name, addresses in (
+        ("listen", smtp.listen), ("submission", smtp.submission_listen), ("submissions", smtp.submissions_listen))
+        if addresses)
+    print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, {listeners})")
     return 0

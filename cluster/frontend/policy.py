@@ -1,27 +1,18 @@
 """Session policy: what the frontend asks before it answers AUTH, MAIL, RCPT and end of DATA.
 
-The SMTP session (`cluster.frontend.session`) owns the protocol; at each decision point it asks its
+The SMTP session (`cluster.frontend.session`) owns the protocol; at each decision point it asks one
 `SessionPolicy` (a `PolicyChain` of small checks, each with one job) and sends the first refusal any check
-returns. Every session gets its own chain (the frontend builds it from factories), so a check may keep what
-it learnt in one session (an SPF verdict, a reservation) on itself. Every hook is async (a check may ask DNS
-or a queue shard) and returns a `Reply` from `cluster.smtp.replies` to refuse, or None to let the next check
-decide; when every check returns None the session sends its positive reply.
+returns. Every hook is async (a check may ask DNS or a queue shard) and returns a `Reply` from
+`cluster.smtp.replies` to refuse, or None to let the next check decide; when every check returns None the
+session sends its positive reply.
 
-    check_auth(facts)                         AUTH command, before the SASL exchange starts; a 421 ends the
-                                              session (e.g. an address that failed too often)
+    check_auth(facts)                         AUTH command, before the SASL exchange starts
     check_login(facts, username, verified)    the password was checked (verified: it was right); a Reply
                                               turns the outcome into that refusal (the session counts it as a
                                               failed AUTH when it is 5xx). Checks never see the password.
-    auth_failed(facts)                        an AUTH exchange failed (any reason: password, refused login,
-                                              malformed, cancelled); a Reply (421) is sent and ends the session
     check_mail(facts, sender, params)         MAIL FROM (sender None: the null reverse-path <>)
     check_rcpt(facts, recipient)              RCPT TO; `facts.sender` is the transaction's sender
     check_message(facts, message)             end of DATA, before the message is stored
-    header_fields(facts)                      bytes of header fields to put above the Received field of an
-                                              accepted message (RFC 7208 9.1 Received-SPF, RFC 8601
-                                              Authentication-Results); every check's fields, in chain order
-    message_stored(facts, message, reply)     after the shards answered: `reply` is the 250 or the refusal the
-                                              client gets (release what check_message reserved when not 250)
 
 `SessionFacts` is what a check knows of the session: client address, listener, HELO name, TLS, the
 authenticated user, relay rights, and the transaction so far. Checks must not change it.
@@ -36,7 +27,7 @@ Failure modes: a check that raises is a bug; the session does not catch it (the 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cluster.domains import domain_key
@@ -96,19 +87,6 @@ class SessionPolicy:
     async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
         return None
 
-    async def auth_failed(self, facts: SessionFacts) -> Reply | None:
-        return None
-
-    async def header_fields(self, facts: SessionFacts) -> bytes:
-        return b""
-
-    async def message_stored(self, facts: SessionFacts, message: MessageReceived, reply: Reply) -> None:
-        return None
-
-
-# Builds the checks of one session (a new instance per session when the check keeps per-session state).
-PolicyFactory = Callable[[], SessionPolicy]
-
 
 class PolicyChain(SessionPolicy):
     """Asks its checks in order; the first refusal wins."""
@@ -146,19 +124,6 @@ class PolicyChain(SessionPolicy):
             if (reply := await check.check_message(facts, message)) is not None:
                 return reply
         return None
-
-    async def auth_failed(self, facts: SessionFacts) -> Reply | None:
-        for check in self.checks:
-            if (reply := await check.auth_failed(facts)) is not None:
-                return reply
-        return None
-
-    async def header_fields(self, facts: SessionFacts) -> bytes:
-        return b"".join([await check.header_fields(facts) for check in self.checks])
-
-    async def message_stored(self, facts: SessionFacts, message: MessageReceived, reply: Reply) -> None:
-        for check in self.checks:
-            await check.message_stored(facts, message, reply)
 
 
 class RelayPolicy(SessionPolicy):

@@ -39,8 +39,8 @@ from cluster.frontend.policy import (
     SUBMISSION,
     SUBMISSIONS,
     PolicyChain,
-    PolicyFactory,
     RelayPolicy,
+    SessionPolicy,
     SubmissionPolicy,
 )
 from cluster.frontend.session import InboundSession, Listener, Security
@@ -59,9 +59,8 @@ _BACKLOG = 1024
 
 
 class Frontend:
-    def __init__(self, config: Config, checks: tuple[PolicyFactory, ...] = ()) -> None:
-        """`checks` build the checks of each session (`cluster.frontend.policy`); they run after the built-in
-        ones: the submission check (530 before AUTH, on 587/465) and the relay check (554 5.7.1 at RCPT)."""
+    def __init__(self, config: Config, checks: tuple[SessionPolicy, ...] = ()) -> None:
+        """`checks` run before the built-in relay and submission checks at every decision point."""
         self.config = config
         self.relay = RelayPolicy(config.smtp.relay_networks, config.smtp.local_domains)
         self.settings, self.security = self._security(config)
@@ -95,15 +94,9 @@ class Frontend:
                                         extension_commands=frozenset(verbs | {"STARTTLS"}))
         return before_tls, Security(tls_context=context, tls_settings=after_tls, users=users, outbound=outbound)
 
-    def _listeners(self, config: Config, checks: tuple[PolicyFactory, ...]) -> dict[str, Listener]:
-        relay, submission_check = self.relay, SubmissionPolicy()  # both keep no per-session state
-
-        def mta() -> PolicyChain:
-            return PolicyChain((relay, *(make() for make in checks)))
-
-        def submission() -> PolicyChain:
-            return PolicyChain((submission_check, relay, *(make() for make in checks)))
-
+    def _listeners(self, config: Config, checks: tuple[SessionPolicy, ...]) -> dict[str, Listener]:
+        mta = PolicyChain((*checks, self.relay))
+        submission = PolicyChain((SubmissionPolicy(), *checks, self.relay))
         listeners = {SMTP: Listener(SMTP, self.settings, mta),
                      SUBMISSION: Listener(SUBMISSION, self.settings, submission, complete_headers=True)}
         if self.security.tls_settings is not None:

@@ -37,7 +37,7 @@ from cluster.frontend import metrics
 from cluster.frontend.auth import SmtpAuth, Step, Verify
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
-from cluster.frontend.policy import REJECTION_REASONS, PolicyFactory, SessionFacts
+from cluster.frontend.policy import REJECTION_REASONS, SessionFacts, SessionPolicy
 from cluster.frontend.received import protocol_name, received_header
 from cluster.frontend.submission import complete_headers
 from cluster.smtp import replies
@@ -81,8 +81,8 @@ class Listener:
     kind: str
     # The protocol settings a session starts with (for implicit TLS: the after-TLS settings).
     settings: ServerSettings
-    # Builds each session's policy: what the session asks at AUTH, MAIL, RCPT and end of DATA.
-    new_policy: PolicyFactory
+    # What the session asks at AUTH, MAIL, RCPT and end of DATA.
+    policy: SessionPolicy
     # RFC 8314 3.3: the connection is TLS from the first byte (the frontend did the handshake).
     implicit_tls: bool = False
     # RFC 6409 8.2, 8.3: add Message-ID and Date when the message has none (submission only, never port 25).
@@ -132,7 +132,7 @@ class InboundSession:
         self.writer = writer
         self.config = config
         self.listener = listener
-        self.policy = listener.new_policy()
+        self.policy = listener.policy
         self.shards = shards
         self.client_ip = client_ip
         self.observer = _MetricsObserver(listener.kind)
@@ -223,8 +223,7 @@ class InboundSession:
                 if not await self._auth_command(event.argument):
                     break
             elif isinstance(event, ExtensionLine):
-                failures = self.auth.failures
-                if not await self._auth_step(self.auth.line(event.line), failures):
+                if not await self._auth_step(self.auth.line(event.line)):
                     break
             elif isinstance(event, SessionEnded):
                 break
@@ -259,7 +258,6 @@ class InboundSession:
 
     async def _auth_command(self, argument: str) -> bool:
         """The AUTH command: the policy may refuse it before any exchange (e.g. a client guessing passwords)."""
-        failures = self.auth.failures
         step = self.auth.command(argument, tls=self.tls, greeted=self.conn.helo_name is not None,
                                  in_transaction=self.conn.in_transaction)
         if isinstance(step, Verify) or step.code == 334:
@@ -268,17 +266,14 @@ class InboundSession:
                 self.auth.cancel()
                 log.info("AUTH refused by policy client=%s reply=%s", self.client_ip, refusal)
                 step = refusal
-        return await self._auth_step(step, failures)
+        return await self._auth_step(step)
 
-    async def _auth_step(self, step: Step, failures: int) -> bool:
-        """Answer one step of an AUTH exchange (`failures`: the count before it). False when the session must
-        end (too many failures)."""
+    async def _auth_step(self, step: Step) -> bool:
+        """Answer one step of an AUTH exchange. False when the session must end (too many failures)."""
         if isinstance(step, Verify):
             reply = await self._verify(step)
         else:
             reply = step
-        # The policy hears of every failed exchange (e.g. to count failures per client address across sessions).
-        closing = await self.policy.auth_failed(self.facts) if self.auth.failures > failures else None
         if reply.code != 334:
             metrics.AUTH.labels(result="success" if reply == replies.AUTH_SUCCEEDED else "failure").inc()
             if reply == replies.AUTH_SUCCEEDED:
@@ -290,13 +285,11 @@ class InboundSession:
         self.conn.respond(reply)
         if reply.code == 421 and not self.conn.closed:
             return False  # the policy closes the session (RFC 5321 3.8)
-        if closing is None and self.auth.exhausted:
-            closing = replies.AUTH_TOO_MANY_FAILURES
-            log.info("closing the session with %s after %d failed AUTH attempts", self.client_ip, self.auth.failures)
-        if closing is not None and not self.conn.closed:
+        if self.auth.exhausted and not self.conn.closed:
             self._flush()
-            self.writer.write(closing.to_bytes())
-            self.observer.reply(closing)
+            self.writer.write(replies.AUTH_TOO_MANY_FAILURES.to_bytes())
+            self.observer.reply(replies.AUTH_TOO_MANY_FAILURES)
+            log.info("closing the session with %s after %d failed AUTH attempts", self.client_ip, self.auth.failures)
             return False
         return True
 
@@ -329,13 +322,11 @@ class InboundSession:
         # DKIM signs what is stored, so the submission header fields are added first.
         outbound = self.security.outbound
         prepared = await outbound.prepare(data, relayed=self.facts.may_relay) if outbound is not None else None
-        fields = await self.policy.header_fields(self.facts)  # above our Received field (RFC 7208 9.1)
-        body = (prepared.header if prepared is not None else b"") + fields + header + data
+        body = (prepared.header if prepared is not None else b"") + header + data
         sender = "" if message.sender is None else str(message.sender)
         client = {"ip": self.client_ip, "helo": self.conn.helo_name or "", "protocol": protocol,
                   "trace_id": trace_id}
         reply, queue_ids = await self.shards.inject(sender, recipients, body, client)
-        await self.policy.message_stored(self.facts, message, reply)
         if reply.is_positive:
             metrics.MESSAGES_ACCEPTED.labels(listener=self.listener.kind).inc()
             metrics.RECEIVED_BYTES.labels(listener=self.listener.kind).inc(len(message.data))

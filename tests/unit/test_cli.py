@@ -126,3 +126,26 @@ def test_config_check_insists_on_tls_for_mailbox_nodes_off_loopback_and_names_de
     old.write_text('[pop3]\nlisten = ["127.0.0.1:1110"]\n')
     assert main(["config", "check", str(old)]) == 0
     assert "warning: pop3.listen is deprecated; it is read as mailbox.pop3_listen" in capsys.readouterr().err
+
+
+def test_config_check_names_the_submission_listeners_and_refuses_them_without_tls(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[smtp]\nsubmission_listen = ["127.0.0.1:5587"]\n')
+    assert main(["config", "check", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtacluster: configuration error: smtp.submission_listen: needs smtp.tls_cert_file")
+    twice = tmp_path / "twice.toml"
+    twice.write_text('[smtp]\nlisten = ["127.0.0.1:2525"]\nsubmissions_listen = ["127.0.0.1:2525"]\n')
+    assert main(["config", "check", str(twice)]) == 2
+    assert "smtp.submissions_listen: 127.0.0.1:2525 is also in smtp.listen" in capsys.readouterr().err
+    certificate, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    trustme = pytest.importorskip("trustme")
+    issued = trustme.CA().issue_cert("mx.test")
+    issued.private_key_pem.write_to_path(str(key))
+    certificate.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    good = tmp_path / "good.toml"
+    good.write_text(f'[smtp]\ntls_cert_file = "{certificate}"\ntls_key_file = "{key}"\n'
+                    'submission_listen = ["127.0.0.1:5587"]\nsubmissions_listen = ["127.0.0.1:5465"]\n')
+    assert main(["config", "check", str(good)]) == 0
+    assert "listen 127.0.0.1:2525, submission 127.0.0.1:5587, submissions 127.0.0.1:5465" in capsys.readouterr().out

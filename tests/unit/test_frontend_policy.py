@@ -104,29 +104,3 @@ async def test_relay_needs_a_trusted_network_or_auth_and_submission_needs_auth()
     assert replies.AUTH_REQUIRED.to_bytes() == b"530 5.7.0 Authentication required\r\n"
     anonymous.user = "alice"
     assert await submission.check_mail(anonymous, None, {}) is None
-
-
-class Fields(SessionPolicy):
-    def __init__(self, field: bytes, closing: Reply | None = None) -> None:
-        self.field, self.closing, self.stored = field, closing, []  # type: list[int]
-
-    async def header_fields(self, facts: SessionFacts) -> bytes:
-        return self.field
-
-    async def auth_failed(self, facts: SessionFacts) -> Reply | None:
-        return self.closing
-
-    async def message_stored(self, facts: SessionFacts, message: MessageReceived, reply: Reply) -> None:
-        self.stored.append(reply.code)
-
-
-async def test_every_check_adds_its_fields_and_hears_the_outcome() -> None:
-    closing = Reply.of(421, "4.7.0", "go away")
-    first, second = Fields(b"A: 1\r\n"), Fields(b"B: 2\r\n", closing)
-    chain = PolicyChain([first, second])
-    facts = SessionFacts(client_ip="192.0.2.1")
-    assert await chain.header_fields(facts) == b"A: 1\r\nB: 2\r\n"
-    assert await chain.auth_failed(facts) == closing
-    await chain.message_stored(facts, MessageReceived(None, (OUTSIDE,), b"x\r\n", False, False), replies.OK)
-    assert first.stored == second.stored == [250]
-    assert await SessionPolicy().header_fields(facts) == b"" and await SessionPolicy().auth_failed(facts) is None
