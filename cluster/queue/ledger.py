@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -156,27 +157,32 @@ class Ledger:
             for dsn in dsns.values():
                 self.bounces.stored(dsn)
             removed = set(batch.removals)
+            counts: Counter[Event] = Counter()
             for message in messages:
                 for change in applied.changes.get(message.queue_id, []):
                     self._follow(message, change, now)
+                    counts[change.event] += 1
                 if message.queue_id in dsns:
                     log.info("%s: sender non-delivery notification: %s", message.queue_id,
                              dsns[message.queue_id].queue_id)
                 if message.queue_id in removed:
                     self.scheduler.remove_message(message.queue_id)
                     log.info("%s: removed", message.queue_id)
+            for event, count in counts.items():
+                metrics.OUTCOMES.labels(self.label, event.value).inc(count)
+                completed = COMPLETED_AS.get(event)
+                if completed is not None:
+                    metrics.COMPLETED.labels(self.label, completed).inc(count)
         return applied
 
     def _follow(self, message: Message, change: Change, now: float) -> None:
-        """Memory follows a committed change; the change is logged and counted (maillog.py)."""
+        """Memory follows a committed change, and the change writes its log line (maillog.py)."""
         live, new = message.recipients[change.new.index], change.new
         live.attempts, live.last = new.attempts, new.last
         self.scheduler.set_state(message, live, new.state, new.next_attempt)
-        completed = COMPLETED_AS.get(change.event)
-        if completed is not None:
-            metrics.COMPLETED.labels(self.label, completed).inc()
-        maillog.record(self.label, message.queue_id, live.address, change.event.value, live.last, live.attempts,
-                       message.arrival, now, change.dispatched_at, change.outcome)
+        if change.event is not Event.FLUSHED:  # a flush may touch the whole queue: admin.py logs one line
+            maillog.record(message.queue_id, live.address, change.event.value, live.last, live.attempts,
+                           message.arrival, now, change.dispatched_at, change.outcome)
 
     def _back_to_ready(self, messages: list[Message], applied: Applied) -> None:
         """A failed commit: recipients whose job is over (in flight, no job any more) are ready again."""
@@ -190,7 +196,12 @@ class Ledger:
 
 def copy_recipient(recipient: Recipient, state: State, *, attempts: int | None = None, next_attempt: float = 0.0,
                    last: LastOutcome | None = None) -> Recipient:
-    """A copy of `recipient` in `state`, other fields kept unless given."""
-    return Recipient(recipient.index, recipient.address, state,
-                     recipient.attempts if attempts is None else attempts, next_attempt,
-                     recipient.last if last is None else last)
+    """A copy of `recipient` in `state`, other fields kept unless given (its domain is not computed again)."""
+    new = object.__new__(Recipient)
+    new.__dict__.update(recipient.__dict__)
+    new.state, new.next_attempt = state, next_attempt
+    if attempts is not None:
+        new.attempts = attempts
+    if last is not None:
+        new.last = last
+    return new

@@ -1,12 +1,12 @@
 """The delivery log: one line per recipient outcome, Postfix-style, grep-able by queue id (ARCHITECTURE.md
-contract 8), and the metric counting the same outcomes.
+contract 8); ledger.py counts the same outcomes in mtacluster_queue_outcomes_total{status}.
 
     0A1B2C3D4E5F6G00: to=<bob@example.net>, relay=mx.example.net[192.0.2.7]:25, delay=1.2,
         delays=0.01/0.03/0.4/0.76, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)
 
 (one line in the log). status is sent, deferred, bounced or expired for delivery outcomes, and deleted, held,
-released for admin actions (`QUEUEID: to=<...>, status=held (by the queue administrator)`); a flush logs one
-line for all it made ready.
+released for admin actions (`QUEUEID: to=<...>, status=held (by the queue administrator)`); a flush is
+counted per recipient but logs one line for all it made ready (admin.py).
 delay: seconds since the message arrived; delays=a/b/c/d: a = queued before this attempt was dispatched,
 b = from dispatch to the start of the SMTP work (bus, waiting in the worker), c = connection setup (DNS, hosts
 tried, greeting, EHLO, STARTTLS), d = the SMTP transaction; c and d are measured by the worker.
@@ -21,7 +21,6 @@ from typing import Any
 
 from cluster.bus.schemas import Outcome
 from cluster.logs import FIELDS
-from cluster.queue import metrics
 from cluster.queue.records import LastOutcome
 
 log = logging.getLogger("mtacluster.queue")
@@ -38,14 +37,9 @@ def seconds(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
 
 
-def record(label: str, queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
+def record(queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
            arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None) -> None:
-    """Log one outcome and count it in mtacluster_queue_outcomes_total{status}.
-
-    A flush is counted but not logged per recipient (it may touch a whole queue): admin.py logs one line."""
-    metrics.OUTCOMES.labels(label, status).inc()
-    if status == "flushed":
-        return
+    """Log one outcome (the ledger counts it in mtacluster_queue_outcomes_total{status})."""
     fields: dict[str, Any] = {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts}
     reply = last.reply if last is not None else ""
     if status not in DELIVERY_STATUSES:
