@@ -176,6 +176,8 @@ class LogConfig:
     # "text": one human-readable line per event; "json": one JSON object per line, with the event's fields
     # (queue_id, to, relay, delays, dsn, status...) for log pipelines such as Loki or Elasticsearch.
     format: str = "text"
+    # DEBUG, INFO, WARNING or ERROR (as MTACLUSTER_LOG_LEVEL=DEBUG in the environment, like every key).
+    level: str = "INFO"
 
 
 @dataclass(frozen=True)
@@ -489,6 +491,8 @@ def _check_bounds(config: Config) -> None:
         split_host_port(config.metrics.listen, key="metrics.listen")
     if config.log.format not in ("text", "json"):
         raise ConfigError("log.format", f'expected "text" or "json", got {config.log.format!r}')
+    if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log.level", f'expected "DEBUG", "INFO", "WARNING" or "ERROR", got {config.log.level!r}')
     at_least("up.frontends", config.up.frontends, 1)
     at_least("up.workers", config.up.workers, 1)
     _check_dkim(config.dkim)

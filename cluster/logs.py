@@ -6,9 +6,9 @@
   "pid": 4242, "logger": "mtacluster.queue", "message": "...", ...}` plus the event's own fields when the
   caller gives them as `extra={"fields": {...}}` (the delivery log's queue_id, to, relay, delays, dsn, status),
   and "exception" with the traceback when there is one. Loki or Elasticsearch index the fields as they are.
-The format comes from `[log] format` in the configuration (cluster/config.py); the level from the environment
-variable MTACLUSTER_LOG_LEVEL (default INFO). No failure modes: a field that JSON cannot encode is written
-as its repr.
+The format and level come from `[log] format` and `[log] level` in the configuration (cluster/config.py;
+MTACLUSTER_LOG_LEVEL=DEBUG in the environment overrides the level, as for every key). No failure modes: a
+field that JSON cannot encode is written as its repr.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 from typing import Any
 
 FORMATS = ("text", "json")
@@ -47,8 +46,8 @@ def text_formatter(role: str) -> logging.Formatter:
     return logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-def configure(role: str, fmt: str = "text") -> None:
-    """Send every log record of this process to stderr in `fmt` ("text" or "json")."""
+def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
+    """Send every log record of this process at `level` or above to stderr in `fmt` ("text" or "json")."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r} (formats: {', '.join(FORMATS)})")
     handler = logging.StreamHandler()
@@ -57,4 +56,4 @@ def configure(role: str, fmt: str = "text") -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(os.environ.get("MTACLUSTER_LOG_LEVEL", "INFO").upper())
+    root.setLevel(level.upper())

@@ -96,7 +96,7 @@ async def _announce_when_ready(ready: Callable[[], bool], line: str) -> None:
 
 def serve(role: str, config: Config, shard: int = 0, node: int = 0) -> int:
     """Run one role until SIGTERM/SIGINT; return the exit code."""
-    logs.configure(role, config.log.format)
+    logs.configure(role, config.log.format, config.log.level)
     try:
         return uvloop.run(_serve(role, config, shard, node))
     except (OSError, ValueError) as exc:

@@ -15,7 +15,8 @@ On a spool error nothing in memory changes except that recipients which were in 
 (their job is over), and the SpoolError reaches the caller (an admin request then answers an error).
 
 Inputs: the scheduler (the in-memory queue), the spool (`SpoolIO`), the bounce maker, a callback that wakes
-the dispatcher. Outputs: committed changes, `mtacluster_queue_recipients_completed_total`.
+the dispatcher. Outputs: committed changes, the log lines, `mtacluster_queue_outcomes_total{status}` and
+`mtacluster_queue_recipients_completed_total{outcome}`.
 """
 
 from __future__ import annotations

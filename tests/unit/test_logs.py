@@ -46,7 +46,8 @@ def test_json_lines_carry_the_event_fields(root_handlers: None, capsys: pytest.C
 
 
 def test_text_lines_name_role_and_pid(root_handlers: None, capsys: pytest.CaptureFixture[str]) -> None:
-    logs.configure("worker", "text")
+    logs.configure("worker", "text", "warning")
+    logging.getLogger("mtacluster.queue").info("not at this level")
     logging.getLogger("mtacluster.queue").warning("hello %s", "there")
     line = capsys.readouterr().err.strip()
     assert " worker[" in line and line.endswith("WARNING mtacluster.queue: hello there")
@@ -57,6 +58,9 @@ def test_the_format_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert config_from_dict({}, environ={"MTACLUSTER_LOG_FORMAT": "json"}).log.format == "json"
     with pytest.raises(ConfigError, match=r'log\.format: expected "text" or "json"'):
         config_from_dict({"log": {"format": "xml"}}, environ={})
+    assert config_from_dict({}, environ={"MTACLUSTER_LOG_LEVEL": "debug"}).log.level == "debug"
+    with pytest.raises(ConfigError, match=r"log\.level"):
+        config_from_dict({"log": {"level": "chatty"}}, environ={})
     bad = tmp_path / "bad.toml"
     bad.write_text('[log]\nformat = "syslog"\n')
     assert main(["config", "check", str(bad)]) == 2
