@@ -161,8 +161,8 @@ class Ledger:
             counts: Counter[Event] = Counter()
             for message in messages:
                 for change in applied.changes.get(message.queue_id, []):
-                    self._follow(message, change, now)
-                    counts[change.event] += 1
+                    if self._follow(message, change, now):
+                        counts[change.event] += 1
                 if message.queue_id in dsns:
                     log.info("%s: sender non-delivery notification: %s", message.queue_id,
                              dsns[message.queue_id].queue_id)
@@ -176,14 +176,23 @@ class Ledger:
                     metrics.COMPLETED.labels(self.label, completed).inc(count)
         return applied
 
-    def _follow(self, message: Message, change: Change, now: float) -> None:
-        """Memory follows a committed change, and the change writes its log line (maillog.py)."""
+    def _follow(self, message: Message, change: Change, now: float) -> bool:
+        """Memory follows a committed change, and the change writes its log line (maillog.py).
+
+        A recipient moved meanwhile by someone who changes memory first (a late Result taken back into flight,
+        workers.py) keeps its new state: the change that moved it commits after this one. Returns whether
+        the change was applied."""
         live, new = message.recipients[change.new.index], change.new
+        if live.state not in change.expected:
+            log.info("%s: to=<%s> is %s now; the %s decided before is left to what moved it", message.queue_id,
+                     live.address, live.state.value, change.event.value)
+            return False
         live.attempts, live.last = new.attempts, new.last
         self.scheduler.set_state(message, live, new.state, new.next_attempt)
         if change.event is not Event.FLUSHED:  # a flush may touch the whole queue: admin.py logs one line
             maillog.record(message.queue_id, live.address, change.event.value, live.last, live.attempts,
                            message.arrival, now, change.dispatched_at, change.outcome)
+        return True
 
     def _back_to_ready(self, messages: list[Message], applied: Applied) -> None:
         """A failed commit: recipients whose job is over (in flight, no job any more) are ready again."""
