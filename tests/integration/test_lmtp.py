@@ -204,3 +204,25 @@ async def test_metrics_count_lmtp_outcomes_on_both_sides(tmp_path: Path) -> None
     assert metric("mtacluster_delivery_lmtp_total", outcome="node_unavailable") == \
         worker_before["node_unavailable"] + 1
     assert metric("mtacluster_mailbox_size_bytes_count") >= 1
+
+
+async def test_a_stopping_node_finishes_nothing_half_and_says_421(tmp_path: Path) -> None:
+    """Graceful stop (SIGTERM of a pod): an idle LMTP connection is told 421 and closed; the node stops."""
+    config = make_config(tmp_path)
+    server = MailboxServer(config, 0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    async with asyncio.timeout(5):
+        while not server.is_ready():
+            await asyncio.sleep(0.01)
+    host, port = server.lmtp_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    assert (await reader.readline()).startswith(b"220 ")
+    writer.write(b"LHLO worker.test\r\nMAIL FROM:<s@o.test>\r\n")
+    while not (await reader.readline()).startswith(b"250 2.1.0"):
+        pass
+    stop.set()
+    assert await asyncio.wait_for(reader.read(), 10) == b"421 4.3.2 Mailbox node shutting down\r\n"
+    writer.close()
+    await asyncio.wait_for(task, 10)
+    assert not list((tmp_path / "maildir").rglob("new/*"))
