@@ -24,6 +24,7 @@ from cluster.delivery.session import HostUnavailable, SmtpSession
 from cluster.mailbox.ownership import node_for_localpart
 from cluster.mailbox.quota import mailbox_usage
 from cluster.mailbox.service import MailboxServer
+from cluster.users import hash_password
 from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
@@ -31,9 +32,10 @@ pytestmark = pytest.mark.integration
 BODY = b"Received: from x\r\nSubject: local\r\n\r\n.dot stays single here\r\n\xc3\xa9\r\n"
 
 
-def make_config(tmp_path: Path, nodes: int = 1, **mailbox: Any) -> Config:
+def make_config(tmp_path: Path, nodes: int = 1, users_file: str = "", **mailbox: Any) -> Config:
     ports = [free_port() for _ in range(nodes)]
     return config_from_dict({
+        "auth": {"users_file": users_file},
         "delivery": {"transports": {"local.test": "local"}, "connect_timeout": 2},
         "mailbox": {"maildir_root": str(tmp_path / "maildir"), "nodes": [f"127.0.0.1:{p}" for p in ports],
                     "lmtp_listen": [f"127.0.0.1:{ports[0]}"], "pop3_listen": [f"127.0.0.1:{free_port()}"],
@@ -226,3 +228,15 @@ async def test_a_stopping_node_finishes_nothing_half_and_says_421(tmp_path: Path
     writer.close()
     await asyncio.wait_for(task, 10)
     assert not list((tmp_path / "maildir").rglob("new/*"))
+
+
+async def test_a_users_own_quota_overrides_the_default(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text(f'[users."small@local.test"]\npassword = "{hash_password("x")}"\n'
+                     f'mailbox_quota = {2 * len(BODY)}\n')
+    config = make_config(tmp_path, users_file=str(users), quota="1MiB")
+    async with mailbox_node(config), deliverer(config) as worker:
+        first = await worker.deliver(job("small@local.test", "big@local.test"))
+        second = await worker.deliver(job("small@local.test", "big@local.test"))
+    assert [o.kind for o in first] == ["delivered", "delivered"]
+    assert [(o.kind, o.code, o.enhanced) for o in second] == [("deferred", 452, "4.2.2"), ("delivered", 250, "2.0.0")]
