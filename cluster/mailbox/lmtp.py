@@ -65,7 +65,9 @@ class LmtpListener:
         self.quota_of = quota_of
         settings = ServerSettings.from_config(config.smtp)
         # The frontend's limit applies to what clients send; the Received header it adds must still fit here.
-        settings = dataclasses.replace(settings, max_message_size=settings.max_message_size + HEADER_ALLOWANCE)
+        # Workers send DATA, never BDAT: CHUNKING stays off whatever the frontends do.
+        settings = dataclasses.replace(settings, max_message_size=settings.max_message_size + HEADER_ALLOWANCE,
+                                       chunking=False)
         self.settings = dataclasses.replace(settings, extra_extensions=("STARTTLS",) if tls else (),
                                             extension_commands=frozenset({"STARTTLS"}))
         self.tls_settings = dataclasses.replace(settings, extension_commands=frozenset({"STARTTLS"}))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 
 MAX_LINE = 512
 # Seconds the owner gets to answer (QUIT: its UPDATE) after the client stopped sending.
@@ -68,28 +69,42 @@ async def open_backend(host: str, port: int, username: str, password: str, *, tl
         if writer is not None:
             writer.close()
         raise
-    except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         if writer is not None:
             writer.close()
         raise BackendError(f"{host}:{port}: {exc or type(exc).__name__}") from None
     return reader, writer, ok
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle_timeout: float) -> None:
-    with contextlib.suppress(OSError, TimeoutError, RuntimeError):
-        while True:
-            data = await asyncio.wait_for(reader.read(65536), idle_timeout)
+class _Activity:
+    """When bytes last moved in either direction: a session is idle only when both directions are."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: _Activity,
+                idle_timeout: float) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        while (remaining := idle_timeout - (time.monotonic() - activity.last)) > 0:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), remaining)
+            except TimeoutError:
+                continue  # the other direction may have moved meanwhile
             if not data:
                 return
+            activity.last = time.monotonic()
             writer.write(data)
             await writer.drain()
 
 
 async def splice(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  backend: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle_timeout: float) -> None:
-    """Copy bytes both ways until one side closes or is idle for `idle_timeout`; then close the backend."""
-    to_backend = asyncio.create_task(_pump(client[0], backend[1], idle_timeout))
-    from_backend = asyncio.create_task(_pump(backend[0], client[1], idle_timeout))
+    """Copy bytes both ways until one side closes, or nothing moved either way for `idle_timeout`; then close
+    the backend."""
+    activity = _Activity()
+    to_backend = asyncio.create_task(_pump(client[0], backend[1], activity, idle_timeout))
+    from_backend = asyncio.create_task(_pump(backend[0], client[1], activity, idle_timeout))
     tasks = [to_backend, from_backend]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import enum
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import Config
-from cluster.mailbox.maildir import mailbox_name
+from cluster.config import Config, ConfigError, parse_size
+from cluster.mailbox.maildir import MailboxNameError, mailbox_name
 from cluster.mailbox.ownership import login_localpart
-from cluster.users import UserDatabase
+from cluster.users import UserDatabase, UsersFileError
 
 
 class Verdict(enum.Enum):
@@ -60,10 +61,31 @@ def maildir_usage(directory: Path) -> tuple[int, int]:
 def quota_override(users: UserDatabase, mailbox: str) -> int | None:
     """The users file's `mailbox_quota` for the account whose Maildir is `mailbox`, or None (no override).
 
-    The one place that reads the per-user field. The users file format gains it with the accounts work; until
-    then no account has one.
+    The one place that reads that per-user field. The users file is TOML, one table per account
+    (`[users."alice@example.org"]` with `mailbox_quota = "1GiB"`); a file in the older one-line-per-user
+    format has no quotas. Accounts whose names share a local part share a Maildir: the first of them (by name)
+    with a quota sets it. Raises UsersFileError for a quota that is not a size.
     """
-    del users, mailbox
+    if not users.path:
+        return None
+    try:
+        document = tomllib.loads(Path(users.path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # unreadable (the logins fail and say why) or the line format: no per-user quotas
+    accounts = document.get("users")
+    if not isinstance(accounts, dict):
+        return None
+    for name, entry in sorted(accounts.items()):
+        if not isinstance(entry, dict) or "mailbox_quota" not in entry:
+            continue
+        try:
+            if mailbox_name(login_localpart(name)) != mailbox:
+                continue
+            return int(parse_size(entry["mailbox_quota"], f"users.{name}.mailbox_quota"))
+        except MailboxNameError:
+            continue
+        except ConfigError as exc:
+            raise UsersFileError(f"{users.path}: {exc}") from None
     return None
 
 

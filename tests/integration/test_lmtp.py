@@ -24,6 +24,7 @@ from cluster.delivery.session import HostUnavailable, SmtpSession
 from cluster.mailbox.ownership import node_for_localpart
 from cluster.mailbox.quota import mailbox_usage
 from cluster.mailbox.service import MailboxServer
+from cluster.users import hash_password
 from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
@@ -31,9 +32,10 @@ pytestmark = pytest.mark.integration
 BODY = b"Received: from x\r\nSubject: local\r\n\r\n.dot stays single here\r\n\xc3\xa9\r\n"
 
 
-def make_config(tmp_path: Path, nodes: int = 1, **mailbox: Any) -> Config:
+def make_config(tmp_path: Path, nodes: int = 1, users_file: str = "", **mailbox: Any) -> Config:
     ports = [free_port() for _ in range(nodes)]
     return config_from_dict({
+        "auth": {"users_file": users_file},
         "delivery": {"transports": {"local.test": "local"}, "connect_timeout": 2},
         "mailbox": {"maildir_root": str(tmp_path / "maildir"), "nodes": [f"127.0.0.1:{p}" for p in ports],
                     "lmtp_listen": [f"127.0.0.1:{ports[0]}"], "pop3_listen": [f"127.0.0.1:{free_port()}"],
@@ -204,3 +206,37 @@ async def test_metrics_count_lmtp_outcomes_on_both_sides(tmp_path: Path) -> None
     assert metric("mtacluster_delivery_lmtp_total", outcome="node_unavailable") == \
         worker_before["node_unavailable"] + 1
     assert metric("mtacluster_mailbox_size_bytes_count") >= 1
+
+
+async def test_a_stopping_node_finishes_nothing_half_and_says_421(tmp_path: Path) -> None:
+    """Graceful stop (SIGTERM of a pod): an idle LMTP connection is told 421 and closed; the node stops."""
+    config = make_config(tmp_path)
+    server = MailboxServer(config, 0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    async with asyncio.timeout(5):
+        while not server.is_ready():
+            await asyncio.sleep(0.01)
+    host, port = server.lmtp_addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    assert (await reader.readline()).startswith(b"220 ")
+    writer.write(b"LHLO worker.test\r\nMAIL FROM:<s@o.test>\r\n")
+    while not (await reader.readline()).startswith(b"250 2.1.0"):
+        pass
+    stop.set()
+    assert await asyncio.wait_for(reader.read(), 10) == b"421 4.3.2 Mailbox node shutting down\r\n"
+    writer.close()
+    await asyncio.wait_for(task, 10)
+    assert not list((tmp_path / "maildir").rglob("new/*"))
+
+
+async def test_a_users_own_quota_overrides_the_default(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text(f'[users."small@local.test"]\npassword = "{hash_password("x")}"\n'
+                     f'mailbox_quota = {2 * len(BODY)}\n')
+    config = make_config(tmp_path, users_file=str(users), quota="1MiB")
+    async with mailbox_node(config), deliverer(config) as worker:
+        first = await worker.deliver(job("small@local.test", "big@local.test"))
+        second = await worker.deliver(job("small@local.test", "big@local.test"))
+    assert [o.kind for o in first] == ["delivered", "delivered"]
+    assert [(o.kind, o.code, o.enhanced) for o in second] == [("deferred", 452, "4.2.2"), ("delivered", 250, "2.0.0")]
