@@ -44,6 +44,7 @@ class ClusterSettings:
     # The "signed" scenario: DKIM-sign mail from this domain with this key (rsa-sha256), or None.
     dkim_domain: str = ""
     dkim_key_file: Path | None = None
+    dkim_algorithm: str = "rsa-sha256"
 
     @property
     def config_file(self) -> Path:
@@ -88,7 +89,8 @@ def render_config(settings: ClusterSettings) -> str:
         "mailbox = false  # the same work as the Postfix side: SMTP in, SMTP out",
         "",
         *([f"[dkim.domains.{_toml_string(s.dkim_domain)}]", 'selector = "bench"',
-           f"key_file = {_toml_string(str(s.dkim_key_file))}", ""] if s.dkim_key_file is not None else []),
+           f"key_file = {_toml_string(str(s.dkim_key_file))}", f"algorithm = {_toml_string(s.dkim_algorithm)}", ""]
+          if s.dkim_key_file is not None else []),
     ])
 
 

@@ -72,6 +72,7 @@ class BenchArgs:
     profile_dir: Path | None
     profile_format: str
     keep_workdir: bool
+    signed_algorithm: str = "rsa-sha256"
 
 
 def _positive(text: str) -> int:
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile-format", choices=("flamegraph", "raw", "speedscope"), default="flamegraph",
                         help="py-spy output format; raw also prints the top frames of each process")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, spools and logs")
+    parser.add_argument("--signed-algorithm", choices=("rsa-sha256", "ed25519-sha256"), default="rsa-sha256",
+                        help="DKIM algorithm of the signed scenario (RSA keys have 2048 bits)")
     return parser
 
 
@@ -120,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
         probe_interval=ns.probe_interval,
         frontends=ns.frontends, workers=ns.workers, reuse_connections=ns.reuse_connections,
         time_limit=ns.time_limit, profile_dir=ns.profile, profile_format=ns.profile_format,
-        keep_workdir=ns.keep_workdir,
+        keep_workdir=ns.keep_workdir, signed_algorithm=ns.signed_algorithm,
     )
 
 
@@ -312,21 +315,23 @@ async def run_postfix(args: BenchArgs, workdir: Path, deadline: Deadline) -> Sid
 
 
 async def run_signed(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideResult:
-    """Ours with every message DKIM-signed at acceptance (a fresh 2048-bit RSA key for the sender's domain)."""
+    """Ours with every message DKIM-signed at acceptance (a fresh key for the sender's domain: 2048-bit RSA, or
+    Ed25519 with --signed-algorithm ed25519-sha256)."""
     from cluster.dkim.keys import generate, write_private_key
 
     (workdir / "signed").mkdir(parents=True, exist_ok=True)
     key_file = workdir / "signed" / "dkim.pem"
-    write_private_key(str(key_file), generate("rsa-sha256", 2048))
-    return await run_ours(args, workdir, deadline, "signed", key_file)
+    write_private_key(str(key_file), generate(args.signed_algorithm, 2048))
+    return await run_ours(args, workdir, deadline, "signed", key_file, args.signed_algorithm)
 
 
 async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline, system: str = "ours",
-                   dkim_key_file: Path | None = None) -> SideResult:
+                   dkim_key_file: Path | None = None, dkim_algorithm: str = "rsa-sha256") -> SideResult:
     processes = 1 + args.frontends + args.workers  # each gets a metrics port: base + its index
     (smtp_port, sink_port, shard_port), metrics_base = free_ports_and_block(3, processes)
     settings = ClusterSettings(workdir / system, smtp_port, shard_port, metrics_base, sink_port, args.frontends,
-                               args.workers, dkim_domain=SENDER.rpartition("@")[2], dkim_key_file=dkim_key_file)
+                               args.workers, dkim_domain=SENDER.rpartition("@")[2], dkim_key_file=dkim_key_file,
+                               dkim_algorithm=dkim_algorithm)
     sink = SmtpSink(HOST, sink_port, find_tool("smtp-sink"))
     instance = ClusterInstance(settings)
     profiler = _make_profiler(args)

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MTACLUSTER_"
+# Variables with the prefix that are not configuration keys (cluster/logs.py reads the log level).
+NOT_CONFIG_VARIABLES = frozenset({"MTACLUSTER_LOG_LEVEL"})
 
 
 class ConfigError(ValueError):
@@ -269,6 +271,105 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class EgressSource:
+    # The local IP address outgoing connections are made from ("" = the kernel's choice).
+    address: str = ""
+    # The name said in EHLO from this address (its PTR name); "" = delivery.helo_name, else smtp.hostname.
+    helo_name: str = ""
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    # The name of an [egress.sources] entry, and its share of the pool's connections.
+    source: str = ""
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    # Name -> a local address and its EHLO name.
+    sources: Mapping[str, EgressSource] = field(default_factory=dict)
+    # Name -> its sources: ["a", "b"] or [{ source = "a", weight = 3 }, "b"]. A message uses one pool: the pool
+    # of its authenticated user, else of its sender's domain, else "default" (if there is one).
+    pools: Mapping[str, tuple[PoolMember, ...]] = field(default_factory=dict)
+    # Sender domain -> pool, and authenticated user name -> pool.
+    sender_domains: Mapping[str, str] = field(default_factory=dict)
+    users: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    # RFC 8461: look up, fetch, cache and apply the MTA-STS policy of each destination reached by MX.
+    enabled: bool = True
+    # Time for the HTTPS fetch of one policy.
+    fetch_timeout: Duration = Duration(10)
+    # For tests: a PEM CA file trusted in addition to the system store (policy host and MX certificates), and
+    # the port of the policy host (RFC 8461 3.3 says 443).
+    ca_file: str = ""
+    https_port: int = 443
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    # A recipient that hard-bounced (bad mailbox or domain) is suppressed this long: later mail to it fails at
+    # once with a DSN, without a delivery attempt. 0 = no suppression.
+    ttl: Duration = Duration(0)
+
+
+@dataclass(frozen=True)
+class ShapingReaction:
+    # A Python regular expression searched in a deferral or failure reply ("421 4.7.28 text").
+    match: str = ""
+    # "suspend": no delivery to the destination for `duration`; "rate": `rate` as its max_message_rate meanwhile.
+    action: str = "suspend"
+    duration: Duration = Duration(3600)
+    rate: str = ""
+
+
+@dataclass(frozen=True)
+class ShapingRule:
+    # Each key unset (0 / "") inherits from the less specific entries: default < "mx:" rollup < ".parent" < domain.
+    connection_limit: int = 0
+    max_message_rate: str = ""
+    max_connection_rate: str = ""
+    max_deliveries_per_connection: int = 0
+    max_recipients_per_transaction: int = 0
+    rules: tuple[ShapingReaction, ...] = ()
+
+
+# Shipped per-provider limits (traffic shaping). The figures are the ones KumoMTA ships in its shaping.toml,
+# where each provider's entry cites its postmaster pages: Google https://support.google.com/mail/answer/81126,
+# Yahoo https://senders.yahooinc.com/best-practices (including the [TS04] suspension for 2 hours), Microsoft
+# https://sendersupport.olc.protection.outlook.com/pm/Policies, Apple https://support.apple.com/en-us/102322,
+# Comcast https://spa.xfinity.com/postmaster, Orange https://messagerie.orange.fr/postmaster.html. The Gmail
+# 421-4.7.28 ("unusual rate of unsolicited mail") reaction is ours: slow to 60/h for an hour, as Google asks.
+# A configured [shaping."KEY"] entry overrides these key by key.
+SHIPPED_SHAPING: dict[str, dict[str, object]] = {
+    "mx:google.com": {"connection_limit": 5, "max_deliveries_per_connection": 50,
+                      "rules": [{"match": r"4\.7\.28", "action": "rate", "rate": "60/h", "duration": "1h"}]},
+    "mx:googlemail.com": {"connection_limit": 5, "max_deliveries_per_connection": 50},
+    "mx:yahoodns.net": {"max_deliveries_per_connection": 20,
+                        "rules": [{"match": r"\[TS?S04\]", "action": "suspend", "duration": "2h"}]},
+    "mx:olc.protection.outlook.com": {"connection_limit": 5, "max_deliveries_per_connection": 50},
+    "mx:mail.protection.outlook.com": {"connection_limit": 5, "max_deliveries_per_connection": 50},
+    "mx:icloud.com": {"connection_limit": 10, "max_deliveries_per_connection": 5},
+    "comcast.net": {"connection_limit": 25, "max_deliveries_per_connection": 1000},
+    "orange.fr": {"connection_limit": 3},
+    "mail.com": {"max_deliveries_per_connection": 100},
+}
+RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "m": 60, "h": 3600, "hr": 3600,
+              "hour": 3600, "d": 86400, "day": 86400}
+
+
+def parse_rate(text: str, key: str) -> tuple[int, float]:
+    """"N/unit" (unit s, min, h or d) -> (N, seconds of the period); ConfigError when malformed."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+)\s*", text)
+    if not m or m.group(2) not in RATE_UNITS or int(m.group(1)) < 1:
+        raise ConfigError(key, f'expected a rate such as "10/s", "100/min", "1000/h" or "5000/d", got {text!r}')
+    return int(m.group(1)), float(RATE_UNITS[m.group(2)])
+
+
+@dataclass(frozen=True)
 class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -282,6 +383,11 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     # Deprecated keys that were read and mapped to their new names (`config check` and every role print them).
     deprecations: tuple[str, ...] = ()
+    egress: EgressConfig = field(default_factory=EgressConfig)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    # [shaping."DESTINATION"] tables: "example.com", ".parent", "mx:mx-host-suffix" or "default".
+    shaping: Mapping[str, ShapingRule] = field(default_factory=dict)
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -345,6 +451,14 @@ def _convert(value: object, annotation: Any, key: str) -> object:
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         return _build_section(annotation, key, value)
     origin = typing.get_origin(annotation)
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(annotation)[0]):
+        # A list of tables; a bare string stands for a table with only the first field (a pool's source name).
+        item_type = typing.get_args(annotation)[0]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        first = dataclasses.fields(item_type)[0].name
+        return tuple(_build_section(item_type, f"{key}[{i}]", {first: item} if isinstance(item, str) else item)
+                     for i, item in enumerate(value))
     if origin in (Mapping, dict) and typing.get_args(annotation)[1] is not str:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
@@ -497,6 +611,67 @@ def _check_bounds(config: Config) -> None:
     at_least("up.workers", config.up.workers, 1)
     _check_dkim(config.dkim)
     _check_mailbox(config.mailbox)
+    _check_egress(config.egress)
+    if not 0 < config.mta_sts.https_port < 65536:
+        raise ConfigError("mta_sts.https_port", f"port {config.mta_sts.https_port} is out of range 1-65535")
+    at_least("mta_sts.fetch_timeout", config.mta_sts.fetch_timeout, 0.1)
+    _check_shaping(config.shaping)
+
+
+def _check_shaping(shaping: Mapping[str, ShapingRule]) -> None:
+    def at_least(key: str, value: float, minimum: float) -> None:
+        if value < minimum:
+            raise ConfigError(key, f"must be at least {minimum:g}, got {value:g}")
+
+    for name, rule in shaping.items():
+        key = f"shaping.{name}"
+        target = name.removeprefix("mx:").removeprefix(".")
+        if name != "default" and not _DOMAIN_NAME.fullmatch(target):
+            raise ConfigError(key, f'expected "default", a domain, ".parent" or "mx:host-suffix", got {name!r}')
+        for field_name in ("connection_limit", "max_deliveries_per_connection", "max_recipients_per_transaction"):
+            if getattr(rule, field_name) < 0:
+                raise ConfigError(f"{key}.{field_name}", "must not be negative (0 = inherit)")
+        for field_name in ("max_message_rate", "max_connection_rate"):
+            if getattr(rule, field_name):
+                parse_rate(getattr(rule, field_name), f"{key}.{field_name}")
+        for i, reaction in enumerate(rule.rules):
+            where = f"{key}.rules[{i}]"
+            try:
+                re.compile(reaction.match)
+            except re.error as exc:
+                raise ConfigError(f"{where}.match", f"not a regular expression: {exc}") from None
+            if not reaction.match:
+                raise ConfigError(f"{where}.match", "required: the regular expression to look for")
+            if reaction.action not in ("suspend", "rate"):
+                raise ConfigError(f"{where}.action", f'expected "suspend" or "rate", got {reaction.action!r}')
+            if reaction.action == "rate":
+                parse_rate(reaction.rate, f"{where}.rate")
+            at_least(f"{where}.duration", reaction.duration, 1)
+
+
+def _check_egress(egress: EgressConfig) -> None:
+    for name, source in egress.sources.items():
+        if source.address:
+            try:
+                ipaddress.ip_address(source.address)
+            except ValueError:
+                raise ConfigError(f"egress.sources.{name}.address",
+                                  f"expected an IP address, got {source.address!r}") from None
+        if source.helo_name and not _DOMAIN_NAME.fullmatch(source.helo_name):
+            raise ConfigError(f"egress.sources.{name}.helo_name", f"expected a host name, got {source.helo_name!r}")
+    for name, members in egress.pools.items():
+        if not members:
+            raise ConfigError(f"egress.pools.{name}", "needs at least one source")
+        for member in members:
+            if member.source not in egress.sources:
+                raise ConfigError(f"egress.pools.{name}", f"names the source {member.source!r}, which is not "
+                                  f"in [egress.sources] (known: {', '.join(sorted(egress.sources)) or 'none'})")
+            if member.weight < 1:
+                raise ConfigError(f"egress.pools.{name}", f"weight of {member.source!r} must be at least 1")
+    for table, mapping in (("sender_domains", egress.sender_domains), ("users", egress.users)):
+        for who, pool in mapping.items():
+            if pool not in egress.pools:
+                raise ConfigError(f"egress.{table}.{who}", f"names the pool {pool!r}, which is not in [egress.pools]")
 
 
 def _check_dkim(dkim: DkimConfig) -> None:
@@ -582,6 +757,7 @@ def check_files(config: Config) -> None:
         ("auth.users_file", config.auth.users_file),
         ("mailbox.tls_cert_file", config.mailbox.tls_cert_file), ("mailbox.tls_key_file", config.mailbox.tls_key_file),
         ("mailbox.node_ca_file", config.mailbox.node_ca_file)]
+    files.append(("mta_sts.ca_file", config.mta_sts.ca_file))
     files += list((f"dkim.domains.{name}.key_file", entry.key_file) for name, entry in config.dkim.domains.items())
     for key, path in files:
         if path:
@@ -615,7 +791,12 @@ _SECTIONS: dict[str, type[Any]] = {
     "mailbox": MailboxConfig,
     "up": UpConfig,
     "dkim": DkimConfig,
+    "egress": EgressConfig,
+    "mta_sts": MtaStsConfig,
+    "suppression": SuppressionConfig,
 }
+# Sections whose keys are names the operator chooses, each a table of one type.
+_NAMED_SECTIONS: dict[str, type[Any]] = {"shaping": ShapingRule}
 
 # Keys that moved, old "section.key" -> new "section.key": still read, with a deprecation note. The pop3 role
 # became the mailbox role (it owns the Maildirs and takes LMTP), so its section and the Maildir root moved.
@@ -656,11 +837,13 @@ def _apply_renames(merged: dict[str, dict[str, object]]) -> tuple[str, ...]:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
     overrides: dict[str, dict[str, object]] = {}
     for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG_VARIABLES:
             continue
         rest = name[len(ENV_PREFIX):].lower()
-        section, _, key = rest.partition("_")
-        if section not in _SECTIONS or not key:
+        # The longest section name that prefixes it: MTACLUSTER_MTA_STS_CA_FILE is mta_sts.ca_file.
+        section = max((s for s in _SECTIONS if rest.startswith(f"{s}_")), key=len, default="")
+        key = rest[len(section) + 1:]
+        if not section or not key:
             continue
         try:
             value: object = tomllib.loads(f"v = {text}")["v"]
@@ -673,8 +856,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
 def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
     """Build a validated Config from parsed TOML (plus environment overrides)."""
     for section in raw:
-        if section not in _SECTIONS and section not in _OLD_SECTIONS:
-            raise ConfigError(section, f"unknown section (known sections: {', '.join(_SECTIONS)})")
+        if section not in _SECTIONS and section not in _OLD_SECTIONS and section not in _NAMED_SECTIONS:
+            raise ConfigError(section, f"unknown section (known sections: {', '.join([*_SECTIONS, *_NAMED_SECTIONS])})")
     merged: dict[str, dict[str, object]] = {}
     for section, table in raw.items():
         if not isinstance(table, dict):
@@ -684,7 +867,17 @@ def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | Non
         merged.setdefault(section, {}).update(table)
     deprecations = _apply_renames(merged)
     sections = {name: _build_section(cls, name, merged.get(name, {})) for name, cls in _SECTIONS.items()}
-    config = Config(**sections, deprecations=deprecations)
+    shaping = {**SHIPPED_SHAPING}
+    raw_shaping = raw.get("shaping", {})
+    if not isinstance(raw_shaping, dict):
+        raise ConfigError("shaping", f"expected a table, got {raw_shaping!r}")
+    for name, table in raw_shaping.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"shaping.{name}", f"expected a table, got {table!r}")
+        shaping[name] = {**shaping.get(name, {}), **table}
+    rules = types.MappingProxyType(
+        {name: _build_section(ShapingRule, f"shaping.{name}", table) for name, table in shaping.items()})
+    config = Config(**sections, shaping=rules, deprecations=deprecations)
     _check_bounds(config)
     return config
 

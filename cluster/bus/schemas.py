@@ -36,8 +36,14 @@ Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases
                                          `revoked`: listed jobs that are not the worker's (finished, or handed
                                          out again after it was silent): it must not start them and forgets
                                          their Results. `resend`: finished jobs whose Result never arrived.
-    shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt, seq, epoch, incarnation)
+    shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt, seq, epoch, incarnation,
+                     pool, max_deliveries)
                                          seq numbers the Delivers sent to one (epoch, incarnation), from 1.
+                                         `pool`: the egress pool (`[egress.pools]`) the frontend chose for the
+                                         message (Inject.client["pool"]); "" = no pool, the kernel's source
+                                         address. `max_deliveries`: traffic shaping's
+                                         max_deliveries_per_connection for the destination (0 = the worker's
+                                         delivery.max_deliveries_per_connection).
     Result(job_id, worker, outcomes)     one Outcome per recipient of the job. A Result for a job the shard
                                          took back is reconciled: its outcomes stand for the recipients not
                                          handed out again; a delivery of one that was handed out again is a
@@ -122,7 +128,8 @@ class Inject(BusMessage):
     sender: str
     recipients: list[str]
     body: bytes
-    # Free-form facts about the submission: client address, HELO name, protocol, frontend host.
+    # Free-form facts about the submission: client address, HELO name, protocol, frontend host, and "pool": the
+    # egress pool the message leaves through (stored with the message, sent with each Deliver).
     client: dict[str, str] = field(default_factory=dict)
 
 
@@ -179,6 +186,10 @@ class Deliver(BusMessage):
     seq: int = 0
     epoch: str = ""
     incarnation: int = 0
+    # The egress pool the frontend chose for the message (Inject.client["pool"]); "" = no pool.
+    pool: str = ""
+    # Traffic shaping's max_deliveries_per_connection for the destination (0 = the worker's own setting).
+    max_deliveries: int = 0
 
 
 class OutcomeKind(enum.StrEnum):
@@ -335,7 +346,7 @@ _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,
     "code": int, "enhanced": str, "text": str, "worker": str, "free": int, "in_flight": list,
     "shard": int, "shard_epoch": str, "incarnation": int, "last_seq": int, "sent": (int, float), "epoch": str,
-    "finished": list, "revoked": list, "resend": list,
+    "finished": list, "revoked": list, "resend": list, "pool": str, "max_deliveries": int,
     "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
     "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "kind": str, "remote": str,
     "port": int, "connect_seconds": (int, float), "transfer_seconds": (int, float),

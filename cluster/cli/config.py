@@ -23,6 +23,7 @@ def register(commands: Any) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from cluster.bus.security import cluster_keys
     from cluster.config import check_files
+    from cluster.delivery.mta_sts import verifying_context
     from cluster.dkim.signer import DkimSigner
     from cluster.tls import server_context
 
@@ -36,6 +37,8 @@ def run_check(args: argparse.Namespace) -> int:
     DkimSigner.from_config(config.dkim)
     for note in config.deprecations:
         print(f"{args.config}: warning: {note}", file=sys.stderr)
+    if config.mta_sts.enabled:
+        verifying_context(config.mta_sts.ca_file)
     smtp = config.smtp
     listeners = ", ".join(f"{name} {' '.join(addresses)}" for name, addresses in (
         ("listen", smtp.listen), ("submission", smtp.submission_listen), ("submissions", smtp.submissions_listen))

@@ -1,4 +1,4 @@
-"""Idle SMTP connections kept for reuse, per destination (address, port).
+"""Idle SMTP connections kept for reuse, per egress source and destination (source name, address, port).
 
 `take(target)` hands out an idle session to that destination (most recently used first) or None;
 `give_back(session)` keeps a session that finished a transaction cleanly, unless it has done
@@ -17,7 +17,7 @@ from cluster.delivery import metrics
 from cluster.delivery.mx import Target
 from cluster.delivery.session import SmtpSession
 
-Key = tuple[str, int]
+Key = tuple[str, str, int]
 
 
 class ConnectionCache:
@@ -29,11 +29,11 @@ class ConnectionCache:
         self._idle: dict[Key, list[tuple[float, SmtpSession]]] = {}
 
     @staticmethod
-    def key(target: Target) -> Key:
-        return target.address, target.port
+    def key(target: Target, source: str = "") -> Key:
+        return source, target.address, target.port
 
-    def take(self, target: Target) -> SmtpSession | None:
-        sessions = self._idle.get(self.key(target))
+    def take(self, target: Target, source: str = "") -> SmtpSession | None:
+        sessions = self._idle.get(self.key(target, source))
         now = self._clock()
         while sessions:
             since, session = sessions.pop()
@@ -45,10 +45,11 @@ class ConnectionCache:
         return None
 
     def give_back(self, session: SmtpSession) -> None:
-        if self._idle_timeout <= 0 or session.transactions >= self._max_deliveries or not session.usable:
+        limit = min(self._max_deliveries, getattr(session, "transaction_limit", 0) or self._max_deliveries)
+        if self._idle_timeout <= 0 or session.transactions >= limit or not session.usable:
             session.close(polite=True)
             return
-        self._idle.setdefault(self.key(session.target), []).append((self._clock(), session))
+        self._idle.setdefault(self.key(session.target, session.source.name), []).append((self._clock(), session))
 
     def prune(self) -> int:
         """Close sessions idle too long or closed by the server; return how many are still kept."""

@@ -15,6 +15,12 @@ does: every recipient of the job gets exactly one Outcome, in the job's order.
   (RFC 1870 6.1).
 - Connections come from and go back to the `ConnectionCache`; a cached one that turns out stale is replaced
   by one fresh connection.
+- MTA-STS (RFC 8461, `cluster.delivery.mta_sts`), for domains routed by their own MX records: under an
+  "enforce" policy only MX hosts the policy names are tried, over STARTTLS with a certificate that verifies for
+  the MX name (connections cached apart from opportunistic ones); if none qualifies, or TLS fails, the
+  recipients are deferred with 4.7.5. A "testing" policy changes nothing but logs what would have failed.
+- Egress: each job leaves from one source of its pool (`cluster.delivery.egress`): connections are made from
+  that source's address and say its EHLO name; cached connections are kept per source.
 - Outcome kind (a `OutcomeKind`, never a string to parse): 2xx delivered, 4xx deferred, 5xx failed; `remote`
   and `port` name the host that answered; `connect_seconds` (DNS, hosts tried, session setup) and
   `transfer_seconds` (the SMTP transaction) feed the shard's log line (delays=a/b/c/d).
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +40,18 @@ from cluster.bus.schemas import Deliver, Outcome, OutcomeKind
 from cluster.config import Config
 from cluster.delivery import metrics
 from cluster.delivery.connections import ConnectionCache
+from cluster.delivery.egress import EgressChooser, Source
 from cluster.delivery.lmtp import LocalDelivery
+from cluster.delivery.mta_sts import MtaSts, Policy
 from cluster.delivery.mx import DnsFailure, MxResolver, Target, find_targets
 from cluster.delivery.routing import ErrorRoute, LocalRoute, Router, SmtpRoute
-from cluster.delivery.session import HostUnavailable, SessionSettings, SmtpSession, TransactionResult
+from cluster.delivery.session import (
+    HostUnavailable,
+    SessionSettings,
+    SmtpSession,
+    TransactionResult,
+    client_ssl_context,
+)
 from cluster.domains import domain_key
 from cluster.smtp.replies import NO_HOST_TRIED, Reply, smtputf8_unsupported, too_big_for_remote
 
@@ -85,7 +100,9 @@ class _HostFailure:
 
 class Deliverer:
     def __init__(self, config: Config, resolver: MxResolver, cache: ConnectionCache,
-                 rng: random.Random | None = None, settings: SessionSettings | None = None) -> None:
+                 rng: random.Random | None = None, settings: SessionSettings | None = None,
+                 egress: EgressChooser | None = None, mta_sts: MtaSts | None = None,
+                 sts_context: ssl.SSLContext | None = None) -> None:
         self._config = config
         self._delivery = config.delivery
         self._router = Router(config.delivery)
@@ -95,6 +112,10 @@ class Deliverer:
         helo = config.delivery.helo_name or config.smtp.hostname
         self._settings = settings or SessionSettings.from_config(config.delivery, helo)
         self._local = LocalDelivery(config, cache)
+        self._egress = egress or EgressChooser(config.egress, self._rng)
+        self._source_settings: dict[tuple[str, bool], SessionSettings] = {}
+        self._sts = mta_sts
+        self._sts_context = sts_context
         # How many TCP connections this deliverer opened (the cache's effect is visible in tests).
         self.connections_opened = 0
 
@@ -126,7 +147,7 @@ class Deliverer:
             return [outcome_from_reply(r, reply, "") for r in recipients]
         if isinstance(route, LocalRoute):
             return await self._deliver_local(job, recipients)
-        return await self._deliver_smtp(job, route, recipients)
+        return await self._deliver_smtp(job, route, recipients, domain)
 
     async def _deliver_local(self, job: Deliver, recipients: list[str]) -> list[Outcome]:
         """The `local` transport: LMTP to the mailbox node owning each recipient (`cluster.delivery.lmtp`)."""
@@ -135,20 +156,33 @@ class Deliverer:
                                    result.remote)
                 for recipient, result in ((r, results[r]) for r in recipients)]
 
-    async def _deliver_smtp(self, job: Deliver, route: SmtpRoute, recipients: list[str]) -> list[Outcome]:
+    async def _deliver_smtp(self, job: Deliver, route: SmtpRoute, recipients: list[str],
+                            domain: str = "") -> list[Outcome]:
         started = time.perf_counter()
         targets = await find_targets(self._resolver, route, self._delivery.max_mx_addresses, self._rng)
         if isinstance(targets, DnsFailure):
             reply = Reply.of(targets.code, targets.enhanced, targets.text)
             return [timed(outcome_from_reply(r, reply, ""), time.perf_counter() - started, 0.0) for r in recipients]
+        enforce = False
+        if self._sts is not None and route.mx_lookup and route.host.lower().rstrip(".") == domain:
+            policy = await self._sts.policy(domain)
+            if policy is not None:
+                targets, refusal = self._apply_policy(domain, policy, targets)
+                if refusal is not None:
+                    return [timed(outcome_from_reply(r, refusal, ""), time.perf_counter() - started, 0.0)
+                            for r in recipients]
+                enforce = policy.mode == "enforce"
         decided: dict[str, Outcome] = {}
         pending = list(recipients)
         last_failure: _HostFailure | None = None
+        source = self._egress.choose(job.pool)
         for target in targets:
-            pending, failure = await self._deliver_via(target, job, pending, decided, started)
+            pending, failure = await self._deliver_via(target, source, job, pending, decided, started, enforce)
             last_failure = failure or last_failure
             if not pending:
                 break
+        if pending and enforce and last_failure is not None and last_failure.reply.enhanced == "4.7.5":
+            metrics.MTA_STS.labels(result="refused").inc()
         if pending:
             failure = last_failure or _HostFailure(NO_HOST_TRIED, "", 0)
             reply = as_deferral(failure.reply)
@@ -158,18 +192,59 @@ class Deliverer:
                                            0.0)
         return [decided[r] for r in recipients]
 
-    async def _session(self, target: Target) -> SmtpSession:
-        session = self._cache.take(target)
+    @staticmethod
+    def _apply_policy(domain: str, policy: Policy, targets: list[Target]) -> tuple[list[Target], Reply | None]:
+        """The targets an MTA-STS policy lets us use, or the deferral when it lets us use none."""
+        allowed = [t for t in targets if policy.allows(t.name)]
+        refused = sorted({t.name for t in targets if t not in allowed})
+        if policy.mode == "testing":
+            if refused:
+                metrics.MTA_STS.labels(result="testing_violation").inc()
+                log.warning("MTA-STS policy of %s (testing) does not list MX %s; delivering anyway", domain,
+                            ",".join(refused))
+            return targets, None
+        metrics.MTA_STS.labels(result="enforced").inc()
+        if not allowed:
+            metrics.MTA_STS.labels(result="refused").inc()
+            return [], Reply.of(451, "4.7.5", f"MTA-STS policy of {domain} (enforce, mx {','.join(policy.mx)}) "
+                                              f"lists none of its MX hosts ({','.join(refused)})")
+        return allowed, None
+
+    async def _session(self, target: Target, source: Source, enforce: bool = False) -> SmtpSession:
+        # Connections made under an enforced policy (verified TLS) are cached apart from opportunistic ones.
+        session = self._cache.take(target, source.name + ("|sts" if enforce else ""))
         if session is None:
-            session = await self._open(target)
+            session = await self._open(target, source, enforce)
         return session
 
-    async def _open(self, target: Target) -> SmtpSession:
+    async def _open(self, target: Target, source: Source, enforce: bool = False) -> SmtpSession:
         self.connections_opened += 1
-        return await SmtpSession.open(target, self._settings)
+        try:
+            session = await SmtpSession.open(target, self._settings_for(source, enforce), source)
+        except HostUnavailable as exc:
+            if enforce and exc.reply.enhanced.startswith("4.7."):
+                raise HostUnavailable(Reply.of(451, "4.7.5", f"MTA-STS policy requires verified TLS: "
+                                                             f"{exc.reply.text}"), exc.remote) from None
+            raise
+        if enforce:
+            session.source = dataclasses.replace(source, name=source.name + "|sts")
+        return session
 
-    async def _deliver_via(self, target: Target, job: Deliver, recipients: Sequence[str],
-                           decided: dict[str, Outcome], started: float) -> tuple[list[str], _HostFailure | None]:
+    def _settings_for(self, source: Source, enforce: bool = False) -> SessionSettings:
+        if not source.helo_name and not enforce:
+            return self._settings
+        settings = self._source_settings.get((source.name, enforce))
+        if settings is None:
+            settings = dataclasses.replace(self._settings, helo_name=source.helo_name or self._settings.helo_name)
+            if enforce:
+                settings = dataclasses.replace(settings, tls_mode="verify",
+                                               ssl_context=self._sts_context or client_ssl_context("verify"))
+            self._source_settings[(source.name, enforce)] = settings
+        return settings
+
+    async def _deliver_via(self, target: Target, source: Source, job: Deliver, recipients: Sequence[str],
+                           decided: dict[str, Outcome], started: float, enforce: bool = False
+                           ) -> tuple[list[str], _HostFailure | None]:
         """Send to one host. Returns the recipients it left undecided (for the next host) and why.
 
         Outcomes decided here carry the host's port and the time since `started` (DNS, earlier hosts, getting
@@ -177,7 +252,7 @@ class Deliverer:
         chunk_size = self._delivery.max_recipients_per_transaction
         chunks = [list(recipients[i:i + chunk_size]) for i in range(0, len(recipients), chunk_size)]
         try:
-            session = await self._session(target)
+            session = await self._session(target, source, enforce)
         except HostUnavailable as exc:
             return list(recipients), _HostFailure(exc.reply, exc.remote, target.port)
         connected = time.perf_counter()
@@ -204,7 +279,7 @@ class Deliverer:
                 undecided = [*chunk, *(r for later in chunks[index + 1:] for r in later)]
             sending = time.perf_counter()
             try:
-                result = await self._transaction(session, target, job, chunk)
+                result = await self._transaction(session, target, source, job, chunk, enforce)
             except HostUnavailable as exc:
                 return undecided, _HostFailure(exc.reply, exc.remote, target.port)
             session = result[0]
@@ -229,8 +304,9 @@ class Deliverer:
             decided[recipient] = outcome_from_reply(recipient, reply, remote)
         return [r for r in chunk if r not in needs]
 
-    async def _transaction(self, session: SmtpSession, target: Target, job: Deliver,
-                           chunk: list[str]) -> tuple[SmtpSession, TransactionResult]:
+    async def _transaction(self, session: SmtpSession, target: Target, source: Source, job: Deliver,
+                           chunk: list[str], enforce: bool = False) -> tuple[SmtpSession, TransactionResult]:
+        session.transaction_limit = job.max_deliveries
         try:
             return session, await session.transaction(job.sender, chunk, job.body)
         except HostUnavailable as exc:
@@ -238,7 +314,7 @@ class Deliverer:
                 raise
         # The cached connection had died while idle: one fresh connection (RFC 5321 4.5.4.1 allows retrying).
         log.debug("cached connection to %s was stale; reconnecting", target.label)
-        fresh = await self._open(target)
+        fresh = await self._open(target, source, enforce)
         try:
             return fresh, await fresh.transaction(job.sender, chunk, job.body)
         except HostUnavailable:

@@ -32,3 +32,8 @@ LMTP = Counter("mtacluster_delivery_lmtp", "Recipients handed to mailbox nodes o
                "outcome: delivered, deferred (the node answered 4xx, e.g. over quota), failed (5xx), "
                "node_unavailable (refused, timed out, TLS failure or died before answering).", ["outcome"])
 LMTP_OUTCOMES = ("delivered", "deferred", "failed", "node_unavailable")
+# result: fetched | fetch_error (policy fetches); enforced (an attempt under an enforce policy) | refused (enforce
+# policy not met: deferred 4.7.5) | testing_violation (a testing policy not met: delivered anyway, logged).
+MTA_STS = Counter("mtacluster_delivery_mta_sts", "MTA-STS (RFC 8461) policy fetches and decisions, by result.",
+                  ["result"])
+MTA_STS_RESULTS = ("fetched", "fetch_error", "enforced", "refused", "testing_violation")

@@ -218,6 +218,15 @@ class DnsMxResolver:
                         for r in answer.rrset)
         return MxLookup(OK, records, float(answer.rrset.ttl))
 
+    async def txt(self, name: str) -> list[str] | None:
+        """The TXT records of `name`, each record's strings joined; [] when there are none, None on failure."""
+        status, answer = await self._query(name, "TXT")
+        if status in (NXDOMAIN, NODATA):
+            return []
+        if status != OK or answer is None or answer.rrset is None:
+            return None
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
+
     async def addresses(self, host: str) -> AddressLookup:
         found: list[str] = []
         statuses: list[str] = []
@@ -283,6 +292,13 @@ class StaticMxResolver:
                         (item for item in entry.get("MX", []) if isinstance(item, tuple)))
         return MxLookup(OK, records, 300.0) if records else MxLookup(NODATA)
 
+    async def txt(self, name: str) -> list[str] | None:
+        """TXT records from the table's "TXT" lists ([] when none); None for a SERVFAIL/TIMEOUT name."""
+        entry = self._entry(name)
+        if isinstance(entry, str):
+            return None
+        return [str(text) for text in entry.get("TXT", [])] if entry is not None else []
+
     async def addresses(self, host: str) -> AddressLookup:
         entry = self._entry(host)
         if entry is None:
@@ -337,6 +353,12 @@ class CachingMxResolver:
         lookup = await self._inner.mx(key)
         self._remember(self._mx, key, lookup, lookup.status, lookup.ttl)
         return lookup
+
+    async def txt(self, name: str) -> list[str] | None:
+        """Passed through uncached (MTA-STS keeps what it learns, mta_sts.py); None when the inner resolver
+        cannot look up TXT records."""
+        inner = getattr(self._inner, "txt", None)
+        return await inner(name) if inner is not None else None
 
     async def addresses(self, host: str) -> AddressLookup:
         key = domain_key(host)

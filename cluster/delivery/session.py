@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import ssl
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 from cluster.config import DeliveryConfig
 from cluster.delivery import metrics
+from cluster.delivery.egress import DEFAULT_SOURCE, Source
 from cluster.delivery.mx import Target
 from cluster.smtp import replies
 from cluster.smtp.client import (
@@ -104,6 +106,13 @@ class TransactionResult:
     all_recipients_deferred: bool = False
 
 
+def _family(address: str) -> int:
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        return 4
+
+
 def _completed(reply: Reply) -> bool:
     """RFC 5321 4.2.1: 2yz is a positive completion; 3yz to MAIL or RCPT would be a protocol error."""
     return 200 <= reply.code < 300
@@ -115,8 +124,9 @@ def _network_reply(text: str, enhanced: str = "4.4.2") -> Reply:
 
 class SmtpSession:
     def __init__(self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 settings: SessionSettings) -> None:
+                 settings: SessionSettings, source: Source = DEFAULT_SOURCE) -> None:
         self.target = target
+        self.source = source
         self.remote = target.label
         self._reader = reader
         self._writer = writer
@@ -124,16 +134,24 @@ class SmtpSession:
         self._conn = ClientConnection()
         self.capabilities = Capabilities.helo_only()
         self.transactions = 0
+        # Most transactions on this connection before it is closed (traffic shaping); 0 = the cache's default.
+        self.transaction_limit = 0
         self.tls = False
         self.last_used = time.monotonic()
         self._closed = False
         metrics.CONNECTIONS_OPEN.inc()
 
     @classmethod
-    async def open(cls, target: Target, settings: SessionSettings) -> SmtpSession:
+    async def open(cls, target: Target, settings: SessionSettings, source: Source = DEFAULT_SOURCE) -> SmtpSession:
+        """Connect (from `source.address` when set) and get the session ready; raises HostUnavailable."""
+        local_addr = (source.address, 0) if source.address else None
+        if local_addr is not None and ipaddress.ip_address(source.address).version != _family(target.address):
+            raise HostUnavailable(_network_reply(
+                f"egress source {source.name} ({source.address}) cannot reach {target.label}: other IP version",
+                "4.4.1"), target.label)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(target.address, target.port, limit=READ_CHUNK * 4),
+                asyncio.open_connection(target.address, target.port, limit=READ_CHUNK * 4, local_addr=local_addr),
                 settings.connect_timeout)
         except TimeoutError:
             raise HostUnavailable(_network_reply(
@@ -142,7 +160,7 @@ class SmtpSession:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise HostUnavailable(_network_reply(
                 f"connect to {target.label}:{target.port}: {why}", "4.4.1"), target.label) from None
-        session = cls(target, reader, writer, settings)
+        session = cls(target, reader, writer, settings, source)
         try:
             await session._start()
         except BaseException:  # HostUnavailable, or the job being cancelled: never leave the socket open

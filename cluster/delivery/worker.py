@@ -48,6 +48,7 @@ from cluster.config import Config
 from cluster.delivery import metrics
 from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.deliver import Deliverer
+from cluster.delivery.mta_sts import MtaSts, verifying_context
 from cluster.delivery.mx import CachingMxResolver, DnsMxResolver, MxResolver
 from cluster.delivery.shard_session import ShardSession
 
@@ -94,9 +95,20 @@ class Worker:
         self.resolver: MxResolver = resolver or CachingMxResolver(DnsMxResolver(config.delivery.nameservers))
         delivery = config.delivery
         self.cache = ConnectionCache(delivery.connection_idle_timeout, delivery.max_deliveries_per_connection)
-        self.deliverer = Deliverer(config, self.resolver, self.cache)
+        sts = config.mta_sts
+        for result in metrics.MTA_STS_RESULTS:  # every series at zero, for dashboards and alerts
+            metrics.MTA_STS.labels(result=result)
+        sts_context = verifying_context(sts.ca_file) if sts.enabled else None
+        # TXT lookups go to the same resolver as MX lookups (a test's static zone, or delivery.nameservers).
+        txt = getattr(self.resolver, "txt", None) or DnsMxResolver(delivery.nameservers).txt
+        mta_sts = MtaSts(txt, self._addresses, sts_context, sts.https_port,
+                         sts.fetch_timeout) if sts_context is not None else None
+        self.deliverer = Deliverer(config, self.resolver, self.cache, mta_sts=mta_sts, sts_context=sts_context)
         self._links: list[_ShardLink] = []
         self._stopping = False
+
+    async def _addresses(self, host: str) -> list[str]:
+        return list((await self.resolver.addresses(host)).addresses)
 
     def is_ready(self) -> bool:
         if not self._links:

@@ -46,8 +46,9 @@ def field_name(header_field: bytes) -> bytes:
 def relaxed_header(header_field: bytes) -> bytes:
     """RFC 6376 3.4.2: lower-case name, unfold, runs of WSP to one SP, no WSP around the colon or at the end."""
     name, _, value = header_field.partition(b":")
-    value = _WSP_RUN.sub(b" ", _FOLD.sub(b"", value)).strip(b" ")
-    return name.strip(b" \t").lower() + b":" + value + b"\r\n"
+    if b"\r" in value or b"\t" in value or b"  " in value:  # else only the ends need trimming
+        value = _WSP_RUN.sub(b" ", _FOLD.sub(b"", value))
+    return name.strip(b" \t").lower() + b":" + value.strip(b" ") + b"\r\n"
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -66,20 +67,22 @@ def select_headers(fields: Sequence[bytes], names: Sequence[str], oversign: Sequ
                    ) -> tuple[list[str], list[bytes]]:
     """The h= list and the fields it covers, in hashing order (RFC 6376 5.4.2).
 
-    Every instance of every name in `names` is signed; names in `oversign` are listed once more than they occur,
-    so that a field of that name added later breaks the signature (RFC 6376 8.15).
+    Every instance of every name in `names` (lower-case) is signed; names in `oversign` are listed once more
+    than they occur, so that a field of that name added later breaks the signature (RFC 6376 8.15).
     """
-    by_name: dict[bytes, list[bytes]] = {}
+    by_name: dict[str, list[bytes]] = {}
     for header_field in fields:
-        by_name.setdefault(field_name(header_field), []).append(header_field)
+        by_name.setdefault(field_name(header_field).decode("latin-1"), []).append(header_field)
     listed: list[str] = []
     covered: list[bytes] = []
-    for name in dict.fromkeys(n.lower() for n in names):
-        instances = by_name.get(name.encode("ascii"), [])
-        # Bottom-most first: a verifier matches the n-th listing of a name to its n-th instance from the bottom.
-        for instance in reversed(instances):
-            listed.append(name)
-            covered.append(instance)
+    for name in names:
+        instances = by_name.get(name)
+        if instances is not None:
+            # Bottom-most first: a verifier matches the n-th listing of a name to its n-th instance from the
+            # bottom.
+            for instance in reversed(instances):
+                listed.append(name)
+                covered.append(instance)
         if name in oversign:
             listed.append(name)
     return listed, covered

@@ -63,7 +63,7 @@ class DkimSigner:
     def __init__(self, keys: Mapping[str, SigningKey], sign_headers: Sequence[str],
                  clock: Callable[[], float] = time.time) -> None:
         self._keys = {name if name == "*" else domain_key(name): key for name, key in keys.items()}
-        self._names = tuple(h.lower() for h in sign_headers if h.lower() != "from")
+        self._names = tuple(dict.fromkeys(["from", *(h.lower() for h in sign_headers)]))
         self._clock = clock
 
     @classmethod
@@ -106,7 +106,7 @@ class DkimSigner:
 
     def _signature(self, key: SigningKey, fields: list[bytes], body: bytes) -> bytes:
         body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
-        listed, covered = select_headers(fields, ["from", *self._names])
+        listed, covered = select_headers(fields, self._names)
         tags = ["v=1;", f"a={key.algorithm};", "c=relaxed/relaxed;", f"d={key.domain};", f"s={key.selector};",
                 f"t={int(self._clock())};", *_h_tag(listed), f"bh={body_hash};", "b="]
         unsigned = _fold("DKIM-Signature:", tags)

@@ -69,7 +69,7 @@ class Security:
     tls_settings: ServerSettings | None = None
     # None: no users file, nobody can log in.
     users: UserDatabase | None = None
-    # DKIM signing of relayed mail (cluster.frontend.outbound); None: nothing is added.
+    # DKIM signing and the egress pool of accepted mail (cluster.frontend.outbound); None: neither.
     outbound: Outbound | None = None
 
 
@@ -319,13 +319,16 @@ class InboundSession:
         data = message.data
         if self.listener.complete_headers:
             data = complete_headers(data, hostname=self.config.hostname, trace_id=trace_id, timestamp=now)
+        sender = "" if message.sender is None else str(message.sender)
         # DKIM signs what is stored, so the submission header fields are added first.
         outbound = self.security.outbound
-        prepared = await outbound.prepare(data, relayed=self.facts.may_relay) if outbound is not None else None
+        prepared = (await outbound.prepare(data, sender=sender, user=self.auth.user, relayed=self.facts.may_relay)
+                    if outbound is not None else None)
         body = (prepared.header if prepared is not None else b"") + header + data
-        sender = "" if message.sender is None else str(message.sender)
         client = {"ip": self.client_ip, "helo": self.conn.helo_name or "", "protocol": protocol,
                   "trace_id": trace_id}
+        if prepared is not None and prepared.pool:
+            client["pool"] = prepared.pool
         reply, queue_ids = await self.shards.inject(sender, recipients, body, client)
         if reply.is_positive:
             metrics.MESSAGES_ACCEPTED.labels(listener=self.listener.kind).inc()

@@ -78,7 +78,10 @@ def _text_arg(args: dict[str, Any], name: str, required: bool = False) -> str | 
 
 class AdminOps:
     def __init__(self, scheduler: Scheduler, ledger: Ledger, io: SpoolIO, clock: Callable[[], float],
-                 wake: Callable[[], None], identity: Callable[[], dict[str, Any]]) -> None:
+                 wake: Callable[[], None], identity: Callable[[], dict[str, Any]],
+                 extra: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+        # More operations answered by other modules (deliverability_admin.py: suppression, shaping).
+        self._extra = extra or {}
         self.scheduler = scheduler
         self.ledger = ledger
         self.io = io
@@ -89,7 +92,7 @@ class AdminOps:
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "ping": self._ping, "list": self._list, "show": self._show, "flush": self._flush, "hold": self._hold,
-            "release": self._release, "delete": self._delete, "bounce": self._bounce,
+            "release": self._release, "delete": self._delete, "bounce": self._bounce, **self._extra,
         }
         handler = handlers.get(op)
         if handler is None:

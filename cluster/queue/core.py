@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from cluster.bus.schemas import (
@@ -33,23 +35,29 @@ from cluster.bus.schemas import (
     Result,
 )
 from cluster.config import Config
+from cluster.observability import domain_label
 from cluster.queue import metrics
 from cluster.queue.admin import AdminError, AdminOps
 from cluster.queue.bounces import BounceMaker
+from cluster.queue.deliverability_admin import DeliverabilityOps
 from cluster.queue.dispatch import Dispatcher
 from cluster.queue.inject import DiskSpace, Injector
-from cluster.queue.ledger import Ledger
+from cluster.queue.ledger import Change, Event, Ledger, copy_recipient
 from cluster.queue.maintenance import Maintainer
 from cluster.queue.outbox import Outbox
 from cluster.queue.outcomes import OutcomeRecorder
-from cluster.queue.records import Message, QueueIdFactory
+from cluster.queue.records import Message, QueueIdFactory, State
 from cluster.queue.retry import RetrySchedule
 from cluster.queue.scheduler import Scheduler, SchedulerLimits
+from cluster.queue.shaping import Shaper
 from cluster.queue.spool import Spool, SpoolError
 from cluster.queue.spoolio import SpoolIO
+from cluster.queue.suppression import Entry, SuppressionList, suppressed_outcome
 from cluster.queue.workers import WorkerRegistry
 
 log = logging.getLogger("mtacluster.queue")
+
+READY_ONLY = frozenset({State.READY})
 
 Send = Callable[[bytes, BusMessage], Awaitable[None]]
 
@@ -65,12 +73,16 @@ class ShardCore:
         self.ready = False
         self._send = send
         self._tasks: set[asyncio.Task[None]] = set()
+        top = frozenset(d.lower() for d in config.metrics.top_domains)
+        self.shaper = Shaper(config.shaping, config.delivery.destination_concurrency,
+                             config.delivery.max_recipients_per_transaction,
+                             lambda bucket: bucket if bucket.startswith("mx:") else domain_label(bucket, top))
         self.scheduler = Scheduler(SchedulerLimits(
             destination_concurrency=config.delivery.destination_concurrency,
             max_recipients=config.delivery.max_recipients_per_transaction,
             lease_time=config.queue.lease_time,
             worker_timeout=config.queue.worker_timeout,
-        ), job_prefix=f"{self.epoch[:8]}.")
+        ), job_prefix=f"{self.epoch[:8]}.", shaper=self.shaper)
         self.io = SpoolIO(spool, self.label, config.queue.commit_batch_max, self._observe_commit)
         self.ids = QueueIdFactory(index)
         self.space = DiskSpace(self.label, self.io.free_space)
@@ -81,9 +93,14 @@ class ShardCore:
         self.bounces = BounceMaker(config, index, self.ids, self.io, self.outbox, self.scheduler.messages.get,
                                    self._schedule, self.spawn)
         self.ledger = Ledger(self.label, self.scheduler, self.io, self.bounces, self.dispatcher.wake)
-        self.outcomes = OutcomeRecorder(index, self.scheduler, RetrySchedule(config.queue), self.ledger, self.spawn)
+        ttl = config.suppression.ttl
+        self.suppression = SuppressionList(
+            Path(config.queue.spool_dir) / f"shard-{index}.suppression.sqlite" if ttl > 0 else None, ttl)
+        self.outcomes = OutcomeRecorder(index, self.scheduler, RetrySchedule(config.queue), self.ledger, self.spawn,
+                                        self.suppression)
         self.injector = Injector(config, index, self.io, self.ids, self.space, clock, self._schedule_new)
-        self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity)
+        self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity,
+                              DeliverabilityOps(index, config, self.suppression, self.shaper, clock).handlers())
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
         self.quarantined: list[str] = []
         metrics.initialise(self.label)
@@ -136,6 +153,7 @@ class ShardCore:
 
     async def close(self) -> None:
         await self.io.close()
+        self.suppression.close()
 
     # -- routing ------------------------------------------------------------------------------------------
 
@@ -178,6 +196,7 @@ class ShardCore:
         """Periodic work; `expire=False` skips judging workers silent (frames are still waiting to be read)."""
         if self.maintainer.tick(self.clock(), monotonic, expire):
             self.dispatcher.wake()
+        metrics.SUPPRESSION_SIZE.labels(self.label).set(len(self.suppression))
 
     async def idle_outcomes(self, grace: float) -> None:
         """Wait (up to `grace` seconds) for the outcomes being recorded to be committed."""
@@ -187,9 +206,34 @@ class ShardCore:
     # -- glue between the parts ---------------------------------------------------------------------------
 
     def _schedule_new(self, message: Message) -> None:
+        now = self.clock()
+        suppressed = {r.index: entry for r in message.recipients
+                      if self.suppression.enabled and (entry := self.suppression.lookup(r.address, now))}
+        if suppressed:
+            # Locked before the dispatcher can see it: the suppressed recipients fail without an attempt.
+            self.scheduler.lock(message.queue_id)
         self.scheduler.add_message(message)
         self.bounces.track(message)
+        if suppressed:
+            self.spawn(self._fail_suppressed(message.queue_id, suppressed, now))
         self.dispatcher.wake()
+
+    async def _fail_suppressed(self, queue_id: str, suppressed: dict[int, Entry], now: float) -> None:
+        def decide(message: Message) -> list[Change]:
+            return [Change(copy_recipient(message.recipients[i], State.FAILED, last=suppressed_outcome(entry)),
+                           READY_ONLY, Event.BOUNCED, bounce=True) for i, entry in suppressed.items()]
+
+        try:
+            await self.ledger.apply([queue_id], decide, now)
+        except SpoolError as exc:
+            log.error("shard %d: cannot fail the suppressed recipients of %s: %s", self.index, queue_id, exc)
+            self.scheduler.unlock(queue_id)
+            self.dispatcher.wake()
+            return
+        metrics.SUPPRESSED.labels(self.label).inc(len(suppressed))
+        for entry in suppressed.values():
+            log.info("%s: to=<%s>, status=bounced (suppressed: %s since %s)", queue_id, entry.address,
+                     entry.category, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.since)))
 
     def _schedule(self, message: Message) -> None:
         self.scheduler.add_message(message)

@@ -90,7 +90,10 @@ class Dispatcher:
         message = self.scheduler.messages[job.queue_id]
         recipients = [message.recipients[i].address for i in job.indices]
         seq = self.scheduler.next_seq(job)
+        shaper = self.scheduler.shaper
+        max_deliveries = shaper.limits(job.domain).max_deliveries_per_connection if shaper is not None else 0
         await self._send(worker.identity, Deliver(job.job_id, job.queue_id, message.sender, recipients, job.domain,
-                                                  body, job.attempt, seq, self.epoch, job.incarnation))
+                                                  body, job.attempt, seq, self.epoch, job.incarnation,
+                                                  message.client.get("pool", ""), max_deliveries))
         self.scheduler.note_sent(job)
         return 1

@@ -1,7 +1,8 @@
 """The periodic work of one shard, one `tick(now)` at a time (the shard calls it every TIMER_INTERVAL).
 
 Each tick: deferred recipients whose time has come become ready, jobs of silent workers and expired leases
-are taken back (workers.py), destination backoffs that are over end, and the gauges are refreshed; every
+are taken back (workers.py), destination backoffs that are over end, destinations held back by traffic shaping
+are looked at again when their wait is over, and the gauges are refreshed; every
 DISK_CHECK_INTERVAL seconds the spool's free space is measured and delay warnings that are due are made.
 Inputs: the time (`now`, wall clock, for queue times) and a monotonic time (for the disk check interval).
 Outputs: True when something may have become dispatchable (the caller wakes the dispatcher). No failure
@@ -36,6 +37,8 @@ class Maintainer:
         if expire:  # only once every frame waiting on the socket was read (shard.py)
             wake = self.workers.expire(now) > 0 or wake
         wake = self.scheduler.end_backoffs(now) or wake
+        # Traffic shaping: a rate-limited or suspended destination may start again (shaping.py).
+        wake = (self.scheduler.shaper is not None and self.scheduler.shaper.due(now)) or wake
         if monotonic - self._last_disk_check >= DISK_CHECK_INTERVAL:
             self._last_disk_check = monotonic
             self.space.refresh()

@@ -50,3 +50,15 @@ def initialise(shard: str) -> None:
         BOUNCES.labels(shard, kind)
     for reason in ("disk_full", "spool_error"):
         INJECTS_REFUSED.labels(shard, reason)
+    SUPPRESSED.labels(shard)
+    SUPPRESSION_SIZE.labels(shard)
+SHAPING_DELAYS = Counter("mtacluster_shaping_delays", "Times a destination's mail was held back by a rate limit or "
+                         "a suspension (traffic shaping), by destination.", ["destination"])
+SHAPING_SUSPENSIONS = Counter("mtacluster_shaping_suspensions", "Suspensions of a destination by a reaction rule "
+                              "(a reply matching [shaping] rules), by destination.", ["destination"])
+SUPPRESSED = Counter("mtacluster_suppression_recipients", "Recipients failed at once because they are on the "
+                     "suppression list, by shard.", ["shard"])
+SUPPRESSION_ADDED = Counter("mtacluster_suppression_added", "Addresses put on the suppression list after a hard "
+                            "bounce, by bounce category.", ["category"])
+SUPPRESSION_SIZE = Gauge("mtacluster_suppression_list_size", "Addresses on the suppression list now, by shard.",
+                         ["shard"])

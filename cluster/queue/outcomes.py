@@ -5,22 +5,28 @@ Outputs: one `Change` per recipient of the job, recorded through the ledger (led
 (bounced), deferred until the next attempt of the retry schedule (retry.py), or expired (4.4.7) once the
 message is older than `queue.max_lifetime`; and the destination backoff (`Scheduler.note_destination`)
 when every recipient of the job was deferred for a reason that concerns the whole destination.
+Also: what the replies teach traffic shaping (shaping.py: the MX host that answered, reaction rules matched
+by deferrals and failures), and hard bounces go on the suppression list (suppression.py) when it is on.
 Failure modes: a recipient the worker did not report is deferred (451 4.4.0); a spool error while recording
-leaves the recipients ready for another attempt (ledger.py) and is logged.
+leaves the recipients ready for another attempt (ledger.py) and is logged; so is a suppression list that
+cannot be written (the address is then simply not suppressed).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from cluster.bus.schemas import Outcome, OutcomeKind
+from cluster.queue import metrics
 from cluster.queue.ledger import Change, Event, Ledger, copy_recipient
 from cluster.queue.records import LastOutcome, Message, Recipient, State
 from cluster.queue.retry import EXPIRED_STATUS, RetrySchedule
 from cluster.queue.scheduler import Job, Scheduler
 from cluster.queue.spool import SpoolError
+from cluster.queue.suppression import SUPPRESSING, SuppressionList, classify
 
 log = logging.getLogger("mtacluster.queue")
 
@@ -29,8 +35,10 @@ IN_FLIGHT = frozenset({State.IN_FLIGHT})
 
 class OutcomeRecorder:
     def __init__(self, index: int, scheduler: Scheduler, retry: RetrySchedule, ledger: Ledger,
-                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], None],
+                 suppression: SuppressionList | None = None) -> None:
         self.index = index
+        self.suppression = suppression
         self.scheduler = scheduler
         self.retry = retry
         self.ledger = ledger
@@ -51,12 +59,37 @@ class OutcomeRecorder:
             change = self.decide(message, recipient, outcome, now)
             change.dispatched_at = job.assigned_at
             changes.append(change)
+        self._learn(job, outcomes, now)
         connection_trouble = all(
             change.new.state is State.DEFERRED and _connection_level(reported.get(change.new.address.lower()))
             for change in changes)
         if self.scheduler.note_destination(job.domain, connection_trouble, now, self.retry.delay(1)):
             log.warning("shard %d: destination %s backed off after repeated deferrals", self.index, job.domain)
         self._spawn(self._record(job.queue_id, changes, now))
+
+    def _learn(self, job: Job, outcomes: list[Outcome], now: float) -> None:
+        shaper = self.scheduler.shaper
+        for outcome in outcomes:
+            if shaper is not None and outcome.remote and "[" in outcome.remote:
+                shaper.learn_mx(job.domain, outcome.remote.split("[", 1)[0])
+            if outcome.kind is OutcomeKind.DELIVERED:
+                continue
+            reply = f"{outcome.code} {outcome.enhanced} {outcome.text}"
+            if shaper is not None and (rule := shaper.react(job.domain, reply, now)) is not None:
+                log.warning("shard %d: destination %s: %s for %gs after the reply %r", self.index, job.domain,
+                            rule.action, rule.duration, reply[:200])
+            if outcome.kind is OutcomeKind.FAILED and self.suppression is not None and self.suppression.enabled:
+                category = classify(outcome.code, outcome.enhanced, outcome.text)
+                if category in SUPPRESSING:
+                    try:
+                        self.suppression.add(outcome.recipient, category, reply, now)
+                    except (OSError, sqlite3.Error) as exc:
+                        log.error("shard %d: cannot record the suppression of %s: %s", self.index,
+                                  outcome.recipient, exc)
+                        continue
+                    metrics.SUPPRESSION_ADDED.labels(category).inc()
+                    log.info("shard %d: suppressed %s (%s) after %r", self.index, outcome.recipient, category,
+                             reply[:200])
 
     async def _record(self, queue_id: str, changes: list[Change], now: float) -> None:
         try:

@@ -36,6 +36,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from cluster.queue.records import Message, Recipient, State
+from cluster.queue.shaping import Shaper
 
 MESSAGE_STATE_ORDER = (State.IN_FLIGHT, State.READY, State.DEFERRED, State.HELD)
 
@@ -56,6 +57,8 @@ class Job:
     incarnation: int = 0
     # The worker listed it in a heartbeat: it holds (or held) the job, whatever the Deliver numbering says.
     confirmed: bool = False
+    # The traffic shaping bucket the job counts in (shaping.py), "" without shaping.
+    bucket: str = ""
 
 
 # Drift allowed between a worker's clock and ours when mapping its send times onto our clock (seconds per
@@ -139,8 +142,11 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, job_prefix: str = "") -> None:
+    def __init__(self, limits: SchedulerLimits, job_prefix: str = "", shaper: Shaper | None = None) -> None:
         self.limits = limits
+        # Traffic shaping (shaping.py): per-destination concurrency, rates, suspensions and job sizes. Without
+        # it, `destination_concurrency` and `max_recipients` of the limits apply to every destination.
+        self.shaper = shaper
         self.messages: dict[str, Message] = {}
         self.jobs: dict[str, Job] = {}
         self.workers: dict[str, WorkerState] = {}
@@ -297,16 +303,22 @@ class Scheduler:
         for _ in range(len(self._domains)):
             domain = self._domains[0]
             self._domains.rotate(-1)
-            if self._in_flight_per_domain[domain] >= self.limits.destination_concurrency:
+            if self.shaper is None and self._in_flight_per_domain[domain] >= self.limits.destination_concurrency:
                 continue
             if self.backoff_until.get(domain, 0.0) > now:
                 continue
+            if self.shaper is not None and not self.shaper.may_start(domain, now):
+                continue  # rate-limited or suspended: the mail stays ready, no attempt is counted
             job = self._job_from(domain)
+            if job is not None and self.shaper is not None:
+                job.bucket = self.shaper.started(domain, now)
             if job is not None:
                 return job
         return None
 
     def _job_from(self, domain: str) -> Job | None:
+        max_recipients = (self.limits.max_recipients if self.shaper is None
+                          else self.shaper.limits(domain).max_recipients)
         queue = self._ready[domain]
         while queue:
             queue_id = queue[0]
@@ -317,12 +329,12 @@ class Scheduler:
             message = self.messages.get(queue_id)
             ready = [] if message is None else [
                 r for r in message.recipients if r.state is State.READY and r.domain == domain]
-            if len(ready) <= self.limits.max_recipients:
+            if len(ready) <= max_recipients:
                 queue.popleft()
                 self._queued.discard((domain, queue_id))
             if message is None or not ready:
                 continue
-            chosen = ready[:self.limits.max_recipients]
+            chosen = ready[:max_recipients]
             job = Job(f"{self._job_prefix}{next(self._job_ids)}", queue_id, domain, [r.index for r in chosen],
                       attempt=max(r.attempts for r in chosen) + 1)
             for recipient in chosen:
@@ -354,6 +366,8 @@ class Scheduler:
         self._in_flight_per_domain[job.domain] -= 1
         if self._in_flight_per_domain[job.domain] <= 0:
             del self._in_flight_per_domain[job.domain]
+        if self.shaper is not None and job.bucket:
+            self.shaper.finished(job.bucket)
         worker = self.workers.get(job.worker)
         if worker is not None:
             worker.jobs.discard(job_id)

@@ -161,6 +161,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
         "mailbox": {"pop3_listen": [f"127.0.0.1:{pop3_port}"], "lmtp_listen": [f"127.0.0.1:{lmtp_port}"],
                     "nodes": [f"127.0.0.1:{lmtp_port}"], "maildir_root": str(base / "maildir")},
         "up": {"frontends": 1, "workers": 1, "mailbox": True},  # PROCESSES: the 4 roles
+        # Deliverability panels: the normal messages outrun sink.test's rate (shaping delays), the refused
+        # connections to defer.test suspend it (a reaction rule), and bounce.test's 5.1.1 is suppressed.
+        "shaping": {"sink.test": {"max_message_rate": f"{NORMAL_MESSAGES - 2}/s"},
+                    "defer.test": {"rules": [{"match": "refused", "action": "suspend", "duration": "1m"}]}},
+        "suppression": {"ttl": "1h"},
     })
     log_path = base / "up.log"
     up: subprocess.Popen[bytes] | None = None

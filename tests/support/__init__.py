@@ -7,6 +7,7 @@
 - `shard`: a queue shard in the test's event loop, and a bus client speaking the schemas to it.
 - `scripted_shard`: a ROUTER socket that answers frontend Injects as each test decides.
 - `dsn`: reading RFC 3464 delivery-status parts back with the stdlib `email` package.
+- `tls_peers`: an HTTPS server for MTA-STS policies and an SMTP server offering STARTTLS (aiosmtpd).
 - `promql_names`: metric names the code exports and the names a PromQL expression refers to.
 
 Test modules import helpers from here only, never from each other; fixtures shared by several modules live in

@@ -268,7 +268,9 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        # A key such as "gmail.com" ([shaping]) is quoted, or TOML reads it as a dotted key.
+        lines.extend(f"{key if re.fullmatch(r'[A-Za-z0-9_-]+', key) else toml_value(key)} = {toml_value(value)}"
+                     for key, value in values.items())
         lines.append("")
     path.write_text("\n".join(lines))
     return path

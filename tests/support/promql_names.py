@@ -13,7 +13,7 @@ import re
 from prometheus_client import REGISTRY
 
 METRICS_MODULES = ("cluster.observability", "cluster.frontend.metrics", "cluster.queue.metrics",
-                   "cluster.delivery.metrics", "cluster.mailbox.metrics")
+                   "cluster.delivery.metrics", "cluster.mailbox.metrics", "cluster.dkim.metrics")
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
              "gauge": ("",), "info": ("_info",)}
 _NAME = re.compile(r"\b((?:mtacluster|process)_[a-z0-9_]+)\b")

@@ -132,3 +132,14 @@ def test_readme_defaults_are_the_built_in_ones() -> None:
             value = tomllib.loads(f"v = {text}")["v"]
             written = getattr(getattr(config_from_dict({section: {key: value}}, environ={}), section), key)
             assert written == getattr(getattr(built_in, section), key), f"README default of {section}.{key}: {text}"
+
+
+def test_readme_documents_every_key_of_nested_tables() -> None:
+    from cluster.config import DkimDomain, EgressSource, PoolMember
+
+    readme = (REPO / "README.md").read_text()
+    for prefix, cls in (("domains.D.", DkimDomain), ("sources.NAME.", EgressSource)):
+        for f in dataclasses.fields(cls):
+            assert f"`{prefix}{f.name}`" in readme, f"{prefix}{f.name} is not in the README"
+    assert '{ source = "name", weight = N }' in readme
+    assert {f.name for f in dataclasses.fields(PoolMember)} == {"source", "weight"}

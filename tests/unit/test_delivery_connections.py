@@ -1,4 +1,4 @@
-"""The connection cache: reuse per (address, port), idle timeout, most transactions per connection."""
+"""The connection cache: reuse per (source, address, port), idle timeout, most transactions per connection."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.delivery.connections import ConnectionCache
+from cluster.delivery.egress import DEFAULT_SOURCE, Source
 from cluster.delivery.mx import Target
 
 MX = Target("mx.test", "192.0.2.1", 25)
@@ -16,6 +17,7 @@ OTHER = Target("mx2.test", "192.0.2.2", 25)
 class FakeSession:
     target: Target
     transactions: int = 1
+    source: Source = DEFAULT_SOURCE
     usable: bool = True
     closed: bool = False
 
@@ -35,6 +37,15 @@ def test_reuse_only_for_the_same_destination() -> None:
     assert cache.take(OTHER) is None
     assert cache.take(MX) is session
     assert cache.take(MX) is None
+
+
+def test_reuse_only_from_the_same_egress_source() -> None:
+    cache = cache_at([0.0])
+    session = FakeSession(MX, source=Source("ip7", "127.0.0.7", "out7.test"))
+    cache.give_back(session)  # type: ignore[arg-type]
+    assert cache.take(MX) is None
+    assert cache.take(MX, "ip8") is None
+    assert cache.take(MX, "ip7") is session
 
 
 def test_idle_sessions_expire_and_are_closed() -> None:
