@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MTACLUSTER_"
-# Variables with the prefix that are not configuration keys (cluster/logs.py reads the log level).
-NOT_CONFIG_VARIABLES = frozenset({"MTACLUSTER_LOG_LEVEL"})
 
 
 class ConfigError(ValueError):
@@ -837,7 +835,7 @@ def _apply_renames(merged: dict[str, dict[str, object]]) -> tuple[str, ...]:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
     overrides: dict[str, dict[str, object]] = {}
     for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG_VARIABLES:
+        if not name.startswith(ENV_PREFIX):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         # The longest section name that prefixes it: MTACLUSTER_MTA_STS_CA_FILE is mta_sts.ca_file.
