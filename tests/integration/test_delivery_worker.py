@@ -240,3 +240,55 @@ async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(con
             writer.close()
         slow.close()
         await slow.wait_closed()
+
+
+async def test_stop_hands_back_jobs_not_started_and_finishes_the_running_one(config: Config) -> None:
+    release = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def slow_greeting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await release.wait()
+        writer.write(b"421 4.3.2 not today\r\n")
+        await writer.drain()
+        writer.close()
+
+    slow = await asyncio.start_server(slow_greeting, "127.0.0.1", 0)
+    one_at_a_time = config_from_dict({
+        "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+        "delivery": {"smarthost": f"127.0.0.1:{slow.sockets[0].getsockname()[1]}", "concurrency": 1},
+        "metrics": {"listen": ""},
+    }, environ={})
+    shard = FakeShard(one_at_a_time.queue.shards[0])
+    worker = Worker(one_at_a_time, name="w-stop", resolver=StaticMxResolver({}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await shard.next_of(Heartbeat)
+        await shard.send(job("running", "x@dest.test").encode())
+        await shard.send(job("waiting", "y@dest.test").encode())
+        async with asyncio.timeout(5):
+            while not held:
+                await asyncio.sleep(0.01)
+        stop.set()  # SIGTERM: "waiting" never started, so it is handed back at once
+        async with asyncio.timeout(5):
+            while True:
+                beat = await shard.receive()
+                if isinstance(beat, Heartbeat) and "waiting" not in beat.in_flight:
+                    break
+        assert beat.in_flight == ["running"]
+        release.set()
+        result = await shard.receive()
+        assert isinstance(result, Result) and result.job_id == "running"
+        await asyncio.wait_for(task, 15)
+        assert len(held) == 1  # the handed-back job never reached the smarthost
+    finally:
+        stop.set()
+        release.set()
+        if not task.done():
+            await asyncio.wait_for(task, 15)
+        shard.close()
+        for writer in held:
+            writer.close()
+        slow.close()
+        await slow.wait_closed()
