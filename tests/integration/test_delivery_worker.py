@@ -5,6 +5,7 @@ reused, a shard restart (new epoch) is noticed, and bad frames do not stop the w
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -292,3 +293,27 @@ async def test_stop_hands_back_jobs_not_started_and_finishes_the_running_one(con
             writer.close()
         slow.close()
         await slow.wait_closed()
+
+
+async def test_a_worker_cut_off_from_its_shard_starts_nothing_until_told_which_jobs_are_still_its_own(
+        running: tuple[Worker, FakeShard], sink: SmtpSink) -> None:
+    """Fencing: no ack for half of worker_timeout (1 s here) means the shard may have handed our jobs to
+    another worker; jobs received meanwhile wait, and the next ack revokes those that are no longer ours."""
+    worker, shard = running
+    await shard.next_of(Heartbeat)  # acked once, then the shard goes quiet (acks lost in a cut)
+    session = worker._links[0].session
+    async with asyncio.timeout(5):
+        while session.last_ack == float("-inf") or not session.fenced(time.monotonic()):
+            await asyncio.sleep(0.02)
+    await shard.send(job("theirs", "a@dest.test").encode())
+    await shard.send(job("mine", "b@dest.test").encode())
+    async with asyncio.timeout(5):
+        while True:  # heartbeats go unanswered; both jobs are listed and neither starts
+            beat = await shard.receive()
+            if isinstance(beat, Heartbeat) and sorted(beat.in_flight) == ["mine", "theirs"]:
+                break
+    assert session.waiting.keys() == {"mine", "theirs"} and not sink.messages()
+    await shard.ack(revoked=["theirs"])  # the link is back: "theirs" went to another worker meanwhile
+    result = await shard.next_of(Result)
+    assert isinstance(result, Result) and result.job_id == "mine"
+    assert [r for m in sink.messages() for r in m.recipients] == ["b@dest.test"]
