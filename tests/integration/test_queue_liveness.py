@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, Outcome, Result
+from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, Outcome, OutcomeKind, Result
 from cluster.queue.records import State
 from cluster.queue.spool import SqliteSpool
 from tests.support.shard import BODY, RunningShard, inject, shard_config, until
@@ -96,7 +96,7 @@ async def test_a_clean_stop_waits_for_the_jobs_in_flight_and_dispatches_nothing_
     second = await inject(frontend, 2, "s@sender.test", ["r@second.test"], BODY)
     await worker.send(Heartbeat("w", 5, [job.job_id], sent=time.monotonic()))
     await worker.recv_type(HeartbeatAck)
-    await worker.send(Result(job.job_id, "w", [Outcome("r@first.test", "delivered", 250, "2.0.0", "ok")]))
+    await worker.send(Result(job.job_id, "w", [Outcome("r@first.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok")]))
     assert running.task is not None
     await asyncio.wait_for(running.task, 15)
     for client in running.clients:
