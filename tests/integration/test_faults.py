@@ -135,8 +135,7 @@ def test_sigterm_of_up_under_load_leaves_nothing_in_flight(tmp_path: Path) -> No
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool"), **QUEUE},
         "delivery": {"smarthost": sink.address},
         "metrics": {"listen": ""},
-        "pop3": {"listen": [f"127.0.0.1:{free_port()}"]},
-        "up": {"frontends": 2, "workers": 2, "pop3": False},
+        "up": {"frontends": 2, "workers": 2, "mailbox": False},
     })
     first_log, second_log = tmp_path / "up-1.log", tmp_path / "up-2.log"
 
