@@ -67,6 +67,9 @@ class Frontend:
         self.listeners = self._listeners(config, checks)
         self.shards: ShardClient | None = None
         self.servers: list[asyncio.Server] = []
+        # Set when stopping: a connection accepted just before the listeners closed gets 421 at once (the shard
+        # links close soon, so it could not store a message).
+        self.stopping = False
         self._server_kinds: list[str] = []  # the listener kind of each of self.servers
         self._tls_sockets: list[socket.socket] = []
         self._accept_loops: list[asyncio.Task[None]] = []
@@ -207,6 +210,7 @@ class Frontend:
         await self._serve(listener, reader, writer, proxy_ip or client_ip, b"")
 
     async def _shutdown(self) -> None:
+        self.stopping = True
         for server in self.servers:
             server.close()
         for task in self._accept_loops:
@@ -253,7 +257,9 @@ class Frontend:
         assert task is not None
         others = len(self.sessions) - (task in self.sessions)  # an implicit-TLS connection is listed already
         refusal = None
-        if others >= self.config.smtp.max_connections:
+        if self.stopping:
+            refusal, reason = replies.SHUTTING_DOWN, "shutting_down"
+        elif others >= self.config.smtp.max_connections:
             refusal, reason = replies.TOO_MANY_CONNECTIONS, "max_connections"
         elif self.per_client[client_ip] >= self.config.smtp.max_connections_per_client:
             refusal, reason = replies.TOO_MANY_FROM_YOU, "per_client_limit"
