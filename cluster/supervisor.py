@@ -3,10 +3,11 @@
 Starts every queue shard of `queue.shards`, `up.frontends` frontends (sharing the SMTP port with SO_REUSEPORT),
 `up.workers` workers and one mailbox process (when `up.mailbox`), each as `python -m cluster serve ROLE`. Each child
 gets its own metrics port: the port of `metrics.listen` plus the child's index. A child that exits unexpectedly
-is restarted after `up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then the mailbox,
-then the shards, then the workers: a stopping shard dispatches nothing more and waits (bounded) for the Results
-of the jobs in flight while the workers are still running, so no recipient is left marked in flight; the
-workers are stopped last, with nothing left to do. A child still running after the grace period is killed.
+is restarted after `up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then the shards,
+then the workers, then the mailbox: a stopping shard dispatches nothing more and waits (bounded) for the Results
+of the jobs in flight while the workers (and the mailbox their local deliveries go to) are still running, so no
+recipient is left marked in flight; the mailbox is stopped last, with nothing left to receive. A child still
+running after the grace period is killed.
 Children are tied to this process with PR_SET_PDEATHSIG, so even a kill -9 of the supervisor leaves no orphans.
 """
 
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 from cluster.config import Config, split_host_port
 
 GRACE_SECONDS = 15.0
-# Shards stop before workers: they stop dispatching and collect the Results of the jobs in flight first.
-STOP_ORDER = ("frontend", "mailbox", "queue", "worker")
+# Shards stop before workers: they stop dispatching and collect the Results of the jobs in flight first; the
+# mailbox stops last so that local (LMTP) deliveries in flight can finish.
+STOP_ORDER = ("frontend", "queue", "worker", "mailbox")
 _PR_SET_PDEATHSIG = 1
 
 
