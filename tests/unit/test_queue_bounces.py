@@ -19,9 +19,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from cluster.bus.ring import shard_for_address
+from cluster.bus.schemas import OutcomeKind
 from cluster.config import Config, config_from_dict
 from cluster.queue.bounces import DELAY_RECHECK, BounceMaker
-from cluster.queue.records import Message, QueueIdFactory, Recipient, State
+from cluster.queue.records import LastOutcome, Message, QueueIdFactory, Recipient, State
 from cluster.queue.spool import Batch, SpoolError
 from tests.support.dsn import status_blocks
 
@@ -90,7 +91,7 @@ def message(sender: str = SENDER, states: tuple[State, ...] = (State.FAILED,)) -
 
 def failed(index: int = 0, attempts: int = 2) -> Recipient:
     return Recipient(index, f"user{index}@remote.test", State.FAILED, attempts, 0.0,
-                     "550 5.1.1 No such user here", "mx.remote.test[192.0.2.7]")
+                     LastOutcome(OutcomeKind.FAILED, 550, "5.1.1", "No such user here", "mx.remote.test[192.0.2.7]"))
 
 
 def parse(body: bytes) -> tuple[EmailMessage, dict[str, str], list[dict[str, str]]]:
@@ -127,19 +128,21 @@ def test_a_failure_dsn_goes_from_the_null_sender_to_the_original_sender() -> Non
     assert "Message-ID: <m1@sender.test>" in str(original_headers.get_payload())
 
 
-def test_a_recipient_never_tried_has_no_last_attempt_and_a_status_override_wins() -> None:
+def test_a_recipient_never_tried_has_no_last_attempt_and_no_remote() -> None:
     maker = Maker().maker
-    never_tried = Recipient(0, "user0@remote.test", State.FAILED, 0, 0.0, "550 5.1.10 null MX", "")
-    _, body = maker.build(message(), [never_tried], HEADERS, NOW, "failed", "5.0.0") or pytest.fail("no DSN")
+    never_tried = Recipient(0, "user0@remote.test", State.FAILED, 0, 0.0,
+                            LastOutcome(OutcomeKind.FAILED, 550, "5.1.10", "null MX"))
+    _, body = maker.build(message(), [never_tried], HEADERS, NOW, "failed") or pytest.fail("no DSN")
     _, _, (recipient,) = parse(body)
-    assert recipient["Status"] == "5.0.0"
+    assert recipient["Status"] == "5.1.10"
     assert "Last-Attempt-Date" not in recipient and "Remote-MTA" not in recipient
     assert recipient["Diagnostic-Code"] == "X-mtacluster; 550 5.1.10 null MX"
 
 
 def test_a_delay_warning_says_until_when_the_shard_keeps_trying() -> None:
     maker = Maker().maker
-    pending = Recipient(0, "user0@remote.test", State.DEFERRED, 3, 0.0, "451 4.4.1 timed out", "")
+    pending = Recipient(0, "user0@remote.test", State.DEFERRED, 3, 0.0,
+                        LastOutcome(OutcomeKind.DEFERRED, 451, "4.4.1", "timed out"))
     dsn, body = maker.build(message(), [pending], HEADERS, NOW, "delayed") or pytest.fail("no DSN")
     parsed, _, (recipient,) = parse(body)
     assert dsn.client["dsn"] == "delayed"
