@@ -67,15 +67,15 @@ def settings_from(choices: Choices) -> ServerSettings:
     )
 
 
-def session_input(choices: Choices) -> bytes:
+def session_input(choices: Choices, verbs: tuple[bytes, ...] = VERBS) -> bytes:
     """Command lines, message data and raw chunks, as one byte string."""
     pieces: list[bytes] = []
     while not choices.exhausted and len(pieces) < 64:
         kind = choices.below(4)
         if kind == 0:
-            pieces.append(choices.pick(VERBS) + choices.pick(ARGUMENTS) + b"\r\n")
+            pieces.append(choices.pick(verbs) + choices.pick(ARGUMENTS) + b"\r\n")
         elif kind == 1:
-            pieces.append(choices.pick(VERBS) + choices.chunk(40) + choices.pick((b"\r\n", b"\n", b"\r", b"")))
+            pieces.append(choices.pick(verbs) + choices.chunk(40) + choices.pick((b"\r\n", b"\n", b"\r", b"")))
         elif kind == 2:
             lines = [choices.pick(DATA_LINES) for _ in range(choices.below(6))]
             pieces.append(b"".join(line + b"\r\n" for line in lines) + choices.pick((b".\r\n", b"", b".\n")))
@@ -111,8 +111,7 @@ class Driver:
             elif isinstance(event, RcptRequested):
                 self.conn.respond(self.choices.pick(RCPT_ANSWERS))
             elif isinstance(event, MessageReceived):
-                self.messages.append(event)
-                self.conn.respond(self.choices.pick(DATA_ANSWERS))
+                self.answer_message(event)
             elif isinstance(event, ExtensionCommand):
                 answers = STARTTLS_ANSWERS if event.verb == "STARTTLS" else AUTH_ANSWERS
                 self.conn.respond(self.choices.pick(answers))
@@ -122,12 +121,21 @@ class Driver:
                 raise AssertionError(f"unexpected event {event!r}")
         self.output += self.conn.data_to_send()
 
+    def answer_message(self, event: MessageReceived) -> None:
+        self.messages.append(event)
+        self.conn.respond(self.choices.pick(DATA_ANSWERS))
+
 
 def fuzz_one(data: bytes) -> None:
+    fuzz_session(data, Driver, VERBS)
+
+
+def fuzz_session(data: bytes, driver_class: type[Driver], verbs: tuple[bytes, ...]) -> None:
+    """One session of `driver_class`'s machine from the fuzz bytes, then the checks (shared with LMTP)."""
     choices = Choices(data)
     settings = settings_from(choices)
-    stream = session_input(Choices(choices.chunk()) if choices.flag() else choices)
-    driver = Driver(settings, choices)
+    stream = session_input(Choices(choices.chunk()) if choices.flag() else choices, verbs)
+    driver = driver_class(settings, choices)
     driver.conn.start()
     driver.pump()
     position = 0
