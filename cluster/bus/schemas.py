@@ -27,7 +27,7 @@ Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases
                                          taken back by a heartbeat (it crossed the Deliver on the wire).
                                          `sent`: the worker's monotonic clock at sending (0 = unknown); the
                                          shard judges silence on when messages were sent, not when it read them.
-    shard -> HeartbeatAck(shard, shard_epoch, incarnation, last_seq, revoked, resend)
+    shard -> HeartbeatAck(shard, shard_epoch, incarnation, last_seq, revoked, resend, state)
                                          `shard_epoch` changes when the shard restarts. `incarnation` numbers
                                          the worker's registration (new each time the shard (re)registers it,
                                          e.g. after it was silent for `queue.worker_timeout`); Delivers
@@ -52,8 +52,22 @@ Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases
     duplicates when handed out again). A worker whose shard has not acked for half of `queue.worker_timeout`
     starts no new job from it (fencing) until an ack says which of its jobs are still its own.
 
-Admin (mtacluster queue ...)
+Shard -> shard (the outbox: forwarded DSNs and the queue of a draining shard; ARCHITECTURE.md contract 7)
+    Transfer(req, queue_id, hops, sender, arrival, warned, client, recipients, body)
+                                         one message (or one owner's part of it) with its state: arrival time,
+                                         delay warning sent, client facts (trace id in the body's headers), and
+                                         per recipient {address, state (ready, deferred or held), attempts,
+                                         next_attempt, last (the typed last outcome map, or nil)}.
+                                         `hops` counts the shards it has left; the receiver stores it under
+                                         `queue_id` idempotently, keyed by (queue_id, hops): a resend of what
+                                         it already has, or had and finished, is answered Stored again.
+    shard -> Stored(req, queue_id)       after the transaction holding it is fsynced (the sender deletes its
+                                         copy only then), or InjectRefused (e.g. 452 4.3.1 disk full).
+
+Admin (mtacluster queue ..., mtacluster shard ...)
     AdminRequest(req, op, args) -> AdminReply(req, ok, data, error)
+    ping's data carries the shard's `state` (serving, draining, drained): frontends route around a shard
+    that is not serving, and the HeartbeatAck's `state` tells workers the same.
 
 Any direction
     Error(text, req)                     the receiver could not understand or handle a frame; `req` names the
@@ -150,6 +164,24 @@ class InjectRefused(BusMessage):
 
 
 @dataclass(frozen=True)
+class Transfer(BusMessage):
+    TYPE: ClassVar[str] = "transfer"
+    req: int
+    queue_id: str
+    hops: int
+    sender: str
+    arrival: float
+    warned: bool
+    client: dict[str, str]
+    recipients: list[dict[str, Any]]
+    body: bytes
+
+
+# What a transferred recipient may be in: in flight stays with the shard that dispatched it, done ones stay done.
+TRANSFER_STATES = ("ready", "deferred", "held")
+
+
+@dataclass(frozen=True)
 class Heartbeat(BusMessage):
     TYPE: ClassVar[str] = "heartbeat"
     worker: str
@@ -171,6 +203,8 @@ class HeartbeatAck(BusMessage):
     last_seq: int = 0
     revoked: list[str] = field(default_factory=list)
     resend: list[str] = field(default_factory=list)
+    # The shard's drain state (serving, draining, drained); "" from a shard of the previous release.
+    state: str = ""
 
 
 @dataclass(frozen=True)
@@ -271,7 +305,7 @@ class Error(BusMessage):
 
 MESSAGE_TYPES: dict[str, type[BusMessage]] = {
     cls.TYPE: cls
-    for cls in (Inject, Stored, InjectRefused, Heartbeat, HeartbeatAck, Deliver, Result, AdminRequest,
+    for cls in (Inject, Stored, InjectRefused, Transfer, Heartbeat, HeartbeatAck, Deliver, Result, AdminRequest,
                 AdminReply, Error)
 }
 
@@ -350,11 +384,12 @@ _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
     "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "kind": str, "remote": str,
     "port": int, "connect_seconds": (int, float), "transfer_seconds": (int, float),
+    "hops": int, "arrival": (int, float), "warned": bool, "state": str,
 }
 
 # Number fields that count or measure something, so can never be negative.
 _COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard", "port", "connect_seconds",
-                     "transfer_seconds", "incarnation", "last_seq"})
+                     "transfer_seconds", "incarnation", "last_seq", "hops", "arrival"})
 
 
 def _check_types(message: BusMessage | Outcome, where: str = "") -> None:
@@ -430,6 +465,35 @@ def _check_inject(message: BusMessage) -> None:
         raise SchemaError("inject.client: expected a map of strings to strings")
 
 
+def _check_transfer(message: BusMessage) -> None:
+    assert isinstance(message, Transfer)
+    if not message.queue_id:
+        raise SchemaError("transfer.queue_id: must not be empty")
+    if not message.recipients:
+        raise SchemaError("transfer.recipients: must not be empty")
+    problem = sender_problem(message.sender)
+    for item in message.recipients:
+        if not isinstance(item, dict):
+            raise SchemaError("transfer.recipients: expected a list of maps")
+        address, state = item.get("address"), item.get("state")
+        if not isinstance(address, str) or state not in TRANSFER_STATES:
+            raise SchemaError(f"transfer.recipients: need an address and a state in {list(TRANSFER_STATES)}")
+        attempts, next_attempt, last = item.get("attempts", 0), item.get("next_attempt", 0.0), item.get("last")
+        if (not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0
+                or not isinstance(next_attempt, int | float) or isinstance(next_attempt, bool)):
+            raise SchemaError("transfer.recipients: attempts and next_attempt must be non-negative numbers")
+        if last is not None and not (isinstance(last, dict) and last.get("kind") in OutcomeKind._value2member_map_
+                                     and isinstance(last.get("code", 0), int)
+                                     and all(isinstance(last.get(k, ""), str) for k in ("enhanced", "text",
+                                                                                         "remote"))):
+            raise SchemaError("transfer.recipients.last: expected nil or a typed outcome map")
+        problem = problem or recipient_problem(address)
+    if problem is not None:
+        raise SchemaError(f"transfer: {problem}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in message.client.items()):
+        raise SchemaError("transfer.client: expected a map of strings to strings")
+
+
 def _check_deliver(message: BusMessage) -> None:
     # Addresses are not re-checked here: a Deliver carries what a shard stored, and a worker answers a bad one
     # with a permanent failure (it must answer, or the job would come back forever).
@@ -462,6 +526,7 @@ def _check_refused(message: BusMessage) -> None:
 
 
 _CHECKS: dict[type[BusMessage], Callable[[BusMessage], None]] = {
-    Inject: _check_inject, Deliver: _check_deliver, Heartbeat: _check_heartbeat, HeartbeatAck: _check_ack,
+    Inject: _check_inject, Transfer: _check_transfer, Deliver: _check_deliver, Heartbeat: _check_heartbeat,
+    HeartbeatAck: _check_ack,
     AdminRequest: _check_admin_request, InjectRefused: _check_refused,
 }

@@ -5,6 +5,7 @@
     mtacluster config check [FILE | --config FILE]                  validate a configuration and its files
     mtacluster keys FILE                                            the cluster's CURVE key pair
     mtacluster queue list|show|flush|hold|release|delete|bounce ... queue administration (every shard)
+    mtacluster shard drain N [--wait] | undrain N | status [--json] take a shard out of the ring and back
     mtacluster user add|remove|list [NAME]                          the users file (auth.users_file)
     mtacluster dkim keygen DOMAIN --selector S [--algorithm rsa|ed25519] [--bits N] --out FILE    a DKIM key
     mtacluster suppression list | add ADDR | remove ADDR           the suppression lists (every shard)
@@ -25,14 +26,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import config, dkim, keys, queue, serve, shaping, suppression, up, user
+from cluster.cli import config, dkim, keys, queue, serve, shaping, shard, suppression, up, user
 from cluster.cli.common import CommandFailed
 from cluster.config import ConfigError
 from cluster.version import VERSION
 
 # The command groups, in the order `mtacluster --help` lists them. A new group is a module here with a
 # `register(commands)` function, listed here.
-COMMAND_GROUPS = (up, serve, queue, user, dkim, suppression, shaping, config, keys)
+COMMAND_GROUPS = (up, serve, queue, shard, user, dkim, suppression, shaping, config, keys)
 
 # The status a process killed by SIGPIPE has in a shell (128 + 13), which `set -o pipefail` users expect.
 CLOSED_PIPE_STATUS = 141

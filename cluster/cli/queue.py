@@ -192,13 +192,13 @@ def _list(answers: Answers, limit: int, as_json: bool, filtered: bool = False) -
     messages: list[dict[str, Any]] = []
     total = 0
     exact = True
-    for _, data in answers.data:
+    for index, data in answers.data:
         if isinstance(data, dict):  # {"messages": [...], "total": n}
-            part = [m for m in data.get("messages", []) if isinstance(m, dict)]
+            part = [{**m, "shard": index} for m in data.get("messages", []) if isinstance(m, dict)]
             count = data.get("total")
             total += count if isinstance(count, int) else len(part)
         else:  # a shard that sends the plain list: it may have stopped at the limit
-            part = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+            part = [{**m, "shard": index} for m in data if isinstance(m, dict)] if isinstance(data, list) else []
             total += len(part)
             exact = exact and len(part) < limit
         messages.extend(part)

@@ -8,7 +8,11 @@ shard (`InjectRefused`, e.g. 452 4.3.1 disk full) is passed on; a timeout or an 
 that part again: a duplicate, not a loss (the contract allows duplicates, never losses).
 
 Readiness: each shard is pinged every second; `all_reachable()` is true when every shard answered within the
-last few seconds and said it is ready.
+last few seconds and said it is ready. A drained shard counts as reachable: it takes no new mail by design.
+
+Draining (issue 14): the ping's answer carries the shard's `state` (serving, draining, drained). New mail for
+the domains of a shard that is not serving goes to their owner on the ring without it (`excluded`), so no
+configuration change is needed to drain a shard; a message already being stored there finishes normally.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class ShardClient:
         self.links = [BusLink(endpoint, keys, name=f"shard {index}", liveness=REACHABLE_WITHIN)
                       for index, endpoint in enumerate(self.shards)]
         self._ready = [False] * len(self.links)
+        # Shards that said they are draining or drained: the ring skips them for new mail.
+        self.excluded: frozenset[int] = frozenset()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -71,7 +77,16 @@ class ShardClient:
                 # A shard still recovering its spool answers, but is not ready to store mail yet.
                 if isinstance(answer, AdminReply) and answer.ok and isinstance(answer.data, dict):
                     self._ready[index] = bool(answer.data.get("ready"))
+                    self._note_state(index, answer.data.get("state", "serving"))
             await asyncio.sleep(PING_INTERVAL)
+
+    def _note_state(self, index: int, state: object) -> None:
+        serving = state not in ("draining", "drained")
+        if serving == (index not in self.excluded):
+            return
+        self.excluded = self.excluded - {index} if serving else self.excluded | {index}
+        log.info("shard %d is %s: new mail for its domains goes %s", index, state,
+                 "to it again" if serving else "to the other shards")
 
     async def _inject_one(self, index: int, sender: str, recipients: list[str], body: bytes,
                           client: dict[str, str]) -> Stored | InjectRefused | None:
@@ -94,7 +109,7 @@ class ShardClient:
         """Store one message on every shard that owns some of its recipients: (reply for the client, queue ids)."""
         parts: dict[int, list[str]] = {}
         for recipient in recipients:
-            parts.setdefault(shard_for_address(recipient, self.shards), []).append(recipient)
+            parts.setdefault(shard_for_address(recipient, self.shards, self.excluded), []).append(recipient)
         answers = await asyncio.gather(*(
             self._inject_one(index, sender, part, body, client) for index, part in parts.items()))
         refusals = [a for a in answers if isinstance(a, InjectRefused)]

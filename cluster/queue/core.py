@@ -7,6 +7,7 @@
     timer         -> maintenance.py Maintainer      promotions, expiry, backoffs, disk space, delay warnings
     dispatcher    -> dispatch.py  Dispatcher        jobs -> Deliver
     DSNs          -> bounces.py   BounceMaker, outbox.py Outbox (forwarding to the owning shard)
+    Transfer, drain ops, timer -> drain.py Drain   serving / draining / drained; the queue handed to new owners
 Every durable change of a recipient goes through ledger.py; the spool through spoolio.py. The parts know
 each other only through the narrow callables given here, and none imports this module.
 
@@ -18,6 +19,7 @@ it a list. Failure modes: a request handler that fails is logged; the caller ans
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -33,6 +35,7 @@ from cluster.bus.schemas import (
     Heartbeat,
     Inject,
     Result,
+    Transfer,
 )
 from cluster.config import Config
 from cluster.observability import domain_label
@@ -41,6 +44,7 @@ from cluster.queue.admin import AdminError, AdminOps
 from cluster.queue.bounces import BounceMaker
 from cluster.queue.deliverability_admin import DeliverabilityOps
 from cluster.queue.dispatch import Dispatcher
+from cluster.queue.drain import DRAIN_OPS, Drain
 from cluster.queue.inject import DiskSpace, Injector
 from cluster.queue.ledger import Change, Event, Ledger, copy_recipient
 from cluster.queue.maintenance import Maintainer
@@ -64,7 +68,7 @@ Send = Callable[[bytes, BusMessage], Awaitable[None]]
 
 class ShardCore:
     def __init__(self, config: Config, index: int, spool: Spool, clock: Callable[[], float], send: Send,
-                 epoch: str | None = None) -> None:
+                 epoch: str | None = None, directory: Path | None = None) -> None:
         self.config = config
         self.index = index
         self.label = str(index)
@@ -102,6 +106,8 @@ class ShardCore:
         self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity,
                               DeliverabilityOps(index, config, self.suppression, self.shaper, clock).handlers())
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
+        self.drain = Drain(config, index, directory, self.scheduler, self.ledger.locks, self.io, self.outbox,
+                           self._set_dispatching, self._schedule_new, self.spawn)
         self.quarantined: list[str] = []
         metrics.initialise(self.label)
 
@@ -110,6 +116,7 @@ class ShardCore:
     async def load(self) -> None:
         """Open the spool, recover from the last stop, and schedule what it holds."""
         loaded, in_flight = await self.io.open_and_recover()
+        self.drain.load()
         if in_flight:
             metrics.POSSIBLE_DUPLICATES.labels(self.label).inc(in_flight)
             log.warning("shard %d: %d recipients were in flight at the last stop and may be delivered twice",
@@ -161,7 +168,8 @@ class ShardCore:
         if isinstance(message, Inject):
             self.spawn(self._inject(identity, message))
         elif isinstance(message, Heartbeat):
-            await self._send(identity, self.workers.on_heartbeat(identity, message, self.clock()))
+            ack = self.workers.on_heartbeat(identity, message, self.clock())
+            await self._send(identity, dataclasses.replace(ack, state=self.drain.state))
             self.dispatcher.wake()
         elif isinstance(message, Result):
             now = self.clock()
@@ -171,15 +179,24 @@ class ShardCore:
                 self.outcomes.record(job, message.outcomes, now)
         elif isinstance(message, AdminRequest):
             self.spawn(self._admin(identity, message))
+        elif isinstance(message, Transfer):
+            self.spawn(self._transfer(identity, message))
         else:
             await self._send(identity, Error(f"a shard does not accept {message.TYPE!r} messages"))
 
     async def _inject(self, identity: bytes, inject: Inject) -> None:
         await self._send(identity, await self.injector.handle(inject))
 
+    async def _transfer(self, identity: bytes, transfer: Transfer) -> None:
+        await self._send(identity, await self.drain.receive(transfer, self.injector.short_of_space))
+
     async def _admin(self, identity: bytes, request: AdminRequest) -> None:
         try:
-            data = await self.admin.handle(request.op, request.args)
+            data: Any
+            if request.op in DRAIN_OPS:
+                data = await self.drain.handle_admin(request.op, request.args)
+            else:
+                data = await self.admin.handle(request.op, request.args)
         except AdminError as exc:
             data = {"not_found": True} if exc.not_found else None
             await self._send(identity, AdminReply(request.req, False, data, str(exc)))
@@ -197,6 +214,7 @@ class ShardCore:
         if self.maintainer.tick(self.clock(), monotonic, expire):
             self.dispatcher.wake()
         metrics.SUPPRESSION_SIZE.labels(self.label).set(len(self.suppression))
+        self.drain.tick()
 
     async def idle_outcomes(self, grace: float) -> None:
         """Wait (up to `grace` seconds) for the outcomes being recorded to be committed."""
@@ -240,7 +258,11 @@ class ShardCore:
         self.dispatcher.wake()
 
     def _identity(self) -> dict[str, Any]:
-        return {"shard": self.index, "epoch": self.epoch, "ready": self.ready}
+        return {"shard": self.index, "epoch": self.epoch, "ready": self.ready, "state": self.drain.state}
+
+    def _set_dispatching(self, enabled: bool) -> None:
+        self.dispatcher.enabled = enabled
+        self.dispatcher.wake()
 
     def _observe_commit(self, stored: int, seconds: float) -> None:
         metrics.COMMIT_DURATION.labels(self.label).observe(seconds)

@@ -57,7 +57,7 @@ class Injector:
     async def handle(self, inject: Inject) -> Stored | InjectRefused:
         if not inject.recipients or any(not r for r in inject.recipients):
             return self._refuse(inject, "no_recipients", 554, "5.5.1", "No valid recipients", count=False)
-        if self.space.free is not None and self.space.free < self.config.queue.min_free_space:
+        if self.short_of_space():
             return self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
         client = {str(k): str(v) for k, v in inject.client.items()}
         try:
@@ -70,6 +70,10 @@ class Injector:
         log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", stored.queue_id, stored.sender, stored.size,
                  len(stored.recipients))
         return Stored(inject.req, stored.queue_id)
+
+    def short_of_space(self) -> bool:
+        """True below `queue.min_free_space` free: new mail (and transfers) are refused with 452 4.3.1."""
+        return self.space.free is not None and self.space.free < self.config.queue.min_free_space
 
     def _refuse(self, inject: Inject, reason: str, code: int, enhanced: str, text: str,
                 count: bool = True) -> InjectRefused:

@@ -62,3 +62,25 @@ SUPPRESSION_ADDED = Counter("mtacluster_suppression_added", "Addresses put on th
                             "bounce, by bounce category.", ["category"])
 SUPPRESSION_SIZE = Gauge("mtacluster_suppression_list_size", "Addresses on the suppression list now, by shard.",
                          ["shard"])
+
+
+# Draining a shard (drain.py) and the outbox's transfers (outbox.py).
+TRANSFERS = Counter("mtacluster_queue_transfers_total",
+                    "Messages handed between shards with their state, by outcome (sent: the owner stored one this "
+                    "shard sent; received: stored here; duplicate: a resend answered without storing; refused)",
+                    ["shard", "outcome"])
+DRAIN_STATE = Gauge("mtacluster_queue_drain_state", "1 for the shard's drain state (serving, draining, drained)",
+                    ["shard", "state"])
+DRAIN_REMAINING = Gauge("mtacluster_queue_drain_remaining_messages",
+                        "Messages a shard that is not serving still has to hand over (queue and outbox)", ["shard"])
+DRAIN_MOVED = Counter("mtacluster_queue_drain_moved_messages_total",
+                      "Messages a draining shard put in its outbox for their new owners", ["shard"])
+
+
+def initialise_drain(shard: str) -> None:
+    for outcome in ("sent", "received", "duplicate", "refused"):
+        TRANSFERS.labels(shard, outcome)
+    for state in ("serving", "draining", "drained"):
+        DRAIN_STATE.labels(shard, state)
+    DRAIN_REMAINING.labels(shard)
+    DRAIN_MOVED.labels(shard)

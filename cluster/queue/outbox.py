@@ -1,16 +1,19 @@
-"""The outbox of one shard: DSNs stored here that belong to another shard, injected there until it has them.
+"""The outbox of one shard: messages stored here that belong to another shard, sent there until it has them.
 
 A DSN goes to the shard that owns the original sender's domain (ARCHITECTURE.md contract 3). When that is
 another shard, bounces.py stores the DSN here with `forward_shard` = the owner, in the same transaction as the
-failures it reports. `forward_loop` injects each entry into its owner with the bus client (`BusLink`, one per
-owner, CURVE like every bus client), asking again every `RESEND_AFTER` seconds until the owner answers Stored;
-only then is the entry removed from the spool. A resend after a lost answer can make a duplicate DSN, never a
-lost one.
+failures it reports. A draining shard (drain.py) puts its queued messages here the same way, each marked for
+its new owner (ARCHITECTURE.md contract 7). `forward_loop` sends each entry to its owner as a `Transfer`
+(transfer.py: the message with its recipients' state) with the bus client (`BusLink`, one per owner, CURVE like
+every bus client), asking again every `RESEND_AFTER` seconds until the owner answers Stored; only then is the
+entry removed from the spool. The owner stores a Transfer idempotently (keyed by queue id and hop count), so a
+resend after a lost answer is neither lost nor doubled.
 
-Inputs: entries (`add`, at start from the spool and whenever a DSN is stored), the spool (`SpoolIO`: bodies,
-removal), the configuration (shard endpoints, keys). Outputs: Inject requests to other shards, a log line per
-forwarded DSN. Failure modes: an owner that is down or refuses is asked again after RESEND_AFTER seconds; a
-spool error is logged and retried.
+Inputs: entries (`add`, at start from the spool and whenever a DSN is stored or drain.py moves a message), the
+spool (`SpoolIO`: bodies, removal), the configuration (shard endpoints, keys). Outputs: Transfer requests to
+other shards, a log line per forwarded entry, mtacluster_queue_transfers_total{outcome="sent"}. Failure modes:
+an owner that is down or refuses is asked again after RESEND_AFTER seconds; a spool error is logged and
+retried.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import logging
 import zmq.asyncio
 
 from cluster.bus.client import BusLink, NoAnswer
-from cluster.bus.schemas import Inject, Stored
+from cluster.bus.schemas import Stored, Transfer
 from cluster.bus.security import cluster_keys
 from cluster.config import Config
+from cluster.queue import metrics
 from cluster.queue.records import Message
 from cluster.queue.spool import Batch, SpoolError
 from cluster.queue.spoolio import SpoolIO
+from cluster.queue.transfer import transfer_of
 
 log = logging.getLogger("mtacluster.queue")
 
@@ -84,22 +89,22 @@ class Outbox:
             try:
                 body = (await self.io.read_bodies([queue_id])).get(queue_id)
             except SpoolError as exc:
-                log.error("shard %d: cannot read outbox DSN %s: %s", self.index, queue_id, exc)
+                log.error("shard %d: cannot read outbox entry %s: %s", self.index, queue_id, exc)
                 await asyncio.sleep(RESEND_AFTER)
                 continue
             if body is None:
                 return
-            inject = Inject(0, "", [r.address for r in message.recipients], body, message.client)
+            transfer = transfer_of(message, body, self.index, 0)
             try:
-                reply = await link.request(functools.partial(_numbered, inject), RESEND_AFTER)
+                reply = await link.request(functools.partial(_numbered, transfer), RESEND_AFTER)
             except NoAnswer as exc:
-                log.debug("shard %d: DSN %s not forwarded yet: %s", self.index, queue_id, exc)
+                log.debug("shard %d: %s not forwarded yet: %s", self.index, queue_id, exc)
                 continue
             if isinstance(reply, Stored):
                 if await self._forwarded(queue_id, reply.queue_id):
                     return
             else:
-                log.warning("shard %d: shard %d did not take DSN %s: %s", self.index, message.forward_shard,
+                log.warning("shard %d: shard %d did not take %s: %s", self.index, message.forward_shard,
                             queue_id, reply)
             await asyncio.sleep(RESEND_AFTER)
 
@@ -107,12 +112,13 @@ class Outbox:
         try:
             await self.io.commit(Batch(removals=[queue_id]))
         except SpoolError as exc:
-            log.error("shard %d: cannot remove forwarded DSN %s: %s", self.index, queue_id, exc)
+            log.error("shard %d: cannot remove forwarded %s: %s", self.index, queue_id, exc)
             return False
         owner = self.messages.pop(queue_id).forward_shard
-        log.info("%s: DSN stored by its owner, shard %d, as %s", queue_id, owner, remote_queue_id)
+        metrics.TRANSFERS.labels(str(self.index), "sent").inc()
+        log.info("%s: stored by its owner, shard %d, as %s; removed here", queue_id, owner, remote_queue_id)
         return True
 
 
-def _numbered(inject: Inject, req: int) -> Inject:
-    return dataclasses.replace(inject, req=req)
+def _numbered(transfer: Transfer, req: int) -> Transfer:
+    return dataclasses.replace(transfer, req=req)

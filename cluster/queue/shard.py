@@ -3,7 +3,8 @@
 This module is only the process around the queue manager (core.py): it binds the socket (CURVE), receives
 frames, decodes them and hands each message to `ShardCore.handle`, sends what the core answers, ticks the
 core's maintenance every TIMER_INTERVAL, and runs the background tasks (group-commit writer, dispatcher,
-outbox forwarder). What happens to each message is in the module core.py routes it to.
+outbox forwarder, the drain's watch of the other shards). What happens to each message is in the module
+core.py routes it to.
 
 Receiving and ticking share one loop, and a tick judges workers silent (expiry) only right after the socket
 was read empty: after a pause (SIGSTOP, a stalled host) the heartbeats and Results waiting in the socket are
@@ -78,8 +79,9 @@ class Shard:
                  spool: Spool | None = None) -> None:
         self.config = config
         self.index = index
-        self.core = ShardCore(config, index, spool or SqliteSpool(Path(config.queue.spool_dir) / f"shard-{index}"),
-                              clock, self.send)
+        directory = Path(config.queue.spool_dir) / f"shard-{index}"
+        self.core = ShardCore(config, index, spool or SqliteSpool(directory), clock, self.send,
+                              directory=directory if spool is None else None)
         self._socket: zmq.asyncio.Socket | None = None
 
     def is_ready(self) -> bool:
@@ -123,7 +125,8 @@ class Shard:
                 raise OSError(f"cannot listen on {endpoint}: {exc}") from None
             self._socket = socket
             others = [asyncio.create_task(coro) for coro in (
-                self._serve_loop(), self.core.dispatcher.run(), self.core.outbox.forward_loop(context))]
+                self._serve_loop(), self.core.dispatcher.run(), self.core.outbox.forward_loop(context),
+                self.core.drain.watch_peers(context))]
             self.core.ready = True
             log.info("shard %d ready: %d messages queued", self.index, len(self.core.scheduler.messages))
             await stop.wait()
