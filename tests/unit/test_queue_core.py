@@ -368,3 +368,21 @@ async def test_admin_actions_and_refusals_are_logged(caplog: pytest.LogCaptureFi
             f"{queue_id}: to=<r@f.test>, status=held (by the queue administrator)",
             f"{queue_id}: to=<r@f.test>, status=deleted (deleted by the queue administrator)",
             f"{queue_id}: removed"]
+
+
+async def test_a_result_racing_a_delete_of_its_message_is_ignored() -> None:
+    async with shard() as h:
+        queue_id = await h.inject("a@sender.test", ["r@g.test", "s@g.test"])
+        await h.heartbeat()
+        (job,) = await h.deliveries()
+        h.spool.hold_commits()
+        await h.core.handle(CLI, AdminRequest(1, "delete", {"queue_id": queue_id}))
+        await until(h.spool.waiting.is_set)  # the delete is decided (its job forgotten) and being written
+        outcomes = [Outcome(r, OutcomeKind.DELIVERED, 250, "2.0.0", "ok") for r in job.recipients]
+        await h.core.handle(WORKER, Result(job.job_id, "w", outcomes))
+        h.spool.release_commits()
+        await h.core.idle()
+        (reply,) = h.peer.take(AdminReply, CLI)
+        assert reply.ok and reply.data == {"queue_id": queue_id, "deleted": 2}
+        assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
+        assert not h.core.scheduler.jobs and h.core.scheduler.workers["w"].credits == 10
