@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from cluster import logs
 from cluster.bus.schemas import (
     AdminReply,
     AdminRequest,
@@ -314,8 +315,10 @@ def lines_about(caplog: pytest.LogCaptureFixture, queue_id: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: ")]
 
 
-async def test_one_log_line_per_outcome_grep_able_by_queue_id(caplog: pytest.LogCaptureFixture) -> None:
+async def test_one_log_line_per_outcome_grep_able_by_queue_id(caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="mtacluster.queue")
+    monkeypatch.setattr(logs, "_structured", True)  # as with [log] format = "json": lines carry their fields
     async with shard(retry_first=300, retry_max=600, max_lifetime=3600) as h:
         queue_id = await h.inject("a@sender.test", ["x@a.test", "y@b.test", "z@c.test"])
         await h.heartbeat()
