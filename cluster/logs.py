@@ -21,6 +21,13 @@ from typing import Any
 FORMATS = ("text", "json")
 FIELDS = "fields"
 
+_structured = False
+
+
+def structured() -> bool:
+    """True when log lines are JSON, so callers build their `fields` only when someone reads them."""
+    return _structured
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, role: str) -> None:
@@ -48,8 +55,10 @@ def text_formatter(role: str) -> logging.Formatter:
 
 def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
     """Send every log record of this process at `level` or above to stderr in `fmt` ("text" or "json")."""
+    global _structured
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r} (formats: {', '.join(FORMATS)})")
+    _structured = fmt == "json"
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(role) if fmt == "json" else text_formatter(role))
     root = logging.getLogger()

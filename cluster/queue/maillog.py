@@ -17,10 +17,9 @@ The same facts go into the record as `extra={"fields": ...}`, which the JSON log
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from cluster.bus.schemas import Outcome
-from cluster.logs import FIELDS
+from cluster.logs import FIELDS, structured
 from cluster.queue.records import LastOutcome
 
 log = logging.getLogger("mtacluster.queue")
@@ -40,24 +39,29 @@ def seconds(value: float) -> str:
 def record(queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
            arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None) -> None:
     """Log one outcome (the ledger counts it in mtacluster_queue_outcomes_total{status})."""
-    fields: dict[str, Any] = {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts}
+    if not log.isEnabledFor(logging.INFO):
+        return
     reply = last.reply if last is not None else ""
     if status not in DELIVERY_STATUSES:
         text = last.text if status == "deleted" and last is not None else "by the queue administrator"
-        fields["reply"] = text
-        log.info("%s: to=<%s>, status=%s (%s)", queue_id, address, status, text, extra={FIELDS: fields})
+        extra = {FIELDS: {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts,
+                          "reply": text}} if structured() else None
+        log.info("%s: to=<%s>, status=%s (%s)", queue_id, address, status, text, extra=extra)
         return
     relay = "none"
-    if outcome is not None and outcome.remote:
-        relay = f"{outcome.remote}:{outcome.port}" if outcome.port else outcome.remote
-    connect = outcome.connect_seconds if outcome is not None else 0.0
-    transfer = outcome.transfer_seconds if outcome is not None else 0.0
+    connect = transfer = 0.0
+    if outcome is not None:
+        connect, transfer = outcome.connect_seconds, outcome.transfer_seconds
+        if outcome.remote:
+            relay = f"{outcome.remote}:{outcome.port}" if outcome.port else outcome.remote
     dispatched = dispatched_at or now
     delays = (dispatched - arrival, now - dispatched - connect - transfer, connect, transfer)
     dsn = last.enhanced if last is not None and last.enhanced else ""
-    fields.update({"relay": relay, "delay": round(max(now - arrival, 0.0), 3),
-                   "delays": [round(max(d, 0.0), 3) for d in delays], "dsn": dsn, "reply": reply,
-                   "code": last.code if last is not None else 0})
-    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)", queue_id, address, relay,
-             seconds(now - arrival), "/".join(seconds(d) for d in delays), dsn or "-", status, reply,
-             extra={FIELDS: fields})
+    extra = None
+    if structured():
+        extra = {FIELDS: {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts,
+                          "relay": relay, "delay": round(max(now - arrival, 0.0), 3),
+                          "delays": [round(max(d, 0.0), 3) for d in delays], "dsn": dsn, "reply": reply,
+                          "code": last.code if last is not None else 0}}
+    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)", queue_id, address, relay,
+             seconds(now - arrival), *map(seconds, delays), dsn or "-", status, reply, extra=extra)

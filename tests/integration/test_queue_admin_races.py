@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.harness import REPO, Cluster, SmtpSink, wait_for
+from tests.support.harness import REPO, Cluster, SmtpSink, wait_for, write_config
 from tests.support.scripted_smtp import ScriptedSmtpServer
 from tests.support.tooling import free_port, in_ci, require_tool
 
@@ -186,3 +186,30 @@ def test_admin_commands_say_so_when_the_disk_is_full(tmp_path: Path, sink_port: 
             assert listing(cluster) == []
         finally:
             cluster.stop()
+
+
+def test_every_role_logs_json_lines_when_asked(tmp_path: Path, sink_port: int) -> None:
+    cluster = make_cluster(tmp_path, sink_port, workers=1)
+    cluster.sections["log"] = {"format": "json"}
+    write_config(cluster.config_path, cluster.sections)
+    cluster.start()
+    try:
+        send(cluster.smtp_port, [("r0@sink.test", "json.0@senders.test")])
+        (message,) = wait_for(lambda: listing(cluster) or None, 20, "the message queued")
+        queue_id = message["queue_id"]
+        wait_for(lambda: f"{queue_id}: to=<r0@sink.test>" in cluster.shard_process(0).log(), 20,
+                 "the deferral logged")
+        for process in cluster.processes:
+            # Every line is a JSON object, except the startup line `serve` prints on stdout.
+            lines = [line for line in process.log().splitlines() if not line.startswith("mtacluster: ready")]
+            assert all(json.loads(line)["role"] == process.role for line in lines), process.log()[-2000:]
+            if process.role in ("queue", "frontend"):
+                assert lines, f"{process.role} logged nothing"
+        shard_entries = [json.loads(line) for line in cluster.shard_process(0).log().splitlines()
+                         if line.startswith("{")]
+        (deferral,) = [e for e in shard_entries if e.get("queue_id") == queue_id and e.get("to") == "r0@sink.test"]
+        assert (deferral["status"], deferral["relay"]) == ("deferred", f"127.0.0.1[127.0.0.1]:{sink_port}")
+        assert deferral["message"].startswith(f"{queue_id}: to=<r0@sink.test>, relay=")
+        assert len(deferral["delays"]) == 4 and deferral["dsn"].startswith("4.")
+    finally:
+        cluster.stop()

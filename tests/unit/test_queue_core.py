@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from cluster import logs
 from cluster.bus.schemas import (
     AdminReply,
     AdminRequest,
@@ -314,8 +315,10 @@ def lines_about(caplog: pytest.LogCaptureFixture, queue_id: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: ")]
 
 
-async def test_one_log_line_per_outcome_grep_able_by_queue_id(caplog: pytest.LogCaptureFixture) -> None:
+async def test_one_log_line_per_outcome_grep_able_by_queue_id(caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="mtacluster.queue")
+    monkeypatch.setattr(logs, "_structured", True)  # as with [log] format = "json": lines carry their fields
     async with shard(retry_first=300, retry_max=600, max_lifetime=3600) as h:
         queue_id = await h.inject("a@sender.test", ["x@a.test", "y@b.test", "z@c.test"])
         await h.heartbeat()
@@ -368,3 +371,21 @@ async def test_admin_actions_and_refusals_are_logged(caplog: pytest.LogCaptureFi
             f"{queue_id}: to=<r@f.test>, status=held (by the queue administrator)",
             f"{queue_id}: to=<r@f.test>, status=deleted (deleted by the queue administrator)",
             f"{queue_id}: removed"]
+
+
+async def test_a_result_racing_a_delete_of_its_message_is_ignored() -> None:
+    async with shard() as h:
+        queue_id = await h.inject("a@sender.test", ["r@g.test", "s@g.test"])
+        await h.heartbeat()
+        (job,) = await h.deliveries()
+        h.spool.hold_commits()
+        await h.core.handle(CLI, AdminRequest(1, "delete", {"queue_id": queue_id}))
+        await until(h.spool.waiting.is_set)  # the delete is decided (its job forgotten) and being written
+        outcomes = [Outcome(r, OutcomeKind.DELIVERED, 250, "2.0.0", "ok") for r in job.recipients]
+        await h.core.handle(WORKER, Result(job.job_id, "w", outcomes))
+        h.spool.release_commits()
+        await h.core.idle()
+        (reply,) = h.peer.take(AdminReply, CLI)
+        assert reply.ok and reply.data == {"queue_id": queue_id, "deleted": 2}
+        assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
+        assert not h.core.scheduler.jobs and h.core.scheduler.workers["w"].credits == 10
