@@ -4,7 +4,9 @@ contract 8); ledger.py counts the same outcomes in mtacluster_queue_outcomes_tot
     0A1B2C3D4E5F6G00: to=<bob@example.net>, relay=mx.example.net[192.0.2.7]:25, delay=1.2,
         delays=0.01/0.03/0.4/0.76, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)
 
-(one line in the log). status is sent, deferred, bounced or expired for delivery outcomes, and deleted, held,
+(one line in the log). A job that left from an egress source of a pool says so after the relay:
+`relay=..., source=NAME, delay=...` (the source the shard chose: cluster/queue/shaping.py).
+status is sent, deferred, bounced or expired for delivery outcomes, and deleted, held,
 released for admin actions (`QUEUEID: to=<...>, status=held (by the queue administrator)`); a flush is
 counted per recipient but logs one line for all it made ready (admin.py).
 delay: seconds since the message arrived; delays=a/b/c/d: a = queued before this attempt was dispatched,
@@ -38,7 +40,8 @@ def seconds(value: float) -> str:
 
 
 def record(queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
-           arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None) -> None:
+           arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None,
+           source: str = "") -> None:
     """Log one outcome (the ledger counts it in mtacluster_queue_outcomes_total{status})."""
     fields: dict[str, Any] = {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts}
     reply = last.reply if last is not None else ""
@@ -58,6 +61,9 @@ def record(queue_id: str, address: str, status: str, last: LastOutcome | None, a
     fields.update({"relay": relay, "delay": round(max(now - arrival, 0.0), 3),
                    "delays": [round(max(d, 0.0), 3) for d in delays], "dsn": dsn, "reply": reply,
                    "code": last.code if last is not None else 0})
-    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)", queue_id, address, relay,
+    if source:
+        fields["source"] = source
+    shown = f"{relay}, source={source}" if source else relay
+    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)", queue_id, address, shown,
              seconds(now - arrival), "/".join(seconds(d) for d in delays), dsn or "-", status, reply,
              extra={FIELDS: fields})
