@@ -322,6 +322,9 @@ class ShapingReaction:
     action: str = "suspend"
     duration: Duration = Duration(3600)
     rate: str = ""
+    # With egress pools, shaping counts per (source, destination): "source" applies the reaction to the source
+    # the reply came through only, "destination" to every source (the destination as a whole).
+    scope: str = "source"
 
 
 @dataclass(frozen=True)
@@ -644,6 +647,8 @@ def _check_shaping(shaping: Mapping[str, ShapingRule]) -> None:
                 raise ConfigError(f"{where}.action", f'expected "suspend" or "rate", got {reaction.action!r}')
             if reaction.action == "rate":
                 parse_rate(reaction.rate, f"{where}.rate")
+            if reaction.scope not in ("source", "destination"):
+                raise ConfigError(f"{where}.scope", f'expected "source" or "destination", got {reaction.scope!r}')
             at_least(f"{where}.duration", reaction.duration, 1)
 
 

@@ -37,13 +37,18 @@ Worker <-> shard (dispatch; credit-based flow control with heartbeats and leases
                                          out again after it was silent): it must not start them and forgets
                                          their Results. `resend`: finished jobs whose Result never arrived.
     shard -> Deliver(job_id, queue_id, sender, recipients, domain, body, attempt, seq, epoch, incarnation,
-                     pool, max_deliveries)
+                     pool, max_deliveries, source)
                                          seq numbers the Delivers sent to one (epoch, incarnation), from 1.
-                                         `pool`: the egress pool (`[egress.pools]`) the frontend chose for the
-                                         message (Inject.client["pool"]); "" = no pool, the kernel's source
-                                         address. `max_deliveries`: traffic shaping's
-                                         max_deliveries_per_connection for the destination (0 = the worker's
-                                         delivery.max_deliveries_per_connection).
+                                         `source`: the egress source (`[egress.sources]` name) the job leaves
+                                         from, chosen by the shard that owns the destination from the message's
+                                         pool (weighted, among the sources traffic shaping lets start now, so
+                                         shaping limits hold per (source, destination)); the worker binds its
+                                         address and says its EHLO name. "" = no source: the worker picks one
+                                         from `pool` (a Deliver of a shard of the previous release), else the
+                                         kernel's address. `pool`: the egress pool (`[egress.pools]`) the
+                                         frontend chose for the message (Inject.client["pool"]); "" = no pool.
+                                         `max_deliveries`: traffic shaping's max_deliveries_per_connection for
+                                         the destination (0 = the worker's delivery.max_deliveries_per_connection).
     Result(job_id, worker, outcomes)     one Outcome per recipient of the job. A Result for a job the shard
                                          took back is reconciled: its outcomes stand for the recipients not
                                          handed out again; a delivery of one that was handed out again is a
@@ -224,6 +229,8 @@ class Deliver(BusMessage):
     pool: str = ""
     # Traffic shaping's max_deliveries_per_connection for the destination (0 = the worker's own setting).
     max_deliveries: int = 0
+    # The egress source the shard chose from the pool ("" = none: the worker chooses from `pool`).
+    source: str = ""
 
 
 class OutcomeKind(enum.StrEnum):
@@ -380,7 +387,7 @@ _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,
     "code": int, "enhanced": str, "text": str, "worker": str, "free": int, "in_flight": list,
     "shard": int, "shard_epoch": str, "incarnation": int, "last_seq": int, "sent": (int, float), "epoch": str,
-    "finished": list, "revoked": list, "resend": list, "pool": str, "max_deliveries": int,
+    "finished": list, "revoked": list, "resend": list, "pool": str, "max_deliveries": int, "source": str,
     "seen": int, "seen_epoch": str, "seq": int, "job_id": str, "domain": str, "attempt": int, "outcomes": list,
     "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "kind": str, "remote": str,
     "port": int, "connect_seconds": (int, float), "transfer_seconds": (int, float),

@@ -1,6 +1,7 @@
 """`mtacluster shaping status [--json]`: the traffic shaping in force on every shard, and why.
 
-One row per destination a shard has seen (cluster/queue/shaping.py `Shaper.status`): the entries that apply,
+One row per destination a shard has seen, and per egress source seen for it (cluster/queue/shaping.py
+`Shaper.status`; "source" "" = the destination as a whole, or mail without a pool): the entries that apply,
 the learned MX host, connection limit and jobs in flight, rates, suspension or rate override with its end and
 the reply that caused it. Failure modes: an unreachable shard is one line on stderr and exit code 1.
 """
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                 if row.get(key):
                     until = datetime.datetime.fromtimestamp(row[key], datetime.UTC).strftime("%H:%M:%S")
                     state += f"  {word} until {until} UTC: {row.get('reason', '')}"
-            print(f"{row['destination']} [{row['bucket']}] via {'+'.join(row['entries']) or 'defaults'}: "
+            source = f" from source {row['source']}" if row.get("source") else ""
+            print(f"{row['destination']} [{row['bucket']}]{source} via {'+'.join(row['entries']) or 'defaults'}: "
                   f"{', '.join(limits)}{state}")
         print(f"{len(rows)} destination{'s' if len(rows) != 1 else ''}")
     return 1 if answers.problems or answers.refusals else 0

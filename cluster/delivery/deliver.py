@@ -19,8 +19,9 @@ does: every recipient of the job gets exactly one Outcome, in the job's order.
   "enforce" policy only MX hosts the policy names are tried, over STARTTLS with a certificate that verifies for
   the MX name (connections cached apart from opportunistic ones); if none qualifies, or TLS fails, the
   recipients are deferred with 4.7.5. A "testing" policy changes nothing but logs what would have failed.
-- Egress: each job leaves from one source of its pool (`cluster.delivery.egress`): connections are made from
-  that source's address and say its EHLO name; cached connections are kept per source.
+- Egress: each job leaves from the source the shard chose for it from its pool (Deliver.source;
+  `cluster.delivery.egress`): connections are made from that source's address and say its EHLO name; cached
+  connections are kept per source.
 - Outcome kind (a `OutcomeKind`, never a string to parse): 2xx delivered, 4xx deferred, 5xx failed; `remote`
   and `port` name the host that answered; `connect_seconds` (DNS, hosts tried, session setup) and
   `transfer_seconds` (the SMTP transaction) feed the shard's log line (delays=a/b/c/d).
@@ -175,7 +176,7 @@ class Deliverer:
         decided: dict[str, Outcome] = {}
         pending = list(recipients)
         last_failure: _HostFailure | None = None
-        source = self._egress.choose(job.pool)
+        source = self._egress.for_job(job.source, job.pool)
         for target in targets:
             pending, failure = await self._deliver_via(target, source, job, pending, decided, started, enforce)
             last_failure = failure or last_failure

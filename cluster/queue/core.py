@@ -80,7 +80,8 @@ class ShardCore:
         top = frozenset(d.lower() for d in config.metrics.top_domains)
         self.shaper = Shaper(config.shaping, config.delivery.destination_concurrency,
                              config.delivery.max_recipients_per_transaction,
-                             lambda bucket: bucket if bucket.startswith("mx:") else domain_label(bucket, top))
+                             lambda bucket: bucket if bucket.startswith("mx:") else domain_label(bucket, top),
+                             config.egress)
         self.scheduler = Scheduler(SchedulerLimits(
             destination_concurrency=config.delivery.destination_concurrency,
             max_recipients=config.delivery.max_recipients_per_transaction,

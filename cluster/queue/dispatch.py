@@ -94,6 +94,6 @@ class Dispatcher:
         max_deliveries = shaper.limits(job.domain).max_deliveries_per_connection if shaper is not None else 0
         await self._send(worker.identity, Deliver(job.job_id, job.queue_id, message.sender, recipients, job.domain,
                                                   body, job.attempt, seq, self.epoch, job.incarnation,
-                                                  message.client.get("pool", ""), max_deliveries))
+                                                  message.client.get("pool", ""), max_deliveries, job.source))
         self.scheduler.note_sent(job)
         return 1

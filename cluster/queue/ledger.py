@@ -71,6 +71,8 @@ class Change:
     outcome: Outcome | None = None
     # When the job that led to this change was dispatched (for the log line's delays); 0 for admin changes.
     dispatched_at: float = 0.0
+    # The egress source the job left from (for the log line); "" = none (no pool) or an admin change.
+    source: str = ""
 
 
 @dataclass
@@ -191,7 +193,7 @@ class Ledger:
         self.scheduler.set_state(message, live, new.state, new.next_attempt)
         if change.event is not Event.FLUSHED:  # a flush may touch the whole queue: admin.py logs one line
             maillog.record(message.queue_id, live.address, change.event.value, live.last, live.attempts,
-                           message.arrival, now, change.dispatched_at, change.outcome)
+                           message.arrival, now, change.dispatched_at, change.outcome, change.source)
         return True
 
     def _back_to_ready(self, messages: list[Message], applied: Applied) -> None:

@@ -4,7 +4,9 @@ contract 8); ledger.py counts the same outcomes in mtacluster_queue_outcomes_tot
     0A1B2C3D4E5F6G00: to=<bob@example.net>, relay=mx.example.net[192.0.2.7]:25, delay=1.2,
         delays=0.01/0.03/0.4/0.76, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)
 
-(one line in the log). status is sent, deferred, bounced or expired for delivery outcomes, and deleted, held,
+(one line in the log). A job that left from an egress source of a pool says so after the relay:
+`relay=..., source=NAME, delay=...` (the source the shard chose: cluster/queue/shaping.py).
+status is sent, deferred, bounced or expired for delivery outcomes, and deleted, held,
 released for admin actions (`QUEUEID: to=<...>, status=held (by the queue administrator)`); a flush is
 counted per recipient but logs one line for all it made ready (admin.py).
 delay: seconds since the message arrived; delays=a/b/c/d: a = queued before this attempt was dispatched,
@@ -17,6 +19,7 @@ The same facts go into the record as `extra={"fields": ...}`, which the JSON log
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cluster.bus.schemas import Outcome
 from cluster.logs import FIELDS, structured
@@ -37,7 +40,8 @@ def seconds(value: float) -> str:
 
 
 def record(queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
-           arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None) -> None:
+           arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None,
+           source: str = "") -> None:
     """Log one outcome (the ledger counts it in mtacluster_queue_outcomes_total{status})."""
     if not log.isEnabledFor(logging.INFO):
         return
@@ -59,9 +63,13 @@ def record(queue_id: str, address: str, status: str, last: LastOutcome | None, a
     dsn = last.enhanced if last is not None and last.enhanced else ""
     extra = None
     if structured():
-        extra = {FIELDS: {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts,
-                          "relay": relay, "delay": round(max(now - arrival, 0.0), 3),
-                          "delays": [round(max(d, 0.0), 3) for d in delays], "dsn": dsn, "reply": reply,
-                          "code": last.code if last is not None else 0}}
-    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)", queue_id, address, relay,
+        fields: dict[str, Any] = {"queue_id": queue_id, "to": address, "status": status, "attempts": attempts,
+                                  "relay": relay, "delay": round(max(now - arrival, 0.0), 3),
+                                  "delays": [round(max(d, 0.0), 3) for d in delays], "dsn": dsn, "reply": reply,
+                                  "code": last.code if last is not None else 0}
+        if source:
+            fields["source"] = source
+        extra = {FIELDS: fields}
+    shown = f"{relay}, source={source}" if source else relay
+    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)", queue_id, address, shown,
              seconds(now - arrival), *map(seconds, delays), dsn or "-", status, reply, extra=extra)

@@ -58,6 +58,7 @@ class OutcomeRecorder:
                 "the worker returned no outcome for this recipient")
             change = self.decide(message, recipient, outcome, now)
             change.dispatched_at = job.assigned_at
+            change.source = job.source
             changes.append(change)
         self._learn(job, outcomes, now)
         connection_trouble = all(
@@ -75,8 +76,9 @@ class OutcomeRecorder:
             if outcome.kind is OutcomeKind.DELIVERED:
                 continue
             reply = f"{outcome.code} {outcome.enhanced} {outcome.text}"
-            if shaper is not None and (rule := shaper.react(job.domain, reply, now)) is not None:
-                log.warning("shard %d: destination %s: %s for %gs after the reply %r", self.index, job.domain,
+            if shaper is not None and (rule := shaper.react(job.domain, reply, now, job.source)) is not None:
+                log.warning("shard %d: destination %s%s: %s for %gs after the reply %r", self.index, job.domain,
+                            f" from source {job.source}" if job.source and rule.scope == "source" else "",
                             rule.action, rule.duration, reply[:200])
             if outcome.kind is OutcomeKind.FAILED and self.suppression is not None and self.suppression.enabled:
                 category = classify(outcome.code, outcome.enhanced, outcome.text)

@@ -57,8 +57,10 @@ class Job:
     incarnation: int = 0
     # The worker listed it in a heartbeat: it holds (or held) the job, whatever the Deliver numbering says.
     confirmed: bool = False
-    # The traffic shaping bucket the job counts in (shaping.py), "" without shaping.
+    # The traffic shaping bucket the job counts in (shaping.py), "" without shaping, and the egress source
+    # shaping chose for it ("" = no pool: the worker's default address).
     bucket: str = ""
+    source: str = ""
 
 
 # Drift allowed between a worker's clock and ours when mapping its send times onto our clock (seconds per
@@ -307,47 +309,62 @@ class Scheduler:
                 continue
             if self.backoff_until.get(domain, 0.0) > now:
                 continue
-            if self.shaper is not None and not self.shaper.may_start(domain, now):
-                continue  # rate-limited or suspended: the mail stays ready, no attempt is counted
-            job = self._job_from(domain)
-            if job is not None and self.shaper is not None:
-                job.bucket = self.shaper.started(domain, now)
-            if job is not None:
-                return job
+            pooled = self.shaper is not None and self.shaper.uses_pools
+            head = self._head(domain) if pooled else None
+            source = ""
+            if self.shaper is not None:
+                # The source is chosen here, for the message the job will carry (its pool), so the limits hold
+                # per (source, destination) in the shard that owns the destination.
+                pool = head[0].client.get("pool", "") if head is not None else ""
+                chosen = self.shaper.choose(domain, now, pool)
+                if chosen is None:
+                    continue  # rate-limited or suspended: the mail stays ready, no attempt is counted
+                source = chosen
+            head = head or self._head(domain)
+            if head is None:
+                self._drop_domain_if_idle(domain)
+                continue
+            job = self._job_from(domain, *head)
+            if self.shaper is not None:
+                job.bucket = self.shaper.started(domain, now, source)
+                job.source = source
+            return job
         return None
 
-    def _job_from(self, domain: str) -> Job | None:
-        max_recipients = (self.limits.max_recipients if self.shaper is None
-                          else self.shaper.limits(domain).max_recipients)
+    def _head(self, domain: str) -> tuple[Message, list[Recipient]] | None:
+        """The first message of `domain`'s ready queue with ready recipients there, and those recipients;
+        messages before it that are locked (`unlock` queues them again) or have none are dropped."""
         queue = self._ready[domain]
         while queue:
             queue_id = queue[0]
-            if queue_id in self._locked:  # `unlock` queues it again
-                queue.popleft()
-                self._queued.discard((domain, queue_id))
-                continue
-            message = self.messages.get(queue_id)
+            message = None if queue_id in self._locked else self.messages.get(queue_id)
             ready = [] if message is None else [
                 r for r in message.recipients if r.state is State.READY and r.domain == domain]
-            if len(ready) <= max_recipients:
-                queue.popleft()
-                self._queued.discard((domain, queue_id))
-            if message is None or not ready:
-                continue
-            chosen = ready[:max_recipients]
-            job = Job(f"{self._job_prefix}{next(self._job_ids)}", queue_id, domain, [r.index for r in chosen],
-                      attempt=max(r.attempts for r in chosen) + 1)
-            for recipient in chosen:
-                self.set_state(message, recipient, State.IN_FLIGHT)
-                if (queue_id, recipient.index) in self._doubtful:
-                    self._doubtful.discard((queue_id, recipient.index))
-                    self.possible_duplicates += 1
-            self.jobs[job.job_id] = job
-            self._in_flight_per_domain[domain] += 1
-            self._drop_domain_if_idle(domain)
-            return job
-        self._drop_domain_if_idle(domain)
+            if message is not None and ready:
+                return message, ready
+            queue.popleft()
+            self._queued.discard((domain, queue_id))
         return None
+
+    def _job_from(self, domain: str, message: Message, ready: list[Recipient]) -> Job:
+        max_recipients = (self.limits.max_recipients if self.shaper is None
+                          else self.shaper.limits(domain).max_recipients)
+        queue_id = message.queue_id
+        if len(ready) <= max_recipients:
+            self._ready[domain].popleft()
+            self._queued.discard((domain, queue_id))
+        chosen = ready[:max_recipients]
+        job = Job(f"{self._job_prefix}{next(self._job_ids)}", queue_id, domain, [r.index for r in chosen],
+                  attempt=max(r.attempts for r in chosen) + 1)
+        for recipient in chosen:
+            self.set_state(message, recipient, State.IN_FLIGHT)
+            if (queue_id, recipient.index) in self._doubtful:
+                self._doubtful.discard((queue_id, recipient.index))
+                self.possible_duplicates += 1
+        self.jobs[job.job_id] = job
+        self._in_flight_per_domain[domain] += 1
+        self._drop_domain_if_idle(domain)
+        return job
 
     def _drop_domain_if_idle(self, domain: str) -> None:
         if not self._ready[domain]:
@@ -367,7 +384,7 @@ class Scheduler:
         if self._in_flight_per_domain[job.domain] <= 0:
             del self._in_flight_per_domain[job.domain]
         if self.shaper is not None and job.bucket:
-            self.shaper.finished(job.bucket)
+            self.shaper.finished(job.bucket, job.source)
         worker = self.workers.get(job.worker)
         if worker is not None:
             worker.jobs.discard(job_id)
@@ -443,7 +460,8 @@ class Scheduler:
         for index in ready:
             self.set_state(message, message.recipients[index], State.IN_FLIGHT)
             self._doubtful.discard((job.queue_id, index))
-        decided = Job(job.job_id, job.queue_id, job.domain, ready, job.attempt, job.worker, job.assigned_at)
+        decided = Job(job.job_id, job.queue_id, job.domain, ready, job.attempt, job.worker, job.assigned_at,
+                      source=job.source)
         return ResultDecision(decided, [i for i in job.indices if i not in ready], stale=True)
 
     def in_flight_jobs_of(self, domain: str) -> int:

@@ -8,13 +8,21 @@ domain's MX host name, ".parent" suffixes (shorter first), the domain itself; ea
 entry wins. Counters are kept per bucket: the rollup name when an "mx:" entry applies (every domain hosted
 there shares its limits, as the MX serves them all), else the domain. (Since one shard owns a domain, the
 limits of a domain hold cluster-wide; a rollup's limits hold per shard.)
+Egress sources (issue 13: limits apply per (source, destination)): a message whose egress pool (`[egress.pools]`,
+chosen by the frontend) the shard knows leaves from a source the shard picks here, at dispatch (`choose`): at
+random in proportion to the pool's weights among the pool's sources that may start now. Each (bucket, source)
+then has its own counters: N/s per destination with two sources in the pool is 2N/s in total. A pool name
+this shard does not know uses the "default" pool if there is one; no pool (or none known): the bucket's own
+counters and source "" (the worker's default address).
 Limits: `connection_limit` jobs at once (each job is one connection's worth of work); `max_message_rate` and
 `max_connection_rate` "N/period": at most N job starts in any sliding period (a job carries one message);
 `max_recipients_per_transaction` recipients per job; `max_deliveries_per_connection` goes to the worker with
 the job. Rate-limited mail simply stays ready: it is neither attempted nor counted as a failed attempt, and
 `next_due` tells the shard when to look again.
 Reactions: a reply matching a rule's regex suspends the bucket (no job starts) or replaces its message rate,
-for the rule's duration; `status` shows what is in force and why.
+for the rule's duration; with a pool, only for the source the reply came through, unless the rule's `scope`
+is "destination" (then every source of the bucket: suspended, or each held to the rule's rate).
+`status` shows what is in force and why, one row per destination and per source seen for it.
 Failure modes: none; unknown domains get the default entry.
 """
 
@@ -22,12 +30,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.config import ShapingReaction, ShapingRule, parse_rate
+from cluster.config import EgressConfig, ShapingReaction, ShapingRule, parse_rate
 from cluster.queue import metrics
 
 Rate = tuple[int, float]
@@ -58,16 +67,28 @@ class Bucket:
 
 class Shaper:
     def __init__(self, rules: Mapping[str, ShapingRule], default_concurrency: int, default_recipients: int,
-                 metric_label: Any = None) -> None:
+                 metric_label: Any = None, egress: EgressConfig | None = None,
+                 rng: random.Random | None = None) -> None:
         self._rules = dict(rules)
         self._default_concurrency = default_concurrency
         self._default_recipients = default_recipients
         self._rollups = sorted((name for name in rules if name.startswith("mx:")), key=len, reverse=True)
         self._mx: dict[str, str] = {}
         self._limits: dict[str, Limits] = {}
-        self._buckets: dict[str, Bucket] = {}
+        # (bucket, source) -> counters; source "" holds the bucket's own (no pool) and destination-wide state.
+        self._buckets: dict[tuple[str, str], Bucket] = {}
         self._next_due = math.inf
         self._label = metric_label or (lambda bucket: bucket)
+        self._rng = rng or random.Random()
+        # Pool name -> its source names and weights.
+        self._pools: dict[str, tuple[list[str], list[int]]] = {
+            pool: ([m.source for m in members], [m.weight for m in members])
+            for pool, members in (egress.pools.items() if egress is not None else ())}
+
+    @property
+    def uses_pools(self) -> bool:
+        """True when some egress pool is configured (the scheduler then tells `choose` each message's pool)."""
+        return bool(self._pools)
 
     # -- configuration ------------------------------------------------------------------------------------
 
@@ -110,22 +131,49 @@ class Shaper:
                       merged.get("max_recipients_per_transaction", self._default_recipients),
                       merged.get("reactions", ()))
 
-    def _bucket(self, limits: Limits) -> Bucket:
-        bucket = self._buckets.get(limits.bucket)
+    def _bucket(self, name: str, source: str = "") -> Bucket:
+        bucket = self._buckets.get((name, source))
         if bucket is None:
-            bucket = self._buckets[limits.bucket] = Bucket()
+            bucket = self._buckets[(name, source)] = Bucket()
         return bucket
+
+    def _pool(self, pool: str) -> tuple[list[str], list[int]] | None:
+        if not pool:
+            return None
+        return self._pools.get(pool) or self._pools.get("default")
 
     # -- the scheduler's questions ------------------------------------------------------------------------
 
     def may_start(self, domain: str, now: float) -> bool:
-        """True when a job to `domain` may start now; else it waits (and `next_due` says when to ask again)."""
+        """True when a job to `domain` (no pool) may start now; else it waits (`next_due` says when to ask)."""
+        return self.choose(domain, now) is not None
+
+    def choose(self, domain: str, now: float, pool: str = "") -> str | None:
+        """The source a job to `domain` of a message in `pool` starts from now ("" = no pool: the worker's
+        default address), or None: every source is at its limits, the job waits (`next_due` says when to ask
+        again, or a finishing job frees a connection slot and wakes the dispatcher)."""
         limits = self.limits(domain)
-        bucket = self._bucket(limits)
+        whole = self._bucket(limits.bucket)
+        members = self._pool(pool)
+        if members is None:
+            return "" if self._open(limits, whole, whole, now) else None
+        open_names: list[str] = []
+        open_weights: list[int] = []
+        for name, weight in zip(*members, strict=True):
+            if self._open(limits, self._bucket(limits.bucket, name), whole, now):
+                open_names.append(name)
+                open_weights.append(weight)
+        if not open_names:
+            return None
+        return open_names[0] if len(open_names) == 1 else self._rng.choices(open_names, open_weights)[0]
+
+    def _open(self, limits: Limits, bucket: Bucket, whole: Bucket, now: float) -> bool:
+        """True when `bucket` (one source's, or the whole destination's) may start a job now; `whole` holds
+        the destination-wide suspension and rate override."""
         if bucket.in_flight >= limits.connection_limit:
             return False  # a finishing job frees the slot and wakes the dispatcher
-        wait_until = bucket.suspended_until if bucket.suspended_until > now else 0.0
-        rates = self._rates(limits, bucket, now)
+        wait_until = max((s for s in (bucket.suspended_until, whole.suspended_until) if s > now), default=0.0)
+        rates = self._rates(limits, bucket, whole, now)
         if rates:
             # Forget starts older than the longest period in force; then, per rate, the count-th most recent
             # start must have left its period before another may start.
@@ -144,23 +192,25 @@ class Shaper:
         return True
 
     @staticmethod
-    def _rates(limits: Limits, bucket: Bucket, now: float) -> list[Rate]:
+    def _rates(limits: Limits, bucket: Bucket, whole: Bucket, now: float) -> list[Rate]:
         rates = [r for r in (limits.connection_rate,) if r is not None]
-        message_rate = bucket.rate_override if bucket.override_until > now else limits.message_rate
+        message_rate = (bucket.rate_override if bucket.override_until > now
+                        else whole.rate_override if whole.override_until > now else limits.message_rate)
         if message_rate is not None:
             rates.append(message_rate)
         return rates
 
-    def started(self, domain: str, now: float) -> str:
-        """A job to `domain` starts; returns its bucket's name, to give back to `finished`."""
+    def started(self, domain: str, now: float, source: str = "") -> str:
+        """A job to `domain` starts from `source` (what `choose` said); returns its bucket's name, to give
+        back to `finished` with the source."""
         limits = self.limits(domain)
-        bucket = self._bucket(limits)
+        bucket = self._bucket(limits.bucket, source)
         bucket.in_flight += 1
         bisect.insort(bucket.starts, now)
         return limits.bucket
 
-    def finished(self, bucket_name: str) -> None:
-        bucket = self._buckets.get(bucket_name)
+    def finished(self, bucket_name: str, source: str = "") -> None:
+        bucket = self._buckets.get((bucket_name, source))
         if bucket is not None:
             bucket.in_flight = max(0, bucket.in_flight - 1)
 
@@ -173,13 +223,15 @@ class Shaper:
 
     # -- reactions ----------------------------------------------------------------------------------------
 
-    def react(self, domain: str, reply: str, now: float) -> ShapingReaction | None:
-        """Apply the first reaction rule whose regex is found in `reply`; returns it (None when none matched)."""
+    def react(self, domain: str, reply: str, now: float, source: str = "") -> ShapingReaction | None:
+        """Apply the first reaction rule whose regex is found in `reply` (that came through `source`, "" = no
+        pool) to that source's counters, or to the whole destination when the rule's scope says so; returns
+        the rule (None when none matched)."""
         limits = self.limits(domain)
         for rule in limits.reactions:
             if not re.search(rule.match, reply):
                 continue
-            bucket = self._bucket(limits)
+            bucket = self._bucket(limits.bucket, "" if rule.scope == "destination" else source)
             bucket.reason = f"{rule.action} until {now + rule.duration:.0f} after {reply[:200]!r}"
             if rule.action == "suspend":
                 bucket.suspended_until = max(bucket.suspended_until, now + rule.duration)
@@ -191,22 +243,30 @@ class Shaper:
         return None
 
     def status(self, now: float) -> list[dict[str, Any]]:
-        """What is in force per destination bucket, and why (for `mtacluster shaping status`)."""
+        """What is in force per destination bucket and per source seen for it ("" = the destination as a
+        whole, or no pool), and why (for `mtacluster shaping status`)."""
+        sources: dict[str, list[str]] = {}
+        for name, source in sorted(self._buckets):
+            sources.setdefault(name, []).append(source)
         rows = []
         for domain, limits in sorted(self._limits.items()):
-            bucket = self._buckets.get(limits.bucket, Bucket())
-            rate = bucket.rate_override if bucket.override_until > now else limits.message_rate
-            rows.append({
-                "destination": domain, "bucket": limits.bucket, "entries": list(limits.entries),
-                "mx": self._mx.get(domain, ""), "connection_limit": limits.connection_limit,
-                "in_flight": bucket.in_flight, "max_message_rate": _rate_text(rate),
-                "max_connection_rate": _rate_text(limits.connection_rate),
-                "max_deliveries_per_connection": limits.max_deliveries_per_connection,
-                "max_recipients_per_transaction": limits.max_recipients,
-                "suspended_until": bucket.suspended_until if bucket.suspended_until > now else None,
-                "rate_override_until": bucket.override_until if bucket.override_until > now else None,
-                "reason": bucket.reason if max(bucket.suspended_until, bucket.override_until) > now else "",
-            })
+            whole = self._buckets.get((limits.bucket, ""), Bucket())
+            for source in sources.get(limits.bucket, [""]):
+                bucket = self._buckets.get((limits.bucket, source), Bucket())
+                rate = (bucket.rate_override if bucket.override_until > now
+                        else whole.rate_override if whole.override_until > now else limits.message_rate)
+                until = max(bucket.suspended_until, bucket.override_until)
+                rows.append({
+                    "destination": domain, "bucket": limits.bucket, "source": source,
+                    "entries": list(limits.entries), "mx": self._mx.get(domain, ""),
+                    "connection_limit": limits.connection_limit, "in_flight": bucket.in_flight,
+                    "max_message_rate": _rate_text(rate), "max_connection_rate": _rate_text(limits.connection_rate),
+                    "max_deliveries_per_connection": limits.max_deliveries_per_connection,
+                    "max_recipients_per_transaction": limits.max_recipients,
+                    "suspended_until": bucket.suspended_until if bucket.suspended_until > now else None,
+                    "rate_override_until": bucket.override_until if bucket.override_until > now else None,
+                    "reason": bucket.reason if until > now else "",
+                })
         return rows
 
 

@@ -44,10 +44,21 @@ def test_sources_are_chosen_by_weight() -> None:
     assert EgressChooser(config_from_dict({}, environ={}).egress).choose("bulk") is DEFAULT_SOURCE
 
 
-def test_deliver_carries_the_pool() -> None:
-    job = Deliver("j", "q", "s@x", ["r@y"], "y", b"body", 1, 3, pool="bulk")
+def test_deliver_carries_the_pool_and_the_source() -> None:
+    job = Deliver("j", "q", "s@x", ["r@y"], "y", b"body", 1, 3, pool="bulk", source="b")
     assert decode(job.encode()) == job
-    assert decode(Deliver("j", "q", "s@x", ["r@y"], "y", b"body", 1).encode()).pool == ""
+    plain = decode(Deliver("j", "q", "s@x", ["r@y"], "y", b"body", 1).encode())
+    assert isinstance(plain, Deliver) and plain.pool == "" and plain.source == ""
+
+
+def test_the_worker_uses_the_source_the_shard_chose() -> None:
+    chooser = EgressChooser(config_from_dict({"egress": EGRESS}, environ={}).egress, random.Random(7))
+    assert {chooser.for_job("a", "bulk").name for _ in range(200)} == {"a"}
+    assert chooser.for_job("b", "bulk").address == "127.0.0.8"
+    # No source (a shard of the previous release) or one this worker does not know: chosen from the pool.
+    assert {chooser.for_job("", "bulk").name for _ in range(200)} == {"a", "b"}
+    assert {chooser.for_job("gone", "bulk").name for _ in range(200)} == {"a", "b"}
+    assert chooser.for_job("", "") is DEFAULT_SOURCE
 
 
 @pytest.mark.parametrize(("egress", "key"), [

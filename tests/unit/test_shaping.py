@@ -3,6 +3,8 @@ scheduler keeps rate-limited mail ready (no attempt counted) and starts it when 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from cluster.config import ConfigError, config_from_dict, parse_rate
@@ -33,6 +35,7 @@ def test_rates_parse() -> None:
     ({"a.test": {"rules": [{"match": "(", "action": "suspend"}]}}, "shaping.a.test.rules[0].match"),
     ({"a.test": {"rules": [{"match": "x", "action": "explode"}]}}, "shaping.a.test.rules[0].action"),
     ({"a.test": {"rules": [{"match": "x", "action": "rate", "rate": "soon"}]}}, "shaping.a.test.rules[0].rate"),
+    ({"a.test": {"rules": [{"match": "x", "scope": "planet"}]}}, "shaping.a.test.rules[0].scope"),
     ({"bad name!": {}}, "shaping.bad name!"),
     ({"a.test": {"speed": 1}}, "shaping.a.test.speed"),
 ])
@@ -131,3 +134,78 @@ def test_two_rates_with_different_periods_both_hold() -> None:
     # forgetting them must not let more through.
     assert starts[:3] == [0.0, 0.5, 1.0]
     assert starts[3:7] == [60.0, 60.5, 61.0, 120.0]
+
+
+POOLED_EGRESS = {"sources": {"a": {"address": "127.0.0.7"}, "b": {"address": "127.0.0.8"}},
+                 "pools": {"bulk": ["a", "b"], "solo": ["a"]}}
+
+
+def pooled_shaper(shaping: dict[str, dict[str, object]]) -> Shaper:
+    config = config_from_dict({"shaping": shaping, "egress": POOLED_EGRESS}, environ={})
+    return Shaper(config.shaping, 20, 50, egress=config.egress, rng=random.Random(3))
+
+
+def test_two_sources_of_a_pool_each_get_the_destination_rate() -> None:
+    """Limits hold per (source, destination): two sources limited to 5/s each start 10 jobs a second in total,
+    5 from each, and the job carries the source chosen; mail without a pool keeps the destination's own 5/s."""
+    shaper = pooled_shaper({"fast.test": {"max_message_rate": "5/s"}})
+    scheduler = Scheduler(SchedulerLimits(20, 50, 600, 10), shaper=shaper)
+    messages = [Message(f"q{i:02d}", "s@x.test", 0.0, [Recipient(0, f"r{i}@fast.test")], 10,
+                        {"pool": "bulk"} if i < 40 else {}) for i in range(50)]
+    for message in messages:
+        scheduler.add_message(message)
+    scheduler.heartbeat("w", b"w", 100, [], 0.0)
+    starts: list[tuple[float, str, str]] = []
+    now = 0.0
+    while len(starts) < 50 and now < 30:
+        for job in scheduler.dispatch(now):
+            pool = scheduler.messages[job.queue_id].client.get("pool", "")
+            starts.append((now, job.source, pool))
+            scheduler.finish_job(job.job_id)
+            message = scheduler.messages[job.queue_id]
+            scheduler.set_state(message, message.recipients[0], State.DELIVERED)
+        now = round(now + 0.25, 2)
+        scheduler.heartbeat("w", b"w", 100, [], now)
+    assert len(starts) == 50
+    pooled = [(t, source) for t, source, pool in starts if pool]
+    assert {source for _, source in pooled} == {"a", "b"}
+    assert all(source == "" for _, source, pool in starts if not pool)
+    first_second = [source for t, source in pooled if t < 1.0]
+    assert len(first_second) == 10 and first_second.count("a") == first_second.count("b") == 5
+    for source in ("a", "b"):
+        times = [t for t, s in pooled if s == source]
+        assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) == 5
+    # The 40 pooled messages took 4 seconds (10/s), not 8: the limit is per source.
+    assert max(t for t, _ in pooled) < 4.0
+
+
+def test_a_suspension_through_one_source_leaves_the_others_unless_the_rule_says_destination() -> None:
+    shaper = pooled_shaper({"r.test": {"rules": [
+        {"match": "TS04", "action": "suspend", "duration": "1h"},
+        {"match": "blocked", "action": "suspend", "duration": "1h", "scope": "destination"}]}})
+    assert shaper.react("r.test", "421 4.7.0 [TS04] deferred", 0.0, "a") is not None
+    assert {shaper.choose("r.test", 10.0, "bulk") for _ in range(50)} == {"b"}  # a is suspended, b is not
+    assert shaper.choose("r.test", 10.0, "solo") is None  # its only source is suspended
+    assert shaper.choose("r.test", 10.0) == ""  # mail without a pool counts apart
+    rows = {row["source"]: row for row in shaper.status(10.0) if row["destination"] == "r.test"}
+    assert rows["a"]["suspended_until"] == 3600.0 and "TS04" in rows["a"]["reason"]
+    assert rows["b"]["suspended_until"] is None and rows[""]["suspended_until"] is None
+    # A rule scoped to the destination stops every source, whichever it came through.
+    assert shaper.react("r.test", "554 5.7.1 blocked", 20.0, "b") is not None
+    assert shaper.choose("r.test", 30.0, "bulk") is None and shaper.choose("r.test", 30.0) is None
+    assert shaper.choose("r.test", 3620.0, "bulk") in ("a", "b")
+
+
+def test_connection_limit_is_per_source_with_a_pool() -> None:
+    shaper = pooled_shaper({"c.test": {"connection_limit": 1}})
+    first = shaper.choose("c.test", 0.0, "bulk")
+    assert first in ("a", "b")
+    bucket = shaper.started("c.test", 0.0, first)
+    second = shaper.choose("c.test", 0.0, "bulk")
+    assert second is not None and second != first
+    shaper.started("c.test", 0.0, second)
+    assert shaper.choose("c.test", 0.0, "bulk") is None  # both sources at their one connection
+    shaper.finished(bucket, first)
+    assert shaper.choose("c.test", 0.0, "bulk") == first
+    # A pool this shard does not know, without a "default" pool: the destination's own counters.
+    assert shaper.choose("c.test", 0.0, "renamed") == ""
