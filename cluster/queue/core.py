@@ -3,7 +3,9 @@
     Inject        -> inject.py    Injector          store (group commit), answer Stored / InjectRefused
     Heartbeat     -> workers.py   WorkerRegistry    credits and leases, answer HeartbeatAck
     Result        -> workers.py (whose job) -> outcomes.py OutcomeRecorder (retry decisions) -> ledger.py
-    AdminRequest  -> admin.py     AdminOps          answer AdminReply
+    AdminRequest  -> admin.py     AdminOps          answer AdminReply ("user_usage": accounts.py)
+    Reserve, Release, AuthFailures -> accounts.py AccountCounters   per-user daily counters (durable),
+                                                    failed-AUTH counts per client address
     timer         -> maintenance.py Maintainer      promotions, expiry, backoffs, disk space, delay warnings
     dispatcher    -> dispatch.py  Dispatcher        jobs -> Deliver
     DSNs          -> bounces.py   BounceMaker, outbox.py Outbox (forwarding to the owning shard)
@@ -28,15 +30,19 @@ from typing import Any
 from cluster.bus.schemas import (
     AdminReply,
     AdminRequest,
+    AuthFailures,
     BusMessage,
     Error,
     Heartbeat,
     Inject,
+    Release,
+    Reserve,
     Result,
 )
 from cluster.config import Config
 from cluster.observability import domain_label
 from cluster.queue import metrics
+from cluster.queue.accounts import AccountCounters
 from cluster.queue.admin import AdminError, AdminOps
 from cluster.queue.bounces import BounceMaker
 from cluster.queue.deliverability_admin import DeliverabilityOps
@@ -60,6 +66,8 @@ log = logging.getLogger("mtacluster.queue")
 READY_ONLY = frozenset({State.READY})
 
 Send = Callable[[bytes, BusMessage], Awaitable[None]]
+# Usage entries older than 24 hours are deleted from the spool this often (seconds).
+PRUNE_INTERVAL = 60.0
 
 
 class ShardCore:
@@ -102,6 +110,8 @@ class ShardCore:
         self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity,
                               DeliverabilityOps(index, config, self.suppression, self.shaper, clock).handlers())
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
+        self.accounts = AccountCounters(self.label, self.io.commit, clock)
+        self._last_prune = 0.0
         self.quarantined: list[str] = []
         metrics.initialise(self.label)
 
@@ -110,6 +120,7 @@ class ShardCore:
     async def load(self) -> None:
         """Open the spool, recover from the last stop, and schedule what it holds."""
         loaded, in_flight = await self.io.open_and_recover()
+        self.accounts.load(await self.io.load_usage())
         if in_flight:
             metrics.POSSIBLE_DUPLICATES.labels(self.label).inc(in_flight)
             log.warning("shard %d: %d recipients were in flight at the last stop and may be delivered twice",
@@ -171,15 +182,23 @@ class ShardCore:
                 self.outcomes.record(job, message.outcomes, now)
         elif isinstance(message, AdminRequest):
             self.spawn(self._admin(identity, message))
+        elif isinstance(message, Reserve | Release | AuthFailures):
+            self.spawn(self._accounts(identity, message))
         else:
             await self._send(identity, Error(f"a shard does not accept {message.TYPE!r} messages"))
 
     async def _inject(self, identity: bytes, inject: Inject) -> None:
         await self._send(identity, await self.injector.handle(inject))
 
+    async def _accounts(self, identity: bytes, message: BusMessage) -> None:
+        await self._send(identity, await self.accounts.handle(message))
+
     async def _admin(self, identity: bytes, request: AdminRequest) -> None:
         try:
-            data = await self.admin.handle(request.op, request.args)
+            if request.op == "user_usage":
+                data: Any = self.accounts.usage(str(request.args.get("user", "")))
+            else:
+                data = await self.admin.handle(request.op, request.args)
         except AdminError as exc:
             data = {"not_found": True} if exc.not_found else None
             await self._send(identity, AdminReply(request.req, False, data, str(exc)))
@@ -197,6 +216,9 @@ class ShardCore:
         if self.maintainer.tick(self.clock(), monotonic, expire):
             self.dispatcher.wake()
         metrics.SUPPRESSION_SIZE.labels(self.label).set(len(self.suppression))
+        if monotonic - self._last_prune >= PRUNE_INTERVAL:
+            self._last_prune = monotonic
+            self.spawn(self.accounts.prune())
 
     async def idle_outcomes(self, grace: float) -> None:
         """Wait (up to `grace` seconds) for the outcomes being recorded to be committed."""
