@@ -91,6 +91,12 @@ class SmtpConfig:
     max_auth_failures: int = 3
     # RFC 3030 CHUNKING: EHLO offers CHUNKING and BDAT is accepted (as Postfix does by default since 3.4).
     chunking: bool = True
+    # Clients neither authenticated nor in relay_networks: refuse a MAIL FROM domain with no A, AAAA or MX
+    # (550 5.1.8; 450 4.1.8 when DNS fails temporarily; 550 5.7.27 for a null MX, RFC 7505).
+    reject_unknown_sender_domain: bool = True
+    # SPF (RFC 7208) for those clients: "reject" (fail -> 550 5.7.23), "tag" (only the Received-SPF header)
+    # or "off". A temporary DNS error gives 451 4.7.24 under "reject" and "tag".
+    spf: str = "reject"
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ class DeliveryConfig:
     smarthost: str = ""
     # TCP port used for MX hosts.
     port: int = 25
-    # DNS servers, "host" or "host:port"; empty = the system resolver.
+    # Older name of dns.nameservers (kept so that old files load); set one of them, not both.
     nameservers: tuple[str, ...] = ()
     # Name sent in EHLO; empty = smtp.hostname.
     helo_name: str = ""
@@ -169,6 +175,30 @@ class AuthConfig:
     # The users file (see cluster/users.py; `mtacluster user add`): who may log in with SMTP AUTH (to relay)
     # and POP3 (to fetch mail). Empty = nobody can log in.
     users_file: str = ""
+    # Failed SMTP AUTH attempts from one client address, counted cluster-wide (at the queue shard owning the
+    # address), within failure_window; past it every AUTH from that address gets 421 4.7.0 until the window
+    # has passed. 0 = no cluster-wide count (smtp.max_auth_failures still ends each session).
+    max_failures_per_client: int = 10
+    failure_window: Duration = Duration(900)
+    # An authenticated MAIL FROM must be one of the user's addresses (553 5.7.1 otherwise).
+    sender_login_match: bool = True
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Per authenticated user, over a rolling 24 hours, counted at the queue shard owning the user name
+    # (0 = no limit). The users file may override both per user.
+    messages_per_day: int = 1000
+    recipients_per_day: int = 5000
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    # DNS servers for every role, "host" or "host:port"; empty = the system resolver. `delivery.nameservers`
+    # is an older name for the same list.
+    nameservers: tuple[str, ...] = ()
+    # Seconds one lookup may take (all servers and retries together) before it counts as a temporary failure.
+    timeout: Duration = Duration(10)
 
 
 @dataclass(frozen=True)
@@ -389,6 +419,10 @@ class Config:
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     # [shaping."DESTINATION"] tables: "example.com", ".parent", "mx:mx-host-suffix" or "default".
     shaping: Mapping[str, ShapingRule] = field(default_factory=dict)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    # [aliases]: "postmaster@example.org" = ["alice@example.org"]: recipients that exist without an account.
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: types.MappingProxyType({}))
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -587,8 +621,19 @@ def _check_bounds(config: Config) -> None:
         split_host_port(d.smarthost, 25, key="delivery.smarthost")
     if not 0 < d.port < 65536:
         raise ConfigError("delivery.port", f"port {d.port} is out of range 1-65535")
-    for server in d.nameservers:
-        split_host_port(server, 53, key="delivery.nameservers")
+    for server in config.dns.nameservers:
+        host, _ = split_host_port(server, 53, key="dns.nameservers")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError("dns.nameservers", f"{server!r}: expected an IP address (optionally :port)") from None
+    at_least("dns.timeout", config.dns.timeout, 0.1)
+    if s.spf not in ("reject", "tag", "off"):
+        raise ConfigError("smtp.spf", f'expected "reject", "tag" or "off", got {s.spf!r}')
+    at_least("auth.max_failures_per_client", config.auth.max_failures_per_client, 0)
+    at_least("auth.failure_window", config.auth.failure_window, 1)
+    at_least("limits.messages_per_day", config.limits.messages_per_day, 0)
+    at_least("limits.recipients_per_day", config.limits.recipients_per_day, 0)
     at_least("delivery.concurrency", d.concurrency, 1)
     at_least("delivery.destination_concurrency", d.destination_concurrency, 1)
     at_least("delivery.max_recipients_per_transaction", d.max_recipients_per_transaction, 1)
@@ -797,6 +842,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "egress": EgressConfig,
     "mta_sts": MtaStsConfig,
     "suppression": SuppressionConfig,
+    "limits": LimitsConfig,
+    "dns": DnsConfig,
 }
 # Sections whose keys are names the operator chooses, each a table of one type.
 _NAMED_SECTIONS: dict[str, type[Any]] = {"shaping": ShapingRule}
@@ -859,10 +906,15 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
 def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
     """Build a validated Config from parsed TOML (plus environment overrides)."""
     for section in raw:
-        if section not in _SECTIONS and section not in _OLD_SECTIONS and section not in _NAMED_SECTIONS:
-            raise ConfigError(section, f"unknown section (known sections: {', '.join([*_SECTIONS, *_NAMED_SECTIONS])})")
+        if section not in _SECTIONS and section not in _OLD_SECTIONS and section not in _NAMED_SECTIONS \
+                and section != "aliases":
+            raise ConfigError(section, "unknown section (known sections: "
+                              f"{', '.join([*_SECTIONS, *_NAMED_SECTIONS])}, aliases)")
+    aliases = _aliases(raw.get("aliases", {}))
     merged: dict[str, dict[str, object]] = {}
     for section, table in raw.items():
+        if section == "aliases":
+            continue
         if not isinstance(table, dict):
             raise ConfigError(section, f"expected a table, got {table!r}")
         merged[section] = dict(table)
@@ -880,9 +932,39 @@ def config_from_dict(raw: Mapping[str, object], environ: Mapping[str, str] | Non
         shaping[name] = {**shaping.get(name, {}), **table}
     rules = types.MappingProxyType(
         {name: _build_section(ShapingRule, f"shaping.{name}", table) for name, table in shaping.items()})
-    config = Config(**sections, shaping=rules, deprecations=deprecations)
+    config = Config(**sections, shaping=rules, deprecations=deprecations, aliases=aliases)
+    config = _merge_nameservers(config)
     _check_bounds(config)
     return config
+
+
+def _aliases(raw: object) -> Mapping[str, tuple[str, ...]]:
+    """[aliases]: address -> list of addresses (a single string is a list of one); keys are lower-cased."""
+    if not isinstance(raw, dict):
+        raise ConfigError("aliases", f"expected a table of address = [addresses], got {raw!r}")
+    aliases: dict[str, tuple[str, ...]] = {}
+    for alias, targets in raw.items():
+        key = f"aliases.{alias}"
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(key, f"expected a non-empty list of addresses, got {targets!r}")
+        for address in (alias, *targets):
+            local, at, domain = address.rpartition("@")
+            if not at or not local or not domain or any(c.isspace() or c in "<>" for c in address):
+                raise ConfigError(key, f"{address!r} is not an address (local@domain)")
+        aliases[alias.lower()] = tuple(targets)
+    return types.MappingProxyType(aliases)
+
+
+def _merge_nameservers(config: Config) -> Config:
+    """`delivery.nameservers` is the old name of `dns.nameservers`: one list, read from either."""
+    old, new = config.delivery.nameservers, config.dns.nameservers
+    if old and new and old != new:
+        raise ConfigError("delivery.nameservers", "is the old name of dns.nameservers: set only dns.nameservers")
+    servers = new or old
+    return dataclasses.replace(config, dns=dataclasses.replace(config.dns, nameservers=servers),
+                               delivery=dataclasses.replace(config.delivery, nameservers=servers))
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:

@@ -55,3 +55,11 @@ def shard_for_address(address: str, shards: Sequence[str], excluded: frozenset[i
     if not at or not domain:
         return next((i for i in range(len(shards)) if i not in excluded), 0)
     return shard_for_domain(domain, shards, excluded)
+
+
+def shard_for_key(key: str, shards: Sequence[str]) -> int:
+    """Shard owning another piece of state named by `key` (ARCHITECTURE.md contract 7): a user's sending counters
+    (key: the user name) or a client address's failed-AUTH count (key: the address). Case does not matter."""
+    if not shards:
+        raise ValueError("no shards configured")
+    return _owner(key.strip().lower(), len(shards))

@@ -69,10 +69,29 @@ Shard -> shard (the outbox: forwarded DSNs and the queue of a draining shard; AR
     shard -> Stored(req, queue_id)       after the transaction holding it is fsynced (the sender deletes its
                                          copy only then), or InjectRefused (e.g. 452 4.3.1 disk full).
 
-Admin (mtacluster queue ..., mtacluster shard ...)
+Frontend -> shard (accounts; the shard owning the user name, or the client address, on the same ring:
+cluster/bus/ring.py shard_for_key)
+    Reserve(req, user, messages, recipients, max_messages, max_recipients, entry_id)
+                                         a per-user daily limit (rolling 24 hours; 0 = no limit). With an
+                                         empty entry_id it only asks whether that much more would fit (at MAIL
+                                         and RCPT: nothing is recorded). With an entry_id it records the usage
+                                         when it fits, committed in the spool (group commit) before the answer,
+                                         and before the frontend injects the message it counts.
+    shard -> Granted(req, entry_id, messages_used, recipients_used)      the usage after this one
+    shard -> Refused(req, reason, messages_used, recipients_used)        reason "messages" or "recipients"
+    Release(req, entry_id)               the message was not stored after all: the usage entry is removed
+    shard -> Released(req, found)        (committed). Idempotent.
+    AuthFailures(req, client_ip, failed, window, limit)
+                                         failed AUTH from a client address: `failed` more of them now (0 to
+                                         only ask); counted over `window` seconds, in memory (as Postfix's
+                                         anvil: a shard restart forgets them)
+    shard -> AuthStatus(req, failures, blocked_for)   blocked_for > 0: seconds until AUTH is allowed again
+
+Admin (mtacluster queue ..., mtacluster shard ..., mtacluster user show)
     AdminRequest(req, op, args) -> AdminReply(req, ok, data, error)
     ping's data carries the shard's `state` (serving, draining, drained): frontends route around a shard
     that is not serving, and the HeartbeatAck's `state` tells workers the same.
+    op "user_usage", args {"user": NAME} -> data {"messages": N, "recipients": N} in the current 24 hours
 
 Any direction
     Error(text, req)                     the receiver could not understand or handle a frame; `req` names the
@@ -302,6 +321,71 @@ class AdminReply(BusMessage):
 
 
 @dataclass(frozen=True)
+class Reserve(BusMessage):
+    TYPE: ClassVar[str] = "reserve"
+    req: int
+    user: str
+    messages: int
+    recipients: int
+    max_messages: int
+    max_recipients: int
+    entry_id: str = ""
+
+
+@dataclass(frozen=True)
+class Granted(BusMessage):
+    TYPE: ClassVar[str] = "granted"
+    req: int
+    entry_id: str
+    messages_used: int
+    recipients_used: int
+
+
+@dataclass(frozen=True)
+class Refused(BusMessage):
+    TYPE: ClassVar[str] = "refused"
+    req: int
+    reason: str
+    messages_used: int
+    recipients_used: int
+
+
+@dataclass(frozen=True)
+class Release(BusMessage):
+    TYPE: ClassVar[str] = "release"
+    req: int
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class Released(BusMessage):
+    TYPE: ClassVar[str] = "released"
+    req: int
+    found: bool
+
+
+@dataclass(frozen=True)
+class AuthFailures(BusMessage):
+    TYPE: ClassVar[str] = "auth_failures"
+    req: int
+    client_ip: str
+    failed: int
+    window: float
+    limit: int
+
+
+@dataclass(frozen=True)
+class AuthStatus(BusMessage):
+    TYPE: ClassVar[str] = "auth_status"
+    req: int
+    failures: int
+    blocked_for: float
+
+
+REFUSED_REASONS = ("messages", "recipients")
+
+
+@dataclass(frozen=True)
 class Error(BusMessage):
     """Answer to a frame the receiver could not understand."""
 
@@ -313,7 +397,7 @@ class Error(BusMessage):
 MESSAGE_TYPES: dict[str, type[BusMessage]] = {
     cls.TYPE: cls
     for cls in (Inject, Stored, InjectRefused, Transfer, Heartbeat, HeartbeatAck, Deliver, Result, AdminRequest,
-                AdminReply, Error)
+                AdminReply, Reserve, Granted, Refused, Release, Released, AuthFailures, AuthStatus, Error)
 }
 
 
@@ -392,17 +476,22 @@ _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "op": str, "args": dict, "ok": bool, "error": str, "recipient": str, "kind": str, "remote": str,
     "port": int, "connect_seconds": (int, float), "transfer_seconds": (int, float),
     "hops": int, "arrival": (int, float), "warned": bool, "state": str,
+    "user": str, "messages": int, "max_messages": int, "max_recipients": int, "entry_id": str,
+    "messages_used": int, "recipients_used": int, "reason": str, "found": bool, "client_ip": str, "failed": int,
+    "window": (int, float), "limit": int, "failures": int, "blocked_for": (int, float),
 }
 
 # Number fields that count or measure something, so can never be negative.
 _COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard", "port", "connect_seconds",
-                     "transfer_seconds", "incarnation", "last_seq", "hops", "arrival"})
+                     "transfer_seconds", "incarnation", "last_seq", "hops", "arrival", "messages", "max_messages",
+                     "max_recipients", "messages_used", "recipients_used", "failed", "limit", "failures"})
 
 
 def _check_types(message: BusMessage | Outcome, where: str = "") -> None:
     where = where or getattr(message, "TYPE", "")
     for f in dataclasses.fields(message):
-        expected = _EXPECTED.get(f.name)
+        # Reserve counts recipients (an int); everywhere else "recipients" is a list of addresses.
+        expected = int if isinstance(message, Reserve) and f.name == "recipients" else _EXPECTED.get(f.name)
         value = getattr(message, f.name)
         if expected is not None and (not isinstance(value, expected) or (isinstance(value, bool) and expected is int)):
             raise SchemaError(f"{where}.{f.name}: expected {_type_name(expected)}, got {type(value).__name__}")
@@ -532,8 +621,22 @@ def _check_refused(message: BusMessage) -> None:
         raise SchemaError(f"inject_refused.code: {message.code} is not a 4xx or 5xx reply code")
 
 
+def _check_reserve(message: BusMessage) -> None:
+    assert isinstance(message, Reserve)
+    if message.recipients < 0:
+        raise SchemaError("reserve.recipients: must not be negative")
+
+
+def _check_accounts_times(message: BusMessage) -> None:
+    assert isinstance(message, AuthFailures | AuthStatus)
+    seconds = message.window if isinstance(message, AuthFailures) else message.blocked_for
+    if seconds < 0:
+        raise SchemaError(f"{message.TYPE}: a duration must not be negative")
+
+
 _CHECKS: dict[type[BusMessage], Callable[[BusMessage], None]] = {
     Inject: _check_inject, Transfer: _check_transfer, Deliver: _check_deliver, Heartbeat: _check_heartbeat,
     HeartbeatAck: _check_ack,
-    AdminRequest: _check_admin_request, InjectRefused: _check_refused,
+    AdminRequest: _check_admin_request, InjectRefused: _check_refused, Reserve: _check_reserve,
+    AuthFailures: _check_accounts_times, AuthStatus: _check_accounts_times,
 }

@@ -6,7 +6,7 @@
     mtacluster keys FILE                                            the cluster's CURVE key pair
     mtacluster queue list|show|flush|hold|release|delete|bounce ... queue administration (every shard)
     mtacluster shard drain N [--wait] | undrain N | status [--json] take a shard out of the ring and back
-    mtacluster user add|remove|list [NAME]                          the users file (auth.users_file)
+    mtacluster user add|remove|disable|enable|show|list [NAME]       accounts (auth.users_file)
     mtacluster dkim keygen DOMAIN --selector S [--algorithm rsa|ed25519] [--bits N] --out FILE    a DKIM key
     mtacluster suppression list | add ADDR | remove ADDR           the suppression lists (every shard)
     mtacluster shaping status                                       traffic shaping in force, and why

@@ -39,9 +39,22 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: warning: {note}", file=sys.stderr)
     if config.mta_sts.enabled:
         verifying_context(config.mta_sts.ca_file)
+    _check_users_file(config.auth.users_file)
     smtp = config.smtp
     listeners = ", ".join(f"{name} {' '.join(addresses)}" for name, addresses in (
         ("listen", smtp.listen), ("submission", smtp.submission_listen), ("submissions", smtp.submissions_listen))
         if addresses)
     print(f"{args.config or 'built-in defaults'}: ok ({len(config.queue.shards)} shards, {listeners})")
     return 0
+
+
+def _check_users_file(path: str) -> None:
+    """The users file must parse (every account, its addresses and limits), or ConfigError names it."""
+    from cluster.config import ConfigError
+    from cluster.users import UserDatabase, UsersFileError
+
+    if path:
+        try:
+            UserDatabase(path).names()
+        except UsersFileError as exc:
+            raise ConfigError("auth.users_file", str(exc)) from None

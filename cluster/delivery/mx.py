@@ -180,7 +180,7 @@ class DnsMxResolver:
             for server in nameservers:
                 host, port = split_host_port(server, 53)
                 if ip_literal(host) is None:
-                    raise ValueError(f"delivery.nameservers: {server!r} must be an IP address (optionally :port)")
+                    raise ValueError(f"dns.nameservers: {server!r} must be an IP address (optionally :port)")
                 servers.append(dns.nameserver.Do53Nameserver(host, port))
             self._resolver.nameservers = servers
         else:
@@ -189,7 +189,7 @@ class DnsMxResolver:
             except dns.resolver.NoResolverConfiguration:
                 # No usable /etc/resolv.conf (some minimal containers): ask a resolver on this host, and let
                 # the lookups fail as temporary errors (deferrals) if there is none.
-                log.warning("no system DNS configuration; using 127.0.0.1 (set delivery.nameservers)")
+                log.warning("no system DNS configuration; using 127.0.0.1 (set dns.nameservers)")
                 self._resolver = dns.asyncresolver.Resolver(configure=False)
                 self._resolver.nameservers = ["127.0.0.1"]
         self._resolver.lifetime = timeout

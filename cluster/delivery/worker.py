@@ -92,7 +92,8 @@ class Worker:
     def __init__(self, config: Config, name: str | None = None, resolver: MxResolver | None = None) -> None:
         self.config = config
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.resolver: MxResolver = resolver or CachingMxResolver(DnsMxResolver(config.delivery.nameservers))
+        self.resolver: MxResolver = resolver or CachingMxResolver(
+            DnsMxResolver(config.dns.nameservers, config.dns.timeout))
         delivery = config.delivery
         self.cache = ConnectionCache(delivery.connection_idle_timeout, delivery.max_deliveries_per_connection)
         sts = config.mta_sts

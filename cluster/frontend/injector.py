@@ -18,13 +18,14 @@ configuration change is needed to drain a shard; a message already being stored 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 
 from cluster.bus.client import BusLink, NoAnswer
 from cluster.bus.ring import shard_for_address
-from cluster.bus.schemas import AdminReply, AdminRequest, Inject, InjectRefused, Stored
+from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, Inject, InjectRefused, Stored
 from cluster.bus.security import CurveKeys
 from cluster.frontend import metrics
 from cluster.smtp import replies
@@ -104,6 +105,17 @@ class ShardClient:
             return answer
         log.warning("%s answered an inject with %r", link.name, answer)
         return None
+    async def ask(self, shard: int, message: BusMessage) -> BusMessage | None:
+        """Send one request to shard `shard` (its `req` replaced by the link's own numbering); the answer, or None
+        when none came within `timeout` (an unreachable shard included)."""
+        link = self.links[shard]
+        try:
+            return await link.request(lambda req: dataclasses.replace(message, req=req),  # type: ignore[call-arg]
+                                      self.timeout)
+        except NoAnswer as missing:
+            log.warning("%s: no answer to a %s: %s", link.name, message.TYPE, missing)
+            return None
+
     async def inject(self, sender: str, recipients: Sequence[str], body: bytes,
                      client: dict[str, str]) -> tuple[Reply, list[str]]:
         """Store one message on every shard that owns some of its recipients: (reply for the client, queue ids)."""

@@ -13,14 +13,19 @@ session sends its positive reply.
     check_mail(facts, sender, params)         MAIL FROM (sender None: the null reverse-path <>)
     check_rcpt(facts, recipient)              RCPT TO; `facts.sender` is the transaction's sender
     check_message(facts, message)             end of DATA, before the message is stored
+    message_stored(facts, stored)             after the attempt to store it (stored: every shard said Stored);
+                                              lets a check undo what it did at check_message
 
 `SessionFacts` is what a check knows of the session: client address, listener, HELO name, TLS, the
-authenticated user, relay rights, and the transaction so far. Checks must not change it.
+authenticated user, relay rights, and the transaction so far. Checks must not change it, except the two
+fields that are theirs: `trace_headers` (header fields to prepend to the stored message, e.g. Received-SPF) and
+`reservation` (what check_message recorded, for message_stored); the session clears both with each transaction.
 
 The checks here: `RelayPolicy` (ARCHITECTURE.md contract 5, no open relay: a recipient is accepted when its
 domain is one of `smtp.local_domains`, or the client is inside `smtp.relay_networks`, or it authenticated;
 else 554 5.7.1) and `SubmissionPolicy` (RFC 6409 4.3: on the submission listeners MAIL needs AUTH first,
-530 5.7.0). `REJECTION_REASONS` names each refusal for the `mtacluster_smtp_messages_rejected` metric.
+530 5.7.0); the accounts' checks are cluster.accounts.checks. `rejection_reason(reply)` names each refusal for
+the `mtacluster_smtp_messages_rejected` metric: by the reply itself, else by its code and enhanced code.
 Failure modes: a check that raises is a bug; the session does not catch it (the connection closes).
 """
 
@@ -44,7 +49,25 @@ LISTENER_KINDS = (SMTP, SUBMISSION, SUBMISSIONS)
 REJECTION_REASONS: dict[Reply, str] = {
     replies.RELAY_DENIED: "relay_denied",
     replies.AUTH_REQUIRED: "auth_required",
+    replies.LIMITS_UNAVAILABLE: "limits_unavailable",
+    replies.RECIPIENT_CHECK_UNAVAILABLE: "recipient_check_unavailable",
 }
+# Refusals whose text varies (it names the user, address or domain), by code and enhanced code.
+REJECTION_CODES: dict[tuple[int, str], str] = {
+    (553, "5.7.1"): "sender_not_owned",
+    (450, "4.7.1"): "daily_limit",
+    (550, "5.1.1"): "unknown_recipient",
+    (550, "5.1.8"): "unknown_sender_domain",
+    (450, "4.1.8"): "sender_domain_tempfail",
+    (550, "5.7.27"): "null_mx_sender_domain",
+    (550, "5.7.23"): "spf_fail",
+    (451, "4.7.24"): "spf_temperror",
+}
+
+
+def rejection_reason(reply: Reply) -> str:
+    """The `reason` label of a policy refusal ("policy" when nothing more precise is known)."""
+    return REJECTION_REASONS.get(reply) or REJECTION_CODES.get((reply.code, reply.enhanced), "policy")
 
 
 @dataclass
@@ -62,6 +85,9 @@ class SessionFacts:
     # The current mail transaction: its sender (after an accepted MAIL) and the recipients accepted so far.
     sender: Address | None = None
     recipients: list[Address] = field(default_factory=list)
+    # Written by checks (see above), cleared with each transaction.
+    trace_headers: list[bytes] = field(default_factory=list)
+    reservation: str = ""
 
     @property
     def may_relay(self) -> bool:
@@ -85,6 +111,9 @@ class SessionPolicy:
         return None
 
     async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
+        return None
+
+    async def message_stored(self, facts: SessionFacts, stored: bool) -> None:
         return None
 
 
@@ -124,6 +153,10 @@ class PolicyChain(SessionPolicy):
             if (reply := await check.check_message(facts, message)) is not None:
                 return reply
         return None
+
+    async def message_stored(self, facts: SessionFacts, stored: bool) -> None:
+        for check in self.checks:
+            await check.message_stored(facts, stored)
 
 
 class RelayPolicy(SessionPolicy):

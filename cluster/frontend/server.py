@@ -29,8 +29,14 @@ import socket
 import ssl
 from collections import Counter
 
+from cluster.accounts.checks import AccountChecks, ShardsLater
+from cluster.accounts.policy import AccountPolicy
+from cluster.accounts.recipients import LocalRecipients
+from cluster.accounts.spf import DnsLookup, SpfChecker
 from cluster.bus.security import cluster_keys
 from cluster.config import Config, split_host_port
+from cluster.delivery.mx import CachingMxResolver, DnsMxResolver
+from cluster.delivery.routing import Router
 from cluster.frontend import auth, metrics
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
@@ -60,11 +66,12 @@ _BACKLOG = 1024
 
 class Frontend:
     def __init__(self, config: Config, checks: tuple[SessionPolicy, ...] = ()) -> None:
-        """`checks` run before the built-in relay and submission checks at every decision point."""
+        """`checks` run before the built-in accounts, relay and submission checks at every decision point."""
         self.config = config
         self.relay = RelayPolicy(config.smtp.relay_networks, config.smtp.local_domains)
         self.settings, self.security = self._security(config)
-        self.listeners = self._listeners(config, checks)
+        self.accounts = self._accounts(config, self.security.users)
+        self.listeners = self._listeners(config, (*checks, AccountChecks(self.accounts)))
         self.shards: ShardClient | None = None
         self.servers: list[asyncio.Server] = []
         # Set when stopping: a connection accepted just before the listeners closed gets 421 at once (the shard
@@ -97,6 +104,18 @@ class Frontend:
                                         extension_commands=frozenset(verbs | {"STARTTLS"}))
         return before_tls, Security(tls_context=context, tls_settings=after_tls, users=users, outbound=outbound)
 
+    @staticmethod
+    def _accounts(config: Config, users: UserDatabase | None) -> AccountPolicy:
+        """Accounts, limits and the sender and recipient checks (cluster.accounts); its shard client comes with
+        `run`."""
+        spf = None
+        if config.smtp.spf != "off":
+            spf = SpfChecker(DnsLookup(config.dns.nameservers, config.dns.timeout), config.smtp.hostname,
+                             config.dns.timeout)
+        resolver = CachingMxResolver(DnsMxResolver(config.dns.nameservers, config.dns.timeout))
+        recipients = LocalRecipients(Router(config.delivery), users, config.aliases)
+        return AccountPolicy(config, users, ShardsLater(list(config.queue.shards)), resolver, recipients, spf)
+
     def _listeners(self, config: Config, checks: tuple[SessionPolicy, ...]) -> dict[str, Listener]:
         mta = PolicyChain((*checks, self.relay))
         submission = PolicyChain((SubmissionPolicy(), *checks, self.relay))
@@ -123,6 +142,8 @@ class Frontend:
         self.shards = ShardClient(self.config.queue.shards, self.config.smtp.inject_timeout,
                                   cluster_keys(self.config.bus))
         self.shards.start()
+        assert isinstance(self.accounts.shards, ShardsLater)
+        self.accounts.shards.bind(self.shards)
         smtp = self.config.smtp
         try:
             for kind, addresses in ((SMTP, smtp.listen), (SUBMISSION, smtp.submission_listen)):
@@ -229,6 +250,8 @@ class Frontend:
                 task.cancel()
         if self.shards is not None:
             await self.shards.close()
+        if self.accounts.spf is not None:
+            self.accounts.spf.close()
 
     async def _accept(self, listener: Listener, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:

@@ -37,7 +37,7 @@ from cluster.frontend import metrics
 from cluster.frontend.auth import SmtpAuth, Step, Verify
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
-from cluster.frontend.policy import REJECTION_REASONS, SessionFacts, SessionPolicy
+from cluster.frontend.policy import SessionFacts, SessionPolicy, rejection_reason
 from cluster.frontend.received import protocol_name, received_header
 from cluster.frontend.submission import complete_headers
 from cluster.smtp import replies
@@ -162,7 +162,7 @@ class InboundSession:
 
     def _count_refusal(self, reply: Reply | None) -> None:
         if reply is not None:
-            reason = REJECTION_REASONS.get(reply, "policy")
+            reason = rejection_reason(reply)
             metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener.kind).inc()
 
     def _sync_facts(self) -> None:
@@ -171,6 +171,8 @@ class InboundSession:
         if not self.conn.in_transaction:
             self.facts.sender = None
             self.facts.recipients = []
+            self.facts.trace_headers = []
+            self.facts.reservation = ""
 
     async def run(self) -> None:
         self.conn.start()
@@ -213,7 +215,11 @@ class InboundSession:
                 try:
                     refusal = await self.policy.check_message(self.facts, event)
                     self._count_refusal(refusal)
-                    self.conn.respond(refusal or await self._store(event))
+                    reply = refusal
+                    if reply is None:
+                        reply = await self._store(event)
+                        await self.policy.message_stored(self.facts, reply.is_positive)
+                    self.conn.respond(reply)
                 finally:
                     self.storing = False
             elif isinstance(event, ExtensionCommand) and event.verb == "STARTTLS":
@@ -324,6 +330,8 @@ class InboundSession:
         outbound = self.security.outbound
         prepared = (await outbound.prepare(data, sender=sender, user=self.auth.user, relayed=self.facts.may_relay)
                     if outbound is not None else None)
+        # RFC 7208 9.1: Received-SPF (from the checks) above our Received field.
+        header = b"".join(self.facts.trace_headers) + header
         body = (prepared.header if prepared is not None else b"") + header + data
         client = {"ip": self.client_ip, "helo": self.conn.helo_name or "", "protocol": protocol,
                   "trace_id": trace_id}

@@ -59,7 +59,7 @@ from cluster.mailbox.pop3_protocol import (
 )
 from cluster.mailbox.proxy import BackendError, open_backend, splice
 from cluster.tls import cluster_client_context, server_context, start_tls
-from cluster.users import UserDatabase, UsersFileError
+from cluster.users import AuthOutcome, UserDatabase, UsersFileError
 
 log = logging.getLogger(__name__)
 
@@ -294,14 +294,15 @@ class Pop3Session:
 
     async def _check(self, event: CredentialsReceived) -> CredentialCheck:
         try:
-            ok = await asyncio.to_thread(self.users.verify, event.username, event.password)
+            outcome = await asyncio.to_thread(self.users.authenticate, event.username, event.password)
         except UsersFileError as exc:
             log.error("pop3 login of %r: users file unusable: %s", event.username, exc)
             metrics.LOGINS.labels(result="error").inc()
             return CredentialCheck.UNAVAILABLE
-        if not ok:
+        if outcome is not AuthOutcome.OK:
+            # A disabled account gets the same answer as a wrong password (no enumeration); the log says why.
             metrics.LOGINS.labels(result="failed").inc()
-            log.info("pop3 login failed user=%r client=%s", event.username, self.client_ip)
+            log.info("pop3 login failed user=%r client=%s reason=%s", event.username, self.client_ip, outcome.value)
             return CredentialCheck.INVALID
         return CredentialCheck.OK
 

@@ -51,6 +51,8 @@ class GroupCommitter:
                     merged.updates.extend(part.updates)
                     merged.flags.update(part.flags)
                     merged.removals.extend(part.removals)
+                    merged.usage_adds.extend(part.usage_adds)
+                    merged.usage_removals.extend(part.usage_removals)
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._executor, self._spool.commit, merged)

@@ -3,7 +3,9 @@
     Inject        -> inject.py    Injector          store (group commit), answer Stored / InjectRefused
     Heartbeat     -> workers.py   WorkerRegistry    credits and leases, answer HeartbeatAck
     Result        -> workers.py (whose job) -> outcomes.py OutcomeRecorder (retry decisions) -> ledger.py
-    AdminRequest  -> admin.py     AdminOps          answer AdminReply
+    AdminRequest  -> admin.py     AdminOps          answer AdminReply ("user_usage": accounts.py)
+    Reserve, Release, AuthFailures -> accounts.py AccountCounters   per-user daily counters (durable),
+                                                    failed-AUTH counts per client address
     timer         -> maintenance.py Maintainer      promotions, expiry, backoffs, disk space, delay warnings
     dispatcher    -> dispatch.py  Dispatcher        jobs -> Deliver
     DSNs          -> bounces.py   BounceMaker, outbox.py Outbox (forwarding to the owning shard)
@@ -30,16 +32,20 @@ from typing import Any
 from cluster.bus.schemas import (
     AdminReply,
     AdminRequest,
+    AuthFailures,
     BusMessage,
     Error,
     Heartbeat,
     Inject,
+    Release,
+    Reserve,
     Result,
     Transfer,
 )
 from cluster.config import Config
 from cluster.observability import domain_label
 from cluster.queue import metrics
+from cluster.queue.accounts import AccountCounters
 from cluster.queue.admin import AdminError, AdminOps
 from cluster.queue.bounces import BounceMaker
 from cluster.queue.deliverability_admin import DeliverabilityOps
@@ -64,6 +70,8 @@ log = logging.getLogger("mtacluster.queue")
 READY_ONLY = frozenset({State.READY})
 
 Send = Callable[[bytes, BusMessage], Awaitable[None]]
+# Usage entries older than 24 hours are deleted from the spool this often (seconds).
+PRUNE_INTERVAL = 60.0
 
 
 class ShardCore:
@@ -109,6 +117,8 @@ class ShardCore:
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
         self.drain = Drain(config, index, directory, self.scheduler, self.ledger.locks, self.io, self.outbox,
                            self._set_dispatching, self._schedule_new, self.spawn)
+        self.accounts = AccountCounters(self.label, self.io.commit, clock)
+        self._last_prune = 0.0
         self.quarantined: list[str] = []
         metrics.initialise(self.label)
 
@@ -118,6 +128,7 @@ class ShardCore:
         """Open the spool, recover from the last stop, and schedule what it holds."""
         loaded, in_flight = await self.io.open_and_recover()
         self.drain.load()
+        self.accounts.load(await self.io.load_usage())
         if in_flight:
             metrics.POSSIBLE_DUPLICATES.labels(self.label).inc(in_flight)
             log.warning("shard %d: %d recipients were in flight at the last stop and may be delivered twice",
@@ -182,6 +193,8 @@ class ShardCore:
             self.spawn(self._admin(identity, message))
         elif isinstance(message, Transfer):
             self.spawn(self._transfer(identity, message))
+        elif isinstance(message, Reserve | Release | AuthFailures):
+            self.spawn(self._accounts(identity, message))
         else:
             await self._send(identity, Error(f"a shard does not accept {message.TYPE!r} messages"))
 
@@ -191,11 +204,16 @@ class ShardCore:
     async def _transfer(self, identity: bytes, transfer: Transfer) -> None:
         await self._send(identity, await self.drain.receive(transfer, self.injector.short_of_space))
 
+    async def _accounts(self, identity: bytes, message: BusMessage) -> None:
+        await self._send(identity, await self.accounts.handle(message))
+
     async def _admin(self, identity: bytes, request: AdminRequest) -> None:
         try:
             data: Any
             if request.op in DRAIN_OPS:
                 data = await self.drain.handle_admin(request.op, request.args)
+            elif request.op == "user_usage":
+                data = self.accounts.usage(str(request.args.get("user", "")))
             else:
                 data = await self.admin.handle(request.op, request.args)
         except AdminError as exc:
@@ -216,6 +234,9 @@ class ShardCore:
             self.dispatcher.wake()
         metrics.SUPPRESSION_SIZE.labels(self.label).set(len(self.suppression))
         self.drain.tick()
+        if monotonic - self._last_prune >= PRUNE_INTERVAL:
+            self._last_prune = monotonic
+            self.spawn(self.accounts.prune())
 
     async def idle_outcomes(self, grace: float) -> None:
         """Wait (up to `grace` seconds) for the outcomes being recorded to be committed."""

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from cluster.queue.records import Message, RecipientUpdate
 from cluster.queue.spool import Batch, LoadResult, Quarantined, SpoolError
+from cluster.queue.usage import UsageEntry
 
 
 class MemorySpool:
@@ -25,6 +26,7 @@ class MemorySpool:
         self.commits = 0
         self._messages: dict[str, Message] = {}
         self._bodies: dict[str, bytes] = {}
+        self._usage: dict[str, UsageEntry] = {}
         self._open = False
         self._failures = 0
         self._disk_full = False
@@ -84,6 +86,10 @@ class MemorySpool:
             for queue_id in batch.removals:
                 self._messages.pop(queue_id, None)
                 self._bodies.pop(queue_id, None)
+            for entry in batch.usage_adds:
+                self._usage.setdefault(entry.entry_id, entry)
+            for entry_id in batch.usage_removals:
+                self._usage.pop(entry_id, None)
             self.commits += 1
 
     def _update(self, update: RecipientUpdate) -> None:
@@ -93,6 +99,11 @@ class MemorySpool:
         recipient = message.recipients[update.index]
         recipient.state, recipient.attempts, recipient.next_attempt = update.state, update.attempts, update.next_attempt
         recipient.last = update.last
+
+    def load_usage(self) -> list[UsageEntry]:
+        self._check_open()
+        with self._lock:
+            return list(self._usage.values())
 
     def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
         self._check_open()

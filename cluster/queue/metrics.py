@@ -84,3 +84,12 @@ def initialise_drain(shard: str) -> None:
         DRAIN_STATE.labels(shard, state)
     DRAIN_REMAINING.labels(shard)
     DRAIN_MOVED.labels(shard)
+
+# Per-user daily limits and AUTH failure counts kept by this shard (cluster.queue.accounts).
+USER_LIMIT_REFUSALS = Counter("mtacluster_queue_user_limit_refusals_total",
+                              "Requests refused by a per-user daily limit, by user and limit (messages, recipients)",
+                              ["shard", "user", "limit"])
+USAGE_ENTRIES = Gauge("mtacluster_queue_usage_entries", "Messages counted in the users' current 24-hour windows",
+                      ["shard"])
+AUTH_CLIENTS_BLOCKED = Counter("mtacluster_queue_auth_clients_blocked_total",
+                               "Client addresses that reached auth.max_failures_per_client", ["shard"])

@@ -7,6 +7,7 @@ Operations (all blocking; the shard calls them from one dedicated thread):
     commit(batch)          one transaction: store new messages (with their bodies), update recipient states,
                            remove finished messages; returns after the transaction is durable (fsync)
     read_bodies(ids)       message bodies for dispatch (bodies are not kept in memory)
+    load_usage()           the per-user sending counters (cluster.queue.usage), committed by `commit` too
     quarantine(id, why)    move a record aside: <dir>/quarantine/<queue_id>.msgpack, then drop it from the db
     free_space()           bytes available to unprivileged users on the spool's file system
 
@@ -37,6 +38,7 @@ import msgpack
 
 from cluster.bus.schemas import OutcomeKind
 from cluster.queue.records import LastOutcome, Message, Recipient, RecipientUpdate, State
+from cluster.queue.usage import UsageEntry
 
 
 class SpoolError(OSError):
@@ -55,9 +57,13 @@ class Batch:
     # queue_id -> new (warned, forward_shard) flags
     flags: dict[str, tuple[bool, int]] = field(default_factory=dict)
     removals: list[str] = field(default_factory=list)
+    # Per-user sending counters (cluster.queue.usage): entries to record and entry ids to delete.
+    usage_adds: list[UsageEntry] = field(default_factory=list)
+    usage_removals: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.stores or self.updates or self.flags or self.removals)
+        return bool(self.stores or self.updates or self.flags or self.removals or self.usage_adds
+                    or self.usage_removals)
 
     def add_message(self, message: Message, body: bytes) -> None:
         """Store a new message (and its body) in this batch's transaction."""
@@ -86,6 +92,8 @@ class Spool(Protocol):
     def commit(self, batch: Batch) -> None: ...
 
     def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]: ...
+
+    def load_usage(self) -> list[UsageEntry]: ...
 
     def read_headers(self, queue_id: str) -> bytes | None: ...
 
@@ -122,6 +130,13 @@ CREATE TABLE IF NOT EXISTS recipients (
     enhanced TEXT NOT NULL DEFAULT '',
     reply_text TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (queue_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    entry_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    at REAL NOT NULL,
+    messages INTEGER NOT NULL,
+    recipients INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 # Columns added since the first release, with their definitions (added by `open` to an older spool).
@@ -279,6 +294,10 @@ class SqliteSpool:
                                [(int(w), f, q) for q, (w, f) in batch.flags.items()])
                 db.executemany("DELETE FROM recipients WHERE queue_id=?", [(q,) for q in batch.removals])
                 db.executemany("DELETE FROM messages WHERE queue_id=?", [(q,) for q in batch.removals])
+                db.executemany("INSERT OR IGNORE INTO usage (entry_id, user, at, messages, recipients) "
+                               "VALUES (?, ?, ?, ?, ?)",
+                               [(u.entry_id, u.user, u.at, u.messages, u.recipients) for u in batch.usage_adds])
+                db.executemany("DELETE FROM usage WHERE entry_id=?", [(e,) for e in batch.usage_removals])
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -286,6 +305,13 @@ class SqliteSpool:
         except sqlite3.Error as exc:
             full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
             raise SpoolError(f"spool transaction failed: {exc}", disk_full=full) from None
+
+    def load_usage(self) -> list[UsageEntry]:
+        try:
+            rows = self.db.execute("SELECT entry_id, user, at, messages, recipients FROM usage").fetchall()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read the usage counters: {exc}") from None
+        return [UsageEntry(str(e), str(u), float(a), int(m), int(r)) for e, u, a, m, r in rows]
 
     def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
         bodies: dict[str, bytes] = {}

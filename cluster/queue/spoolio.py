@@ -19,6 +19,7 @@ from typing import TypeVar
 from cluster.queue.commit import GroupCommitter
 from cluster.queue.records import RecipientUpdate, State
 from cluster.queue.spool import Batch, LoadResult, Spool
+from cluster.queue.usage import UsageEntry
 
 log = logging.getLogger("mtacluster.queue")
 
@@ -64,6 +65,10 @@ class SpoolIO:
 
     async def commit(self, batch: Batch) -> None:
         await self._committer.submit(batch)
+
+    async def load_usage(self) -> list[UsageEntry]:
+        """The per-user usage entries the spool holds (cluster.queue.usage)."""
+        return await self._call(self.spool.load_usage)
 
     async def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
         return await self._call(self.spool.read_bodies, list(queue_ids))

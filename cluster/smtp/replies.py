@@ -273,3 +273,42 @@ def too_big_for_remote(size: int, limit: int, remote: str) -> Reply:
 def smtputf8_unsupported(remote: str) -> Reply:
     """RFC 6531 3.6.1: a non-ASCII address to a host without SMTPUTF8 (553 5.6.7)."""
     return Reply.of(553, "5.6.7", f"{remote} does not support SMTPUTF8, needed for this address")
+# --- account and policy refusals decided by the frontend (cluster.accounts) ---
+# Password guessing: too many failed AUTH from one client address, cluster-wide (auth.max_failures_per_client).
+AUTH_BLOCKED = Reply.of(421, "4.7.0", "Too many failed authentication attempts from your address, try again later")
+AUTH_CHECK_UNAVAILABLE = Reply.of(454, "4.7.0", "Temporary authentication failure, try again later")
+# The user's queue shard (which keeps its daily counters) cannot be reached: never "allow" (issue 9).
+LIMITS_UNAVAILABLE = Reply.of(451, "4.3.0", "Cannot check the sending limit now, try again later")
+SENDER_DOMAIN_TEMPFAIL = Reply.of(450, "4.1.8", "Sender address rejected: temporary DNS failure looking up its domain")
+RECIPIENT_CHECK_UNAVAILABLE = Reply.of(451, "4.3.0", "Cannot check the recipient now, try again later")
+SPF_TEMPERROR = Reply.of(451, "4.7.24", "SPF check of the sender failed temporarily (RFC 7208 temperror), try again")
+
+
+def sender_not_owned(user: str) -> Reply:
+    """auth.sender_login_match: an authenticated MAIL FROM that is not one of the user's addresses."""
+    return Reply.of(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
+
+
+def daily_limit_reached(what: str) -> Reply:
+    """A per-user daily limit ([limits]): `what` says which, e.g. "1000 messages per 24 hours"."""
+    return Reply.of(450, "4.7.1", f"daily sending limit reached ({what})")
+
+
+def unknown_recipient(address: str) -> Reply:
+    """A local-transport recipient that is neither a user nor an alias."""
+    return Reply.of(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
+
+
+def unknown_sender_domain(domain: str) -> Reply:
+    """smtp.reject_unknown_sender_domain: no A, AAAA or MX for the MAIL FROM domain (RFC 3463 X.1.8)."""
+    return Reply.of(550, "5.1.8", f"Sender address rejected: Domain {domain} not found")
+
+
+def null_mx_sender_domain(domain: str) -> Reply:
+    """RFC 7505 4.2: mail from a domain that publishes a null MX may be refused with 550 5.7.27."""
+    return Reply.of(550, "5.7.27", f"Sender address rejected: Domain {domain} does not accept mail (null MX)")
+
+
+def spf_fail(explanation: str) -> Reply:
+    """RFC 7208 8.4 and RFC 7372 3.2: SPF fail under smtp.spf = "reject"."""
+    return Reply.of(550, "5.7.23", f"SPF check failed: {explanation}")

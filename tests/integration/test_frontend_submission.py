@@ -87,8 +87,12 @@ async def frontend(pki: tuple[str, str], users_file: str, checks: tuple[SessionP
         "smtp": {"hostname": "mta.test", "listen": [f"127.0.0.1:{ports.smtp}"],
                  "submission_listen": [f"127.0.0.1:{ports.submission}"],
                  "submissions_listen": [f"127.0.0.1:{ports.submissions}"],
-                 "relay_networks": ["127.0.0.1/32"], "tls_cert_file": pki[0], "tls_key_file": pki[1], **smtp},
-        "queue": {"shards": [endpoint]}, "auth": {"users_file": users_file}}, environ={})
+                 "relay_networks": ["127.0.0.1/32"], "tls_cert_file": pki[0], "tls_key_file": pki[1],
+                 "reject_unknown_sender_domain": False, "spf": "off", **smtp},
+        # The scripted shard answers only injects and pings: no cluster-wide AUTH failure count and no daily
+        # limits here (test_accounts_e2e.py tests both against real shards), no sender DNS checks.
+        "queue": {"shards": [endpoint]}, "auth": {"users_file": users_file, "max_failures_per_client": 0},
+        "limits": {"messages_per_day": 0, "recipients_per_day": 0}}, environ={})
     server = Frontend(config, checks)
     stop = asyncio.Event()
     running = asyncio.create_task(server.run(stop))
@@ -297,7 +301,9 @@ def up_cluster(tmp_path: Path, pki: tuple[str, str], users_file: str) -> Iterato
         "smtp": {"hostname": "mta.test", "listen": [f"127.0.0.1:{ports.smtp}"],
                  "submission_listen": [f"127.0.0.1:{ports.submission}"],
                  "submissions_listen": [f"127.0.0.1:{ports.submissions}"],
-                 "relay_networks": [], "tls_cert_file": pki[0], "tls_key_file": pki[1]},
+                 "relay_networks": [], "tls_cert_file": pki[0], "tls_key_file": pki[1],
+                 # example.org is not in any DNS here: the port-25 sender checks are test_accounts_e2e.py's.
+                 "reject_unknown_sender_domain": False, "spf": "off"},
         "auth": {"users_file": users_file},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
         "delivery": {"smarthost": sink.address},

@@ -72,8 +72,12 @@ async def frontend(pki: tuple[str, str], users_file: str, **smtp: object) -> Asy
     port = free_port()
     config = config_from_dict({
         "smtp": {"hostname": "mta.test", "listen": [f"127.0.0.1:{port}"], "relay_networks": ["127.0.0.1/32"],
-                 "tls_cert_file": pki[0], "tls_key_file": pki[1], **smtp},
-        "queue": {"shards": [endpoint]}, "auth": {"users_file": users_file}}, environ={})
+                 "tls_cert_file": pki[0], "tls_key_file": pki[1], "reject_unknown_sender_domain": False,
+                 "spf": "off", **smtp},
+        # The scripted shard answers only injects: no cluster-wide AUTH failure count, no daily limits here
+        # (test_accounts_e2e.py tests those against real shards).
+        "queue": {"shards": [endpoint]}, "auth": {"users_file": users_file, "max_failures_per_client": 0},
+        "limits": {"messages_per_day": 0, "recipients_per_day": 0}}, environ={})
     server = Frontend(config)
     stop = asyncio.Event()
     running = asyncio.create_task(server.run(stop))
@@ -106,7 +110,7 @@ def relay_with_auth(port: int, context: ssl.SSLContext, mechanism: str) -> dict[
             seen["auth"] = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
         else:
             seen["auth"] = client.login(USER, PASSWORD)
-        client.mail("sender@client.test")
+        client.mail(USER)  # auth.sender_login_match: the user's own address
         seen["rcpt_after_auth"] = client.rcpt("someone@elsewhere.test")
         seen["data"] = client.data(MESSAGE)
     return seen
@@ -303,7 +307,7 @@ def test_swaks_starttls_auth_plain_relays_and_no_log_holds_the_password(
     cluster, sink = tls_cluster
     result = subprocess.run(
         [swaks, "--server", f"127.0.0.1:{cluster.smtp_port}", "--local-interface", "127.0.0.5",
-         "--from", "sender@client.test", "--to", "friend@elsewhere.test", "--tls", "--auth", "PLAIN",
+         "--from", USER, "--to", "friend@elsewhere.test", "--tls", "--auth", "PLAIN",
          "--auth-user", USER, "--auth-password", PASSWORD, "--helo", "client.test"],
         capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

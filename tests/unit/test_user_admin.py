@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
 
 from cluster.cli import main
-from cluster.users import UserDatabase
+from cluster.users import UserDatabase, add_user
+from tests.support.tooling import free_port
 
 
 def config_file(tmp_path: Path, **sections: dict[str, str]) -> str:
@@ -24,7 +26,7 @@ def config_file(tmp_path: Path, **sections: dict[str, str]) -> str:
 def test_add_list_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     users = tmp_path / "users"
     config = config_file(tmp_path, auth={"users_file": str(users)})
-    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret pass\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret pass\n"))  # 11 characters: long enough
     assert main(["user", "add", "alice@example.org", "--password-stdin", "--config", config]) == 0
     assert UserDatabase(str(users)).verify("alice@example.org", "s3cret pass")
     assert users.stat().st_mode & 0o777 == 0o600
@@ -54,7 +56,7 @@ def test_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert main(["user", "add", "bad name", "--password-stdin", "--config", config]) == 1
     assert main(["user", "remove", "nobody", "--config", config]) == 1
     err = capsys.readouterr().err
-    assert "must not be empty" in err and "not a valid user name" in err and "No such file" in err
+    assert "must not be empty" in err and "not a valid user name" in err and "no user 'nobody'" in err
 
 
 @pytest.mark.parametrize(
@@ -76,3 +78,56 @@ def test_config_check_refuses_a_key_that_does_not_match(tmp_path: Path, capsys: 
     assert main(["config", "check", config_file(tmp_path, smtp={"tls_cert_file": str(not_pem),
                                                                 "tls_key_file": str(not_pem)})]) == 2
     assert "configuration error: smtp.tls_key_file:" in capsys.readouterr().err
+
+
+def test_add_with_addresses_and_limits_disable_enable_list_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    users = tmp_path / "users"
+    config = config_file(tmp_path, auth={"users_file": str(users)})
+    monkeypatch.setattr("sys.stdin", io.StringIO("long enough pass\n"))
+    assert main(["user", "add", "carol@example.org", "--password-stdin", "--address", "@example.net",
+                 "--address", "c@example.com", "--messages-per-day", "7", "--recipients-per-day", "0",
+                 "--config", config]) == 0
+    assert main(["user", "disable", "carol@example.org", "--config", config]) == 0
+    assert not UserDatabase(str(users)).verify("carol@example.org", "long enough pass")
+    capsys.readouterr()
+    assert main(["user", "list", "--json", "--config", config]) == 0
+    [carol] = json.loads(capsys.readouterr().out)
+    assert carol == {"name": "carol@example.org", "state": "disabled",
+                     "addresses": ["carol@example.org", "@example.net", "c@example.com"],
+                     "messages_per_day": 7, "recipients_per_day": 0, "mailbox_quota": None}
+    assert main(["user", "enable", "carol@example.org", "--config", config]) == 0
+    assert UserDatabase(str(users)).verify("carol@example.org", "long enough pass")
+    assert main(["user", "enable", "nobody", "--config", config]) == 1
+
+
+def test_add_refuses_short_passwords_and_bad_addresses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config = config_file(tmp_path, auth={"users_file": str(tmp_path / "users")})
+    monkeypatch.setattr("sys.stdin", io.StringIO("seven77\n"))
+    assert main(["user", "add", "dave", "--password-stdin", "--config", config]) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("long enough pass\n"))
+    assert main(["user", "add", "dave", "--password-stdin", "--address", "not an address", "--config", config]) == 1
+    err = capsys.readouterr().err
+    assert "at least 8 characters" in err and "--address 'not an address'" in err
+    assert not (tmp_path / "users").exists()
+
+
+def test_show_prints_the_account_and_reports_an_unreachable_shard(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    users = tmp_path / "users"
+    add_user(str(users), "erin@example.org", "long enough pass", messages_per_day=5)
+    path = tmp_path / "mtacluster.toml"
+    path.write_text(f'[auth]\nusers_file = "{users}"\n[queue]\nshards = ["tcp://127.0.0.1:{free_port()}"]\n')
+    assert main(["user", "show", "erin@example.org", "--timeout", "0.2", "--config", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "state:       active" in captured.out and "5 messages" in captured.out
+    assert "usage unknown" in captured.err
+    assert main(["user", "show", "nobody", "--config", str(path)]) == 1
+
+
+def test_config_check_refuses_a_malformed_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    users = tmp_path / "users"
+    users.write_text('[users."alice"]\npassword = "scrypt$1$2$3$4$5"\nmessages_per_day = "many"\n')
+    assert main(["config", "check", config_file(tmp_path, auth={"users_file": str(users)})]) == 2
+    assert "configuration error: auth.users_file:" in capsys.readouterr().err

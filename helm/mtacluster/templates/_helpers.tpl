@@ -184,8 +184,8 @@ app.kubernetes.io/component: {{ .component }}
       "spool_dir" "/var/lib/mtacluster/spool") }}
 {{- $metrics := dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "top_domains" .Values.metrics.topDomains }}
 {{- $bus := mergeOverwrite (default dict $config.bus) (dict "curve_key_file" "/etc/mtacluster/keys/curve.key") }}
-{{- $sections := dict "smtp" $smtp "queue" $queue "delivery" (default dict $config.delivery) "metrics" $metrics "bus" $bus "auth" $auth }}
-{{- $names := list "smtp" "queue" "delivery" "metrics" "bus" "auth" }}
+{{- $sections := dict "smtp" $smtp "queue" $queue "delivery" (default dict $config.delivery) "metrics" $metrics "bus" $bus "auth" $auth "limits" (default dict $config.limits) "dns" (default dict $config.dns) }}
+{{- $names := list "smtp" "queue" "delivery" "metrics" "bus" "auth" "limits" "dns" }}
 {{- if .Values.mailbox.enabled }}
 {{- $mailbox := mergeOverwrite (default dict $config.mailbox) (dict
       "maildir_root" "/var/lib/mtacluster/maildir"
@@ -209,6 +209,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- range $key := keys $section | sortAlpha }}
 {{ $key }} = {{ include "mtacluster.tomlValue" (get $section $key) }}
 {{- end }}
+{{- end }}
+{{- $aliases := default dict $config.aliases }}
+
+[aliases]
+{{- range $alias := keys $aliases | sortAlpha }}
+{{ toJson $alias }} = {{ include "mtacluster.tomlValue" (get $aliases $alias) }}
 {{- end }}
 {{- end }}
 

@@ -1,0 +1,1 @@
+"""Accounts and the checks around them: SPF, sender domains, local recipients, per-user limits, AUTH failures."""
