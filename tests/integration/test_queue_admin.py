@@ -131,7 +131,7 @@ async def test_ping_says_which_shard_and_whether_it_is_ready(tmp_path: Path) -> 
     running = await RunningShard(shard_config(tmp_path / "spool")).start()
     try:
         reply = await admin(running.client(), "ping")
-        assert reply.ok and reply.data == {"shard": 0, "epoch": running.shard.epoch, "ready": True}
+        assert reply.ok and reply.data == {"shard": 0, "epoch": running.shard.epoch, "ready": True, "state": "serving"}
     finally:
         await running.close()
 
