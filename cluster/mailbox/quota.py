@@ -9,21 +9,20 @@ never fits (the message alone is larger than the quota: 552 5.2.2).
 `mailbox_usage(config, name)` is what `mtacluster user show` prints: it reads the Maildir under this
 machine's `mailbox.maildir_root` (on a cluster with several nodes, the owner's; see `ownership`).
 Failure modes: a missing Maildir is empty; files vanishing during the scan (a POP3 QUIT) are skipped; an
-unreadable users file means no override (the global quota applies) and is logged by the caller.
+unreadable users file raises UsersFileError; the caller logs it and applies the global quota.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import Config, ConfigError, parse_size
+from cluster.config import Config
 from cluster.mailbox.maildir import MailboxNameError, mailbox_name
 from cluster.mailbox.ownership import login_localpart
-from cluster.users import UserDatabase, UsersFileError
+from cluster.users import UserDatabase
 
 
 class Verdict(enum.Enum):
@@ -61,31 +60,18 @@ def maildir_usage(directory: Path) -> tuple[int, int]:
 def quota_override(users: UserDatabase, mailbox: str) -> int | None:
     """The users file's `mailbox_quota` for the account whose Maildir is `mailbox`, or None (no override).
 
-    The one place that reads that per-user field. The users file is TOML, one table per account
-    (`[users."alice@example.org"]` with `mailbox_quota = "1GiB"`); a file in the older one-line-per-user
-    format has no quotas. Accounts whose names share a local part share a Maildir: the first of them (by name)
-    with a quota sets it. Raises UsersFileError for a quota that is not a size.
+    The users file (`cluster.users`) parses and checks the field; this picks the account. Accounts whose names
+    share a local part share a Maildir: the first of them (by name) with a quota sets it. Raises
+    UsersFileError when the users file cannot be read or holds a quota that is not a size.
     """
-    if not users.path:
-        return None
-    try:
-        document = tomllib.loads(Path(users.path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None  # unreadable (the logins fail and say why) or the line format: no per-user quotas
-    accounts = document.get("users")
-    if not isinstance(accounts, dict):
-        return None
-    for name, entry in sorted(accounts.items()):
-        if not isinstance(entry, dict) or "mailbox_quota" not in entry:
+    for account in users.accounts():
+        if account.mailbox_quota is None:
             continue
         try:
-            if mailbox_name(login_localpart(name)) != mailbox:
-                continue
-            return int(parse_size(entry["mailbox_quota"], f"users.{name}.mailbox_quota"))
+            if mailbox_name(login_localpart(account.name)) == mailbox:
+                return account.mailbox_quota
         except MailboxNameError:
             continue
-        except ConfigError as exc:
-            raise UsersFileError(f"{users.path}: {exc}") from None
     return None
 
 
