@@ -5,11 +5,13 @@ deferred with one attempt made. `mtacluster shard drain 2 --wait` must leave sha
 recipient held once by shards 0 and 1 with its attempts kept; new mail must never be stored on shard 2, also
 after it restarts; and once the sink is there, every accepted (message, recipient) arrives exactly once, counted
 by Message-ID at the sink. The same under kill -9 of the source and of a target in the middle of the drain.
+A frontend takes a longer `queue.shards` on SIGHUP, without a restart.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import smtplib
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.harness import Cluster, SmtpSink, wait_for
+from tests.support.harness import Cluster, RoleProcess, SmtpSink, wait_for, write_config
 from tests.support.tooling import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -186,3 +188,31 @@ def test_drain_survives_kill_9(tmp_path: Path, victim: str) -> None:
     finally:
         cluster.stop()
         sink.stop()
+
+
+def test_a_frontend_takes_a_new_shard_list_on_sighup(tmp_path: Path) -> None:
+    """queue.shards grows from one shard to two in the frontend's file: after SIGHUP, new mail reaches shard 1."""
+    cluster = Cluster(tmp_path / "cluster", shards=2, frontends=0, workers=0, metrics=True)
+    frontend_sections = {**cluster.sections, "queue": {**cluster.sections["queue"],
+                                                       "shards": cluster.sections["queue"]["shards"][:1]}}
+    frontend_config = write_config(tmp_path / "frontend.toml", frontend_sections)
+    frontend = RoleProcess("frontend", ["serve", "frontend", "--config", str(frontend_config)],
+                           tmp_path / "frontend.log")
+    cluster.processes.append(frontend)
+    try:
+        cluster.start()
+        frontend.start()
+        frontend.wait_ready()
+        shard_1 = cluster.shard_process(1)
+        send(cluster, 0, 10, set())
+        assert shard_1.metric("mtacluster_queue_messages_stored_total", shard="1") == 0
+
+        write_config(frontend_config, cluster.sections)
+        assert frontend.process is not None
+        frontend.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "queue.shards reloaded: 2 shards" in frontend.log(), 10, "the frontend to reload")
+        wait_for(lambda: send(cluster, 10, 10, set()) is None and shard_1.metric(
+            "mtacluster_queue_messages_stored_total", shard="1") > 0, 20, "new mail on shard 1", interval=0.5)
+        assert frontend.process.poll() is None
+    finally:
+        cluster.stop()
