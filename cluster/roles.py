@@ -1,7 +1,9 @@
 """Run one role of the cluster (frontend, queue shard, worker, mailbox) in this process: what `mtacluster serve` does.
 
-Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, starts the role's /metrics /healthz /readyz HTTP
-listener, prints one startup line once the role is ready, and returns the process exit code.
+Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, SIGHUP into a reload of what the role can take
+without a restart (a frontend: `queue.shards`, read again from the configuration file), starts the role's
+/metrics /healthz /readyz HTTP listener, prints one startup line once the role is ready, and returns the process
+exit code.
 Failure modes: a configuration the role cannot use (port taken, spool unreadable) ends with a one-line error
 on stderr and exit code 1, never a traceback.
 """
@@ -19,7 +21,7 @@ from typing import Protocol
 import uvloop
 
 from cluster import logs
-from cluster.config import Config
+from cluster.config import Config, ConfigError, load_config
 
 ROLES = ("frontend", "queue", "worker", "mailbox")
 log = logging.getLogger("mtacluster")
@@ -60,7 +62,21 @@ def build_service(role: str, config: Config, shard: int, node: int = 0) -> tuple
     raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
 
 
-async def _serve(role: str, config: Config, shard: int, node: int) -> int:
+async def _reload(service: object, path: str | None) -> None:
+    """SIGHUP: read the configuration again and hand a role that can take it the new `queue.shards`."""
+    reload_shards = getattr(service, "reload_shards", None)
+    if reload_shards is None:
+        log.info("SIGHUP: this role takes no configuration change without a restart")
+        return
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("SIGHUP: configuration not reloaded, keeping the old one: %s", exc)
+        return
+    await reload_shards(list(config.queue.shards))
+
+
+async def _serve(role: str, config: Config, shard: int, node: int, path: str | None = None) -> int:
     from cluster.observability import serve_http
 
     stop = asyncio.Event()
@@ -70,6 +86,14 @@ async def _serve(role: str, config: Config, shard: int, node: int) -> int:
     for note in config.deprecations:
         log.warning("configuration: %s", note)
     service, where = build_service(role, config, shard, node)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.create_task(_reload(service, path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     http = None
     metrics_where = "metrics=off"
     if config.metrics.listen:
@@ -94,11 +118,11 @@ async def _announce_when_ready(ready: Callable[[], bool], line: str) -> None:
     print(f"mtacluster: ready role={line}", flush=True)
 
 
-def serve(role: str, config: Config, shard: int = 0, node: int = 0) -> int:
-    """Run one role until SIGTERM/SIGINT; return the exit code."""
+def serve(role: str, config: Config, shard: int = 0, node: int = 0, path: str | None = None) -> int:
+    """Run one role until SIGTERM/SIGINT (SIGHUP: reload what the role can, from `path`); return the exit code."""
     logs.configure(role, config.log.format, config.log.level)
     try:
-        return uvloop.run(_serve(role, config, shard, node))
+        return uvloop.run(_serve(role, config, shard, node, path))
     except (OSError, ValueError) as exc:
         print(f"mtacluster serve {role}: {exc}", file=sys.stderr)
         return 1

@@ -32,4 +32,4 @@ def run(args: argparse.Namespace) -> int:
         print("mtacluster serve: the pop3 role is now the mailbox role (LMTP, POP3, POP3S); running "
               "`serve mailbox`", file=sys.stderr)
         role = "mailbox"
-    return serve(role, load(args), args.shard, args.node)
+    return serve(role, load(args), args.shard, args.node, args.config)

@@ -13,6 +13,7 @@ last few seconds and said it is ready. A drained shard counts as reachable: it t
 Draining (issue 14): the ping's answer carries the shard's `state` (serving, draining, drained). New mail for
 the domains of a shard that is not serving goes to their owner on the ring without it (`excluded`), so no
 configuration change is needed to drain a shard; a message already being stored there finishes normally.
+A new `queue.shards` list (SIGHUP, cluster/roles.py) is taken without a restart (`set_shards`).
 """
 
 from __future__ import annotations
@@ -43,17 +44,50 @@ class ShardClient:
         self.timeout = timeout
         # Liveness: a shard silent (ZMTP heartbeats included) for REACHABLE_WITHIN seconds loses its connection,
         # and with it the injects queued to it (their clients got 451 already); a fresh one is made when it is back.
-        self.links = [BusLink(endpoint, keys, name=f"shard {index}", liveness=REACHABLE_WITHIN)
-                      for index, endpoint in enumerate(self.shards)]
+        self.keys = keys
+        self.links = [self._link(index, endpoint) for index, endpoint in enumerate(self.shards)]
         self._ready = [False] * len(self.links)
         # Shards that said they are draining or drained: the ring skips them for new mail.
         self.excluded: frozenset[int] = frozenset()
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _link(self, index: int, endpoint: str) -> BusLink:
+        return BusLink(endpoint, self.keys, name=f"shard {index}", liveness=REACHABLE_WITHIN)
+
     def start(self) -> None:
         for index, link in enumerate(self.links):
             link.start()
             self._tasks.append(asyncio.create_task(self._ping_forever(index, link)))
+
+    async def set_shards(self, shards: Sequence[str]) -> None:
+        """Take a new `queue.shards` list (SIGHUP): links to changed or removed endpoints are closed, new ones
+        made; indices keep their meaning, so only the domains of added or removed shards move."""
+        shards = list(shards)
+        if shards == self.shards:
+            return
+        old_links, old_tasks = self.links, self._tasks
+        links: list[BusLink] = []
+        tasks: list[asyncio.Task[None]] = []
+        ready: list[bool] = []
+        for index, endpoint in enumerate(shards):
+            if index < len(self.shards) and self.shards[index] == endpoint:
+                links.append(old_links[index])
+                tasks.append(old_tasks[index])
+                ready.append(self._ready[index])
+                continue
+            link = self._link(index, endpoint)
+            link.start()
+            links.append(link)
+            tasks.append(asyncio.create_task(self._ping_forever(index, link)))
+            ready.append(False)
+        self.shards, self.links, self._tasks, self._ready = shards, links, tasks, ready
+        self.excluded = frozenset(i for i in self.excluded if i < len(shards))
+        gone = [(link, task) for link, task in zip(old_links, old_tasks, strict=True) if link not in links]
+        for link, task in gone:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await link.close()
+        log.info("queue.shards reloaded: %d shards (%d links replaced)", len(shards), len(gone))
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -134,6 +134,11 @@ class Frontend:
         return [server.sockets[0].getsockname()[:2] for server, server_kind in pairs
                 if server.sockets and server_kind == kind]
 
+    async def reload_shards(self, shards: list[str]) -> None:
+        """A new `queue.shards` (SIGHUP): new mail is routed over it from now on."""
+        if self.shards is not None:
+            await self.shards.set_shards(shards)
+
     def is_ready(self) -> bool:
         listening = bool(self.servers) or bool(self._tls_sockets)
         return listening and self.shards is not None and self.shards.all_reachable()

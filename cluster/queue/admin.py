@@ -1,6 +1,7 @@
 """Admin operations of a shard, answered over AdminRequest(op, args) -> AdminReply(ok, data, error).
 
-    ping    {}                                                 -> {"shard", "epoch", "ready"}  (frontend readiness)
+    ping    {}                                                 -> {"shard", "epoch", "ready", "state"}  (frontend
+                                                                 readiness; state: drain.py's serving/draining/drained)
     list    {domain?: str, deferred_only?: bool, limit?: int}  -> {"messages": [message, ...] (at most limit,
                                                                  oldest first), "total": n (all that match), "limit"}
     show    {queue_id}                                         -> message + {"headers": str}

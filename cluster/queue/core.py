@@ -116,7 +116,7 @@ class ShardCore:
                               DeliverabilityOps(index, config, self.suppression, self.shaper, clock).handlers())
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
         self.drain = Drain(config, index, directory, self.scheduler, self.ledger.locks, self.io, self.outbox,
-                           self._set_dispatching, self._schedule_new, self.spawn)
+                           self._set_dispatching, self._schedule_new, self.spawn, self.suppression)
         self.accounts = AccountCounters(self.label, self.io.commit, clock)
         self._last_prune = 0.0
         self.quarantined: list[str] = []

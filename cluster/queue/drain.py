@@ -18,6 +18,12 @@ Stored. Mail that still arrives (an inject already under way, a DSN from another
 The owners are found on the ring without this shard and without every shard that said (ping) it is not
 serving, so two shards draining at once do not pass mail back and forth.
 
+Other owned state moves too before the shard calls itself drained: its suppression entries (suppression.py)
+go to the shard that now owns each address's domain (`suppression_import`, an admin operation answered by
+drain.py: entries stored as they are, since and until kept; a repeat replaces an entry by the same one), and
+are removed here only after the owner answered. Per-user sending counters do not exist on this branch's main
+yet; shaping state is derived from configuration and recent replies, and is rebuilt by the new owner.
+
 Receiving (`receive`): a Transfer is stored under its own queue id, keyed by (queue_id, hops): the message
 is committed first, then the key is appended (fsynced) to `transfers-received` in the spool directory, then
 Stored is answered. A resend of a key this shard holds (in its queue or outbox) or once held (the journal) is
@@ -35,16 +41,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 
-from cluster.bus.client import BusLink, ask_all, links_to
+from cluster.bus.client import BusLink, NoAnswer, ask_all, links_to
 from cluster.bus.ring import shard_for_address
 from cluster.bus.schemas import (
     AdminReply,
@@ -62,6 +71,7 @@ from cluster.queue.records import Message, Recipient, State
 from cluster.queue.scheduler import Scheduler
 from cluster.queue.spool import Batch, SpoolError
 from cluster.queue.spoolio import SpoolIO
+from cluster.queue.suppression import Entry, SuppressionList
 from cluster.queue.transfer import message_of
 
 log = logging.getLogger("mtacluster.queue")
@@ -69,7 +79,9 @@ log = logging.getLogger("mtacluster.queue")
 SERVING, DRAINING, DRAINED = "serving", "draining", "drained"
 STATES = (SERVING, DRAINING, DRAINED)
 # The admin operations drain.py answers (`mtacluster shard drain|undrain|status`).
-DRAIN_OPS = ("drain", "undrain", "drain_status")
+DRAIN_OPS = ("drain", "undrain", "drain_status", "suppression_import")
+# Seconds a new owner gets to answer a suppression_import.
+IMPORT_TIMEOUT = 5.0
 STATE_FILE = "drain-state"
 JOURNAL_FILE = "transfers-received"
 # Messages moved to the outbox per spool transaction (one per maintenance tick at most).
@@ -86,7 +98,8 @@ class Drain:
     def __init__(self, config: Config, index: int, directory: Path | None, scheduler: Scheduler,
                  locks: MessageLocks, io: SpoolIO, outbox: Outbox, set_dispatching: Callable[[bool], None],
                  on_stored: Callable[[Message], None],
-                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], None],
+                 suppression: SuppressionList | None = None) -> None:
         self.config = config
         self.index = index
         self.label = str(index)
@@ -98,6 +111,8 @@ class Drain:
         self._set_dispatching = set_dispatching
         self._on_stored = on_stored
         self._spawn = spawn
+        self.suppression = suppression
+        self._links: list[BusLink] = []
         self.state = SERVING
         self.others_not_serving: frozenset[int] = frozenset()
         self.moved = 0
@@ -159,9 +174,29 @@ class Drain:
         elif op == "undrain":
             if self.state != SERVING:
                 await asyncio.to_thread(self._save, SERVING)
+        elif op == "suppression_import":
+            return self._import_suppression(args)
         elif op != "drain_status":
             raise DrainError(f"unknown drain operation {op!r}")
         return self.status()
+
+    def _import_suppression(self, args: dict[str, Any]) -> dict[str, Any]:
+        entries = args.get("entries")
+        if self.suppression is None or not isinstance(entries, list):
+            raise DrainError("suppression_import needs a list of entries and suppression on")
+        imported = 0
+        for item in entries:
+            try:
+                entry = Entry(**item)
+            except TypeError:
+                raise DrainError(f"not a suppression entry: {item!r}") from None
+            if not isinstance(entry.address, str) or not isinstance(entry.until, int | float):
+                raise DrainError(f"not a suppression entry: {item!r}")
+            self.suppression.add(entry.address, str(entry.category), str(entry.reply), float(entry.since),
+                                 float(entry.until) - float(entry.since))
+            imported += 1
+        log.info("shard %d: imported %d suppression entries from a drained shard", self.index, imported)
+        return {"shard": self.index, "imported": imported}
 
     def status(self) -> dict[str, Any]:
         return {"shard": self.index, "state": self.state, "queued": len(self.scheduler.messages),
@@ -192,8 +227,36 @@ class Drain:
         self._moving = True
         self._spawn(self._move_batch())
 
+    async def _hand_over_suppression(self) -> bool:
+        """Send the suppression entries to their new owners; True when none is left here."""
+        if self.suppression is None or not len(self.suppression):
+            return True
+        if not self._links:
+            return False
+        owners: dict[int, list[Entry]] = {}
+        for entry in self.suppression.entries(time.time()):
+            owner = shard_for_address(entry.address, self.config.queue.shards, self.excluded())
+            owners.setdefault(owner, []).append(entry)
+        for owner, entries in owners.items():
+            args = {"entries": [dataclasses.asdict(e) for e in entries]}
+            try:
+                reply = await self._links[owner].request(
+                    functools.partial(_admin_request, "suppression_import", args), IMPORT_TIMEOUT)
+            except NoAnswer as missing:
+                log.warning("shard %d: suppression entries not handed over yet: %s", self.index, missing)
+                return False
+            if not (isinstance(reply, AdminReply) and reply.ok):
+                log.warning("shard %d: shard %d did not take suppression entries: %s", self.index, owner, reply)
+                return False
+            for entry in entries:
+                self.suppression.remove(entry.address)
+            log.info("shard %d: %d suppression entries handed to shard %d", self.index, len(entries), owner)
+        return not len(self.suppression)
+
     async def _finish(self) -> None:
         try:
+            if not await self._hand_over_suppression():
+                return
             if self.state == DRAINING and not self.scheduler.messages and not len(self.outbox):
                 await asyncio.to_thread(self._save, DRAINED)
                 log.info("shard %d drained: %d messages handed to the other shards", self.index, self.moved)
@@ -271,6 +334,7 @@ class Drain:
         links: list[BusLink] = links_to(list(self.config.queue.shards), keys, context=context)
         for link in links:
             link.start()
+        self._links = links
         others = [link for i, link in enumerate(links) if i != self.index]
         indices = [i for i in range(len(links)) if i != self.index]
         try:
@@ -287,6 +351,7 @@ class Drain:
                     self.others_not_serving = frozenset(not_serving)
                 await asyncio.sleep(PEER_POLL)
         finally:
+            self._links = []
             for link in links:
                 await link.close()
 
@@ -339,3 +404,7 @@ class Drain:
 def _renumbered(number: int, recipient: Recipient) -> Recipient:
     return Recipient(number, recipient.address, recipient.state, recipient.attempts, recipient.next_attempt,
                      recipient.last)
+
+
+def _admin_request(op: str, args: dict[str, Any], req: int) -> AdminRequest:
+    return AdminRequest(req=req, op=op, args=args)
