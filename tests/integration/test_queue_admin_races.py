@@ -111,10 +111,12 @@ def test_overlapping_admin_commands_deliver_nothing_twice(tmp_path: Path, sink_p
         assert not twice, f"delivered more than once: {twice}"
         missing = [mid for _, mid in mail if f"<{mid}>" not in received and mid not in removed]
         assert not missing, f"never delivered: {missing}"
-        # One log line per delivery, grep-able by queue id.
-        log = cluster.shard_process(0).log()
+        # One log line per delivery, grep-able by queue id (the line may land just after the queue empties).
         delivered = [(queue_id, recipient) for queue_id, (recipient, mid) in zip(
             ids, sorted(mail, key=lambda pair: pair[0]), strict=True) if f"<{mid}>" in received]
+        wait_for(lambda: all(f"{queue_id}: to=<{recipient}>" in cluster.shard_process(0).log()
+                             for queue_id, recipient in delivered[:20]), 20, "the delivery log lines")
+        log = cluster.shard_process(0).log()
         for queue_id, recipient in delivered[:20]:
             lines = [line for line in log.splitlines() if f"{queue_id}: to=<{recipient}>" in line
                      and "status=sent" in line]
