@@ -52,5 +52,8 @@ class Maintainer:
             metrics.MESSAGES.labels(self.label, state).set(scheduler.message_counts[State(state)])
             metrics.RECIPIENTS.labels(self.label, state).set(scheduler.recipient_counts[State(state)])
         metrics.WORKERS.labels(self.label).set(len(scheduler.workers))
+        metrics.HELD_OFF_DESTINATIONS.labels(self.label).set(len(scheduler.backoff_until))
+        metrics.HELD_OFF_MESSAGES.labels(self.label).set(scheduler.held_off_messages() if scheduler.backoff_until
+                                                         else 0)
         oldest = next(iter(scheduler.messages.values()), None)
         metrics.OLDEST_AGE.labels(self.label).set(max(0.0, now - oldest.arrival) if oldest else 0.0)

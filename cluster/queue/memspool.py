@@ -25,6 +25,7 @@ class MemorySpool:
         self.commits = 0
         self._messages: dict[str, Message] = {}
         self._bodies: dict[str, bytes] = {}
+        self.backoffs: dict[str, float] = {}
         self._open = False
         self._failures = 0
         self._disk_full = False
@@ -57,7 +58,7 @@ class MemorySpool:
         self._check_open()
         with self._lock:
             return LoadResult([copy.deepcopy(m) for m in sorted(self._messages.values(), key=lambda m: m.queue_id)],
-                              [])
+                              [], dict(self.backoffs))
 
     def commit(self, batch: Batch) -> None:
         self._check_open()
@@ -84,6 +85,11 @@ class MemorySpool:
             for queue_id in batch.removals:
                 self._messages.pop(queue_id, None)
                 self._bodies.pop(queue_id, None)
+            for domain, until in batch.backoffs.items():
+                if until > 0:
+                    self.backoffs[domain] = until
+                else:
+                    self.backoffs.pop(domain, None)
             self.commits += 1
 
     def _update(self, update: RecipientUpdate) -> None:

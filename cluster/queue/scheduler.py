@@ -4,7 +4,8 @@ Holds the in-memory view of every queued message and decides what to deliver nex
 - ready queues per destination domain (`domain_key`), served round-robin across destinations;
 - a heap of deferred recipients ordered by their next attempt time;
 - jobs in flight, each with a lease; at most `destination_concurrency` jobs per destination at once;
-- destination backoff: a destination whose last jobs were all deferred waits as a whole;
+- destination backoff: a destination whose last jobs were all deferred waits as a whole ("held off"); the
+  changes are journaled (`backoff_journal`) and written with the next spool transaction, and restored at start;
 - workers with credits (schemas docstring: credit-based flow control), re-established from facts on every
   heartbeat: the worker's `free` minus the jobs sent to it that it cannot have counted yet (in transit); between
   heartbeats one is spent per job dispatched and one comes back per Result;
@@ -141,6 +142,26 @@ class SchedulerLimits:
     backoff_after: int = 3
 
 
+class BackoffJournal:
+    """Destination backoff changes not yet in the spool (domain -> until, 0.0 = ended); every spool transaction
+    takes them (commit.py), so a backoff survives a restart together with the deferrals that caused it."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, float] = {}
+
+    def record(self, domain: str, until: float) -> None:
+        self.pending[domain] = until
+
+    def take(self) -> dict[str, float]:
+        taken, self.pending = self.pending, {}
+        return taken
+
+    def give_back(self, changes: dict[str, float]) -> None:
+        """A transaction that carried `changes` failed: write them with the next one (unless changed since)."""
+        for domain, until in changes.items():
+            self.pending.setdefault(domain, until)
+
+
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, job_prefix: str = "", shaper: Shaper | None = None) -> None:
         self.limits = limits
@@ -161,6 +182,7 @@ class Scheduler:
         self._in_flight_per_domain: Counter[str] = Counter()
         self._deferred_streak: Counter[str] = Counter()
         self.backoff_until: dict[str, float] = {}
+        self.backoff_journal = BackoffJournal()
         self._locked: set[str] = set()
         self._job_ids = itertools.count(1)
         self._job_prefix = job_prefix
@@ -175,7 +197,8 @@ class Scheduler:
     def add_message(self, message: Message) -> None:
         """Track a stored message; its recipients keep the states they have (done ones are ignored)."""
         self.messages[message.queue_id] = message
-        self._per_message[message.queue_id] = Counter()
+        if len(message.recipients) > 1:
+            self._per_message[message.queue_id] = Counter()
         for recipient in message.recipients:
             if not recipient.state.done:
                 state = recipient.state
@@ -188,7 +211,9 @@ class Scheduler:
             return None
         for recipient in message.recipients:
             self._doubtful.discard((queue_id, recipient.index))
-        counts = self._per_message.pop(queue_id)
+        counts = self._per_message.pop(queue_id, None)
+        if counts is None:
+            counts = Counter(r.state for r in message.recipients if not r.state.done)
         for state, count in counts.items():
             self.recipient_counts[state] -= count
         old = _message_state(counts)
@@ -197,16 +222,27 @@ class Scheduler:
         return message
 
     def set_state(self, message: Message, recipient: Recipient, state: State, next_attempt: float = 0.0) -> None:
-        counts = self._per_message[message.queue_id]
-        old_message_state = _message_state(counts)
-        if not recipient.state.done:
-            counts[recipient.state] -= 1
-            self.recipient_counts[recipient.state] -= 1
-        recipient.state = state
-        if not state.done:
-            counts[state] += 1
-            self.recipient_counts[state] += 1
-        new_message_state = _message_state(counts)
+        # Per-state counts of each message with several recipients; a message with one recipient (most of
+        # them) is in its recipient's state, and costs no counter (memory: ARCHITECTURE.md performance notes).
+        counts = self._per_message.get(message.queue_id)
+        if counts is None:
+            old_message_state = None if recipient.state.done else recipient.state
+            new_message_state = None if state.done else state
+            if not recipient.state.done:
+                self.recipient_counts[recipient.state] -= 1
+            recipient.state = state
+            if not state.done:
+                self.recipient_counts[state] += 1
+        else:
+            old_message_state = _message_state(counts)
+            if not recipient.state.done:
+                counts[recipient.state] -= 1
+                self.recipient_counts[recipient.state] -= 1
+            recipient.state = state
+            if not state.done:
+                counts[state] += 1
+                self.recipient_counts[state] += 1
+            new_message_state = _message_state(counts)
         if old_message_state != new_message_state:
             if old_message_state is not None:
                 self.message_counts[old_message_state] -= 1
@@ -455,11 +491,13 @@ class Scheduler:
         """Record how a job to `domain` ended; returns True when the destination is now backed off."""
         if not all_deferred:
             self._deferred_streak.pop(domain, None)
-            self.backoff_until.pop(domain, None)
+            if self.backoff_until.pop(domain, None) is not None:
+                self.backoff_journal.record(domain, 0.0)
             return False
         self._deferred_streak[domain] += 1
         if self._deferred_streak[domain] >= self.limits.backoff_after:
             self.backoff_until[domain] = now + backoff
+            self.backoff_journal.record(domain, now + backoff)
             return True
         return False
 
@@ -468,6 +506,7 @@ class Scheduler:
         over = [d for d in self.backoff_until if domain is None or d == domain]
         for name in over:
             del self.backoff_until[name]
+            self.backoff_journal.record(name, 0.0)
         return len(over)
 
     def end_backoffs(self, now: float) -> bool:
@@ -475,7 +514,26 @@ class Scheduler:
         over = [domain for domain, until in self.backoff_until.items() if until <= now]
         for domain in over:
             del self.backoff_until[domain]
+            self.backoff_journal.record(domain, 0.0)
         return bool(over)
+
+    def restore_backoffs(self, stored: dict[str, float], now: float) -> None:
+        """The backoffs read back from the spool at start: those not over yet hold their destination off again
+        (one more fully deferred job renews them); the others are deleted with the next transaction."""
+        for domain, until in stored.items():
+            if until > now:
+                self.backoff_until[domain] = until
+                self._deferred_streak[domain] = self.limits.backoff_after
+            else:
+                self.backoff_journal.record(domain, 0.0)
+
+    def held_off_until(self, domain: str) -> float | None:
+        """When a held-off destination is served again, or None when it is not held off."""
+        return self.backoff_until.get(domain)
+
+    def held_off_messages(self) -> int:
+        """Messages waiting (ready) behind a destination backoff."""
+        return sum(len(self._ready.get(domain, ())) for domain in self.backoff_until)
 
     # -- workers ------------------------------------------------------------------------------------------
 
