@@ -7,7 +7,8 @@
    destination domains) straight into a fresh SQLite spool through the `Spool` interface, `--batch` messages
    per transaction (what a shard's group commit would write, without the SMTP and bus around it).
 2. Start: runs `python -m cluster serve queue` on that spool and measures the time from the process start to its
-   "ready" line, then its resident memory (VmRSS, and the peak VmHWM, from /proc/PID/status).
+   "ready" line, the CPU time it used until then (/proc/PID/stat: on a shared machine the wall time depends on
+   what else runs), then its resident memory (VmRSS, and the peak VmHWM, from /proc/PID/status).
 3. kill -9, start again on the same spool and measure again (recovery after a crash).
 4. Reports the spool's size on disk (database + WAL) against the message bytes.
 
@@ -89,6 +90,12 @@ def memory_of(pid: int) -> dict[str, int]:
     return figures
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_shard(config: Path, time_limit: float) -> tuple[subprocess.Popen[bytes], float]:
     """Start a shard and wait for its ready line; returns the process and the seconds it took."""
     started = time.monotonic()
@@ -144,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         for run in ("start", "after_kill9"):
             process, ready = start_shard(config, args.time_limit)
             memory = memory_of(process.pid)
+            cpu = cpu_seconds(process.pid)
+            summary[f"{run}_cpu_seconds"] = round(cpu, 2)
             summary[f"{run}_ready_seconds"] = round(ready, 2)
             summary[f"{run}_rss_bytes"] = memory["VmRSS"]
             summary[f"{run}_peak_rss_bytes"] = memory["VmHWM"]
             summary[f"{run}_rss_per_message"] = round(memory["VmRSS"] / max(1, args.messages), 1)
-            print(f"{run}: ready in {ready:.2f}s, RSS {memory['VmRSS'] / 2**20:.1f} MiB "
+            print(f"{run}: ready in {ready:.2f}s ({cpu:.2f}s CPU), RSS {memory['VmRSS'] / 2**20:.1f} MiB "
                   f"(peak {memory['VmHWM'] / 2**20:.1f} MiB, {summary[f'{run}_rss_per_message']} B/message)",
                   flush=True)
             process.send_signal(signal.SIGKILL)

@@ -34,7 +34,8 @@ class State(enum.StrEnum):
 
     @property
     def done(self) -> bool:
-        return self in (State.DELIVERED, State.FAILED)
+        # identity, not `in (...)`: an enum member's hash is computed in Python, and this runs per recipient
+        return self is State.DELIVERED or self is State.FAILED
 
 
 PENDING_STATES = (State.READY, State.DEFERRED, State.IN_FLIGHT, State.HELD)
@@ -97,7 +98,7 @@ class Message:
     def __init__(self, queue_id: str, sender: str, arrival: float, recipients: list[Recipient], size: int,
                  client: dict[str, str] | None = None, warned: bool = False, forward_shard: int = -1) -> None:
         self.queue_id = queue_id
-        self.sender = sender
+        self.sender = sys.intern(sender)  # one string per sender, however many messages it sent
         self.arrival = arrival
         self.recipients = recipients
         self.size = size

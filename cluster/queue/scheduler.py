@@ -174,9 +174,13 @@ class Scheduler:
         self.recipient_counts: Counter[State] = Counter()
         self.message_counts: Counter[State] = Counter()
         self.leases_expired = 0
+        # Most messages held since the last shrink; `shrunk` tells the caller memory may be given back.
+        self._peak_messages = 0
+        self.shrunk = False
         self._per_message: dict[str, Counter[State]] = {}
         self._ready: dict[str, deque[str]] = {}
-        self._queued: set[tuple[str, str]] = set()
+        # The queue ids in each domain's ready queue (no (domain, queue id) tuple per message: memory).
+        self._queued: dict[str, set[str]] = {}
         self._domains: deque[str] = deque()
         self._deferred: list[tuple[float, str, int]] = []
         self._in_flight_per_domain: Counter[str] = Counter()
@@ -197,6 +201,7 @@ class Scheduler:
     def add_message(self, message: Message) -> None:
         """Track a stored message; its recipients keep the states they have (done ones are ignored)."""
         self.messages[message.queue_id] = message
+        self._peak_messages = max(self._peak_messages, len(self.messages))
         if len(message.recipients) > 1:
             self._per_message[message.queue_id] = Counter()
         for recipient in message.recipients:
@@ -211,6 +216,8 @@ class Scheduler:
             return None
         for recipient in message.recipients:
             self._doubtful.discard((queue_id, recipient.index))
+        if len(self.messages) < self._peak_messages // 4:
+            self._shrink()
         counts = self._per_message.pop(queue_id, None)
         if counts is None:
             counts = Counter(r.state for r in message.recipients if not r.state.done)
@@ -220,6 +227,15 @@ class Scheduler:
         if old is not None:
             self.message_counts[old] -= 1
         return message
+
+    def _shrink(self) -> None:
+        """A dict keeps the table of its largest size: after draining to a quarter, rebuild it (in place, as
+        other parts hold `messages`) so the memory of a million drained messages is given back."""
+        kept = dict(self.messages)
+        self.messages.clear()
+        self.messages.update(kept)
+        self._peak_messages = len(kept)
+        self.shrunk = True
 
     def set_state(self, message: Message, recipient: Recipient, state: State, next_attempt: float = 0.0) -> None:
         # Per-state counts of each message with several recipients; a message with one recipient (most of
@@ -256,9 +272,12 @@ class Scheduler:
             heapq.heappush(self._deferred, (next_attempt, message.queue_id, recipient.index))
 
     def _enqueue(self, domain: str, queue_id: str) -> None:
-        if (domain, queue_id) in self._queued:
+        queued = self._queued.get(domain)
+        if queued is None:
+            queued = self._queued[domain] = set()
+        elif queue_id in queued:
             return
-        self._queued.add((domain, queue_id))
+        queued.add(queue_id)
         queue = self._ready.get(domain)
         if queue is None:
             queue = self._ready[domain] = deque()
@@ -360,14 +379,14 @@ class Scheduler:
             queue_id = queue[0]
             if queue_id in self._locked:  # `unlock` queues it again
                 queue.popleft()
-                self._queued.discard((domain, queue_id))
+                self._queued[domain].discard(queue_id)
                 continue
             message = self.messages.get(queue_id)
             ready = [] if message is None else [
                 r for r in message.recipients if r.state is State.READY and r.domain == domain]
             if len(ready) <= max_recipients:
                 queue.popleft()
-                self._queued.discard((domain, queue_id))
+                self._queued[domain].discard(queue_id)
             if message is None or not ready:
                 continue
             chosen = ready[:max_recipients]
@@ -388,6 +407,7 @@ class Scheduler:
     def _drop_domain_if_idle(self, domain: str) -> None:
         if not self._ready[domain]:
             del self._ready[domain]
+            self._queued.pop(domain, None)
             self._domains.remove(domain)
 
     def finish_job(self, job_id: str) -> Job | None:

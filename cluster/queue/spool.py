@@ -144,7 +144,8 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # Free pages given back to the file system per commit that removed messages (bounded work in the hot path).
 VACUUM_PAGES = 256
 _KINDS = {k.value for k in OutcomeKind}
-_STATES = frozenset(s.value for s in State)
+_STATE_OF = {s.value: s for s in State}
+_NUMBERS = (int, float)
 RecipientRow = tuple[int, str, str, int, float, str, str, str, int, str, str]
 
 
@@ -272,8 +273,9 @@ class SqliteSpool:
             if problem:
                 damaged.append((queue_id, problem))
                 continue
-            recipients = [Recipient(idx, address, State(state), attempts, float(next_attempt),
-                                    _last_of(State(state), last_reply, remote, kind, code, enhanced, reply_text)
+            recipients = [Recipient(idx, address, _STATE_OF[state], attempts,
+                                    float(next_attempt) if next_attempt else 0.0,
+                                    _last_of(_STATE_OF[state], last_reply, remote, kind, code, enhanced, reply_text)
                                     if kind or last_reply else None)
                           for idx, address, state, attempts, next_attempt, last_reply, remote, kind, code, enhanced,
                           reply_text in rows]
@@ -322,7 +324,7 @@ class SqliteSpool:
                 db.executemany("DELETE FROM backoffs WHERE domain=?",
                                [(d,) for d, u in batch.backoffs.items() if u <= 0])
                 if batch.removals:
-                    db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+                    _give_back_pages(db)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -381,6 +383,17 @@ class SqliteSpool:
         return stats.f_bavail * stats.f_frsize
 
 
+def _give_back_pages(db: sqlite3.Connection) -> None:
+    """Give up to VACUUM_PAGES free pages back to the file system (a spool with auto_vacuum=INCREMENTAL).
+
+    One statement frees one page per step, and the sqlite3 module steps a statement without result columns
+    only once: hence one statement per page."""
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    if free and db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        for _ in range(min(free, VACUUM_PAGES)):
+            db.execute("PRAGMA incremental_vacuum(1)")
+
+
 def _last_of(state: State, last_reply: str, remote: str, kind: str, code: int, enhanced: str,
              reply_text: str) -> LastOutcome | None:
     if kind:
@@ -391,21 +404,20 @@ def _last_of(state: State, last_reply: str, remote: str, kind: str, code: int, e
 def _check_message(queue_id: object, sender: object, arrival: object, body: object, stored_sum: object,
                    recipients: list[RecipientRow]) -> str:
     """Why a stored record cannot be trusted, or "" when it is sound."""
-    if not isinstance(queue_id, str) or not isinstance(sender, str) or not isinstance(arrival, int | float):
+    if type(queue_id) is not str or type(sender) is not str or not isinstance(arrival, _NUMBERS):
         return "message columns have the wrong types"
-    if not isinstance(body, bytes):
+    if type(body) is not bytes:
         return "body is not a blob"
     if not recipients:
         return "message has no recipients"
     if [r[0] for r in recipients] != list(range(len(recipients))):
         return "recipient rows are missing"
-    states = _STATES
     for _, address, state, attempts, next_attempt, last_reply, remote, kind, code, enhanced, text in recipients:
-        if not isinstance(address, str) or state not in states or not isinstance(attempts, int) \
-                or not isinstance(next_attempt, int | float):
+        if type(address) is not str or state not in _STATE_OF or type(attempts) is not int \
+                or not isinstance(next_attempt, _NUMBERS):
             return "recipient row has bad values"
-        if (kind and kind not in _KINDS) or not isinstance(code, int) \
-                or not all(isinstance(v, str) for v in (last_reply, remote, enhanced, text)):
+        if (kind and kind not in _KINDS) or type(code) is not int or type(last_reply) is not str \
+                or type(remote) is not str or type(enhanced) is not str or type(text) is not str:
             return "recipient row has a bad last outcome"
     if checksum(sender, float(arrival), body, [r[1] for r in recipients]) != stored_sum:
         return "checksum mismatch"
