@@ -32,6 +32,10 @@ class State(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
 
+    # The C hash of the string, consistent with the string equality a StrEnum has (Enum's own is computed in
+    # Python): states are counter keys on every recipient change and at the load of a million messages.
+    __hash__ = str.__hash__
+
     @property
     def done(self) -> bool:
         # identity, not `in (...)`: an enum member's hash is computed in Python, and this runs per recipient

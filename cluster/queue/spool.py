@@ -173,12 +173,11 @@ def legacy_outcome(state: State, last_reply: str, remote: str) -> LastOutcome | 
 
 
 def checksum(sender: str, arrival: float, body: bytes, addresses: Iterable[str]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(sender.encode("utf-8", "surrogateescape") + b"\0" + repr(float(arrival)).encode() + b"\0")
-    for address in addresses:
-        digest.update(address.encode("utf-8", "surrogateescape") + b"\0")
-    digest.update(body)
-    return digest.hexdigest()
+    # One call into blake2b over the joined parts (same digest as feeding them one by one): this runs once
+    # per message at every start.
+    head = b"".join([sender.encode("utf-8", "surrogateescape"), b"\0", repr(float(arrival)).encode(), b"\0",
+                     *(a.encode("utf-8", "surrogateescape") + b"\0" for a in addresses)])
+    return hashlib.blake2b(head + body, digest_size=16).hexdigest()
 
 
 class SqliteSpool:
