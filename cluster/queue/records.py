@@ -88,6 +88,13 @@ class Recipient:
     def remote(self) -> str:
         return self.last.remote if self.last is not None else ""
 
+    def clone(self) -> Recipient:
+        """A copy, field by field (slots: no __dict__), without computing the domain again."""
+        new = object.__new__(Recipient)
+        for name in _RECIPIENT_SLOTS:
+            setattr(new, name, getattr(self, name))
+        return new
+
 
 class Message:
     """A stored message as the shard keeps it in memory (its body stays in the spool).
@@ -176,6 +183,9 @@ class RecipientUpdate:
     def of(queue_id: str, recipient: Recipient) -> RecipientUpdate:
         return RecipientUpdate(queue_id, recipient.index, recipient.state, recipient.attempts,
                                recipient.next_attempt, recipient.last)
+
+
+_RECIPIENT_SLOTS: tuple[str, ...] = Recipient.__slots__
 
 
 def recipient_domain(address: str) -> str:
