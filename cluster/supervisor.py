@@ -9,17 +9,26 @@ of the jobs in flight while the workers (and the mailbox their local deliveries 
 recipient is left marked in flight; the mailbox is stopped last, with nothing left to receive. A child still
 running after the grace period is killed.
 Children are tied to this process with PR_SET_PDEATHSIG, so even a kill -9 of the supervisor leaves no orphans.
+
+Before starting anything, `up` makes sure it is alone: it takes an exclusive lock on `<queue.spool_dir>/up.lock`
+(holding its pid) and checks that no other process listens on its SMTP addresses or shard endpoints. A second
+`up` on the same configuration would otherwise share the SMTP port (SO_REUSEPORT) with frontends whose shards
+cannot start, and restart them forever; instead it exits at once with code 1 and says who holds what.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.config import Config, split_host_port
 
@@ -78,6 +87,7 @@ class Supervisor:
         self.config = config
         self.children = plan_children(config, config_path)
         self.stopping = False
+        self._lock: int | None = None
 
     def _start(self, child: Child) -> None:
         # A session of its own: Ctrl-C at the terminal reaches only the supervisor, which stops children in order.
@@ -88,7 +98,54 @@ class Supervisor:
     def _request_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
 
+    def claim(self) -> str:
+        """Take this configuration for this process: "" when done, else why not (nothing was started)."""
+        lock_path = Path(self.config.queue.spool_dir) / "up.lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            return f"cannot create the lock file {lock_path}: {exc.strerror or exc}"
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(descriptor)
+            return (f"another `mtacluster up` (pid {holder}) is running with the spool directory "
+                    f"{self.config.queue.spool_dir} (lock {lock_path}); stop it first")
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._lock = descriptor
+        for what, address in self._addresses():
+            problem = _address_in_use(address)
+            if problem:
+                self.release()
+                return f"{what} {address} is already in use by another process ({problem}); stop it first"
+        return ""
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _addresses(self) -> list[tuple[str, str]]:
+        smtp = self.config.smtp
+        found = [("SMTP address", a) for a in (*smtp.listen, *smtp.submission_listen, *smtp.submissions_listen)]
+        found += [("shard endpoint", e.removeprefix("tcp://")) for e in self.config.queue.shards
+                  if e.startswith("tcp://")]
+        return found
+
     def run(self) -> int:
+        problem = self.claim()
+        if problem:
+            print(f"mtacluster up: {problem}", file=sys.stderr, flush=True)
+            return 1
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> int:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         for child in self.children:
@@ -136,3 +193,22 @@ class Supervisor:
                     process.wait()
         print("mtacluster up: stopped", flush=True)
         return 0
+
+
+def _address_in_use(address: str) -> str:
+    """Why `host:port` cannot be listened on by us (another process listens there), or "" when it is free.
+
+    Bound without SO_REUSEPORT: a socket of another process that uses it (a frontend) still refuses us."""
+    try:
+        host, port = split_host_port(address)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return ""  # a name that does not resolve here is the role's own startup error to report
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            return os.strerror(exc.errno) if exc.errno == errno.EADDRINUSE else ""
+    return ""

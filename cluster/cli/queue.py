@@ -47,7 +47,9 @@ def register(commands: Any) -> None:
     queue_commands = group.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
     listing = queue_commands.add_parser("list", help="list queued messages, oldest first")
     listing.add_argument("--domain", help="only messages with pending recipients in this domain")
-    listing.add_argument("--deferred", action="store_true", help="only messages with deferred recipients")
+    listing.add_argument("--deferred", action="store_true",
+                         help="only messages with deferred recipients (or held off: their destination waits "
+                         "after repeated connection failures)")
     listing.add_argument("--limit", type=_positive, default=DEFAULT_LIMIT, metavar="N",
                          help=f"show at most N messages (default {DEFAULT_LIMIT}); the total is always given")
     flush = queue_commands.add_parser("flush", help="retry deferred mail now")
@@ -258,6 +260,9 @@ def _print_messages(messages: list[dict[str, Any]]) -> None:
         for rcpt in message.get("recipients", []):
             state = rcpt.get("state", "?")
             extra = f" next={_when(rcpt.get('next_attempt'))}" if state == "deferred" else ""
+            if state == "ready" and rcpt.get("held_off_until"):
+                # the destination is held off as a whole after repeated connection failures
+                state, extra = "held_off", f" until={_when(rcpt.get('held_off_until'))}"
             last = _last_outcome(rcpt.get("last"))
             print(f"    {state:<9} {rcpt.get('address', '?')}  attempts={rcpt.get('attempts', 0)}{extra}"
                   f"{'  ' + last if last else ''}")

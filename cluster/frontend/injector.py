@@ -102,6 +102,11 @@ class ShardClient:
         metrics.SHARDS_REACHABLE.set(reachable)
         return reachable == len(self.links)
 
+    def unreachable(self) -> list[str]:
+        """The endpoints of the shards that are not reachable and ready now."""
+        return [self.shards[index] for index, link in enumerate(self.links)
+                if not (self._ready[index] and link.heard_within(REACHABLE_WITHIN))]
+
     async def _ping_forever(self, index: int, link: BusLink) -> None:
         while True:
             try:

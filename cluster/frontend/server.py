@@ -15,8 +15,9 @@ Enforces the connection limits (`smtp.max_connections` per process, `smtp.max_co
 client address, over all listeners) before any SMTP is spoken: a client over its limit gets 421 4.7.0 and
 the connection is closed. Stateless: nothing is kept once a session ends.
 Failure modes: an unusable certificate or key raises ConfigError at startup, naming the key; an address that
-cannot be bound raises OSError at startup. Ready (for /readyz) when every listener is up and every shard
-answers.
+cannot be bound raises OSError at startup. The listeners are opened only once every shard answered a ping
+(`_wait_for_shards` says why), so a frontend whose shards are not there takes no connection. Ready (for
+/readyz) when every listener is up and every shard answers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import time
 from collections import Counter
 
 from cluster.accounts.checks import AccountChecks, ShardsLater
@@ -62,6 +64,9 @@ log = logging.getLogger(__name__)
 PROXY_HEADER_MAX = 4096
 PROXY_HEADER_TIMEOUT = 10.0
 _BACKLOG = 1024
+# While waiting for the shards before listening: how often to look, and how often to say so in the log.
+SHARD_POLL = 0.05
+SHARD_WAIT_WARNING = 10.0
 
 
 class Frontend:
@@ -151,6 +156,8 @@ class Frontend:
         self.accounts.shards.bind(self.shards)
         smtp = self.config.smtp
         try:
+            if not await self._wait_for_shards(stop):
+                return
             for kind, addresses in ((SMTP, smtp.listen), (SUBMISSION, smtp.submission_listen)):
                 for address in addresses:
                     await self._listen(self.listeners[kind], address)
@@ -159,6 +166,27 @@ class Frontend:
             await stop.wait()
         finally:
             await self._shutdown()
+
+    async def _wait_for_shards(self, stop: asyncio.Event) -> bool:
+        """Listen only once every shard has answered a ping as ready (False: stopped while waiting).
+
+        A listener that greets with 220 and can only answer 451 after inject_timeout wastes the client's time;
+        one that greets with 421 still takes its share of the connections the kernel spreads over the
+        processes sharing the port (SO_REUSEPORT). Not listening leaves those connections to the frontends
+        whose shards answer, and a TCP health check sees this one is not serving."""
+        assert self.shards is not None
+        started = time.monotonic()
+        warned = started
+        while not self.shards.all_reachable():
+            if stop.is_set():
+                return False
+            if time.monotonic() - warned >= SHARD_WAIT_WARNING:
+                warned = time.monotonic()
+                log.warning("frontend: not listening yet: waiting %.0fs so far for shards %s to answer",
+                            warned - started, ", ".join(self.shards.unreachable()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SHARD_POLL)
+        return not stop.is_set()
 
     async def _listen(self, listener: Listener, address: str) -> None:
         host, port = split_host_port(address)

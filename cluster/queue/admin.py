@@ -4,6 +4,7 @@
                                                                  readiness; state: drain.py's serving/draining/drained)
     list    {domain?: str, deferred_only?: bool, limit?: int}  -> {"messages": [message, ...] (at most limit,
                                                                  oldest first), "total": n (all that match), "limit"}
+                                                                 deferred_only: deferred, or held off (below)
     show    {queue_id}                                         -> message + {"headers": str}
     flush   {domain?: str, queue_id?: str}                     -> {"flushed": n}   deferred -> ready now
     hold    {queue_id}                                         -> {"queue_id", "held": n}
@@ -11,7 +12,8 @@
     delete  {queue_id}                                         -> {"queue_id", "deleted": n}  no DSN
     bounce  {queue_id}                                         -> {"queue_id", "bounced": n}  5.0.0 + DSN
 where message = {"queue_id", "sender", "arrival", "size", "recipients": [{"address", "state", "attempts",
-"next_attempt", "last"}]} and last = None or the typed last outcome {"kind", "code", "enhanced", "text",
+"next_attempt", "last", "held_off_until"}]}, held_off_until the time a ready recipient's held-off destination
+is served again (else None), and last = None or the typed last outcome {"kind", "code", "enhanced", "text",
 "remote"} (records.py: LastOutcome).
 
 Every change goes through the ledger (ledger.py): decided under the message's lock from its state at that
@@ -28,13 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cluster.bus.ring import domain_key
 from cluster.bus.schemas import OutcomeKind
 from cluster.queue.ledger import Applied, Change, Event, Ledger, copy_recipient
-from cluster.queue.records import PENDING_STATES, LastOutcome, Message, State
+from cluster.queue.records import PENDING_STATES, LastOutcome, Message, Recipient, State
 from cluster.queue.scheduler import Scheduler
 from cluster.queue.spoolio import SpoolIO
 
@@ -57,13 +59,22 @@ class AdminError(ValueError):
         self.not_found = not_found
 
 
-def describe(message: Message) -> dict[str, Any]:
+def describe(message: Message, held_off: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """A message as admin replies show it; `held_off_until` is set for a ready recipient whose destination is
+    held off (scheduler.py: destination backoff), the time it is served again."""
+    held_off = held_off or {}
     return {
         "queue_id": message.queue_id, "sender": message.sender, "arrival": message.arrival, "size": message.size,
         "recipients": [{"address": r.address, "state": r.state.value, "attempts": r.attempts,
-                        "next_attempt": r.next_attempt, "last": None if r.last is None else r.last.as_dict()}
+                        "next_attempt": r.next_attempt, "last": None if r.last is None else r.last.as_dict(),
+                        "held_off_until": held_off.get(r.domain) if r.state is State.READY else None}
                        for r in message.recipients],
     }
+
+
+def waiting(recipient: Recipient, held_off: Mapping[str, float]) -> bool:
+    """Deferred, or ready behind a held-off destination: what `list --deferred` shows."""
+    return recipient.state is State.DEFERRED or (recipient.state is State.READY and recipient.domain in held_off)
 
 
 def _text_arg(args: dict[str, Any], name: str, required: bool = False) -> str | None:
@@ -119,6 +130,7 @@ class AdminOps:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise AdminError("argument 'limit' must be a positive integer")
         messages = self.scheduler.messages
+        held_off = self.scheduler.backoff_until
         found: list[dict[str, Any]] = []
         if key is None and not deferred_only:
             # A message leaves the scheduler when its last recipient is done: the total is known without
@@ -127,22 +139,23 @@ class AdminOps:
                 if len(found) >= limit:
                     break
                 if any(not r.state.done for r in message.recipients):
-                    found.append(describe(message))
+                    found.append(describe(message, held_off))
             return {"messages": found, "total": len(messages), "limit": limit}
         total = 0
         for message in messages.values():
             pending = [r for r in message.recipients if not r.state.done and (key is None or r.domain == key)]
-            if not pending or (deferred_only and not any(r.state is State.DEFERRED for r in pending)):
+            if not pending or (deferred_only and not any(waiting(r, held_off) for r in pending)):
                 continue
             total += 1
             if len(found) < limit:
-                found.append(describe(message))
+                found.append(describe(message, held_off))
         return {"messages": found, "total": total, "limit": limit}
 
     async def _show(self, args: dict[str, Any]) -> dict[str, Any]:
         message = self._message(args)
         headers = await self.io.read_headers(message.queue_id) or b""
-        return {**describe(message), "headers": headers.decode("utf-8", "replace"), "client": message.client}
+        return {**describe(message, self.scheduler.backoff_until),
+                "headers": headers.decode("utf-8", "replace"), "client": message.client}
 
     async def _change_one(self, args: dict[str, Any], decide: Callable[[Message], list[Change]]) -> tuple[str, int]:
         queue_id = self._message(args).queue_id

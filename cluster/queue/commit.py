@@ -2,7 +2,9 @@
 
 Callers `await submit(batch)`; a single writer task merges every batch that arrived while the previous
 transaction was running (up to `batch_max` new messages) into one `Spool.commit`, run in the spool's
-dedicated thread. Each caller's await returns once the transaction holding its batch is durable, or raises
+dedicated thread. Destination backoffs changed since the last transaction (`backoffs`) ride along in the
+next one, so they are as durable as the recipient changes that caused them. Each caller's await returns
+once the transaction holding its batch is durable, or raises
 the SpoolError that made it fail (ARCHITECTURE.md contract 1: Stored only after fsync).
 """
 
@@ -14,16 +16,27 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Protocol
 
 from cluster.queue.spool import Batch, Spool, SpoolError
 
 log = logging.getLogger("mtacluster.queue")
 
 
+class BackoffChanges(Protocol):
+    """Destination backoffs changed in memory and not yet written (scheduler.py): every transaction takes them."""
+
+    def take(self) -> dict[str, float]: ...
+
+    def give_back(self, changes: dict[str, float]) -> None: ...
+
+
 class GroupCommitter:
     def __init__(self, spool: Spool, executor: Executor, batch_max: int,
-                 observe: Callable[[int, float], None] | None = None) -> None:
+                 observe: Callable[[int, float], None] | None = None,
+                 backoffs: BackoffChanges | None = None) -> None:
         self._spool = spool
+        self._backoffs = backoffs
         self._executor = executor
         self._batch_max = batch_max
         self._observe = observe
@@ -53,6 +66,9 @@ class GroupCommitter:
                     merged.removals.extend(part.removals)
                     merged.usage_adds.extend(part.usage_adds)
                     merged.usage_removals.extend(part.usage_removals)
+                    merged.backoffs.update(part.backoffs)
+                if self._backoffs is not None:
+                    merged.backoffs.update(self._backoffs.take())
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._executor, self._spool.commit, merged)
@@ -63,6 +79,8 @@ class GroupCommitter:
                     for _, future in taken:
                         if not future.done():
                             future.set_exception(failure)
+                    if self._backoffs is not None:
+                        self._backoffs.give_back(merged.backoffs)
                     continue
                 self.transactions += 1
                 if self._observe is not None:

@@ -96,7 +96,8 @@ class ShardCore:
             lease_time=config.queue.lease_time,
             worker_timeout=config.queue.worker_timeout,
         ), job_prefix=f"{self.epoch[:8]}.", shaper=self.shaper)
-        self.io = SpoolIO(spool, self.label, config.queue.commit_batch_max, self._observe_commit)
+        self.io = SpoolIO(spool, self.label, config.queue.commit_batch_max, self._observe_commit,
+                          self.scheduler.backoff_journal)
         self.ids = QueueIdFactory(index)
         self.space = DiskSpace(self.label, self.io.free_space)
         self.workers = WorkerRegistry(index, self.epoch, self.scheduler)
@@ -137,6 +138,7 @@ class ShardCore:
             log.error("shard %d: quarantined damaged record %s (%s) to %s", self.index, quarantined.queue_id,
                       quarantined.reason, quarantined.path)
             self.quarantined.append(quarantined.queue_id)
+        self.scheduler.restore_backoffs(loaded.backoffs, self.clock())
         for message in loaded.messages:
             if message.forward_shard >= 0:
                 self.outbox.add(message)

@@ -209,8 +209,7 @@ class Ledger:
 def copy_recipient(recipient: Recipient, state: State, *, attempts: int | None = None, next_attempt: float = 0.0,
                    last: LastOutcome | None = None) -> Recipient:
     """A copy of `recipient` in `state`, other fields kept unless given (its domain is not computed again)."""
-    new = object.__new__(Recipient)
-    new.__dict__.update(recipient.__dict__)
+    new = recipient.clone()
     new.state, new.next_attempt = state, next_attempt
     if attempts is not None:
         new.attempts = attempts

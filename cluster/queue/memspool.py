@@ -27,6 +27,7 @@ class MemorySpool:
         self._messages: dict[str, Message] = {}
         self._bodies: dict[str, bytes] = {}
         self._usage: dict[str, UsageEntry] = {}
+        self.backoffs: dict[str, float] = {}
         self._open = False
         self._failures = 0
         self._disk_full = False
@@ -59,7 +60,7 @@ class MemorySpool:
         self._check_open()
         with self._lock:
             return LoadResult([copy.deepcopy(m) for m in sorted(self._messages.values(), key=lambda m: m.queue_id)],
-                              [])
+                              [], dict(self.backoffs))
 
     def commit(self, batch: Batch) -> None:
         self._check_open()
@@ -90,6 +91,11 @@ class MemorySpool:
                 self._usage.setdefault(entry.entry_id, entry)
             for entry_id in batch.usage_removals:
                 self._usage.pop(entry_id, None)
+            for domain, until in batch.backoffs.items():
+                if until > 0:
+                    self.backoffs[domain] = until
+                else:
+                    self.backoffs.pop(domain, None)
             self.commits += 1
 
     def _update(self, update: RecipientUpdate) -> None:

@@ -12,6 +12,11 @@ MESSAGES = Gauge("mtacluster_queue_messages", "Queued messages by state (a messa
                  ["shard", "state"])
 RECIPIENTS = Gauge("mtacluster_queue_recipients", "Queued recipients by state", ["shard", "state"])
 OLDEST_AGE = Gauge("mtacluster_queue_oldest_message_age_seconds", "Age of the oldest queued message", ["shard"])
+HELD_OFF_DESTINATIONS = Gauge("mtacluster_queue_destinations_held_off",
+                              "Destinations held off as a whole after repeated connection-level deferrals",
+                              ["shard"])
+HELD_OFF_MESSAGES = Gauge("mtacluster_queue_held_off_messages",
+                          "Messages with ready recipients waiting behind a held-off destination", ["shard"])
 STORED = Counter("mtacluster_queue_messages_stored_total", "Messages stored in the spool", ["shard"])
 COMPLETED = Counter("mtacluster_queue_recipients_completed_total",
                     "Recipients finished, by outcome (delivered, failed, expired, deleted)", ["shard", "outcome"])
@@ -40,7 +45,7 @@ GAUGE_STATES = ("ready", "deferred", "held", "in_flight")
 
 def initialise(shard: str) -> None:
     """Create every labelled series at zero, so dashboards and alerts see them before the first event."""
-    for metric in (STORED, LEASES_EXPIRED, POSSIBLE_DUPLICATES):
+    for metric in (STORED, LEASES_EXPIRED, POSSIBLE_DUPLICATES, HELD_OFF_DESTINATIONS, HELD_OFF_MESSAGES):
         metric.labels(shard)
     for outcome in ("delivered", "failed", "expired", "deleted"):
         COMPLETED.labels(shard, outcome)

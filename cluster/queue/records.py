@@ -14,7 +14,10 @@ host), stored field by field and shown as it is: never a string that is parsed b
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 from cluster.bus.ring import domain_key
@@ -29,9 +32,14 @@ class State(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
 
+    # The C hash of the string, consistent with the string equality a StrEnum has (Enum's own is computed in
+    # Python): states are counter keys on every recipient change and at the load of a million messages.
+    __hash__ = str.__hash__
+
     @property
     def done(self) -> bool:
-        return self in (State.DELIVERED, State.FAILED)
+        # identity, not `in (...)`: an enum member's hash is computed in Python, and this runs per recipient
+        return self is State.DELIVERED or self is State.FAILED
 
 
 PENDING_STATES = (State.READY, State.DEFERRED, State.IN_FLIGHT, State.HELD)
@@ -63,7 +71,7 @@ class LastOutcome:
                 "remote": self.remote}
 
 
-@dataclass
+@dataclass(slots=True)
 class Recipient:
     index: int
     address: str
@@ -80,23 +88,84 @@ class Recipient:
     def remote(self) -> str:
         return self.last.remote if self.last is not None else ""
 
+    def clone(self) -> Recipient:
+        """A copy, field by field (slots: no __dict__), without computing the domain again."""
+        new = object.__new__(Recipient)
+        for name in _RECIPIENT_SLOTS:
+            setattr(new, name, getattr(self, name))
+        return new
 
-@dataclass
+
 class Message:
-    queue_id: str
-    sender: str
-    arrival: float
-    recipients: list[Recipient]
-    size: int
-    client: dict[str, str] = field(default_factory=dict)
-    # Set once a "delayed" DSN was sent for this message (queue.delay_warning), so there is only one.
-    warned: bool = False
-    # -1: delivered from this shard; N >= 0: a bounce waiting to be injected into shard N (the outbox).
-    forward_shard: int = -1
+    """A stored message as the shard keeps it in memory (its body stays in the spool).
+
+    Memory matters here (a shard holds up to a million of these, ARCHITECTURE.md performance notes): slots,
+    and `client` (the frontend's facts about the SMTP client, rarely read) kept as its compact JSON text,
+    decoded on each read.
+    """
+
+    __slots__ = ("_client", "arrival", "forward_shard", "queue_id", "recipients", "sender", "size", "warned")
+
+    def __init__(self, queue_id: str, sender: str, arrival: float, recipients: list[Recipient], size: int,
+                 client: dict[str, str] | None = None, warned: bool = False, forward_shard: int = -1) -> None:
+        self.queue_id = queue_id
+        self.sender = sys.intern(sender)  # one string per sender, however many messages it sent
+        self.arrival = arrival
+        self.recipients = recipients
+        self.size = size
+        self._client = client_text(client or {})
+        # Set once a "delayed" DSN was sent for this message (queue.delay_warning), so there is only one.
+        self.warned = warned
+        # -1: delivered from this shard; N >= 0: a bounce waiting to be injected into shard N (the outbox).
+        self.forward_shard = forward_shard
+
+    @classmethod
+    def loaded(cls, queue_id: str, sender: str, arrival: float, recipients: list[Recipient], size: int,
+               client_json: str, warned: bool, forward_shard: int) -> Message:
+        """A message read back from the spool, its client facts still as the stored JSON text."""
+        message = cls(queue_id, sender, arrival, recipients, size, None, warned, forward_shard)
+        message._client = client_json
+        return message
+
+    @property
+    def client(self) -> dict[str, str]:
+        try:
+            facts = json.loads(self._client)
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in facts.items()} if isinstance(facts, dict) else {}
+
+    @client.setter
+    def client(self, facts: dict[str, str]) -> None:
+        self._client = client_text(facts)
+
+    @property
+    def client_json(self) -> str:
+        """The client facts as stored (compact JSON)."""
+        return self._client
 
     @property
     def done(self) -> bool:
         return all(r.state.done for r in self.recipients)
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.queue_id, self.sender, self.arrival, self.recipients, self.size, self._client, self.warned,
+                self.forward_shard)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Message) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return (f"Message(queue_id={self.queue_id!r}, sender={self.sender!r}, arrival={self.arrival!r}, "
+                f"recipients={self.recipients!r}, size={self.size!r}, client={self._client}, "
+                f"warned={self.warned!r}, forward_shard={self.forward_shard!r})")
+
+
+def client_text(facts: dict[str, str]) -> str:
+    """The compact JSON text of a message's client facts; identical texts share one string (interned)."""
+    return sys.intern(json.dumps(facts, separators=(",", ":"), sort_keys=True)) if facts else "{}"
 
 
 @dataclass(frozen=True)
@@ -116,10 +185,21 @@ class RecipientUpdate:
                                recipient.next_attempt, recipient.last)
 
 
+_RECIPIENT_SLOTS: tuple[str, ...] = Recipient.__slots__
+
+
 def recipient_domain(address: str) -> str:
-    """The queueing key of an address: its domain via `domain_key`; an address without one queues under ""."""
+    """The queueing key of an address: its domain via `domain_key`; an address without one queues under "".
+
+    Every recipient of a destination shares one (interned) domain string, and the IDNA work is done once per
+    spelling of a domain, not once per recipient."""
     _, at, domain = address.rpartition("@")
-    return domain_key(domain) if at else ""
+    return _domain_key(domain) if at else ""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _domain_key(domain: str) -> str:
+    return sys.intern(domain_key(domain))
 
 
 _BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's alphabet: sorts like the numbers it encodes

@@ -4,7 +4,8 @@ Holds the in-memory view of every queued message and decides what to deliver nex
 - ready queues per destination domain (`domain_key`), served round-robin across destinations;
 - a heap of deferred recipients ordered by their next attempt time;
 - jobs in flight, each with a lease; at most `destination_concurrency` jobs per destination at once;
-- destination backoff: a destination whose last jobs were all deferred waits as a whole;
+- destination backoff: a destination whose last jobs were all deferred waits as a whole ("held off"); the
+  changes are journaled (`backoff_journal`) and written with the next spool transaction, and restored at start;
 - workers with credits (schemas docstring: credit-based flow control), re-established from facts on every
   heartbeat: the worker's `free` minus the jobs sent to it that it cannot have counted yet (in transit); between
   heartbeats one is spent per job dispatched and one comes back per Result;
@@ -143,6 +144,26 @@ class SchedulerLimits:
     backoff_after: int = 3
 
 
+class BackoffJournal:
+    """Destination backoff changes not yet in the spool (domain -> until, 0.0 = ended); every spool transaction
+    takes them (commit.py), so a backoff survives a restart together with the deferrals that caused it."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, float] = {}
+
+    def record(self, domain: str, until: float) -> None:
+        self.pending[domain] = until
+
+    def take(self) -> dict[str, float]:
+        taken, self.pending = self.pending, {}
+        return taken
+
+    def give_back(self, changes: dict[str, float]) -> None:
+        """A transaction that carried `changes` failed: write them with the next one (unless changed since)."""
+        for domain, until in changes.items():
+            self.pending.setdefault(domain, until)
+
+
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, job_prefix: str = "", shaper: Shaper | None = None) -> None:
         self.limits = limits
@@ -155,14 +176,19 @@ class Scheduler:
         self.recipient_counts: Counter[State] = Counter()
         self.message_counts: Counter[State] = Counter()
         self.leases_expired = 0
+        # Most messages held since the last shrink; `shrunk` tells the caller memory may be given back.
+        self._peak_messages = 0
+        self.shrunk = False
         self._per_message: dict[str, Counter[State]] = {}
         self._ready: dict[str, deque[str]] = {}
-        self._queued: set[tuple[str, str]] = set()
+        # The queue ids in each domain's ready queue (no (domain, queue id) tuple per message: memory).
+        self._queued: dict[str, set[str]] = {}
         self._domains: deque[str] = deque()
         self._deferred: list[tuple[float, str, int]] = []
         self._in_flight_per_domain: Counter[str] = Counter()
         self._deferred_streak: Counter[str] = Counter()
         self.backoff_until: dict[str, float] = {}
+        self.backoff_journal = BackoffJournal()
         self._locked: set[str] = set()
         self._job_ids = itertools.count(1)
         self._job_prefix = job_prefix
@@ -177,7 +203,17 @@ class Scheduler:
     def add_message(self, message: Message) -> None:
         """Track a stored message; its recipients keep the states they have (done ones are ignored)."""
         self.messages[message.queue_id] = message
-        self._per_message[message.queue_id] = Counter()
+        self._peak_messages = max(self._peak_messages, len(self.messages))
+        if len(message.recipients) == 1 and message.recipients[0].state is State.READY:
+            # the common case (and a million times at a restart): what set_state does, without its detours
+            recipient = message.recipients[0]
+            self.recipient_counts[State.READY] += 1
+            self.message_counts[State.READY] += 1
+            recipient.next_attempt = 0.0
+            self._enqueue(recipient.domain, message.queue_id)
+            return
+        if len(message.recipients) > 1:
+            self._per_message[message.queue_id] = Counter()
         for recipient in message.recipients:
             if not recipient.state.done:
                 state = recipient.state
@@ -190,7 +226,11 @@ class Scheduler:
             return None
         for recipient in message.recipients:
             self._doubtful.discard((queue_id, recipient.index))
-        counts = self._per_message.pop(queue_id)
+        if len(self.messages) < self._peak_messages // 4:
+            self._shrink()
+        counts = self._per_message.pop(queue_id, None)
+        if counts is None:
+            counts = Counter(r.state for r in message.recipients if not r.state.done)
         for state, count in counts.items():
             self.recipient_counts[state] -= count
         old = _message_state(counts)
@@ -198,17 +238,37 @@ class Scheduler:
             self.message_counts[old] -= 1
         return message
 
+    def _shrink(self) -> None:
+        """A dict keeps the table of its largest size: after draining to a quarter, rebuild it (in place, as
+        other parts hold `messages`) so the memory of a million drained messages is given back."""
+        kept = dict(self.messages)
+        self.messages.clear()
+        self.messages.update(kept)
+        self._peak_messages = len(kept)
+        self.shrunk = True
+
     def set_state(self, message: Message, recipient: Recipient, state: State, next_attempt: float = 0.0) -> None:
-        counts = self._per_message[message.queue_id]
-        old_message_state = _message_state(counts)
-        if not recipient.state.done:
-            counts[recipient.state] -= 1
-            self.recipient_counts[recipient.state] -= 1
-        recipient.state = state
-        if not state.done:
-            counts[state] += 1
-            self.recipient_counts[state] += 1
-        new_message_state = _message_state(counts)
+        # Per-state counts of each message with several recipients; a message with one recipient (most of
+        # them) is in its recipient's state, and costs no counter (memory: ARCHITECTURE.md performance notes).
+        counts = self._per_message.get(message.queue_id)
+        if counts is None:
+            old_message_state = None if recipient.state.done else recipient.state
+            new_message_state = None if state.done else state
+            if not recipient.state.done:
+                self.recipient_counts[recipient.state] -= 1
+            recipient.state = state
+            if not state.done:
+                self.recipient_counts[state] += 1
+        else:
+            old_message_state = _message_state(counts)
+            if not recipient.state.done:
+                counts[recipient.state] -= 1
+                self.recipient_counts[recipient.state] -= 1
+            recipient.state = state
+            if not state.done:
+                counts[state] += 1
+                self.recipient_counts[state] += 1
+            new_message_state = _message_state(counts)
         if old_message_state != new_message_state:
             if old_message_state is not None:
                 self.message_counts[old_message_state] -= 1
@@ -222,9 +282,12 @@ class Scheduler:
             heapq.heappush(self._deferred, (next_attempt, message.queue_id, recipient.index))
 
     def _enqueue(self, domain: str, queue_id: str) -> None:
-        if (domain, queue_id) in self._queued:
+        queued = self._queued.get(domain)
+        if queued is None:
+            queued = self._queued[domain] = set()
+        elif queue_id in queued:
             return
-        self._queued.add((domain, queue_id))
+        queued.add(queue_id)
         queue = self._ready.get(domain)
         if queue is None:
             queue = self._ready[domain] = deque()
@@ -343,7 +406,7 @@ class Scheduler:
             if message is not None and ready:
                 return message, ready
             queue.popleft()
-            self._queued.discard((domain, queue_id))
+            self._queued[domain].discard(queue_id)
         return None
 
     def _job_from(self, domain: str, message: Message, ready: list[Recipient]) -> Job:
@@ -352,7 +415,7 @@ class Scheduler:
         queue_id = message.queue_id
         if len(ready) <= max_recipients:
             self._ready[domain].popleft()
-            self._queued.discard((domain, queue_id))
+            self._queued[domain].discard(queue_id)
         chosen = ready[:max_recipients]
         job = Job(f"{self._job_prefix}{next(self._job_ids)}", queue_id, domain, [r.index for r in chosen],
                   attempt=max(r.attempts for r in chosen) + 1)
@@ -369,6 +432,7 @@ class Scheduler:
     def _drop_domain_if_idle(self, domain: str) -> None:
         if not self._ready[domain]:
             del self._ready[domain]
+            self._queued.pop(domain, None)
             self._domains.remove(domain)
 
     def finish_job(self, job_id: str) -> Job | None:
@@ -473,11 +537,13 @@ class Scheduler:
         """Record how a job to `domain` ended; returns True when the destination is now backed off."""
         if not all_deferred:
             self._deferred_streak.pop(domain, None)
-            self.backoff_until.pop(domain, None)
+            if self.backoff_until.pop(domain, None) is not None:
+                self.backoff_journal.record(domain, 0.0)
             return False
         self._deferred_streak[domain] += 1
         if self._deferred_streak[domain] >= self.limits.backoff_after:
             self.backoff_until[domain] = now + backoff
+            self.backoff_journal.record(domain, now + backoff)
             return True
         return False
 
@@ -486,6 +552,7 @@ class Scheduler:
         over = [d for d in self.backoff_until if domain is None or d == domain]
         for name in over:
             del self.backoff_until[name]
+            self.backoff_journal.record(name, 0.0)
         return len(over)
 
     def end_backoffs(self, now: float) -> bool:
@@ -493,7 +560,26 @@ class Scheduler:
         over = [domain for domain, until in self.backoff_until.items() if until <= now]
         for domain in over:
             del self.backoff_until[domain]
+            self.backoff_journal.record(domain, 0.0)
         return bool(over)
+
+    def restore_backoffs(self, stored: dict[str, float], now: float) -> None:
+        """The backoffs read back from the spool at start: those not over yet hold their destination off again
+        (one more fully deferred job renews them); the others are deleted with the next transaction."""
+        for domain, until in stored.items():
+            if until > now:
+                self.backoff_until[domain] = until
+                self._deferred_streak[domain] = self.limits.backoff_after
+            else:
+                self.backoff_journal.record(domain, 0.0)
+
+    def held_off_until(self, domain: str) -> float | None:
+        """When a held-off destination is served again, or None when it is not held off."""
+        return self.backoff_until.get(domain)
+
+    def held_off_messages(self) -> int:
+        """Messages waiting (ready) behind a destination backoff."""
+        return sum(len(self._ready.get(domain, ())) for domain in self.backoff_until)
 
     # -- workers ------------------------------------------------------------------------------------------
 

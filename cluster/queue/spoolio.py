@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from cluster.queue.commit import GroupCommitter
+from cluster.queue.commit import BackoffChanges, GroupCommitter
 from cluster.queue.records import RecipientUpdate, State
 from cluster.queue.spool import Batch, LoadResult, Spool
 from cluster.queue.usage import UsageEntry
@@ -28,10 +28,11 @@ T = TypeVar("T")
 
 class SpoolIO:
     def __init__(self, spool: Spool, name: str, batch_max: int,
-                 observe: Callable[[int, float], None] | None = None) -> None:
+                 observe: Callable[[int, float], None] | None = None,
+                 backoffs: BackoffChanges | None = None) -> None:
         self.spool = spool
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"spool-{name}")
-        self._committer = GroupCommitter(spool, self._executor, batch_max, observe)
+        self._committer = GroupCommitter(spool, self._executor, batch_max, observe, backoffs)
 
     async def _call(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -44,7 +44,7 @@ async def test_list_show_hold_release_survive_restart(tmp_path: Path) -> None:
         assert message["queue_id"] == stored.queue_id and message["sender"] == "a@sender.test"
         assert message["size"] == len(BODY) and message["arrival"] > 0
         assert message["recipients"][0] == {"address": "r1@h.test", "state": "ready", "attempts": 0,
-                                            "next_attempt": 0.0, "last": None}
+                                            "next_attempt": 0.0, "last": None, "held_off_until": None}
         assert [m["queue_id"] for m in (await admin(cli, "list", domain="H.test")).data] == [stored.queue_id]
         assert (await admin(cli, "list", domain="other.test")).data == []
         shown = await admin(cli, "show", queue_id=stored.queue_id)

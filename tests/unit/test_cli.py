@@ -149,3 +149,12 @@ def test_config_check_names_the_submission_listeners_and_refuses_them_without_tl
                     'submission_listen = ["127.0.0.1:5587"]\nsubmissions_listen = ["127.0.0.1:5465"]\n')
     assert main(["config", "check", str(good)]) == 0
     assert "listen 127.0.0.1:2525, submission 127.0.0.1:5587, submissions 127.0.0.1:5465" in capsys.readouterr().out
+
+
+def test_list_shows_a_ready_recipient_of_a_held_off_destination_as_held_off(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    held = message("Q1", 1.0)
+    held["recipients"] = [{"address": "r@down.test", "state": "ready", "attempts": 3,
+                           "held_off_until": 1_700_000_000.0}]
+    _list(Answers(data=[(0, {"messages": [held], "total": 1})]), 10, as_json=False)
+    assert "held_off  r@down.test  attempts=3 until=2023-11-14 22:13:20" in capsys.readouterr().out

@@ -389,3 +389,29 @@ async def test_a_result_racing_a_delete_of_its_message_is_ignored() -> None:
         assert reply.ok and reply.data == {"queue_id": queue_id, "deleted": 2}
         assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
         assert not h.core.scheduler.jobs and h.core.scheduler.workers["w"].credits == 10
+
+
+async def test_destination_held_off_is_shown_counted_and_survives_a_restart() -> None:
+    """Issue 11: recipients waiting behind a held-off destination are listed as such (also by list --deferred),
+    counted in a gauge, and the backoff is in the spool: a restart does not try the destination again."""
+    spool, clock = MemorySpool(), VirtualClock()
+    async with shard(spool, clock) as h:
+        await deferred_messages(h, 3)  # three jobs deferred with no server answering: held off
+        until_time = h.core.scheduler.backoff_until["later.test"]
+        waiting = await h.inject("a@sender.test", ["w@later.test"])
+        await h.core.idle()
+        assert spool.backoffs == {"later.test": until_time}
+        h.core.tick(0)
+        assert REGISTRY.get_sample_value("mtacluster_queue_destinations_held_off", {"shard": "0"}) == 1
+        assert REGISTRY.get_sample_value("mtacluster_queue_held_off_messages", {"shard": "0"}) == 1
+        listed = (await h.admin("list", deferred_only=True)).data
+        assert listed["total"] == 4
+        (shown,) = [m for m in listed["messages"] if m["queue_id"] == waiting]
+        assert shown["recipients"][0]["state"] == "ready" and shown["recipients"][0]["held_off_until"] == until_time
+    async with shard(spool, clock) as h:
+        assert h.core.scheduler.backoff_until == {"later.test": until_time}
+        await h.heartbeat(free=10)
+        assert await h.deliveries() == []  # still held off after the restart
+        assert (await h.admin("flush", domain="later.test")).ok
+        assert len(await h.deliveries()) == 4
+        await until(lambda: not spool.backoffs)  # the end of the backoff is written too

@@ -152,3 +152,25 @@ def test_removing_a_message_keeps_counters_exact(scheduler: Scheduler) -> None:
     assert +scheduler.recipient_counts == Counter() and +scheduler.message_counts == Counter()
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     assert scheduler.dispatch(now=0) == []
+
+
+def test_counts_stay_exact_for_single_and_multi_recipient_messages_and_memory_is_given_back(
+        scheduler: Scheduler) -> None:
+    """One-recipient messages keep no counter of their own (memory, issue 11): the totals must still be exact,
+    and after draining to a quarter of the peak the message table is rebuilt (`shrunk`)."""
+    for n in range(400):
+        scheduler.add_message(msg(f"S{n:04d}", f"r{n}@x.test"))
+    scheduler.add_message(msg("M", "a@x.test", "b@y.test"))
+    scheduler.heartbeat("w", b"id", 2, [], now=0)
+    for job in scheduler.dispatch(now=0):
+        scheduler.finish_job(job.job_id)
+        message = scheduler.messages[job.queue_id]
+        for index in job.indices:
+            scheduler.set_state(message, message.recipients[index], State.DEFERRED, 50.0)
+    assert scheduler.recipient_counts[State.READY] + scheduler.recipient_counts[State.DEFERRED] == 402
+    assert sum(scheduler.message_counts.values()) == 401
+    for n in range(350):
+        scheduler.remove_message(f"S{n:04d}")
+    assert scheduler.shrunk and len(scheduler.messages) == 51
+    scheduler.remove_message("M")
+    assert sum(scheduler.recipient_counts.values()) == 50 and sum(scheduler.message_counts.values()) == 50
