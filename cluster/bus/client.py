@@ -117,6 +117,8 @@ class BusLink:
         the request as soon as it is back. With `connect_timeout`, a shard not connected within that long is
         reported unreachable at once (NoAnswer.sent False) instead of at the end of `timeout`.
         """
+        if self._closed:  # the process is stopping: the caller answers as for a shard that is away
+            raise NoAnswer(self, 0.0, False, "is closed (this process is stopping)")
         if self._receiver is None or self._receiver.done():
             raise RuntimeError(f"{self.name}: request() needs start() to be running")
         req = next(self._numbers)
