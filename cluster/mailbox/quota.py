@@ -2,7 +2,7 @@
 
 Usage is the octets and count of the message files in `new/` and `cur/` (a message still in `tmp/` is not
 delivered yet). The quota is `mailbox.quota` (0 = none), unless the users file gives the user a
-`mailbox_quota` of its own (`quota_override`: the one place that reads that field). `verdict()` decides a
+`mailbox_quota` of its own (parsed by `cluster.users`; `quota_override` picks the account). `verdict()` decides a
 delivery as RFC 2033 / RFC 3463 X.2.2 want it: fits; over quota now (452 4.2.2, the user may delete mail);
 never fits (the message alone is larger than the quota: 552 5.2.2).
 
