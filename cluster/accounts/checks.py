@@ -30,11 +30,20 @@ log = logging.getLogger(__name__)
 
 
 class ShardsLater:
-    """The frontend's shard client, given once it exists (`bind`); until then every question goes unanswered."""
+    """The frontend's shard client, given once it exists (`bind`); until then every question goes unanswered.
+    The shard list and the shards not serving are the client's, so a SIGHUP reload and a drain count too."""
 
     def __init__(self, shards: list[str]) -> None:
-        self.shards = shards
+        self._shards = shards
         self._client: ShardClient | None = None
+
+    @property
+    def shards(self) -> list[str]:
+        return self._client.shards if self._client is not None else self._shards
+
+    @property
+    def excluded(self) -> frozenset[int]:
+        return self._client.excluded if self._client is not None else frozenset()
 
     def bind(self, client: ShardClient) -> None:
         self._client = client

@@ -41,9 +41,15 @@ log = logging.getLogger(__name__)
 
 
 class ShardRequests(Protocol):
-    """Ask one shard one question (the bus client of the frontend); None when no answer came in time."""
+    """Ask one shard one question (the bus client of the frontend); None when no answer came in time.
+    `excluded`: the shards that said they are draining or drained (the ring skips them, so counting goes to
+    the new owner of a user's counters at once)."""
 
-    shards: list[str]
+    @property
+    def shards(self) -> list[str]: ...
+
+    @property
+    def excluded(self) -> frozenset[int]: ...
 
     async def ask(self, shard: int, message: BusMessage) -> BusMessage | None: ...
 
@@ -104,7 +110,7 @@ class AccountPolicy:
 
     async def _auth_failures(self, client_ip: str, failed: int) -> Reply | None:
         auth = self.config.auth
-        shard = shard_for_key(client_ip, self.shards.shards)
+        shard = shard_for_key(client_ip, self.shards.shards, self.shards.excluded)
         answer = await self.shards.ask(shard, AuthFailures(0, client_ip, failed, float(auth.failure_window),
                                                            auth.max_failures_per_client))
         if not isinstance(answer, AuthStatus):
@@ -202,7 +208,7 @@ class AccountPolicy:
 
     async def release(self, user: str, entry_id: str) -> None:
         """The message counted under `entry_id` was not stored: take it back (best effort; logged)."""
-        shard = shard_for_key(user, self.shards.shards)
+        shard = shard_for_key(user, self.shards.shards, self.shards.excluded)
         answer = await self.shards.ask(shard, Release(0, entry_id))
         if answer is None or answer.TYPE != "released":
             log.warning("could not release usage entry %s of user=%s on shard %d: it stays counted", entry_id,
@@ -210,7 +216,7 @@ class AccountPolicy:
 
     async def _reserve(self, user: str, limits: Limits, messages: int, recipients: int,
                        entry_id: str) -> Reply | Granted:
-        shard = shard_for_key(user, self.shards.shards)
+        shard = shard_for_key(user, self.shards.shards, self.shards.excluded)
         answer = await self.shards.ask(shard, Reserve(0, user.lower(), messages, recipients, limits.messages,
                                                       limits.recipients, entry_id))
         if isinstance(answer, Granted):

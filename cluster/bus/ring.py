@@ -57,9 +57,10 @@ def shard_for_address(address: str, shards: Sequence[str], excluded: frozenset[i
     return shard_for_domain(domain, shards, excluded)
 
 
-def shard_for_key(key: str, shards: Sequence[str]) -> int:
+def shard_for_key(key: str, shards: Sequence[str], excluded: frozenset[int] = frozenset()) -> int:
     """Shard owning another piece of state named by `key` (ARCHITECTURE.md contract 7): a user's sending counters
-    (key: the user name) or a client address's failed-AUTH count (key: the address). Case does not matter."""
+    (key: the user name) or a client address's failed-AUTH count (key: the address), skipping `excluded` like
+    `shard_for_domain` (a draining shard's counters move to this owner). Case does not matter."""
     if not shards:
         raise ValueError("no shards configured")
-    return _owner(key.strip().lower(), len(shards))
+    return _owner(key.strip().lower(), len(shards), excluded)

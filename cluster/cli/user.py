@@ -11,7 +11,8 @@
 The password is read with getpass (not echoed) and asked twice, or read as the first line of standard input
 with --password-stdin (for scripts); it is never printed, and shorter than 8 characters it is refused. The
 running cluster sees every change at its next lookup (the file is re-read when it changes). `show` asks the
-queue shard owning the user name (cluster/bus/ring.py shard_for_key) for the usage; an unreachable shard is
+queue shard owning the user name (cluster/bus/ring.py shard_for_key, without the shards that say they are
+draining or drained: the counters moved to that owner) for the usage; an unreachable shard is
 reported and makes the exit code 1, the rest is still printed. Errors (no users file configured, a malformed
 file, a bad value) are one line on stderr and exit code 1.
 """
@@ -32,6 +33,7 @@ from cluster.bus.ring import shard_for_key
 from cluster.bus.schemas import AdminReply, AdminRequest
 from cluster.bus.security import cluster_keys
 from cluster.cli.common import CommandFailed, add_config_option, add_option, load
+from cluster.cli.queue import ask_shards
 from cluster.config import Config
 from cluster.mailbox.quota import mailbox_usage
 from cluster.users import (
@@ -114,12 +116,20 @@ async def _ask_usage(config: Config, shard: int, name: str, timeout: float) -> d
             "shard": shard}
 
 
+def _not_serving(config: Config, timeout: float) -> frozenset[int]:
+    """The shards that say they are draining or drained (a silent one counts as serving: it is asked anyway,
+    and its silence reported)."""
+    answers = ask_shards(config, "ping", {}, timeout)
+    return frozenset(index for index, data in answers.data
+                     if isinstance(data, dict) and data.get("state", "serving") != "serving")
+
+
 def _show(config: Config, database: UserDatabase, args: argparse.Namespace) -> int:
     account = database.get(args.name)
     if account is None:
         raise CommandFailed("user show", f"no user {args.name!r} in {database.path}")
     facts = _describe(account, config)
-    owner = shard_for_key(account.name, config.queue.shards)
+    owner = shard_for_key(account.name, config.queue.shards, _not_serving(config, args.timeout))
     usage = asyncio.run(_ask_usage(config, owner, account.name.lower(), args.timeout))
     facts["usage_24h"] = usage if isinstance(usage, dict) else None
     mailbox = mailbox_usage(config, account.name, database)  # the Maildir under mailbox.maildir_root, if local

@@ -9,7 +9,8 @@
     timer         -> maintenance.py Maintainer      promotions, expiry, backoffs, disk space, delay warnings
     dispatcher    -> dispatch.py  Dispatcher        jobs -> Deliver
     DSNs          -> bounces.py   BounceMaker, outbox.py Outbox (forwarding to the owning shard)
-    Transfer, drain ops, timer -> drain.py Drain   serving / draining / drained; the queue handed to new owners
+    Transfer, drain ops, timer -> drain.py Drain   serving / draining / drained; the queue handed to new owners,
+                                                    and the other owned state (handover.py Handover)
 Every durable change of a recipient goes through ledger.py; the spool through spoolio.py. The parts know
 each other only through the narrow callables given here, and none imports this module.
 
@@ -51,6 +52,7 @@ from cluster.queue.bounces import BounceMaker
 from cluster.queue.deliverability_admin import DeliverabilityOps
 from cluster.queue.dispatch import Dispatcher
 from cluster.queue.drain import DRAIN_OPS, Drain
+from cluster.queue.handover import Handover
 from cluster.queue.inject import DiskSpace, Injector
 from cluster.queue.ledger import Change, Event, Ledger, copy_recipient
 from cluster.queue.maintenance import Maintainer
@@ -116,9 +118,10 @@ class ShardCore:
         self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity,
                               DeliverabilityOps(index, config, self.suppression, self.shaper, clock).handlers())
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)
-        self.drain = Drain(config, index, directory, self.scheduler, self.ledger.locks, self.io, self.outbox,
-                           self._set_dispatching, self._schedule_new, self.spawn, self.suppression)
         self.accounts = AccountCounters(self.label, self.io.commit, clock)
+        self.drain = Drain(config, index, directory, self.scheduler, self.ledger.locks, self.io, self.outbox,
+                           self._set_dispatching, self._schedule_new, self.spawn,
+                           Handover(index, self.suppression, self.accounts.ledger, self.io.commit))
         self._last_prune = 0.0
         self.quarantined: list[str] = []
         metrics.initialise(self.label)

@@ -18,11 +18,11 @@ Stored. Mail that still arrives (an inject already under way, a DSN from another
 The owners are found on the ring without this shard and without every shard that said (ping) it is not
 serving, so two shards draining at once do not pass mail back and forth.
 
-Other owned state moves too before the shard calls itself drained: its suppression entries (suppression.py)
-go to the shard that now owns each address's domain (`suppression_import`, an admin operation answered by
-drain.py: entries stored as they are, since and until kept; a repeat replaces an entry by the same one), and
-are removed here only after the owner answered. Per-user sending counters do not exist on this branch's main
-yet; shaping state is derived from configuration and recent replies, and is rebuilt by the new owner.
+Other owned state moves too (handover.py): suppression entries and per-user sending counters go to the shard
+that now owns each address's domain or user name, from the first tick of the drain on (and again for any
+entry that arrives later), each deleted here only after its owner answered; the shard calls itself drained
+only when its queue, its outbox and that state are all gone. Shaping state is derived from configuration and
+recent replies, and is rebuilt by the new owner.
 
 Receiving (`receive`): a Transfer is stored under its own queue id, keyed by (queue_id, hops): the message
 is committed first, then the key is appended (fsynced) to `transfers-received` in the spool directory, then
@@ -41,19 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 
-from cluster.bus.client import BusLink, NoAnswer, ask_all, links_to
+from cluster.bus.client import BusLink, ask_all, links_to
 from cluster.bus.ring import shard_for_address
 from cluster.bus.schemas import (
     AdminReply,
@@ -65,13 +62,13 @@ from cluster.bus.schemas import (
 from cluster.bus.security import cluster_keys
 from cluster.config import Config
 from cluster.queue import metrics
+from cluster.queue.handover import IMPORT_OPS, Handover
 from cluster.queue.ledger import MessageLocks
 from cluster.queue.outbox import Outbox
 from cluster.queue.records import Message, Recipient, State
 from cluster.queue.scheduler import Scheduler
 from cluster.queue.spool import Batch, SpoolError
 from cluster.queue.spoolio import SpoolIO
-from cluster.queue.suppression import Entry, SuppressionList
 from cluster.queue.transfer import message_of
 
 log = logging.getLogger("mtacluster.queue")
@@ -79,9 +76,7 @@ log = logging.getLogger("mtacluster.queue")
 SERVING, DRAINING, DRAINED = "serving", "draining", "drained"
 STATES = (SERVING, DRAINING, DRAINED)
 # The admin operations drain.py answers (`mtacluster shard drain|undrain|status`).
-DRAIN_OPS = ("drain", "undrain", "drain_status", "suppression_import")
-# Seconds a new owner gets to answer a suppression_import.
-IMPORT_TIMEOUT = 5.0
+DRAIN_OPS = ("drain", "undrain", "drain_status", *IMPORT_OPS)
 STATE_FILE = "drain-state"
 JOURNAL_FILE = "transfers-received"
 # Messages moved to the outbox per spool transaction (one per maintenance tick at most).
@@ -98,8 +93,7 @@ class Drain:
     def __init__(self, config: Config, index: int, directory: Path | None, scheduler: Scheduler,
                  locks: MessageLocks, io: SpoolIO, outbox: Outbox, set_dispatching: Callable[[bool], None],
                  on_stored: Callable[[Message], None],
-                 spawn: Callable[[Coroutine[Any, Any, None]], None],
-                 suppression: SuppressionList | None = None) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], None], handover: Handover) -> None:
         self.config = config
         self.index = index
         self.label = str(index)
@@ -111,7 +105,8 @@ class Drain:
         self._set_dispatching = set_dispatching
         self._on_stored = on_stored
         self._spawn = spawn
-        self.suppression = suppression
+        self.handover = handover
+        self._handing_over = False
         self._links: list[BusLink] = []
         self.state = SERVING
         self.others_not_serving: frozenset[int] = frozenset()
@@ -175,32 +170,17 @@ class Drain:
             if self.state != SERVING:
                 await asyncio.to_thread(self._save, SERVING)
         elif op == "suppression_import":
-            return self._import_suppression(args)
+            return self.handover.import_suppression(args)
+        elif op == "usage_import":
+            return await self.handover.import_usage(args)
         elif op != "drain_status":
             raise DrainError(f"unknown drain operation {op!r}")
         return self.status()
 
-    def _import_suppression(self, args: dict[str, Any]) -> dict[str, Any]:
-        entries = args.get("entries")
-        if self.suppression is None or not isinstance(entries, list):
-            raise DrainError("suppression_import needs a list of entries and suppression on")
-        imported = 0
-        for item in entries:
-            try:
-                entry = Entry(**item)
-            except TypeError:
-                raise DrainError(f"not a suppression entry: {item!r}") from None
-            if not isinstance(entry.address, str) or not isinstance(entry.until, int | float):
-                raise DrainError(f"not a suppression entry: {item!r}")
-            self.suppression.add(entry.address, str(entry.category), str(entry.reply), float(entry.since),
-                                 float(entry.until) - float(entry.since))
-            imported += 1
-        log.info("shard %d: imported %d suppression entries from a drained shard", self.index, imported)
-        return {"shard": self.index, "imported": imported}
-
     def status(self) -> dict[str, Any]:
         return {"shard": self.index, "state": self.state, "queued": len(self.scheduler.messages),
                 "outbox": len(self.outbox), "moved": self.moved, "remaining": self.remaining,
+                "state_entries": self.handover.left() if self.state != SERVING else 0,
                 "others_not_serving": sorted(self.others_not_serving)}
 
     @property
@@ -217,7 +197,12 @@ class Drain:
 
     def tick(self) -> None:
         metrics.DRAIN_REMAINING.labels(self.label).set(self.remaining)
-        if self.state == SERVING or self._moving:
+        if self.state == SERVING:
+            return
+        if self.handover.left() and not self._handing_over and self._links:
+            self._handing_over = True
+            self._spawn(self._hand_over())
+        if self._moving:
             return
         if not self.scheduler.messages:
             if self.state == DRAINING and not len(self.outbox):
@@ -227,35 +212,15 @@ class Drain:
         self._moving = True
         self._spawn(self._move_batch())
 
-    async def _hand_over_suppression(self) -> bool:
-        """Send the suppression entries to their new owners; True when none is left here."""
-        if self.suppression is None or not len(self.suppression):
-            return True
-        if not self._links:
-            return False
-        owners: dict[int, list[Entry]] = {}
-        for entry in self.suppression.entries(time.time()):
-            owner = shard_for_address(entry.address, self.config.queue.shards, self.excluded())
-            owners.setdefault(owner, []).append(entry)
-        for owner, entries in owners.items():
-            args = {"entries": [dataclasses.asdict(e) for e in entries]}
-            try:
-                reply = await self._links[owner].request(
-                    functools.partial(_admin_request, "suppression_import", args), IMPORT_TIMEOUT)
-            except NoAnswer as missing:
-                log.warning("shard %d: suppression entries not handed over yet: %s", self.index, missing)
-                return False
-            if not (isinstance(reply, AdminReply) and reply.ok):
-                log.warning("shard %d: shard %d did not take suppression entries: %s", self.index, owner, reply)
-                return False
-            for entry in entries:
-                self.suppression.remove(entry.address)
-            log.info("shard %d: %d suppression entries handed to shard %d", self.index, len(entries), owner)
-        return not len(self.suppression)
+    async def _hand_over(self) -> None:
+        try:
+            await self.handover.hand_over(self._links, self.config.queue.shards, self.excluded())
+        finally:
+            self._handing_over = False
 
     async def _finish(self) -> None:
         try:
-            if not await self._hand_over_suppression():
+            if not await self.handover.hand_over(self._links, self.config.queue.shards, self.excluded()):
                 return
             if self.state == DRAINING and not self.scheduler.messages and not len(self.outbox):
                 await asyncio.to_thread(self._save, DRAINED)
@@ -405,6 +370,3 @@ def _renumbered(number: int, recipient: Recipient) -> Recipient:
     return Recipient(number, recipient.address, recipient.state, recipient.attempts, recipient.next_attempt,
                      recipient.last)
 
-
-def _admin_request(op: str, args: dict[str, Any], req: int) -> AdminRequest:
-    return AdminRequest(req=req, op=op, args=args)

@@ -8,7 +8,8 @@ contract 7), over a rolling 24 hours. Pure: time is passed in; the shard persist
   the limit is exact however many frontends ask at the same time); `remove(entry_id)` takes it back (a failed
   commit, or a Release from the frontend when the message was not stored after all);
 - `usage(user, now)`: (messages, recipients) within the window; `expired(now)`: entries older than the window,
-  which the shard deletes from its spool.
+  which the shard deletes from its spool; `entries()`: every entry, oldest first per user (what a draining
+  shard hands to the new owners, cluster.queue.handover).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class UsageLedger:
         if max_recipients and used_recipients + recipients > max_recipients:
             return "recipients"
         return None
+
+    def entries(self) -> list[UsageEntry]:
+        return [entry for entries in self._by_user.values() for entry in entries]
 
     def expired(self, now: float) -> list[str]:
         """Ids of the entries that left the window (oldest first); they stay counted until `remove`d."""
