@@ -1,7 +1,9 @@
 """Run one role of the cluster (frontend, queue shard, worker, mailbox) in this process: what `mtacluster serve` does.
 
 Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, SIGHUP into a reload of what the role can take
-without a restart (a frontend: `queue.shards`, read again from the configuration file), starts the role's
+without a restart (frontends and workers: `queue.shards`, read again from the configuration file), and does the
+same when the file's content changes (checked every CONFIG_POLL seconds: a stat, and a read only when the stat
+changed; a Kubernetes ConfigMap update swaps the mounted file, so it is enough), starts the role's
 /metrics /healthz /readyz HTTP listener, prints one startup line once the role is ready, and returns the process
 exit code.
 Failure modes: a configuration the role cannot use (port taken, spool unreadable) ends with a one-line error
@@ -24,6 +26,8 @@ from cluster import logs
 from cluster.config import Config, ConfigError, load_config
 
 ROLES = ("frontend", "queue", "worker", "mailbox")
+# How often (seconds) a role that takes a new `queue.shards` looks whether its configuration file changed.
+CONFIG_POLL = 2.0
 log = logging.getLogger("mtacluster")
 
 
@@ -62,18 +66,52 @@ def build_service(role: str, config: Config, shard: int, node: int = 0) -> tuple
     raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
 
 
-async def _reload(service: object, path: str | None) -> None:
-    """SIGHUP: read the configuration again and hand a role that can take it the new `queue.shards`."""
+async def _reload(service: object, path: str | None, why: str = "SIGHUP") -> None:
+    """Read the configuration again and hand a role that can take it the new `queue.shards`."""
     reload_shards = getattr(service, "reload_shards", None)
     if reload_shards is None:
-        log.info("SIGHUP: this role takes no configuration change without a restart")
+        log.info("%s: this role takes no configuration change without a restart", why)
         return
     try:
         config = load_config(path)
     except ConfigError as exc:
-        log.error("SIGHUP: configuration not reloaded, keeping the old one: %s", exc)
+        log.error("%s: configuration not reloaded, keeping the old one: %s", why, exc)
         return
     await reload_shards(list(config.queue.shards))
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+async def _watch_config(service: object, path: str, interval: float = CONFIG_POLL) -> None:
+    """Reload (as on SIGHUP) whenever the configuration file's content changes."""
+    stamp = _file_stamp(path)
+    content = _read(path)
+    while True:
+        await asyncio.sleep(interval)
+        now = _file_stamp(path)
+        if now is None or now == stamp:
+            continue
+        stamp = now
+        new = _read(path)
+        if new is None or new == content:
+            continue
+        content = new
+        log.info("configuration file %s changed: reloading", path)
+        await _reload(service, path, "configuration file changed")
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
 
 
 async def _serve(role: str, config: Config, shard: int, node: int, path: str | None = None) -> int:
@@ -94,6 +132,9 @@ async def _serve(role: str, config: Config, shard: int, node: int, path: str | N
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    watcher = None
+    if path is not None and hasattr(service, "reload_shards"):
+        watcher = asyncio.create_task(_watch_config(service, path))
     http = None
     metrics_where = "metrics=off"
     if config.metrics.listen:
@@ -107,6 +148,8 @@ async def _serve(role: str, config: Config, shard: int, node: int, path: str | N
         await task
     finally:
         announced.cancel()
+        if watcher is not None:
+            watcher.cancel()
         if http is not None:
             http.close()
     return 0

@@ -17,6 +17,7 @@ already held is ignored. A recipient (or sender) address the SMTP server would r
 retried with tracebacks for days. Nothing is queued for an unreachable shard (ZMQ_IMMEDIATE): a heartbeat or
 Result that cannot be sent is skipped; the Result stays listed as finished, and the shard asks for it again (a
 worker that dies meanwhile leaves the job to the shard's lease: a counted possible duplicate, never a loss).
+A new `queue.shards` (`reload_shards`, SIGHUP or a changed file) is taken without a restart.
 On stop, jobs that have not started are handed back at once (a last heartbeat without them), running jobs get
 `SHUTDOWN_GRACE` seconds to finish, and the rest come back to the shard through their leases.
 """
@@ -75,8 +76,7 @@ class _ShardLink:
         # session until the shard revokes their jobs.
         # liveness: a connection silent for worker_timeout (a cut link, a paused shard) is dropped and made again,
         # instead of waiting for TCP retransmissions to resume after the cut heals.
-        self.bus = BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}",
-                           liveness=config.queue.worker_timeout)
+        self.bus = _bus_link(index, endpoint, config)
         self.session = ShardSession(config.delivery.concurrency, config.queue.worker_timeout / 2)
         self.jobs: dict[str, asyncio.Task[None]] = {}
         # Bounds the deliveries running at once even if the shard sends more jobs than it had credits for.
@@ -86,6 +86,10 @@ class _ShardLink:
 
     async def send(self, frame: bytes) -> bool:
         return await self.bus.send(frame)
+
+
+def _bus_link(index: int, endpoint: str, config: Config) -> BusLink:
+    return BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}", liveness=config.queue.worker_timeout)
 
 
 class Worker:
@@ -106,6 +110,7 @@ class Worker:
                          sts.fetch_timeout) if sts_context is not None else None
         self.deliverer = Deliverer(config, self.resolver, self.cache, mta_sts=mta_sts, sts_context=sts_context)
         self._links: list[_ShardLink] = []
+        self._serving: dict[int, asyncio.Task[None]] = {}  # the receive-and-heartbeat task of each link
         self._stopping = False
 
     async def _addresses(self, host: str) -> list[str]:
@@ -125,12 +130,14 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._links = [_ShardLink(i, endpoint, self.config) for i, endpoint in enumerate(self.config.queue.shards)]
-        tasks = [asyncio.create_task(self._serve_link(link)) for link in self._links]
-        tasks.append(asyncio.create_task(self._prune_forever()))
+        for link in self._links:
+            self._serving[link.index] = asyncio.create_task(self._serve_link(link))
+        pruning = asyncio.create_task(self._prune_forever())
         try:
             await stop.wait()
         finally:
             self._stopping = True
+            tasks = [*self._serving.values(), pruning]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -143,6 +150,44 @@ class Worker:
             for link in self._links:
                 await link.bus.close()
             metrics.SHARDS_CONNECTED.set(0)
+
+    async def reload_shards(self, shards: list[str]) -> None:
+        """A new `queue.shards` (SIGHUP or a changed configuration file, cluster/roles.py): take jobs from added
+        shards; for a shard whose endpoint changed (a pod's new address), keep its jobs and Results and only
+        connect anew; a shard no longer listed (a drained one forgotten) is left: its jobs not yet reported are
+        dropped (their shard, if it still runs, takes them back through their leases)."""
+        if self._stopping or not self._links or shards == [link.endpoint for link in self._links]:
+            return
+        changed = 0
+        for index, endpoint in enumerate(shards):
+            if index >= len(self._links):
+                link = _ShardLink(index, endpoint, self.config)
+                self._links.append(link)
+                self._serving[index] = asyncio.create_task(self._serve_link(link))
+                changed += 1
+            elif self._links[index].endpoint != endpoint:
+                link = self._links[index]
+                await self._stop_serving(index)
+                await link.bus.close()
+                link.endpoint = endpoint
+                link.bus = _bus_link(index, endpoint, self.config)
+                self._serving[index] = asyncio.create_task(self._serve_link(link))
+                changed += 1
+        for link in self._links[len(shards):]:
+            await self._stop_serving(link.index)
+            for task in link.jobs.values():
+                task.cancel()
+            await asyncio.gather(*link.jobs.values(), return_exceptions=True)
+            await link.bus.close()
+            changed += 1
+        del self._links[len(shards):]
+        log.info("queue.shards reloaded: %d shards (%d links made, moved or dropped)", len(shards), changed)
+
+    async def _stop_serving(self, index: int) -> None:
+        task = self._serving.pop(index, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _hand_back_waiting(self) -> None:
         """Drop the jobs that have not started and say so in a last heartbeat: their shards re-queue them now

@@ -5,7 +5,8 @@ deferred with one attempt made. `mtacluster shard drain 2 --wait` must leave sha
 recipient held once by shards 0 and 1 with its attempts kept; new mail must never be stored on shard 2, also
 after it restarts; and once the sink is there, every accepted (message, recipient) arrives exactly once, counted
 by Message-ID at the sink. The same under kill -9 of the source and of a target in the middle of the drain.
-A frontend takes a longer `queue.shards` on SIGHUP, without a restart.
+A frontend takes a longer `queue.shards` on SIGHUP, and a worker when its configuration file changes (what a
+Kubernetes ConfigMap update does), without a restart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from cluster.bus.ring import shard_for_domain
 from tests.support.harness import Cluster, RoleProcess, SmtpSink, wait_for, write_config
 from tests.support.tooling import free_port
 
@@ -216,3 +218,41 @@ def test_a_frontend_takes_a_new_shard_list_on_sighup(tmp_path: Path) -> None:
         assert frontend.process.poll() is None
     finally:
         cluster.stop()
+
+
+def test_a_worker_takes_a_new_shard_list_when_its_file_changes(tmp_path: Path) -> None:
+    """A worker configured with shard 0 only delivers nothing of shard 1's mail; once its file lists both
+    shards (rewritten in place, no signal), it takes shard 1's jobs too."""
+    sink = SmtpSink(port=free_port()).start()
+    cluster = Cluster(tmp_path / "cluster", shards=2, frontends=1, workers=0, metrics=True,
+                      overrides={"delivery": {"smarthost": sink.address}})
+    worker_sections = {**cluster.sections, "queue": {**cluster.sections["queue"],
+                                                     "shards": cluster.sections["queue"]["shards"][:1]}}
+    worker_config = write_config(tmp_path / "worker.toml", worker_sections)
+    worker = RoleProcess("worker", ["serve", "worker", "--config", str(worker_config)], tmp_path / "worker.log")
+    cluster.processes.append(worker)
+    shards = cluster.sections["queue"]["shards"]
+    domains = {shard_for_domain(f"w{i}.test", shards): f"w{i}.test" for i in range(50)}
+    try:
+        cluster.start()
+        worker.start()
+        worker.wait_ready()
+        with smtplib.SMTP("127.0.0.1", cluster.smtp_port, timeout=30) as client:
+            for index in (0, 1):
+                client.sendmail("a@sender.test", [f"r@{domains[index]}"],
+                                f"Message-ID: <reload.{index}@sender.test>\r\n\r\nbody\r\n".encode())
+        wait_for(lambda: [m for m in sink.messages() if m.message_id == "<reload.0@sender.test>"], 30,
+                 "shard 0's message at the sink")
+        assert not [m for m in sink.messages() if m.message_id == "<reload.1@sender.test>"]
+        assert [m["shard"] for m in queued(cluster)] == [1], "shard 1's message should wait for a worker"
+
+        write_config(worker_config, cluster.sections)
+        wait_for(lambda: "queue.shards reloaded: 2 shards" in worker.log(), 15,
+                 f"the worker to reload; log:\n{worker.log()[-2000:]}")
+        wait_for(lambda: [m for m in sink.messages() if m.message_id == "<reload.1@sender.test>"], 30,
+                 "shard 1's message at the sink")
+        wait_for(lambda: not queued(cluster), 15, "an empty queue")
+        assert worker.process is not None and worker.process.poll() is None
+    finally:
+        cluster.stop()
+        sink.stop()
