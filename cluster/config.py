@@ -81,6 +81,10 @@ class SmtpConfig:
     data_timeout: Duration = Duration(180)
     # How long the frontend waits for every shard's Stored before answering 451 4.3.0.
     inject_timeout: Duration = Duration(60)
+    # On SIGTERM a frontend reports not ready (/readyz) at once, then keeps listening and serving its sessions
+    # for this long, so a load balancer checking /readyz stops sending it connections and none is refused; only
+    # then does it stop listening and answer 421 4.3.2 to the sessions still open. 0 = no grace (one host).
+    shutdown_grace: Duration = Duration(0)
     # Expect a PROXY protocol v1/v2 header from the load balancer on every connection.
     proxy_protocol: bool = False
     # RFC 3207 STARTTLS: PEM certificate chain and private key of the frontends (both or neither). When set,
@@ -592,6 +596,9 @@ def _check_bounds(config: Config) -> None:
     at_least("smtp.command_timeout", s.command_timeout, 1)
     at_least("smtp.data_timeout", s.data_timeout, 1)
     at_least("smtp.inject_timeout", s.inject_timeout, 0.1)
+    at_least("smtp.shutdown_grace", s.shutdown_grace, 0)
+    if s.shutdown_grace > 3600:
+        raise ConfigError("smtp.shutdown_grace", f"must be at most 1h, got {s.shutdown_grace:g}s")
     if bool(s.tls_cert_file) != bool(s.tls_key_file):
         missing = "smtp.tls_key_file" if s.tls_cert_file else "smtp.tls_cert_file"
         raise ConfigError(missing, "smtp.tls_cert_file and smtp.tls_key_file must be set together (or neither)")

@@ -182,12 +182,14 @@ class Supervisor:
             for process in group:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + GRACE_SECONDS
+            # Frontends serve their sessions for smtp.shutdown_grace first (cluster/frontend/server.py).
+            grace = GRACE_SECONDS + (float(self.config.smtp.shutdown_grace) if role == "frontend" else 0.0)
+            deadline = time.monotonic() + grace
             for process in group:
                 try:
                     process.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    print(f"mtacluster up: {role} pid={process.pid} did not stop in {GRACE_SECONDS:g}s; killing",
+                    print(f"mtacluster up: {role} pid={process.pid} did not stop in {grace:g}s; killing",
                           file=sys.stderr, flush=True)
                     process.kill()
                     process.wait()

@@ -17,7 +17,15 @@ the connection is closed. Stateless: nothing is kept once a session ends.
 Failure modes: an unusable certificate or key raises ConfigError at startup, naming the key; an address that
 cannot be bound raises OSError at startup. The listeners are opened only once every shard answered a ping
 (`_wait_for_shards` says why), so a frontend whose shards are not there takes no connection. Ready (for
-/readyz) when every listener is up and every shard answers.
+/readyz) when every listener is up and every shard answers, and not stopping.
+
+Stopping (SIGTERM), in this order, so that scaling frontends in refuses no connection and loses no message:
+1. not ready at once (/readyz 503): a load balancer checking it stops sending new connections;
+2. for `smtp.shutdown_grace` seconds, everything goes on as before: the listeners stay open (connections the
+   balancer sent before it noticed are served) and open sessions are served normally;
+3. the listeners close; sessions still open get 421 4.3.2 (replies.SHUTTING_DOWN), except those storing a
+   message, which finish (up to `smtp.inject_timeout`) and answer 250 or 451;
+4. only then are the shard links closed.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class Frontend:
         # Set when stopping: a connection accepted just before the listeners closed gets 421 at once (the shard
         # links close soon, so it could not store a message).
         self.stopping = False
+        # Set at once on SIGTERM: /readyz says not ready while the shutdown grace runs.
+        self.terminating = False
         self._server_kinds: list[str] = []  # the listener kind of each of self.servers
         self._tls_sockets: list[socket.socket] = []
         self._accept_loops: list[asyncio.Task[None]] = []
@@ -146,7 +156,8 @@ class Frontend:
 
     def is_ready(self) -> bool:
         listening = bool(self.servers) or bool(self._tls_sockets)
-        return listening and self.shards is not None and self.shards.all_reachable()
+        return (listening and not self.terminating and self.shards is not None
+                and self.shards.all_reachable())
 
     async def run(self, stop: asyncio.Event) -> None:
         self.shards = ShardClient(self.config.queue.shards, self.config.smtp.inject_timeout,
@@ -264,6 +275,12 @@ class Frontend:
         await self._serve(listener, reader, writer, proxy_ip or client_ip, b"")
 
     async def _shutdown(self) -> None:
+        self.terminating = True
+        grace = float(self.config.smtp.shutdown_grace)
+        if grace > 0 and (self.servers or self._tls_sockets):
+            log.info("frontend stopping: not ready from now on; still listening and serving %d sessions for the "
+                     "shutdown grace of %gs", len(self.sessions), grace)
+            await asyncio.sleep(grace)
         self.stopping = True
         for server in self.servers:
             server.close()
@@ -273,14 +290,20 @@ class Frontend:
         for sock in self._tls_sockets:
             sock.close()
         # Idle sessions are told 421 and closed; sessions in the middle of storing a message get the chance to
-        # finish and answer 250 (or 451), so that no client is left wondering whether its mail was taken.
+        # finish and answer 250 (or 451), so that no client is left wondering whether its mail was taken. The
+        # shard links close only after that.
+        told = 0
         for task, session in list(self.sessions.items()):
             if session is None or not session.storing:
                 task.cancel()
+                told += 1
+        if told:
+            log.info("frontend stopping: %d sessions still open answered 421 4.3.2", told)
         if self.sessions:
             _, pending = await asyncio.wait(list(self.sessions), timeout=self.config.smtp.inject_timeout)
             for task in pending:
                 task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self.shards is not None:
             await self.shards.close()
         if self.accounts.spf is not None:

@@ -25,6 +25,12 @@ def test_config_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mtacluster: configuration error: queue.retry_first:") and "Traceback" not in err
+    grace = tmp_path / "grace.toml"
+    grace.write_text('[smtp]\nshutdown_grace = "30s"\n')
+    assert main(["config", "check", str(grace)]) == 0
+    grace.write_text('[smtp]\nshutdown_grace = "-5s"\n')
+    assert main(["config", "check", str(grace)]) == 2
+    assert capsys.readouterr().err.startswith("mtacluster: configuration error: smtp.shutdown_grace:")
 
 
 def test_missing_key_file_is_a_configuration_error_everywhere(tmp_path: Path,

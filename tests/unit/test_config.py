@@ -67,6 +67,9 @@ def test_file_and_environment_override(tmp_path: Path) -> None:
     ({"delivery": {"tls": "maybe"}}, "delivery.tls"),
     ({"delivery": {"transports": {"example.com": "carrier-pigeon"}}}, "delivery.transports.example.com"),
     ({"smtp": {"max_message_size": "1KiB"}}, "smtp.max_message_size"),
+    ({"smtp": {"shutdown_grace": "-1s"}}, "smtp.shutdown_grace"),
+    ({"smtp": {"shutdown_grace": "2h"}}, "smtp.shutdown_grace"),
+    ({"smtp": {"shutdown_grace": "soon"}}, "smtp.shutdown_grace"),
 ])
 def test_bad_values_name_the_key(raw: dict[str, dict[str, object]], key: str) -> None:
     with pytest.raises(ConfigError) as info:
