@@ -186,6 +186,7 @@ def test_cluster_config_is_valid_for_mtacluster(tmp_path: Path) -> None:
     assert config.queue.shards == ("tcp://127.0.0.1:30026",)
     assert config.queue.spool_dir == str(tmp_path / "spool")
     assert config.delivery.smarthost == "127.0.0.1:30027"
+    assert config.mailbox.maildir_root == str(tmp_path / "maildir")
     assert config.metrics.listen == "127.0.0.1:30100"
     assert (config.up.frontends, config.up.workers) == (3, 4)
     assert settings.processes == 8
