@@ -78,6 +78,8 @@ def render_config(settings: ClusterSettings) -> str:
         "",
         "[delivery]",
         f"smarthost = {_toml_string(f'{s.host}:{s.sink_port}')}",
+        "",
+        "[mailbox]",
         f"maildir_root = {_toml_string(str(s.workdir / 'maildir'))}",
         "",
         "[metrics]",

@@ -1,55 +1,66 @@
 """End-to-end benchmark: smtp-source -> system under test -> smtp-sink, for mtacluster and for Postfix.
 
-    python -m benchmarks.e2e [--messages 2000] [--size 4] [--sessions 20] [--only ours|signed|postfix ...]
-                             [--probe-sessions 2] [--profile DIR [--profile-format flamegraph|raw|speedscope]]
+    python -m benchmarks.e2e [--scenarios standard signed bulk large] [--only ours signed postfix]
+                             [--messages 3000] [--size 4] [--sessions 20] [--rounds 3]
+                             [--bulk-messages 200] [--bulk-recipients 100] [--bulk-rounds 2]
+                             [--large-messages 200] [--large-size 1024] [--large-rounds 2]
+                             [--compare-layout F/W] [--profile DIR [--profile-format flamegraph|raw|speedscope]]
 
-For each system ("ours" = `mtacluster up`, "postfix" = a private Postfix instance), on fresh loopback ports:
-start a fresh smtp-sink, start the system with the sink as its relay, wait until it answers SMTP and one
-warm-up message has reached the sink, then run smtp-source (N messages of S KiB over C sessions) and, side by
-side, the latency probe (benchmarks/smtp_probe.py). Figures:
+Scenarios (benchmarks/scenarios.py): standard (N x S KiB over C sessions, with the latency probe), signed (the
+standard load with DKIM signing), bulk (smtp-source -r R: R recipients per message) and large (1 MiB messages,
+with each role's peak RSS). For each load, system and round (ours = `mtacluster up`, postfix = a private
+Postfix instance), on fresh loopback ports: start a fresh smtp-sink, start the system with the sink as its
+relay, wait until it answers SMTP and one warm-up message has reached the sink, then run smtp-source (and, on
+the standard load, the latency probe, benchmarks/smtp_probe.py) beside it. Figures:
 
 - accepted/s: messages accepted (smtp-source's N plus the probe's) / smtp-source wall time;
-- delivered/s: the same messages / time from the start until the sink had every one of them;
-- accept latency p50/p90/p99: the probe's end of DATA -> 250 times, measured while the load runs.
+- delivered/s: the same messages / time from the start until the sink had every one of them (every recipient
+  of every message, for bulk); delivered recipients/s: recipients / that same time;
+- accept latency p50/p90/p99: the probe's end of DATA -> 250 times, measured while the load runs;
+- CPU ms per message, per role for ours; peak RSS per role for ours (benchmarks/memory.py).
 
-Output: a table on stdout (with ours/Postfix ratios), then one JSON line with every figure. Progress and errors
-go to stderr. Everything started is stopped and the work directory removed on every exit path (Ctrl-C and
-SIGTERM included). Exit code 0 when every requested system was measured, 1 otherwise, 2 for bad arguments.
+Output: one table per scenario on stdout (benchmarks/report.py), then one JSON line with every figure.
+Progress and errors go to stderr. Everything started is stopped and the work directory removed on every exit
+path (Ctrl-C and SIGTERM included). Exit code 0 when every requested run was measured, 1 otherwise, 2 for bad
+arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.cluster_instance import ClusterError, ClusterInstance, ClusterSettings, cpu_by_role, tree_cpu_seconds
 from benchmarks.cluster_metrics import scrape, shard_summary, sum_by_name
+from benchmarks.memory import RssSampler
 from benchmarks.ports import HOST, free_ports, free_ports_and_block
 from benchmarks.postfix_instance import PostfixError, PostfixInstance, PostfixSettings
 from benchmarks.profiler import Profiler, find_py_spy, top_frames
+from benchmarks.report import comparisons, json_line, render_table
+from benchmarks.results import SideResult
+from benchmarks.scenarios import SCENARIOS, SYSTEMS, Load, parse_layout, parse_layout_system, plan_loads, round_plan
 from benchmarks.sink import SinkError, SmtpSink
 from benchmarks.smtp_probe import ProbeResult, ProbeSettings, SmtpProbeError, run_probe, send_one
-from benchmarks.stats import LatencySummary, median, rate, ratio, summarize_latencies
+from benchmarks.stats import rate, summarize_latencies
 
-# "signed" is ours with DKIM signing (rsa-sha256, 2048 bits) of every message: the cost of signing.
-SYSTEMS = ("ours", "signed", "postfix")
 SENDER = "bench@bench.example"
 RECIPIENT = "sink@bench.example"
 HELO = "bench.example"
 READY_TIMEOUT = 30.0
-SOURCE_TIMEOUT = 60.0
-DELIVERY_TIMEOUT = 60.0
-DEFAULT_TIME_LIMIT = 170.0
+SOURCE_TIMEOUT = 120.0
+DELIVERY_TIMEOUT = 120.0
+# Bounds the whole default run (about five minutes on a quiet 2-core machine); rounds past it are skipped.
+DEFAULT_TIME_LIMIT = 420.0
+RSS_LIMIT_MIB = 200.0  # issue 12: no role above 200 MiB while the large scenario runs
 
 
 class BenchError(RuntimeError):
@@ -73,6 +84,24 @@ class BenchArgs:
     profile_format: str
     keep_workdir: bool
     signed_algorithm: str = "rsa-sha256"
+    scenarios: tuple[str, ...] = SCENARIOS
+    bulk_messages: int = 200
+    bulk_recipients: int = 100
+    bulk_rounds: int = 2
+    large_messages: int = 200
+    large_size_kib: int = 1024
+    large_rounds: int = 2
+    compare_layouts: tuple[tuple[int, int], ...] = ()
+    rss_limit_mib: float = RSS_LIMIT_MIB
+
+    def loads(self) -> list[Load]:
+        return plan_loads(
+            self.scenarios, self.systems,
+            standard=Load("standard", self.messages, self.size_kib, self.sessions, self.rounds, ()),
+            bulk=Load("bulk", self.bulk_messages, self.size_kib, self.sessions, self.bulk_rounds, (),
+                      recipients=self.bulk_recipients),
+            large=Load("large", self.large_messages, self.large_size_kib, self.sessions, self.large_rounds, ()),
+            compare_layouts=self.compare_layouts)
 
 
 def _positive(text: str) -> int:
@@ -82,31 +111,55 @@ def _positive(text: str) -> int:
     return value
 
 
+def _layout(text: str) -> tuple[int, int]:
+    try:
+        return parse_layout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=_positive, default=2000, help="messages smtp-source sends (N)")
-    parser.add_argument("--size", type=_positive, default=4, help="message payload in KiB (S)")
-    parser.add_argument("--sessions", type=_positive, default=20, help="concurrent smtp-source sessions (C)")
+    parser.add_argument("--scenarios", choices=SCENARIOS, nargs="+", help="run only these scenarios")
     parser.add_argument("--only", choices=SYSTEMS, nargs="+", help="measure only these systems")
-    parser.add_argument("--rounds", type=_positive, default=3,
-                        help="rounds (each runs every system once); figures are medians over the rounds")
-    parser.add_argument("--probe-sessions", type=_positive, default=2,
-                        help="concurrent sessions of the latency probe (each sends one message after another)")
-    parser.add_argument("--probe-interval", type=float, default=0.025,
-                        help="seconds between the starts of two probe messages on one session (0 = no pause)")
-    parser.add_argument("--frontends", type=_positive, default=2, help="mtacluster frontends (up.frontends)")
-    parser.add_argument("--workers", type=_positive, default=2, help="mtacluster workers (up.workers)")
+    standard = parser.add_argument_group("standard (and signed) scenario")
+    standard.add_argument("--messages", type=_positive, default=3000, help="messages smtp-source sends (N)")
+    standard.add_argument("--size", type=_positive, default=4, help="message payload in KiB (S), also for bulk")
+    standard.add_argument("--sessions", type=_positive, default=20,
+                          help="concurrent smtp-source sessions (C), for every scenario")
+    standard.add_argument("--rounds", type=_positive, default=3,
+                          help="rounds (each runs every system once); figures are medians over the rounds")
+    standard.add_argument("--probe-sessions", type=_positive, default=2,
+                          help="concurrent sessions of the latency probe (each sends one message after another)")
+    standard.add_argument("--probe-interval", type=float, default=0.025,
+                          help="seconds between the starts of two probe messages on one session (0 = no pause)")
+    bulk = parser.add_argument_group("bulk scenario")
+    bulk.add_argument("--bulk-messages", type=_positive, default=200, help="messages smtp-source sends")
+    bulk.add_argument("--bulk-recipients", type=_positive, default=100, help="recipients per message (-r)")
+    bulk.add_argument("--bulk-rounds", type=_positive, default=2, help="rounds of the bulk scenario")
+    large = parser.add_argument_group("large scenario")
+    large.add_argument("--large-messages", type=_positive, default=200, help="messages smtp-source sends")
+    large.add_argument("--large-size", type=_positive, default=1024, help="message payload in KiB")
+    large.add_argument("--large-rounds", type=_positive, default=2, help="rounds of the large scenario")
+    large.add_argument("--rss-limit", type=float, default=RSS_LIMIT_MIB,
+                       help="flag roles whose peak RSS goes above this many MiB")
+    ours = parser.add_argument_group("mtacluster")
+    ours.add_argument("--frontends", type=_positive, default=2, help="mtacluster frontends (up.frontends)")
+    ours.add_argument("--workers", type=_positive, default=2, help="mtacluster workers (up.workers)")
+    ours.add_argument("--compare-layout", type=_layout, action="append", default=[], metavar="F/W",
+                      help="also run ours with F frontends and W workers on the standard load, beside ours "
+                           "(repeatable); its table compares it with ours")
+    ours.add_argument("--signed-algorithm", choices=("rsa-sha256", "ed25519-sha256"), default="rsa-sha256",
+                      help="DKIM algorithm of the signed scenario (RSA keys have 2048 bits)")
+    ours.add_argument("--profile", type=Path, metavar="DIR",
+                      help="record a py-spy profile of every mtacluster process into DIR/<load>-<system>-<round>")
+    ours.add_argument("--profile-format", choices=("flamegraph", "raw", "speedscope"), default="flamegraph",
+                      help="py-spy output format; raw also prints the top frames of each process")
     parser.add_argument("--reuse-connections", action="store_true",
                         help="smtp-source sends every message of a session on one connection (-d)")
     parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT,
-                        help="seconds the whole run may take; waits are cut to fit")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="record a py-spy profile of every mtacluster process into DIR")
-    parser.add_argument("--profile-format", choices=("flamegraph", "raw", "speedscope"), default="flamegraph",
-                        help="py-spy output format; raw also prints the top frames of each process")
+                        help="seconds the whole run may take; waits are cut to fit, later rounds skipped")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, spools and logs")
-    parser.add_argument("--signed-algorithm", choices=("rsa-sha256", "ed25519-sha256"), default="rsa-sha256",
-                        help="DKIM algorithm of the signed scenario (RSA keys have 2048 bits)")
     return parser
 
 
@@ -116,14 +169,19 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
         build_parser().error("--time-limit must be positive")
     if ns.probe_interval < 0:
         build_parser().error("--probe-interval must not be negative")
+    if ns.rss_limit <= 0:
+        build_parser().error("--rss-limit must be positive")
     return BenchArgs(
         messages=ns.messages, size_kib=ns.size, sessions=ns.sessions,
         systems=tuple(dict.fromkeys(ns.only)) if ns.only else SYSTEMS, rounds=ns.rounds,
-        probe_sessions=ns.probe_sessions,
-        probe_interval=ns.probe_interval,
+        probe_sessions=ns.probe_sessions, probe_interval=ns.probe_interval,
         frontends=ns.frontends, workers=ns.workers, reuse_connections=ns.reuse_connections,
         time_limit=ns.time_limit, profile_dir=ns.profile, profile_format=ns.profile_format,
         keep_workdir=ns.keep_workdir, signed_algorithm=ns.signed_algorithm,
+        scenarios=tuple(dict.fromkeys(ns.scenarios)) if ns.scenarios else SCENARIOS,
+        bulk_messages=ns.bulk_messages, bulk_recipients=ns.bulk_recipients, bulk_rounds=ns.bulk_rounds,
+        large_messages=ns.large_messages, large_size_kib=ns.large_size, large_rounds=ns.large_rounds,
+        compare_layouts=tuple(dict.fromkeys(ns.compare_layout)), rss_limit_mib=ns.rss_limit,
     )
 
 
@@ -136,36 +194,14 @@ def find_tool(name: str) -> str:
     return path
 
 
-def smtp_source_command(binary: str, args: BenchArgs, port: int) -> list[str]:
-    command = [binary, "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size_kib * 1024),
+def smtp_source_command(binary: str, load: Load, port: int, reuse_connections: bool = False) -> list[str]:
+    command = [binary, "-s", str(load.sessions), "-m", str(load.messages), "-l", str(load.size_kib * 1024),
                "-f", SENDER, "-t", RECIPIENT, "-M", HELO]
-    if args.reuse_connections:
+    if load.recipients > 1:
+        command += ["-r", str(load.recipients)]  # recipients "N" + RECIPIENT, N = 1.., all at one domain
+    if reuse_connections:
         command.append("-d")
     return [*command, f"{HOST}:{port}"]
-
-
-@dataclass
-class SideResult:
-    system: str
-    source_messages: int = 0
-    probe_messages: int = 0
-    accept_seconds: float | None = None
-    deliver_seconds: float | None = None
-    accepted_per_s: float | None = None
-    source_accepted_per_s: float | None = None
-    delivered_per_s: float | None = None
-    latency: LatencySummary | None = None
-    probe_refused: int = 0
-    probe_errors: int = 0
-    # Messages the sink received beyond those sent (duplicate deliveries), counted when the system stops.
-    sink_extra: int = 0
-    sink_expected: int = 0
-    # ours only: figures from the queue shard's own /metrics, scraped after the run.
-    shard_metrics: dict[str, float] = field(default_factory=dict)
-    # CPU milliseconds per accepted message: per role for ours, all processes together for Postfix.
-    cpu_ms_per_message: dict[str, float] = field(default_factory=dict)
-    error: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 class Deadline:
@@ -225,24 +261,26 @@ async def warm_up(probe: ProbeSettings, sink: SmtpSink, deadline: float,
     raise TimeoutError(f"the warm-up message was not accepted by the deadline (last reply: {last})")
 
 
-async def measure(system: str, args: BenchArgs, smtp_port: int, sink: SmtpSink, deadline: Deadline,
-                  on_started: Callable[[], None] | None = None) -> SideResult:
-    """Run the load and the probe against a ready system; wait for the sink to have every message."""
-    result = SideResult(system)
-    probe_settings = ProbeSettings(HOST, smtp_port, args.size_kib * 1024, sender=SENDER, recipient=RECIPIENT)
-    baseline = sink.received
+async def measure(system: str, load: Load, args: BenchArgs, smtp_port: int, sink: SmtpSink,
+                  deadline: Deadline, on_started: Callable[[], None] | None = None) -> SideResult:
+    """Run the load (and on the standard load the probe) against a ready system; wait for the sink to have
+    every message (every recipient, when the load counts them)."""
+    result = SideResult(system, load=load.name, recipients_per_message=load.recipients)
+    probe_settings = ProbeSettings(HOST, smtp_port, load.size_kib * 1024, sender=SENDER, recipient=RECIPIENT)
+    baseline_messages, baseline_recipients = sink.received, sink.recipients
     stop_probe = asyncio.Event()
     started = time.monotonic()
     source = await asyncio.create_subprocess_exec(
-        *smtp_source_command(find_tool("smtp-source"), args, smtp_port),
+        *smtp_source_command(find_tool("smtp-source"), load, smtp_port, args.reuse_connections),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
-    probe_task = asyncio.create_task(run_probe(probe_settings, args.probe_sessions, stop_probe, args.probe_interval))
+    probe_task = asyncio.create_task(run_probe(probe_settings, args.probe_sessions if load.probe else 0, stop_probe,
+                                               args.probe_interval))
     if on_started is not None:
         on_started()
     try:
         _, stderr = await asyncio.wait_for(source.communicate(), deadline.within(SOURCE_TIMEOUT) - started)
     except TimeoutError:
-        raise BenchError(f"smtp-source did not finish {args.messages} messages in time") from None
+        raise BenchError(f"smtp-source did not finish {load.messages} messages in time") from None
     finally:
         stop_probe.set()
         if source.returncode is None:
@@ -253,36 +291,49 @@ async def measure(system: str, args: BenchArgs, smtp_port: int, sink: SmtpSink, 
     probe: ProbeResult = await probe_task
     if source.returncode != 0:
         raise BenchError(f"smtp-source failed ({source.returncode}): {stderr.decode(errors='replace').strip()}")
-    result.source_messages = args.messages
+    result.source_messages = load.messages
     result.probe_messages = probe.accepted
     result.probe_refused = probe.refused
     result.probe_errors = probe.connection_errors
     if probe.first_error:
         result.notes.append(f"probe: {probe.refused} refused, {probe.connection_errors} connection errors, "
                             f"first: {probe.first_error}")
-    total = args.messages + probe.accepted
+    total = load.messages + probe.accepted
+    recipients = load.messages * load.recipients + probe.accepted
     result.accept_seconds = accept_end - started
     result.accepted_per_s = rate(total, result.accept_seconds)
-    result.source_accepted_per_s = rate(args.messages, result.accept_seconds)
-    result.latency = summarize_latencies(probe.latencies)
+    result.source_accepted_per_s = rate(load.messages, result.accept_seconds)
+    if load.probe:
+        result.latency = summarize_latencies(probe.latencies)
     log(f"{system}: {total} accepted in {result.accept_seconds:.2f}s; waiting for the sink")
-    delivered_at = await sink.wait_for(baseline + total, deadline.within(DELIVERY_TIMEOUT))
+    if load.counts_recipients:
+        result.sink_expected = baseline_recipients + recipients
+        delivered_at = await sink.wait_for_recipients(result.sink_expected, deadline.within(DELIVERY_TIMEOUT))
+    else:
+        result.sink_expected = baseline_messages + total
+        delivered_at = await sink.wait_for(result.sink_expected, deadline.within(DELIVERY_TIMEOUT))
     result.deliver_seconds = delivered_at - started
     result.delivered_per_s = rate(total, result.deliver_seconds)
-    result.sink_expected = baseline + total
+    result.delivered_recipients_per_s = rate(recipients, result.deliver_seconds)
     return result
 
 
-def note_duplicates(result: SideResult, sink: SmtpSink) -> None:
+def note_duplicates(result: SideResult, sink: SmtpSink, load: Load) -> None:
     """After the system and the sink stopped: anything the sink got beyond what was sent was delivered twice."""
-    result.sink_extra = sink.received - result.sink_expected
+    received = sink.recipients if load.counts_recipients else sink.received
+    unit = "recipients" if load.counts_recipients else "messages"
+    result.sink_extra = received - result.sink_expected
     if result.sink_extra:
-        result.notes.append(f"the sink received {result.sink_extra} messages more than were sent (duplicates)")
+        result.notes.append(f"the sink received {result.sink_extra} {unit} more than were sent (duplicates)")
 
 
-async def run_postfix(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideResult:
+def _new_sink(port: int, load: Load) -> SmtpSink:
+    return SmtpSink(HOST, port, find_tool("smtp-sink"), count_recipients=load.counts_recipients)
+
+
+async def run_postfix(load: Load, args: BenchArgs, workdir: Path, deadline: Deadline, tag: str) -> SideResult:
     smtp_port, sink_port = free_ports(2)
-    sink = SmtpSink(HOST, sink_port, find_tool("smtp-sink"))
+    sink = _new_sink(sink_port, load)
     instance = PostfixInstance(PostfixSettings(workdir / "postfix", smtp_port, sink_port), find_tool("postfix"))
     try:
         await sink.start()
@@ -298,7 +349,7 @@ async def run_postfix(args: BenchArgs, workdir: Path, deadline: Deadline) -> Sid
         def on_started() -> None:
             cpu_before[0] = tree_cpu_seconds(master) if master else 0.0
 
-        result = await measure("postfix", args, smtp_port, sink, deadline, on_started)
+        result = await measure("postfix", load, args, smtp_port, sink, deadline, on_started)
         if master:
             used = tree_cpu_seconds(master) - cpu_before[0]
             result.cpu_ms_per_message = {"postfix": 1000.0 * used / (result.source_messages + result.probe_messages)}
@@ -310,11 +361,11 @@ async def run_postfix(args: BenchArgs, workdir: Path, deadline: Deadline) -> Sid
     finally:
         instance.stop()
         await sink.stop()
-    note_duplicates(result, sink)
+    note_duplicates(result, sink, load)
     return result
 
 
-async def run_signed(args: BenchArgs, workdir: Path, deadline: Deadline) -> SideResult:
+async def run_signed(load: Load, args: BenchArgs, workdir: Path, deadline: Deadline, tag: str) -> SideResult:
     """Ours with every message DKIM-signed at acceptance (a fresh key for the sender's domain: 2048-bit RSA, or
     Ed25519 with --signed-algorithm ed25519-sha256)."""
     from cluster.dkim.keys import generate, write_private_key
@@ -322,19 +373,21 @@ async def run_signed(args: BenchArgs, workdir: Path, deadline: Deadline) -> Side
     (workdir / "signed").mkdir(parents=True, exist_ok=True)
     key_file = workdir / "signed" / "dkim.pem"
     write_private_key(str(key_file), generate(args.signed_algorithm, 2048))
-    return await run_ours(args, workdir, deadline, "signed", key_file, args.signed_algorithm)
+    return await run_ours(load, args, workdir, deadline, tag, "signed", key_file, args.signed_algorithm)
 
 
-async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline, system: str = "ours",
+async def run_ours(load: Load, args: BenchArgs, workdir: Path, deadline: Deadline, tag: str, system: str = "ours",
                    dkim_key_file: Path | None = None, dkim_algorithm: str = "rsa-sha256") -> SideResult:
-    processes = 1 + args.frontends + args.workers  # each gets a metrics port: base + its index
+    frontends, workers = parse_layout_system(system) or (args.frontends, args.workers)
+    processes = 1 + frontends + workers  # each gets a metrics port: base + its index
     (smtp_port, sink_port, shard_port), metrics_base = free_ports_and_block(3, processes)
-    settings = ClusterSettings(workdir / system, smtp_port, shard_port, metrics_base, sink_port, args.frontends,
-                               args.workers, dkim_domain=SENDER.rpartition("@")[2], dkim_key_file=dkim_key_file,
+    settings = ClusterSettings(workdir / system, smtp_port, shard_port, metrics_base, sink_port, frontends,
+                               workers, dkim_domain=SENDER.rpartition("@")[2], dkim_key_file=dkim_key_file,
                                dkim_algorithm=dkim_algorithm)
-    sink = SmtpSink(HOST, sink_port, find_tool("smtp-sink"))
+    sink = _new_sink(sink_port, load)
     instance = ClusterInstance(settings)
-    profiler = _make_profiler(args)
+    profiler = _make_profiler(args, tag)
+    sampler: RssSampler | None = None
     try:
         await sink.start()
         await wait_smtp_ready(sink_port, deadline.within(READY_TIMEOUT))
@@ -346,15 +399,23 @@ async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline, system: s
             f"1 shard), relaying to the sink on {HOST}:{sink_port}")
 
         pids = instance.role_pids()
+        sampler = RssSampler(pids)
         cpu_before: dict[str, float] = {}
 
         def on_started() -> None:
             cpu_before.update(cpu_by_role(pids))
+            assert sampler is not None
+            sampler.start()
             if profiler is not None:
                 profiler.start(pids)
 
-        result = await measure(system, args, smtp_port, sink, deadline, on_started)
+        result = await measure(system, load, args, smtp_port, sink, deadline, on_started)
         cpu_after = cpu_by_role(pids)
+        peaks = await sampler.stop()
+        result.peak_rss_mib = peaks.peak_mib()
+        result.sampled_rss_mib = dict(peaks.sampled_mib)
+        rss = ", ".join(f"{role}={mib:.1f}" for role, mib in result.peak_rss_mib.items())
+        result.notes.append(f"peak RSS MiB: {rss} ({peaks.samples} samples)")
         messages = result.source_messages + result.probe_messages
         result.cpu_ms_per_message = {role: 1000.0 * (cpu_after[role] - cpu_before.get(role, 0.0)) / messages
                                      for role in sorted(cpu_after)}
@@ -374,22 +435,25 @@ async def run_ours(args: BenchArgs, workdir: Path, deadline: Deadline, system: s
     except (ClusterError, SinkError, TimeoutError, SmtpProbeError) as exc:
         raise BenchError(f"{exc}\n{instance.log_tail(15)}") from exc
     finally:
+        if sampler is not None:
+            await sampler.stop()
         if profiler is not None:
             profiler.stop()
         instance.stop()
         await sink.stop()
-    note_duplicates(result, sink)
+    note_duplicates(result, sink, load)
     return result
 
 
-def _make_profiler(args: BenchArgs) -> Profiler | None:
+def _make_profiler(args: BenchArgs, tag: str) -> Profiler | None:
+    """A profiler writing into DIR/<load>-<system>-<round> (one directory per run), or None."""
     if args.profile_dir is None:
         return None
     binary = find_py_spy()
     if binary is None:
         log("--profile: py-spy is not installed (.venv/bin/pip install py-spy); running without profiling")
         return None
-    return Profiler(binary, args.profile_dir, args.profile_format)
+    return Profiler(binary, args.profile_dir / tag, args.profile_format)
 
 
 def _profile_notes(profiler: Profiler, output_format: str) -> list[str]:
@@ -403,95 +467,56 @@ def _profile_notes(profiler: Profiler, output_format: str) -> list[str]:
     return notes
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+async def run_one(system: str, load: Load, args: BenchArgs, workdir: Path, deadline: Deadline,
+                  tag: str) -> SideResult:
+    if system == "postfix":
+        return await run_postfix(load, args, workdir, deadline, tag)
+    if system == "signed":
+        return await run_signed(load, args, workdir, deadline, tag)
+    return await run_ours(load, args, workdir, deadline, tag, system)
 
 
-FIGURES = {"accepted_per_s": "accepted/s", "delivered_per_s": "delivered/s", "p50_ms": "accept p50 ms",
-           "p90_ms": "accept p90 ms", "p99_ms": "accept p99 ms", "cpu_ms_per_message": "CPU ms/message"}
-
-
-def round_figures(result: SideResult) -> dict[str, float | None]:
-    latency = result.latency
-    return {
-        "accepted_per_s": result.accepted_per_s,
-        "delivered_per_s": result.delivered_per_s,
-        "p50_ms": latency.p50_ms if latency else None,
-        "p90_ms": latency.p90_ms if latency else None,
-        "p99_ms": latency.p99_ms if latency else None,
-        "cpu_ms_per_message": sum(result.cpu_ms_per_message.values()) if result.cpu_ms_per_message else None,
-    }
-
-
-def figures(rounds: Sequence[SideResult]) -> dict[str, float | None]:
-    """Each figure's median over the rounds that measured it (None when none did)."""
-    per_round = [round_figures(result) for result in rounds if not result.error]
-    return {key: median([v for f in per_round if (v := f[key]) is not None]) for key in FIGURES}
-
-
-def render_table(results: Mapping[str, Sequence[SideResult]]) -> str:
-    ours, signed, postfix = (figures(results.get(name, ())) for name in SYSTEMS)
-    rows = [("figure", "ours", "signed", "postfix", "ours/postfix", "signed/ours")]
-    for key, label in FIGURES.items():
-        rows.append((label, _fmt(ours[key]), _fmt(signed[key]), _fmt(postfix[key]),
-                     _fmt(ratio(ours[key], postfix[key]), 2), _fmt(ratio(signed[key], ours[key]), 2)))
-    measured = {name: sum(1 for r in results.get(name, ()) if not r.error) for name in SYSTEMS}
-    rows.append(("rounds measured", *(str(measured[name]) for name in SYSTEMS), "", ""))
-    extra = {name: sum(r.sink_extra for r in results.get(name, ())) for name in SYSTEMS}
-    rows.append(("duplicates at sink", *(str(extra[name]) for name in SYSTEMS), "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def json_line(args: BenchArgs, results: Mapping[str, Sequence[SideResult]]) -> str:
-    ours, signed, postfix = (figures(results.get(name, ())) for name in SYSTEMS)
-    payload: dict[str, object] = {
-        "benchmark": "e2e", "messages": args.messages, "size_kib": args.size_kib, "sessions": args.sessions,
-        "rounds": args.rounds, "probe_sessions": args.probe_sessions, "probe_interval": args.probe_interval,
-        "reuse_connections": args.reuse_connections,
-        "ours": ours, "signed": signed, "postfix": postfix,
-        "ratio": {key: ratio(ours[key], postfix[key]) for key in ours},
-        "signed_vs_ours": {key: ratio(signed[key], ours[key]) for key in ours},
-        "details": {name: [asdict(result) for result in rounds] for name, rounds in results.items()},
-    }
-    return json.dumps(payload, sort_keys=True, default=str)
-
-
-async def run(args: BenchArgs, workdir: Path) -> dict[str, list[SideResult]]:
+async def run(args: BenchArgs, workdir: Path) -> dict[str, dict[str, list[SideResult]]]:
     main_task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if main_task is not None:
         # SIGTERM gets the same clean shutdown as Ctrl-C: cancel, and let every `finally` stop what it started.
         loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     deadline = Deadline(args.time_limit)
-    results: dict[str, list[SideResult]] = {system: [] for system in args.systems}
-    runners = {"postfix": run_postfix, "ours": run_ours, "signed": run_signed}
-    # Rounds alternate the systems, so a burst of load from elsewhere on the machine hits both alike.
-    for number in range(1, args.rounds + 1):
-        for system in sorted(args.systems, key=lambda name: name != "postfix"):
-            if time.monotonic() >= deadline.end:
-                log(f"{system}: round {number} skipped: --time-limit reached")
-                continue
-            log(f"{system}: round {number}/{args.rounds}: {args.messages} messages of {args.size_kib} KiB over "
-                f"{args.sessions} sessions")
-            try:
-                result = await runners[system](args, workdir / f"round-{number}", deadline)
-            except (BenchError, OSError) as exc:
-                log(f"{system}: not measured: {exc}")
-                result = SideResult(system, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
-            for note in result.notes:
-                log(f"{system}: {note}")
-            results[system].append(result)
+    loads = args.loads()
+    results: dict[str, dict[str, list[SideResult]]] = {load.name: {s: [] for s in load.systems} for load in loads}
+    # Rounds alternate the systems (and the loads), so a burst of load from elsewhere on the machine hits all
+    # alike, and a time limit cuts late rounds rather than whole scenarios.
+    for number, load, system in round_plan(loads):
+        if time.monotonic() >= deadline.end:
+            log(f"{load.name}/{system}: round {number} skipped: --time-limit reached")
+            continue
+        log(f"{system}: {load.name} round {number}/{load.rounds}: {load.describe()}")
+        tag = f"{load.name}-{system}-{number}"
+        try:
+            result = await run_one(system, load, args, workdir / tag, deadline, tag)
+        except (BenchError, OSError) as exc:
+            log(f"{system}: not measured: {exc}")
+            result = SideResult(system, load=load.name, recipients_per_message=load.recipients,
+                                error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+        for note in result.notes:
+            log(f"{system}: {note}")
+        results[load.name][system].append(result)
     return results
+
+
+def settings_summary(args: BenchArgs) -> dict[str, object]:
+    summary = asdict(args)
+    summary["profile_dir"] = str(args.profile_dir) if args.profile_dir else None
+    summary["compare_layouts"] = [f"{f}/{w}" for f, w in args.compare_layouts]
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mtabench-"))
     workdir.chmod(0o755)  # Postfix's daemons (user postfix) must reach their queue and data directories
+    started = time.monotonic()
     try:
         results = asyncio.run(run(args, workdir))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -502,9 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(render_table(results))
-    print(json_line(args, results))
-    return 0 if all(rounds and not any(r.error for r in rounds) for rounds in results.values()) else 1
+    log(f"run took {time.monotonic() - started:.0f}s")
+    tables = comparisons(args.scenarios, args.loads())
+    print("\n\n".join(render_table(table, results, args.rss_limit_mib) for table in tables))
+    print(json_line(settings_summary(args), tables, results, args.rss_limit_mib))
+    measured = [runs for by_system in results.values() for runs in by_system.values()]
+    return 0 if all(runs and not any(r.error for r in runs) for runs in measured) else 1
 
 
 if __name__ == "__main__":

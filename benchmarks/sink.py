@@ -1,24 +1,36 @@
-"""The benchmark's final destination: Postfix's `smtp-sink`, with a running count of messages received.
+"""The benchmark's final destination: Postfix's `smtp-sink`, with a running count of what it received.
 
-`SmtpSink` starts `smtp-sink -c` on host:port (as the unprivileged user `nobody` when run as root) and reads
-its counter lines ("sess=N quit=N mesg=N", separated by carriage returns) from a pipe. `received` is the number
-of messages whose final "." the sink has read; `wait_for(count, deadline)` returns the monotonic time at which
-the sink first reached `count`. `parse_counter(text)` is the pure parser.
+`SmtpSink` starts `smtp-sink` on host:port (as the unprivileged user `nobody` when run as root) and follows
+what it reports. By default it runs with `-c` and reads the counter lines ("sess=N quit=N mesg=N", separated
+by carriage returns) from its stdout: `received` is the number of messages whose final "." the sink has read.
+With `count_recipients=True` it runs with `-v` instead and reads the SMTP conversation from its stderr (one
+"<program>: COMMAND" line per command, message content is not shown): `received` counts the "." lines and
+`recipients` the RCPT lines, so a message with 100 recipients, relayed in two transactions of 50, adds 100.
 
-Failure modes: smtp-sink missing or exiting early raises `SinkError` with its stderr; `wait_for` raises
-`TimeoutError` naming how many messages arrived by the deadline.
+`wait_for(count, deadline)` returns the monotonic time at which `received` first reached `count`;
+`wait_for_recipients(count, deadline)` the time of the first "." read once `recipients` had reached `count`
+(the end of the transaction that carried the last recipient, or of one running beside it: the error is at most
+one message's transfer). `parse_counter(text)` and `parse_conversation(lines)` are the pure parsers.
+
+Failure modes: smtp-sink missing or exiting early raises `SinkError` with its last stderr lines; the waits
+raise `TimeoutError` naming how much arrived by the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 _COUNTER = re.compile(rb"\bmesg=(\d+)")
+_PROGRAM = b"smtp-sink"
 SINK_BACKLOG = 1024
 SINK_MAX_CONNECTIONS = 1000
+_KEPT_STDERR_LINES = 20
 
 
 class SinkError(RuntimeError):
@@ -31,34 +43,78 @@ def parse_counter(text: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def sink_command(binary: str, host: str, port: int, as_root: bool) -> list[str]:
-    command = [binary, "-c", "-m", str(SINK_MAX_CONNECTIONS)]
+@dataclass(frozen=True)
+class ConversationCounts:
+    """What a run of `smtp-sink -v` conversation lines adds: RCPT commands and ends of DATA ("."), in order.
+
+    `events` is "r" for a recipient and "." for an end of data, one character each, in the order read."""
+
+    recipients: int
+    messages: int
+    events: str
+
+
+def parse_conversation(lines: Iterable[bytes]) -> ConversationCounts:
+    """Count the RCPT commands and the "." lines among `smtp-sink -v` stderr lines (other lines are ignored)."""
+    events = []
+    for raw in lines:
+        # "<argv[0]>: COMMAND": the program name as started, e.g. "/usr/sbin/smtp-sink: RCPT TO:<a@b.example>".
+        program, separator, command = raw.strip().partition(b": ")
+        if not separator or not program.endswith(_PROGRAM):
+            continue
+        if command == b".":
+            events.append(".")
+        elif command[:5].upper() == b"RCPT ":
+            events.append("r")
+    text = "".join(events)
+    return ConversationCounts(text.count("r"), text.count("."), text)
+
+
+def sink_command(binary: str, host: str, port: int, as_root: bool, count_recipients: bool = False) -> list[str]:
+    command = [binary, "-v" if count_recipients else "-c", "-m", str(SINK_MAX_CONNECTIONS)]
     if as_root:
         command += ["-u", "nobody"]  # smtp-sink refuses to keep root privileges
     return [*command, f"{host}:{port}", str(SINK_BACKLOG)]
 
 
 class SmtpSink:
-    def __init__(self, host: str, port: int, binary: str = "smtp-sink") -> None:
+    def __init__(self, host: str, port: int, binary: str = "smtp-sink", count_recipients: bool = False) -> None:
         self.host = host
         self.port = port
         self.binary = binary
+        self.count_recipients = count_recipients
         self.received = 0
-        # reached_at[i] is when the count reached i + 1.
+        self.recipients = 0
+        # reached_at[i] is when the message count reached i + 1.
         self.reached_at: list[float] = []
+        # (time, recipients so far) at each "." read, with count_recipients.
+        self.dots: list[tuple[float, int]] = []
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_KEPT_STDERR_LINES)
         self._process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
-        command = sink_command(self.binary, self.host, self.port, os.geteuid() == 0)
+        command = sink_command(self.binary, self.host, self.port, os.geteuid() == 0, self.count_recipients)
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 stdin=asyncio.subprocess.DEVNULL)
         except FileNotFoundError as exc:
             raise SinkError(f"{self.binary} is not installed (it comes with Postfix)") from exc
-        self._reader = asyncio.create_task(self._read_counters())
+        if self.count_recipients:
+            self._readers = [asyncio.create_task(self._drain(self._process.stdout)),
+                             asyncio.create_task(self._read_conversation())]
+        else:
+            self._readers = [asyncio.create_task(self._read_counters()),
+                             asyncio.create_task(self._drain(self._process.stderr, keep=True))]
+
+    async def _drain(self, stream: asyncio.StreamReader | None, keep: bool = False) -> None:
+        """Read a stream the sink writes to, so its pipe never fills; keep its last lines for error messages."""
+        assert stream is not None
+        while line := await stream.readline():
+            if keep:
+                self._stderr_tail.append(line.decode(errors="replace").rstrip())
 
     async def _read_counters(self) -> None:
         assert self._process is not None and self._process.stdout is not None
@@ -69,6 +125,26 @@ class SmtpSink:
             counts = [c for c in map(parse_counter, lines) if c is not None]
             if counts and max(counts) > self.received:
                 self._record(max(counts), now)
+        self._changed.set()
+
+    async def _read_conversation(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        pending = b""
+        while chunk := await self._process.stderr.read(65536):
+            now = time.monotonic()
+            *lines, pending = (pending + chunk).split(b"\n")
+            counts = parse_conversation(lines)
+            self._stderr_tail.extend(line.decode(errors="replace").rstrip() for line in lines[-_KEPT_STDERR_LINES:])
+            recipients = self.recipients
+            for event in counts.events:
+                if event == "r":
+                    recipients += 1
+                else:
+                    self.dots.append((now, recipients))
+            self.recipients = recipients
+            if counts.messages:
+                self._record(self.received + counts.messages, now)
+            self._changed.set()
         self._changed.set()
 
     def _record(self, count: int, now: float) -> None:
@@ -84,28 +160,41 @@ class SmtpSink:
 
     async def wait_for(self, count: int, deadline: float) -> float:
         """Monotonic time at which the sink had received `count` messages; TimeoutError after `deadline`."""
-        while self.received < count:
-            if self.exited() or (self._reader is not None and self._reader.done()):
+        await self._wait(lambda: self.received >= count, deadline,
+                         lambda: f"the sink received {self.received} of {count} messages by the deadline")
+        return self.reached_at[count - 1]
+
+    async def wait_for_recipients(self, count: int, deadline: float) -> float:
+        """Monotonic time of the first end of data after the sink had `count` recipients (count_recipients)."""
+        if not self.count_recipients:
+            raise ValueError("this sink does not count recipients (count_recipients=False)")
+
+        def first_dot() -> float | None:
+            return next((at for at, seen in self.dots if seen >= count), None)
+
+        await self._wait(lambda: first_dot() is not None, deadline,
+                         lambda: f"the sink received {self.recipients} of {count} recipients by the deadline")
+        at = first_dot()
+        assert at is not None
+        return at
+
+    async def _wait(self, done: Callable[[], bool], deadline: float,
+                    timeout_message: Callable[[], str]) -> None:
+        while not done():
+            if self.exited() or any(reader.done() for reader in self._readers):
                 raise SinkError(f"smtp-sink exited (code {self._exit_code()}) after {self.received} messages: "
-                                f"{await self._stderr()}")
+                                f"{self.stderr_tail()}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"the sink received {self.received} of {count} messages by the deadline")
+                raise TimeoutError(timeout_message())
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
             except TimeoutError:
                 continue
-        return self.reached_at[count - 1]
 
-    async def _stderr(self) -> str:
-        if self._process is None or self._process.stderr is None:
-            return ""
-        try:
-            data = await asyncio.wait_for(self._process.stderr.read(4096), 1.0)
-        except TimeoutError:
-            return ""
-        return data.decode(errors="replace").strip()
+    def stderr_tail(self) -> str:
+        return " / ".join(self._stderr_tail)
 
     async def stop(self) -> None:
         process = self._process
@@ -118,7 +207,5 @@ class SmtpSink:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        await asyncio.gather(*self._readers, return_exceptions=True)
         self._process = None
-

@@ -12,11 +12,15 @@ from hypothesis import strategies as st
 
 from benchmarks.cluster_instance import ClusterSettings, cpu_seconds_from_stat, render_config, role_from_cmdline
 from benchmarks.cluster_metrics import shard_summary, sum_by_name
-from benchmarks.e2e import SideResult, figures, json_line, parse_args, render_table, smtp_source_command
+from benchmarks.e2e import parse_args, settings_summary, smtp_source_command
+from benchmarks.memory import RolePeaks, parse_status_kib
 from benchmarks.ports import free_ports_and_block
 from benchmarks.postfix_instance import PostfixSettings, render_main_cf, render_master_cf
 from benchmarks.profiler import top_frames
-from benchmarks.sink import parse_counter, sink_command
+from benchmarks.report import comparisons, json_line, over_limit, render_table
+from benchmarks.results import SideResult, figures
+from benchmarks.scenarios import parse_layout, parse_layout_system, round_plan
+from benchmarks.sink import parse_conversation, parse_counter, sink_command
 from benchmarks.smtp_probe import make_body
 from benchmarks.stats import percentile, rate, ratio, summarize_latencies
 from cluster.config import config_from_dict
@@ -74,11 +78,16 @@ def test_rate_and_ratio_handle_missing_values() -> None:
 
 def test_defaults_match_the_issue() -> None:
     args = parse_args([])
-    assert (args.messages, args.size_kib, args.sessions) == (2000, 4, 20)
+    assert (args.messages, args.size_kib, args.sessions) == (3000, 4, 20)
+    assert (args.bulk_messages, args.bulk_recipients) == (200, 100)
+    assert (args.large_messages, args.large_size_kib) == (200, 1024)
+    assert args.rss_limit_mib == 200
+    assert args.scenarios == ("standard", "signed", "bulk", "large")
     assert args.systems == ("ours", "signed", "postfix")
     assert args.profile_dir is None
-    assert args.time_limit < 180
-    assert args.rounds == 3
+    assert args.time_limit <= 420
+    assert (args.rounds, args.bulk_rounds, args.large_rounds) == (3, 2, 2)
+    assert (args.frontends, args.workers, args.compare_layouts) == (2, 2, ())
 
 
 def test_flags_are_parsed() -> None:
@@ -91,7 +100,9 @@ def test_flags_are_parsed() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--messages", "0"], ["--only", "exim"], ["--sessions", "x"],
-                                  ["--time-limit", "0"], ["--probe-interval", "-1"]])
+                                  ["--time-limit", "0"], ["--probe-interval", "-1"], ["--scenarios", "huge"],
+                                  ["--compare-layout", "1"], ["--compare-layout", "0/1"], ["--rss-limit", "0"],
+                                  ["--bulk-recipients", "0"]])
 def test_bad_arguments_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
@@ -100,18 +111,68 @@ def test_bad_arguments_exit_with_usage_error(argv: list[str], capsys: pytest.Cap
 
 
 def test_smtp_source_command() -> None:
-    command = smtp_source_command("/usr/sbin/smtp-source", parse_args(["--messages", "10", "--size", "2"]), 2525)
+    standard, bulk, large = parse_args(["--messages", "10", "--size", "2", "--bulk-recipients", "7"]).loads()
+    command = smtp_source_command("/usr/sbin/smtp-source", standard, 2525)
     assert command[0] == "/usr/sbin/smtp-source"
     assert command[-1] == "127.0.0.1:2525"
     assert command[command.index("-m") + 1] == "10"
     assert command[command.index("-l") + 1] == "2048"
     assert command[command.index("-s") + 1] == "20"
-    assert "-d" not in command
-    assert "-d" in smtp_source_command("smtp-source", parse_args(["--reuse-connections"]), 1)
+    assert "-d" not in command and "-r" not in command
+    assert "-d" in smtp_source_command("smtp-source", standard, 1, reuse_connections=True)
+    bulk_command = smtp_source_command("smtp-source", bulk, 1)
+    assert bulk_command[bulk_command.index("-r") + 1] == "7"
+    assert bulk_command[bulk_command.index("-m") + 1] == "200"
+    large_command = smtp_source_command("smtp-source", large, 1)
+    assert large_command[large_command.index("-l") + 1] == str(1024 * 1024)
 
 
 def test_only_takes_several_systems() -> None:
     assert parse_args(["--only", "ours", "signed"]).systems == ("ours", "signed")
+
+
+# --- scenarios and the order of the runs
+
+
+def test_default_plan_runs_every_scenario_round_major_postfix_first() -> None:
+    loads = parse_args([]).loads()
+    assert [(load.name, load.systems, load.rounds) for load in loads] == [
+        ("standard", ("postfix", "ours", "signed"), 3), ("bulk", ("postfix", "ours"), 2),
+        ("large", ("postfix", "ours"), 2)]
+    assert [load.probe for load in loads] == [True, False, False]
+    assert [load.counts_recipients for load in loads] == [False, True, False]
+    plan = [(number, load.name, system) for number, load, system in round_plan(loads)]
+    assert plan[:7] == [(1, "standard", "postfix"), (1, "standard", "ours"), (1, "standard", "signed"),
+                        (1, "bulk", "postfix"), (1, "bulk", "ours"), (1, "large", "postfix"), (1, "large", "ours")]
+    assert plan[-3:] == [(3, "standard", "postfix"), (3, "standard", "ours"), (3, "standard", "signed")]
+    assert len(plan) == 3 * 3 + 2 * 2 + 2 * 2
+
+
+def test_plan_follows_the_chosen_scenarios_and_systems() -> None:
+    only_signed = parse_args(["--scenarios", "signed"]).loads()
+    assert [(load.name, load.systems) for load in only_signed] == [("standard", ("ours", "signed"))]
+    no_postfix = parse_args(["--only", "ours", "--scenarios", "bulk", "large"]).loads()
+    assert [(load.name, load.systems) for load in no_postfix] == [("bulk", ("ours",)), ("large", ("ours",))]
+    assert parse_args(["--only", "postfix", "--scenarios", "signed"]).loads() == []
+    layouts = parse_args(["--scenarios", "standard", "--compare-layout", "1/1", "--compare-layout", "1/1",
+                          "--compare-layout", "2/1"]).loads()
+    assert layouts[0].systems == ("postfix", "ours", "ours-1f1w", "ours-2f1w")
+
+
+def test_layouts_parse_and_name_systems() -> None:
+    assert parse_layout("1/2") == (1, 2)
+    assert parse_layout_system("ours-1f2w") == (1, 2)
+    assert parse_layout_system("ours") is None and parse_layout_system("signed") is None
+    for bad in ("1", "a/b", "0/1", "1/0", "1/"):
+        with pytest.raises(ValueError, match="FRONTENDS/WORKERS"):
+            parse_layout(bad)
+
+
+def test_loads_describe_themselves() -> None:
+    standard, bulk, large = parse_args([]).loads()
+    assert standard.describe() == "3000 x 4 KiB, 20 sessions"
+    assert bulk.describe() == "200 x 4 KiB, 100 recipients each, 20 sessions"
+    assert large.describe() == "200 x 1 MiB, 20 sessions"
 
 
 # --- generated configurations
@@ -125,6 +186,7 @@ def test_cluster_config_is_valid_for_mtacluster(tmp_path: Path) -> None:
     assert config.queue.shards == ("tcp://127.0.0.1:30026",)
     assert config.queue.spool_dir == str(tmp_path / "spool")
     assert config.delivery.smarthost == "127.0.0.1:30027"
+    assert config.mailbox.maildir_root == str(tmp_path / "maildir")
     assert config.metrics.listen == "127.0.0.1:30100"
     assert (config.up.frontends, config.up.workers) == (3, 4)
     assert settings.processes == 8
@@ -175,10 +237,43 @@ def test_parse_counter_reads_smtp_sink_counters() -> None:
     assert parse_counter(b"smtp-sink: warning: something") is None
 
 
+def test_parse_conversation_counts_recipients_and_ends_of_data() -> None:
+    # smtp-sink -v prefixes each line with its argv[0]; message content is never shown.
+    lines = [b"/usr/sbin/smtp-sink: connect (AF_INET 127.0.0.1)", b"/usr/sbin/smtp-sink: MAIL FROM:<a@b.example>",
+             b"/usr/sbin/smtp-sink: RCPT TO:<2s@b.example>", b"smtp-sink: rcpt to:<s@b.example>\r",
+             b"/usr/sbin/smtp-sink: DATA", b"/usr/sbin/smtp-sink: .", b"smtp-sink: RCPT TO:<x@b.example>",
+             b"smtp-sink: warning: RCPT TO: something", b"other: RCPT TO:<y@b.example>", b"smtp-sink: QUIT"]
+    counts = parse_conversation(lines)
+    assert (counts.recipients, counts.messages, counts.events) == (3, 1, "rr.r")
+    assert parse_conversation([]).events == ""
+
+
 def test_sink_drops_root_privileges() -> None:
     assert "-u" in sink_command("smtp-sink", "127.0.0.1", 1, as_root=True)
     assert "-u" not in sink_command("smtp-sink", "127.0.0.1", 1, as_root=False)
     assert sink_command("smtp-sink", "127.0.0.1", 1, as_root=False)[-2:] == ["127.0.0.1:1", "1024"]
+
+
+def test_sink_counts_recipients_from_its_conversation() -> None:
+    assert "-c" in sink_command("smtp-sink", "127.0.0.1", 1, as_root=False)
+    verbose = sink_command("smtp-sink", "127.0.0.1", 1, as_root=False, count_recipients=True)
+    assert "-v" in verbose and "-c" not in verbose
+
+
+def test_parse_status_kib_reads_rss_fields() -> None:
+    status = "Name:\tpython3\nVmHWM:\t  204800 kB\nVmRSS:\t   51200 kB\nThreads:\t3\n"
+    assert parse_status_kib(status, "VmRSS") == 51200
+    assert parse_status_kib(status, "VmHWM") == 204800
+    assert parse_status_kib(status, "VmSwap") is None
+    assert parse_status_kib("VmRSS:\n", "VmRSS") is None
+
+
+def test_role_peaks_keep_the_largest_process_of_each_role() -> None:
+    peaks = RolePeaks()
+    for role, kib in (("frontend", 51200), ("frontend", 102400), ("worker", 40960)):
+        peaks.note(peaks.sampled_mib, role, kib)
+    peaks.note(peaks.hwm_mib, "worker", 61440)
+    assert peaks.peak_mib() == {"frontend": 100.0, "worker": 60.0}
 
 
 def test_role_from_cmdline() -> None:
@@ -207,23 +302,65 @@ def test_probe_body_has_the_requested_payload_and_crlf_lines() -> None:
 # --- output
 
 
-def test_table_and_json_line_carry_every_figure() -> None:
-    args = parse_args([])
+def _results() -> dict[str, dict[str, list[SideResult]]]:
     ours = SideResult("ours", accepted_per_s=300.0, delivered_per_s=250.0,
                       cpu_ms_per_message={"frontend": 1.0, "queue": 0.5})
-    postfix = SideResult("postfix", accepted_per_s=600.0, delivered_per_s=500.0)
-    table = render_table({"ours": [ours], "postfix": [postfix]})
-    assert "accepted/s" in table and "600.0" in table and "0.50" in table
-    payload = json.loads(json_line(args, {"ours": [ours], "postfix": [postfix]}))
-    assert payload["ratio"]["delivered_per_s"] == 0.5
-    assert payload["ours"]["cpu_ms_per_message"] == 1.5
-    assert payload["postfix"]["p99_ms"] is None
-    assert payload["messages"] == 2000
+    postfix = SideResult("postfix", accepted_per_s=600.0, delivered_per_s=500.0, cpu_ms_per_message={"postfix": 2.0})
     signed = SideResult("signed", accepted_per_s=270.0, delivered_per_s=225.0)
-    table = render_table({"ours": [ours], "signed": [signed], "postfix": [postfix]})
-    assert "signed/ours" in table and "0.90" in table
-    payload = json.loads(json_line(args, {"ours": [ours], "signed": [signed]}))
-    assert payload["signed_vs_ours"]["accepted_per_s"] == 0.9
+    bulk_ours = SideResult("ours", load="bulk", recipients_per_message=100, accepted_per_s=30.0,
+                           delivered_per_s=20.0, delivered_recipients_per_s=2000.0, sink_extra=3)
+    bulk_postfix = SideResult("postfix", load="bulk", recipients_per_message=100, accepted_per_s=30.0,
+                              delivered_per_s=40.0, delivered_recipients_per_s=4000.0)
+    large_ours = SideResult("ours", load="large", accepted_per_s=40.0, delivered_per_s=30.0,
+                            peak_rss_mib={"frontend": 250.0, "queue": 120.0})
+    large_postfix = SideResult("postfix", load="large", accepted_per_s=80.0, delivered_per_s=60.0)
+    return {"standard": {"postfix": [postfix], "ours": [ours], "signed": [signed]},
+            "bulk": {"postfix": [bulk_postfix], "ours": [bulk_ours]},
+            "large": {"postfix": [large_postfix], "ours": [large_ours]}}
+
+
+def test_one_table_per_scenario_with_ratios() -> None:
+    args = parse_args([])
+    tables = comparisons(args.scenarios, args.loads())
+    assert [t.scenario for t in tables] == ["standard", "signed", "bulk", "large"]
+    results = _results()
+    standard, signed, bulk, large = (render_table(t, results) for t in tables)
+    assert standard.startswith("standard: 3000 x 4 KiB, 20 sessions; median of 3 rounds")
+    assert "ours/postfix" in standard and "600.0" in standard and "0.50" in standard
+    assert "CPU ms/message frontend" in standard and "CPU ms/message postfix" not in standard
+    assert "signed/ours" in signed and "0.90" in signed
+    assert "delivered recipients/s" in bulk and "duplicate recipients at sink" in bulk
+    assert "peak RSS MiB frontend" in large and "RSS above 200 MiB (ours): frontend 250.0 MiB" in large
+    assert "peak RSS" not in standard and "delivered recipients/s" not in standard
+
+
+def test_json_line_carries_every_figure_of_every_scenario() -> None:
+    args = parse_args(["--compare-layout", "1/1"])
+    tables = comparisons(args.scenarios, args.loads())
+    results = _results()
+    results["standard"]["ours-1f1w"] = [SideResult("ours-1f1w", accepted_per_s=330.0)]
+    payload = json.loads(json_line(settings_summary(args), tables, results))
+    scenarios = payload["scenarios"]
+    assert set(scenarios) == {"standard", "signed", "layout 1/1", "bulk", "large"}
+    assert scenarios["standard"]["ratio"]["delivered_per_s"] == 0.5
+    assert scenarios["standard"]["ours"]["cpu_ms_per_message"] == 1.5
+    assert scenarios["standard"]["ours"]["cpu_ms_per_message.queue"] == 0.5
+    assert scenarios["standard"]["postfix"]["cpu_ms_per_message"] == 2.0
+    assert "p99_ms" not in scenarios["standard"]["postfix"]
+    assert scenarios["signed"]["ratio"]["accepted_per_s"] == 0.9
+    assert scenarios["layout 1/1"]["ratio"]["accepted_per_s"] == pytest.approx(1.1)
+    assert scenarios["bulk"]["ratio"]["delivered_recipients_per_s"] == 0.5
+    assert scenarios["bulk"]["duplicates"] == {"ours": 3, "postfix": 0}
+    assert scenarios["large"]["ours"]["peak_rss_mib.queue"] == 120.0
+    assert scenarios["large"]["rss_over_limit"] == {"frontend": 250.0}
+    assert payload["settings"]["messages"] == 3000
+    assert payload["settings"]["compare_layouts"] == ["1/1"]
+    assert payload["details"]["bulk"]["ours"][0]["recipients_per_message"] == 100
+
+
+def test_over_limit_names_roles_above_it() -> None:
+    assert over_limit({"peak_rss_mib.queue": 201.0, "peak_rss_mib.worker": 200.0, "accepted_per_s": 900.0},
+                      200.0) == {"queue": 201.0}
 
 
 def test_free_ports_and_block_are_distinct_and_consecutive() -> None:
@@ -237,8 +374,8 @@ def test_figures_are_medians_over_measured_rounds() -> None:
     rounds = [SideResult("ours", accepted_per_s=100.0), SideResult("ours", accepted_per_s=300.0),
               SideResult("ours", accepted_per_s=200.0), SideResult("ours", error="sink died")]
     assert figures(rounds)["accepted_per_s"] == 200.0
-    assert figures(rounds)["p99_ms"] is None
-    assert figures([])["delivered_per_s"] is None
+    assert "p99_ms" not in figures(rounds)
+    assert figures([]) == {}
 
 
 METRICS_TEXT = """\
