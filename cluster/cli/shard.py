@@ -3,9 +3,14 @@
 `drain N` asks shard N to stop taking new mail and hand its queue to the shards that now own each recipient's
 domain (the shard side is cluster/queue/drain.py; ARCHITECTURE.md contract 7); with `--wait` it polls until the
 shard says it is drained and holds nothing, and fails (exit 1) when `--timeout` passes first. `undrain N` puts
-it back in the ring. `status` asks every shard for its state (serving, draining, drained), its progress (moved,
-remaining), its queue and outbox sizes, and shows the share of the domain ring each shard owns now (1/S for
-each of the S serving shards, 0 for the others).
+it back in the ring. `drain N --if-scaled-in STATEFULSET` (the queue pods' preStop hook in the Helm chart)
+drains only when the StatefulSet's desired replicas no longer include ordinal N, read from the Kubernetes API
+(cluster/kube.py): a scale-in; a pod stopped for any other reason (rolling update, eviction) must not take its
+shard out of the ring, so then it exits 0 at once. When the API cannot tell, it does not drain (exit 1, the
+reason on stderr: the pod's stop shows a FailedPreStopHook event; the mail stays on the volume).
+`status` asks every shard for its state (serving, draining, drained), its progress (moved, remaining), its
+queue and outbox sizes, and shows the share of the domain ring each shard owns now (1/S for each of the S
+serving shards, 0 for the others).
 
 Failure modes (exit 1, one line on stderr): an unreachable shard, a shard that refuses, a shard number out of
 range, a drain that did not finish within --timeout. Never a traceback.
@@ -21,12 +26,13 @@ from typing import Any
 
 import zmq.asyncio
 
-from cluster.bus.client import BusLink, NoAnswer, links_to
+from cluster.bus.client import BusLink, NoAnswer
 from cluster.bus.schemas import AdminReply, AdminRequest
 from cluster.bus.security import cluster_keys
 from cluster.cli.common import CommandFailed, add_config_option, add_option, load
 from cluster.cli.queue import CONNECT_TIMEOUT, ask_shards
 from cluster.config import Config
+from cluster.kube import KubeError, desired_replicas
 
 # Seconds `drain --wait` waits by default, and `status` / one request waits for answers.
 DEFAULT_WAIT = 3600.0
@@ -42,6 +48,8 @@ def register(commands: Any) -> None:
     drain.add_argument("--wait", action="store_true", help="return only when the shard is drained")
     drain.add_argument("--timeout", type=float, default=DEFAULT_WAIT, metavar="SECONDS",
                        help=f"with --wait: give up after this long (default {DEFAULT_WAIT:g})")
+    drain.add_argument("--if-scaled-in", metavar="STATEFULSET",
+                       help="only when this StatefulSet's desired replicas (Kubernetes API) exclude ordinal N")
     undrain = shard_commands.add_parser("undrain", help="let shard N take new mail again")
     undrain.add_argument("shard", type=int, metavar="N")
     status = shard_commands.add_parser("status", help="each shard's state, progress, queue size and ring share")
@@ -59,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     index = args.shard
     if not 0 <= index < len(config.queue.shards):
         raise CommandFailed(command, f"no shard {index}: queue.shards has {len(config.queue.shards)} entries")
+    if args.shard_command == "drain" and args.if_scaled_in and not _scaled_in(args.if_scaled_in, index, command):
+        return 0
     op = "drain" if args.shard_command == "drain" else "undrain"
     data = asyncio.run(_one(config, index, op, command))
     if args.shard_command == "drain" and args.wait:
@@ -67,9 +77,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaled_in(statefulset: str, index: int, command: str) -> bool:
+    """True when `statefulset` should now have at most `index` replicas: pod ordinal `index` is going away."""
+    try:
+        replicas = desired_replicas(statefulset)
+    except KubeError as exc:
+        raise CommandFailed(command, f"not draining: cannot tell whether shard {index} is being scaled away: "
+                            f"{exc}") from None
+    if replicas > index:
+        print(f"shard {index}: statefulset {statefulset} keeps {replicas} replicas: not a scale-in, not draining",
+              flush=True)
+        return False
+    print(f"shard {index}: statefulset {statefulset} scaled to {replicas} replicas: draining shard {index}",
+          flush=True)
+    return True
+
+
+def _link(config: Config, index: int, context: zmq.asyncio.Context) -> BusLink:
+    """A link to shard `index` only (a socket made for every shard but closed for one keeps context.term()
+    waiting)."""
+    return BusLink(config.queue.shards[index], cluster_keys(config.bus), name=f"shard {index}", context=context)
+
+
 async def _one(config: Config, index: int, op: str, command: str) -> dict[str, Any]:
     context = zmq.asyncio.Context()
-    link = links_to(list(config.queue.shards), cluster_keys(config.bus), context=context)[index]
+    link = _link(config, index, context)
     try:
         link.start()
         return await _ask(link, op, command)
@@ -92,7 +124,7 @@ async def _ask(link: BusLink, op: str, command: str) -> dict[str, Any]:
 
 async def _wait(config: Config, index: int, command: str, timeout: float) -> dict[str, Any]:
     context = zmq.asyncio.Context()
-    link = links_to(list(config.queue.shards), cluster_keys(config.bus), context=context)[index]
+    link = _link(config, index, context)
     deadline = time.monotonic() + timeout
     try:
         link.start()

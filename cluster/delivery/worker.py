@@ -83,6 +83,8 @@ class _ShardLink:
         self.slots = asyncio.Semaphore(config.delivery.concurrency)
         # Set by every ack: fenced jobs wait for it.
         self.acked = asyncio.Event()
+        # The shard's last ack said it is drained (cluster/queue/drain.py).
+        self.drained = False
 
     async def send(self, frame: bytes) -> bool:
         return await self.bus.send(frame)
@@ -124,7 +126,8 @@ class Worker:
     def _shards_connected(self) -> int:
         now = time.monotonic()
         window = self.config.queue.worker_timeout
-        connected = sum(1 for link in self._links if now - link.session.last_ack < window)
+        # A shard that last said it is drained holds no mail: gone (scaled away), it does not make us unready.
+        connected = sum(1 for link in self._links if link.drained or now - link.session.last_ack < window)
         metrics.SHARDS_CONNECTED.set(connected)
         return connected
 
@@ -255,6 +258,7 @@ class Worker:
             log.warning("shard %d sent an unexpected %s", link.index, message.TYPE)
 
     async def _on_ack(self, link: _ShardLink, ack: HeartbeatAck) -> None:
+        link.drained = ack.state == "drained"
         actions = link.session.on_ack(ack, time.monotonic())
         for job_id in actions.dropped:
             task = link.jobs.pop(job_id, None)

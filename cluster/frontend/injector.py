@@ -8,7 +8,8 @@ shard (`InjectRefused`, e.g. 452 4.3.1 disk full) is passed on; a timeout or an 
 that part again: a duplicate, not a loss (the contract allows duplicates, never losses).
 
 Readiness: each shard is pinged every second; `all_reachable()` is true when every shard answered within the
-last few seconds and said it is ready. A drained shard counts as reachable: it takes no new mail by design.
+last few seconds and said it is ready. A drained shard counts as reachable, also once it stops answering (its
+pod scaled away before the shard list is shortened): it holds and takes no mail.
 
 Draining (issue 14): the ping's answer carries the shard's `state` (serving, draining, drained). New mail for
 the domains of a shard that is not serving goes to their owner on the ring without it (`excluded`), so no
@@ -49,6 +50,8 @@ class ShardClient:
         self._ready = [False] * len(self.links)
         # Shards that said they are draining or drained: the ring skips them for new mail.
         self.excluded: frozenset[int] = frozenset()
+        # Shards that last said they are drained (a subset of `excluded`).
+        self.drained: frozenset[int] = frozenset()
         self._tasks: list[asyncio.Task[None]] = []
 
     def _link(self, index: int, endpoint: str) -> BusLink:
@@ -82,6 +85,8 @@ class ShardClient:
             ready.append(False)
         self.shards, self.links, self._tasks, self._ready = shards, links, tasks, ready
         self.excluded = frozenset(i for i in self.excluded if i < len(shards))
+        self.drained = frozenset(i for i in self.drained if i < len(shards) and i < len(old_links)
+                                 and links[i] is old_links[i])
         gone = [(link, task) for link, task in zip(old_links, old_tasks, strict=True) if link not in links]
         for link, task in gone:
             task.cancel()
@@ -98,14 +103,14 @@ class ShardClient:
 
     def all_reachable(self) -> bool:
         reachable = sum(1 for index, link in enumerate(self.links)
-                        if self._ready[index] and link.heard_within(REACHABLE_WITHIN))
+                        if index in self.drained or (self._ready[index] and link.heard_within(REACHABLE_WITHIN)))
         metrics.SHARDS_REACHABLE.set(reachable)
         return reachable == len(self.links)
 
     def unreachable(self) -> list[str]:
         """The endpoints of the shards that are not reachable and ready now."""
         return [self.shards[index] for index, link in enumerate(self.links)
-                if not (self._ready[index] and link.heard_within(REACHABLE_WITHIN))]
+                if index not in self.drained and not (self._ready[index] and link.heard_within(REACHABLE_WITHIN))]
 
     async def _ping_forever(self, index: int, link: BusLink) -> None:
         while True:
@@ -121,6 +126,7 @@ class ShardClient:
             await asyncio.sleep(PING_INTERVAL)
 
     def _note_state(self, index: int, state: object) -> None:
+        self.drained = self.drained | {index} if state == "drained" else self.drained - {index}
         serving = state not in ("draining", "drained")
         if serving == (index not in self.excluded):
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from cluster import config as config_module
+from cluster.cli import build_parser
 from cluster.config import Config, config_from_dict
 from tests.support import REPO
 
@@ -31,7 +33,7 @@ RELEASE, NAMESPACE = "mail", "mta"
 FULLNAME = f"{RELEASE}-mtacluster"
 # Config keys the chart sets itself (not accepted under `config` in values).
 CHART_OWNED_KEYS = {"smtp": {"listen", "submission_listen", "submissions_listen", "proxy_protocol", "tls_cert_file",
-                             "tls_key_file"},
+                             "tls_key_file", "shutdown_grace"},
                     "queue": {"shards", "spool_dir"}, "metrics": {"listen", "top_domains"},
                     "bus": {"curve_key_file"}, "auth": {"users_file"},
                     "mailbox": {"maildir_root", "nodes", "lmtp_listen", "pop3_listen", "pop3s_listen", "tls_cert_file",
@@ -175,6 +177,54 @@ def test_queue_statefulset_has_a_volume_per_shard_a_pdb_and_graceful_shutdown() 
     headless = named(docs, "Service", f"{FULLNAME}-queue-headless")["spec"]
     assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
     assert named(docs, "PodDisruptionBudget", f"{FULLNAME}-queue")["spec"]["maxUnavailable"] == 1
+
+
+def test_scaling_the_queue_down_drains_the_removed_pods_first() -> None:
+    """preStop runs `shard drain N --wait --if-scaled-in` (N from the ordinal) within a grace period to match, with
+    a token that may only read the queue StatefulSet; nothing of this when turned off."""
+    docs = manifests({"queue": {"replicas": 3, "terminationGracePeriodSeconds": 90,
+                                "scaleInDrain": {"enabled": True, "timeoutSeconds": 600}}})
+    pod = named(docs, "StatefulSet", f"{FULLNAME}-queue")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    # What the shell runs in pod <fullname>-queue-2, parsed by the real command line parser.
+    argv = shlex.split(command[2].replace('"${HOSTNAME##*-}"', "2"))
+    assert argv[:2] == ["exec", "mtacluster"]
+    args = build_parser().parse_args(argv[2:])
+    assert (args.shard_command, args.shard, args.wait) == ("drain", 2, True)
+    assert args.if_scaled_in == f"{FULLNAME}-queue" and args.timeout == 600
+    assert args.config == "/etc/mtacluster/mtacluster.toml"
+    # The drain's wait fits in the grace period, with the shard's own stop after it.
+    assert pod["terminationGracePeriodSeconds"] == 600 + 90
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["kube-api-access"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    sources = {v["name"]: v for v in pod["volumes"]}["kube-api-access"]["projected"]["sources"]
+    assert {next(iter(source)) for source in sources} == {"serviceAccountToken", "configMap", "downwardAPI"}
+    role = named(docs, "Role", f"{FULLNAME}-queue-scale-in")
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["statefulsets"],
+                              "resourceNames": [f"{FULLNAME}-queue"], "verbs": ["get"]}]
+    binding = named(docs, "RoleBinding", f"{FULLNAME}-queue-scale-in")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": NAMESPACE}]
+    for workload in workloads(docs):  # no other pod gets a token
+        if workload["kind"] != "StatefulSet" or workload["metadata"]["name"] != f"{FULLNAME}-queue":
+            assert "kube-api-access" not in {v["name"] for v in workload["spec"]["template"]["spec"]["volumes"]}
+
+    off = manifests({"queue": {"terminationGracePeriodSeconds": 90, "scaleInDrain": {"enabled": False}}})
+    pod = named(off, "StatefulSet", f"{FULLNAME}-queue")["spec"]["template"]["spec"]
+    assert "lifecycle" not in pod["containers"][0] and pod["terminationGracePeriodSeconds"] == 90
+    assert not of_kind(off, "Role") and not of_kind(off, "RoleBinding")
+
+
+def test_frontends_stop_within_a_grace_period_above_their_shutdown_grace() -> None:
+    docs = manifests({"frontend": {"shutdownGrace": 25, "terminationGracePeriodSeconds": 40}})
+    assert rendered_config(docs).smtp.shutdown_grace == 25
+    pod = named(docs, "Deployment", f"{FULLNAME}-frontend")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 25 + 40
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert rendered_config(manifests()).smtp.shutdown_grace > 0  # on by default behind the Service
 
 
 def test_frontend_service_keeps_client_addresses_and_proxy_protocol_sets_the_config() -> None:
@@ -367,7 +417,10 @@ def test_network_policies_limit_the_bus_to_the_release() -> None:
      ({"mailbox": {"replicas": 0}}, "/mailbox/replicas"),
      ({"mailbox": {"service": {"type": "Ingress"}}}, "/mailbox/service/type"),
      ({"config": {"mailbox": {"nodes": ["elsewhere:24"]}}}, "nodes"),
-     ({"config": {"mailbox": {"quota": True}}}, "/config/mailbox/quota")],
+     ({"config": {"mailbox": {"quota": True}}}, "/config/mailbox/quota"),
+     ({"config": {"smtp": {"shutdown_grace": "5s"}}}, "shutdown_grace"),
+     ({"frontend": {"shutdownGrace": -1}}, "/frontend/shutdownGrace"),
+     ({"queue": {"scaleInDrain": {"enabled": True, "timeoutSeconds": 0}}}, "/queue/scaleInDrain/timeoutSeconds")],
 )
 def test_schema_refuses_invalid_values(values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm_python.HelmError, match=re.escape(complaint)):

@@ -15,6 +15,7 @@ import pytest
 from cluster.bus.ring import shard_for_domain
 from cluster.bus.schemas import SchemaError, Stored, Transfer, decode
 from cluster.config import config_from_dict
+from cluster.frontend.injector import ShardClient
 from cluster.queue.core import ShardCore
 from cluster.queue.memspool import MemorySpool
 from cluster.queue.records import State
@@ -98,3 +99,24 @@ async def test_a_transfer_is_stored_once_with_its_state(tmp_path: Path) -> None:
     assert not again.scheduler.messages
     assert isinstance(await _receive(again, transfer(hops=2)), Stored)
     assert list(again.scheduler.messages) == ["01ABCDEFGHJK0002"]
+
+
+async def test_a_frontend_counts_a_drained_shard_as_reachable_even_when_it_is_gone() -> None:
+    """A drained shard's pod scaled away before queue.shards is shortened must not make every frontend unready;
+    a draining one still must answer (it holds mail)."""
+    client = ShardClient(SHARDS, 1.0)
+    try:
+        for index in range(3):  # every shard said it is ready; none has been heard from since (gone)
+            client._ready[index] = True
+        assert not client.all_reachable() and len(client.unreachable()) == 3
+        client._note_state(2, "draining")
+        assert client.unreachable() == SHARDS
+        client._note_state(2, "drained")
+        assert client.unreachable() == SHARDS[:2] and 2 in client.excluded
+        client._note_state(0, "drained")
+        client._note_state(1, "drained")
+        assert client.all_reachable()
+        client._note_state(2, "serving")  # undrained: it must answer again
+        assert client.unreachable() == SHARDS[2:] and 2 not in client.excluded
+    finally:
+        await client.close()

@@ -169,7 +169,8 @@ app.kubernetes.io/component: {{ .component }}
       "listen" $listen
       "submission_listen" $submission
       "submissions_listen" $submissions
-      "proxy_protocol" .Values.frontend.service.proxyProtocol) }}
+      "proxy_protocol" .Values.frontend.service.proxyProtocol
+      "shutdown_grace" (printf "%ds" (int .Values.frontend.shutdownGrace))) }}
 {{- if include "mtacluster.tlsEnabled" . }}
 {{- $smtp = mergeOverwrite $smtp (dict
       "tls_cert_file" "/etc/mtacluster/tls/tls.crt"
