@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from cluster.config import SmtpConfig
 from cluster.frontend import metrics
 from cluster.frontend.auth import SmtpAuth, Step, Verify
+from cluster.frontend.deadline import ReadDeadline
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import SessionFacts, SessionPolicy, rejection_reason
@@ -57,6 +58,10 @@ from cluster.users import UserDatabase, UsersFileError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+# Replies still unsent (bytes) above which the session waits for the client to read before it reads more. Below
+# it, drain() would return at once: skipping it saves a coroutine per read (a vanished client shows as EOF or
+# a connection error on the read that follows).
+DRAIN_ABOVE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,13 +101,14 @@ class _MetricsObserver:
         self.listener = listener
 
     def command(self, verb: str) -> None:
-        metrics.COMMANDS.labels(command=verb if verb in metrics.COMMAND_NAMES else "other").inc()
+        metrics.command_counter(verb).inc()
 
     def reply(self, reply: Reply) -> None:
-        metrics.REPLIES.labels(**{"class": f"{reply.code // 100}xx"}).inc()
-        reason = _PROTOCOL_REJECTIONS.get(reply.enhanced) if reply.code >= 400 else None
-        if reason is not None:
-            metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener).inc()
+        metrics.reply_counter(reply.code).inc()
+        if reply.code >= 400:
+            reason = _PROTOCOL_REJECTIONS.get(reply.enhanced)
+            if reason is not None:
+                metrics.rejections(reason, self.listener).inc()
 
 
 # Refusals the protocol machine makes on its own, by enhanced status code. Policy refusals, timeouts and queue
@@ -119,9 +125,19 @@ _PROTOCOL_REJECTIONS = {
 }
 
 
+# Trace ids are made 128 at a time: one os.urandom and one base32 encoding for all of them (10 random bytes
+# are exactly 16 base32 characters, so slicing the encoding of many gives the same ids as encoding each).
+_TRACE_ID_BATCH = 128
+_trace_ids: list[str] = []
+
+
 def new_trace_id() -> str:
-    """A short random id naming this message in the Received header and the logs."""
-    return base64.b32encode(os.urandom(10)).decode("ascii").lower()
+    """A short random id (16 base32 characters, 80 random bits) naming this message in the Received header and
+    the logs."""
+    if not _trace_ids:
+        text = base64.b32encode(os.urandom(10 * _TRACE_ID_BATCH)).decode("ascii").lower()
+        _trace_ids.extend(text[i:i + 16] for i in range(0, len(text), 16))
+    return _trace_ids.pop()
 
 
 class InboundSession:
@@ -162,8 +178,7 @@ class InboundSession:
 
     def _count_refusal(self, reply: Reply | None) -> None:
         if reply is not None:
-            reason = rejection_reason(reply)
-            metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener.kind).inc()
+            metrics.rejections(rejection_reason(reply), self.listener.kind).inc()
 
     def _sync_facts(self) -> None:
         """Copy what the protocol machine learnt (HELO name, end of a transaction) into the policy's facts."""
@@ -175,6 +190,15 @@ class InboundSession:
             self.facts.reservation = ""
 
     async def run(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = ReadDeadline(task)
+        try:
+            await self._run(deadline)
+        finally:
+            deadline.close()
+
+    async def _run(self, deadline: ReadDeadline) -> None:
         self.conn.start()
         if self.initial_data:
             self.conn.receive_data(self.initial_data)
@@ -183,16 +207,20 @@ class InboundSession:
             event = self.conn.next_event()
             if event is NeedData:
                 self._flush()
-                await self.writer.drain()
+                if self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                    await self.writer.drain()  # the client is not reading its replies: wait for it
+                deadline.arm(self._timeout())
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), self._timeout())
+                    data = await self.reader.read(READ_SIZE)
                 except asyncio.CancelledError:
-                    self.writer.write(replies.SHUTTING_DOWN.to_bytes())
-                    raise
-                except TimeoutError:
-                    metrics.MESSAGES_REJECTED.labels(reason="timeout", listener=self.listener.kind).inc()
+                    if not deadline.expired():
+                        self.writer.write(replies.SHUTTING_DOWN.to_bytes())
+                        raise
+                    metrics.rejections("timeout", self.listener.kind).inc()
                     self.conn.timed_out()
                     continue
+                finally:
+                    deadline.disarm()
                 self.conn.receive_data(data)
                 continue
             if event is Paused:  # cannot happen: every decision is answered at once below
@@ -339,8 +367,9 @@ class InboundSession:
             client["pool"] = prepared.pool
         reply, queue_ids = await self.shards.inject(sender, recipients, body, client)
         if reply.is_positive:
-            metrics.MESSAGES_ACCEPTED.labels(listener=self.listener.kind).inc()
-            metrics.RECEIVED_BYTES.labels(listener=self.listener.kind).inc(len(message.data))
+            accepted, received = metrics.accepted(self.listener.kind)
+            accepted.inc()
+            received.inc(len(message.data))
             metrics.ACCEPT_LATENCY.observe(time.perf_counter() - ended)
             log.info("accepted trace=%s from=<%s> nrcpt=%d size=%d queue_ids=%s client=%s listener=%s%s%s", trace_id,
                      sender, len(recipients), len(message.data), ",".join(queue_ids), self.client_ip,
@@ -348,7 +377,7 @@ class InboundSession:
                      f" dkim={prepared.dkim}" if prepared is not None and prepared.dkim else "")
         else:
             reason = "disk_full" if reply.enhanced == "4.3.1" else "queue_unavailable"
-            metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener.kind).inc()
+            metrics.rejections(reason, self.listener.kind).inc()
             log.warning("not stored trace=%s from=<%s> reply=%s", trace_id, sender, reply)
         return reply
 
