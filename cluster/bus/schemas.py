@@ -149,26 +149,26 @@ class BusMessage:
         return packed
 
 
-# Field names by message class: dataclasses.fields() rebuilds its tuple on every call, and encode runs for
-# every frame sent.
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-# Types (exact: a StrEnum member is no plain str) whose values msgpack packs as they are.
-_PLAIN = frozenset({str, int, bytes, float, bool, type(None), dict})
 
 
-def _field_names(cls: type) -> tuple[str, ...]:
+def _field_names(cls: Any) -> tuple[str, ...]:
+    """The dataclass fields of a message (or Outcome) class, looked up once per class (encode is per message)."""
     names = _FIELD_NAMES.get(cls)
     if names is None:
         names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
     return names
 
 
+# Values msgpack takes as they are (exact types: an enum member, a str subclass, goes the long way).
+_WIRE_AS_IS = frozenset({str, int, float, bool, bytes, dict, type(None)})
+
+
 def _to_wire(value: Any) -> Any:
-    kind = type(value)
-    if kind in _PLAIN:
+    if type(value) in _WIRE_AS_IS:
         return value
     if isinstance(value, BusMessage | Outcome):
-        return {name: _to_wire(getattr(value, name)) for name in _field_names(kind)}
+        return {name: _to_wire(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
     if isinstance(value, enum.Enum):
@@ -439,9 +439,9 @@ def _decode_map(payload: dict[str, Any]) -> BusMessage:
     cls = MESSAGE_TYPES.get(payload.pop("t", None))
     if cls is None:
         raise SchemaError("unknown or missing message type")
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not set(payload) <= names:
-        raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(set(payload) - names)}")
+    unknown = set(payload).difference(_field_names(cls))
+    if unknown:
+        raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
     if cls is Result:
         payload["outcomes"] = _decode_outcomes(payload.get("outcomes", []))
     try:
@@ -504,16 +504,29 @@ _COUNTS = frozenset({"req", "free", "seen", "seq", "attempt", "shard", "port", "
                      "max_recipients", "messages_used", "recipients_used", "failed", "limit", "failures"})
 
 
-def _check_types(message: BusMessage | Outcome, where: str = "") -> None:
-    where = where or getattr(message, "TYPE", "")
-    for f in dataclasses.fields(message):
+_TypeTable = tuple[tuple[str, type | tuple[type, ...] | None, bool], ...]
+_TYPE_TABLES: dict[type, _TypeTable] = {}
+
+
+def _type_table(cls: type) -> _TypeTable:
+    """(field, expected type, is a count) for each field of a message class, built once per class."""
+    table = _TYPE_TABLES.get(cls)
+    if table is None:
         # Reserve counts recipients (an int); everywhere else "recipients" is a list of addresses.
-        expected = int if isinstance(message, Reserve) and f.name == "recipients" else _EXPECTED.get(f.name)
-        value = getattr(message, f.name)
+        table = _TYPE_TABLES[cls] = tuple(
+            (name, int if issubclass(cls, Reserve) and name == "recipients" else _EXPECTED.get(name), name in _COUNTS)
+            for name in _field_names(cls))
+    return table
+
+
+def _check_types(message: BusMessage | Outcome, where: str = "") -> None:
+    for name, expected, count in _type_table(type(message)):
+        value = getattr(message, name)
         if expected is not None and (not isinstance(value, expected) or (isinstance(value, bool) and expected is int)):
-            raise SchemaError(f"{where}.{f.name}: expected {_type_name(expected)}, got {type(value).__name__}")
-        if f.name in _COUNTS and value < 0:
-            raise SchemaError(f"{where}.{f.name}: must not be negative")
+            where = where or getattr(message, "TYPE", "")
+            raise SchemaError(f"{where}.{name}: expected {_type_name(expected)}, got {type(value).__name__}")
+        if count and value < 0:
+            raise SchemaError(f"{where or getattr(message, 'TYPE', '')}.{name}: must not be negative")
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:

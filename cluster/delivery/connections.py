@@ -38,10 +38,10 @@ class ConnectionCache:
         while sessions:
             since, session = sessions.pop()
             if now - since < self._idle_timeout and session.usable:
-                metrics.CONNECTION_CACHE.labels(result="hit").inc()
+                metrics.CACHE_HIT.inc()
                 return session
             session.close(polite=True)
-        metrics.CONNECTION_CACHE.labels(result="miss").inc()
+        metrics.CACHE_MISS.inc()
         return None
 
     def give_back(self, session: SmtpSession) -> None:

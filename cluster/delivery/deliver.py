@@ -59,8 +59,10 @@ from cluster.smtp.replies import NO_HOST_TRIED, Reply, smtputf8_unsupported, too
 log = logging.getLogger(__name__)
 
 
-def outcome_from_reply(recipient: str, reply: Reply, remote: str, port: int = 0) -> Outcome:
-    """The typed outcome of one reply: its code, enhanced status and text kept apart."""
+def outcome_from_reply(recipient: str, reply: Reply, remote: str, port: int = 0, connect_seconds: float = 0.0,
+                       transfer_seconds: float = 0.0) -> Outcome:
+    """The typed outcome of one reply: its code, enhanced status and text kept apart; with how long getting a
+    session and the transaction took (the log's delays=.../c/d), when given."""
     if 200 <= reply.code < 300:
         kind = OutcomeKind.DELIVERED
     elif reply.is_permanent:
@@ -69,13 +71,18 @@ def outcome_from_reply(recipient: str, reply: Reply, remote: str, port: int = 0)
         kind = OutcomeKind.DEFERRED  # 4xx, and anything odd (a 3xx where a final reply belongs): retry later
     enhanced = reply.enhanced or default_enhanced(reply.code)
     return Outcome(recipient=recipient, kind=kind, code=reply.code, enhanced=enhanced,
-                   text=reply.text or str(reply.code), remote=remote, port=port)
+                   text=reply.text or str(reply.code), remote=remote, port=port,
+                   connect_seconds=_seconds(connect_seconds), transfer_seconds=_seconds(transfer_seconds))
 
 
 def timed(outcome: Outcome, connect_seconds: float, transfer_seconds: float) -> Outcome:
     """The outcome with how long getting a session and the transaction took (the log's delays=.../c/d)."""
-    return dataclasses.replace(outcome, connect_seconds=round(max(connect_seconds, 0.0), 6),
-                               transfer_seconds=round(max(transfer_seconds, 0.0), 6))
+    return dataclasses.replace(outcome, connect_seconds=_seconds(connect_seconds),
+                               transfer_seconds=_seconds(transfer_seconds))
+
+
+def _seconds(value: float) -> float:
+    return round(value, 6) if value > 0.0 else 0.0
 
 
 def default_enhanced(code: int) -> str:
@@ -136,9 +143,8 @@ class Deliverer:
         outcomes = [decided[recipient] for recipient in job.recipients]
         top = self._config.metrics.top_domains
         for outcome in outcomes:
-            label = metrics.domain_label(outcome.recipient.rpartition("@")[2], top)
-            metrics.ATTEMPTS.labels(outcome=outcome.kind.value, domain=label).inc()
-            metrics.STATUS.labels(status_class=metrics.status_class(outcome.enhanced, outcome.code)).inc()
+            metrics.attempt_counted(outcome.kind.value, metrics.domain_label(outcome.recipient.rpartition("@")[2], top),
+                                    outcome.enhanced, outcome.code)
         return outcomes
 
     async def _deliver_domain(self, job: Deliver, domain: str, recipients: list[str]) -> list[Outcome]:
@@ -260,8 +266,7 @@ class Deliverer:
         setup = connected - started
 
         def decide(recipient: str, reply: Reply, transfer: float = 0.0) -> None:
-            decided[recipient] = timed(outcome_from_reply(recipient, reply, session.remote, target.port), setup,
-                                       transfer)
+            decided[recipient] = outcome_from_reply(recipient, reply, session.remote, target.port, setup, transfer)
 
         for index, chunk in enumerate(chunks):
             undecided = [r for chunk_rest in chunks[index:] for r in chunk_rest]

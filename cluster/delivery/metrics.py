@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from cluster.observability import domain_label
 
-__all__ = ["domain_label", "status_class"]
+__all__ = ["attempt_counted", "domain_label", "status_class"]
 
 ATTEMPTS = Counter("mtacluster_delivery_attempts", "Delivery attempts per recipient, by outcome and domain.",
                    ["outcome", "domain"])
@@ -37,3 +39,21 @@ LMTP_OUTCOMES = ("delivered", "deferred", "failed", "node_unavailable")
 MTA_STS = Counter("mtacluster_delivery_mta_sts", "MTA-STS (RFC 8461) policy fetches and decisions, by result.",
                   ["result"])
 MTA_STS_RESULTS = ("fetched", "fetch_error", "enforced", "refused", "testing_violation")
+
+
+@functools.lru_cache(maxsize=4096)
+def _attempt_children(outcome: str, domain: str, status: str) -> tuple[Counter, Counter]:
+    return ATTEMPTS.labels(outcome=outcome, domain=domain), STATUS.labels(status_class=status)
+
+
+def attempt_counted(outcome: str, domain: str, enhanced: str, code: int) -> None:
+    """Count one recipient's attempt in ATTEMPTS and STATUS. The label children are looked up once per label
+    set (prometheus_client's `labels()` costs more than the increment); the label values are bounded (outcome
+    kinds, top domains + "other", status classes), so is the cache."""
+    by_outcome, by_status = _attempt_children(outcome, domain, status_class(enhanced, code))
+    by_outcome.inc()
+    by_status.inc()
+
+
+CACHE_HIT = CONNECTION_CACHE.labels(result="hit")
+CACHE_MISS = CONNECTION_CACHE.labels(result="miss")

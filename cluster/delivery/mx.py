@@ -24,6 +24,7 @@ a `DnsFailure` that decides the recipients' outcome at once. Rules (RFC 5321 5.1
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
@@ -96,6 +97,7 @@ class DnsFailure:
         return self.code >= 500
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_literal(host: str) -> str | None:
     """The address when `host` is an IP address or an RFC 5321 address literal ("[192.0.2.1]", "[IPv6:...]")."""
     text = host.strip()

@@ -331,10 +331,20 @@ class SmtpSession:
         return await self._read(command.verb, timeout)
 
     async def _write(self, data: bytes, timeout: float) -> None:
+        """Send `data`, waiting (at most `timeout` per block) only while the kernel does not take it at once:
+        a command group or a small message goes out in one write with no wait at all."""
+        writer = self._writer
         try:
+            if len(data) <= WRITE_BLOCK:
+                writer.write(data)
+                if writer.transport.get_write_buffer_size():
+                    await asyncio.wait_for(writer.drain(), timeout)
+                return
+            view = memoryview(data)
             for start in range(0, len(data), WRITE_BLOCK):
-                self._writer.write(data[start:start + WRITE_BLOCK])
-                await asyncio.wait_for(self._writer.drain(), timeout)
+                writer.write(view[start:start + WRITE_BLOCK])
+                if writer.transport.get_write_buffer_size():
+                    await asyncio.wait_for(writer.drain(), timeout)
         except TimeoutError:
             raise HostUnavailable(_network_reply(f"timeout writing to {self.remote}"), self.remote) from None
         except (OSError, RuntimeError) as exc:
@@ -343,6 +353,22 @@ class SmtpSession:
 
     async def _read(self, what: str, timeout: float) -> Reply:
         """The next reply, which must answer `what`."""
+        try:
+            # Replies to a pipelined group usually arrive together: those already here need no wait.
+            answer = self._conn.next_reply()
+            if answer is None:
+                answer = await self._receive_reply(what, timeout)
+        except SmtpProtocolError as exc:
+            raise HostUnavailable(replies.remote_protocol_error(f"protocol error from {self.remote} after {what}: "
+                                                                f"{exc}"), self.remote) from None
+        command, reply = answer
+        if command != what:
+            raise HostUnavailable(replies.remote_protocol_error(f"protocol error: {self.remote} answered {command} "
+                                                                f"while {what} was expected"), self.remote)
+        return reply
+
+    async def _receive_reply(self, what: str, timeout: float) -> tuple[str, Reply]:
+        """Read from the socket until a whole reply is in (SmtpProtocolError for a broken one)."""
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -357,16 +383,9 @@ class SmtpSession:
         except TimeoutError:
             text = f"timeout after {timeout:g}s waiting for the reply to {what} from {self.remote}"
             raise HostUnavailable(_network_reply(text), self.remote) from None
-        except SmtpProtocolError as exc:
-            raise HostUnavailable(replies.remote_protocol_error(f"protocol error from {self.remote} after {what}: "
-                                                                f"{exc}"), self.remote) from None
         except OSError as exc:
             raise HostUnavailable(_network_reply(f"lost connection with {self.remote}: {exc}"), self.remote) from None
-        command, reply = answer
-        if command != what:
-            raise HostUnavailable(replies.remote_protocol_error(f"protocol error: {self.remote} answered {command} "
-                                                                f"while {what} was expected"), self.remote)
-        return reply
+        return answer
 
     @property
     def usable(self) -> bool:
