@@ -121,7 +121,7 @@ class ShardCore:
         self.accounts = AccountCounters(self.label, self.io.commit, clock)
         self.drain = Drain(config, index, directory, self.scheduler, self.ledger.locks, self.io, self.outbox,
                            self._set_dispatching, self._schedule_new, self.spawn,
-                           Handover(index, self.suppression, self.accounts.ledger, self.io.commit))
+                           Handover(index, self.suppression, self.accounts.ledger, self.io.commit), clock)
         self._last_prune = 0.0
         self.quarantined: list[str] = []
         metrics.initialise(self.label)

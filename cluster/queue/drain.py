@@ -25,9 +25,12 @@ only when its queue, its outbox and that state are all gone. Shaping state is de
 recent replies, and is rebuilt by the new owner.
 
 Receiving (`receive`): a Transfer is stored under its own queue id, keyed by (queue_id, hops): the message
-is committed first, then the key is appended (fsynced) to `transfers-received` in the spool directory, then
-Stored is answered. A resend of a key this shard holds (in its queue or outbox) or once held (the journal) is
-answered Stored without storing again, so a retry after a crash of either side neither loses nor doubles it.
+is committed first, then the key is appended (fsynced) to the journal `transfers-received` in the spool
+directory (journal.py), then Stored is answered. A resend of a key this shard holds (in its queue or outbox)
+or once held (the journal) is answered Stored without storing again, so a retry after a crash of either side
+neither loses nor doubles it. The journal forgets a key when its sender confirms it deleted its copy (admin
+op `transfers_confirmed`, sent by the sender's outbox) or `queue.max_lifetime` after it was received; the
+rule is in journal.py. Trimming runs from the maintenance tick every TRIM_INTERVAL seconds.
 
 Inputs: the configuration, the shard index, the spool directory (None: state and journal in memory only, for
 unit tests), the scheduler, the ledger's message locks, the spool, the outbox, the dispatcher, `on_stored`
@@ -40,10 +43,10 @@ receiving it is answered 451 4.3.0 (452 4.3.1 when the disk is full), and the se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ from cluster.bus.security import cluster_keys
 from cluster.config import Config
 from cluster.queue import metrics
 from cluster.queue.handover import IMPORT_OPS, Handover
+from cluster.queue.journal import TransferJournal
 from cluster.queue.ledger import MessageLocks
 from cluster.queue.outbox import Outbox
 from cluster.queue.records import Message, Recipient, State
@@ -76,9 +80,10 @@ log = logging.getLogger("mtacluster.queue")
 SERVING, DRAINING, DRAINED = "serving", "draining", "drained"
 STATES = (SERVING, DRAINING, DRAINED)
 # The admin operations drain.py answers (`mtacluster shard drain|undrain|status`).
-DRAIN_OPS = ("drain", "undrain", "drain_status", *IMPORT_OPS)
+DRAIN_OPS = ("drain", "undrain", "drain_status", "transfers_confirmed", *IMPORT_OPS)
 STATE_FILE = "drain-state"
-JOURNAL_FILE = "transfers-received"
+# How often (seconds) the journal of received transfers is looked at for keys to forget.
+TRIM_INTERVAL = 10.0
 # Messages moved to the outbox per spool transaction (one per maintenance tick at most).
 MOVE_BATCH = 500
 # How often a shard that is not serving asks the others for their state (seconds).
@@ -93,7 +98,8 @@ class Drain:
     def __init__(self, config: Config, index: int, directory: Path | None, scheduler: Scheduler,
                  locks: MessageLocks, io: SpoolIO, outbox: Outbox, set_dispatching: Callable[[bool], None],
                  on_stored: Callable[[Message], None],
-                 spawn: Callable[[Coroutine[Any, Any, None]], None], handover: Handover) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], None], handover: Handover,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.index = index
         self.label = str(index)
@@ -104,6 +110,7 @@ class Drain:
         self.outbox = outbox
         self._set_dispatching = set_dispatching
         self._on_stored = on_stored
+        self.clock = clock
         self._spawn = spawn
         self.handover = handover
         self._handing_over = False
@@ -112,7 +119,9 @@ class Drain:
         self.others_not_serving: frozenset[int] = frozenset()
         self.moved = 0
         self._moving = False
-        self._received: set[str] = set()
+        self.journal = TransferJournal(directory, float(config.queue.max_lifetime))
+        self._trimming = False
+        self._last_trim = float("-inf")
         self._receiving: dict[str, asyncio.Future[None]] = {}
         metrics.initialise_drain(self.label)
 
@@ -130,8 +139,8 @@ class Drain:
                 saved = {"state": DRAINED}
             state = saved.get("state", SERVING) if isinstance(saved, dict) else SERVING
             self.state = state if state in STATES else SERVING
-            with contextlib.suppress(FileNotFoundError):
-                self._received = set((self.directory / JOURNAL_FILE).read_text().split())
+            self.journal.load(self.clock())
+            metrics.TRANSFER_JOURNAL.labels(self.label).set(len(self.journal))
         self._apply()
         if self.state != SERVING:
             log.info("shard %d starts %s: it takes no new mail and hands its queue to the other shards", self.index,
@@ -169,6 +178,11 @@ class Drain:
         elif op == "undrain":
             if self.state != SERVING:
                 await asyncio.to_thread(self._save, SERVING)
+        elif op == "transfers_confirmed":
+            keys = args.get("keys")
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise DrainError("transfers_confirmed needs a list of keys")
+            return {"shard": self.index, "confirmed": self.journal.confirm(keys)}
         elif op == "suppression_import":
             return self.handover.import_suppression(args)
         elif op == "usage_import":
@@ -197,6 +211,12 @@ class Drain:
 
     def tick(self) -> None:
         metrics.DRAIN_REMAINING.labels(self.label).set(self.remaining)
+        now = self.clock()
+        if not self._trimming and now - self._last_trim >= TRIM_INTERVAL:
+            self._last_trim = now
+            if self.journal.due(now):
+                self._trimming = True
+                self._spawn(self.trim_journal(now))
         if self.state == SERVING:
             return
         if self.handover.left() and not self._handing_over and self._links:
@@ -322,11 +342,26 @@ class Drain:
 
     # -- receiving --------------------------------------------------------------------------------------------
 
+    async def trim_journal(self, now: float) -> None:
+        """Forget the received keys whose senders confirmed, and those older than queue.max_lifetime."""
+        try:
+            dropped = await asyncio.to_thread(self.journal.trim, now)
+        except OSError as exc:
+            log.error("shard %d: cannot trim the journal of received transfers (will try again): %s",
+                      self.index, exc)
+        else:
+            if dropped:
+                log.info("shard %d: forgot %d received transfer keys (confirmed by their senders or older than "
+                         "queue.max_lifetime); %d kept", self.index, dropped, len(self.journal))
+            metrics.TRANSFER_JOURNAL.labels(self.label).set(len(self.journal))
+        finally:
+            self._trimming = False
+
     async def receive(self, transfer: Transfer, refuse_below_free: Callable[[], bool]) -> Stored | InjectRefused:
         key = f"{transfer.queue_id}#{transfer.hops}"
         while (pending := self._receiving.get(key)) is not None:
             await asyncio.shield(pending)
-        if (key in self._received or transfer.queue_id in self.scheduler.messages
+        if (key in self.journal or transfer.queue_id in self.scheduler.messages
                 or transfer.queue_id in self.outbox.messages):
             metrics.TRANSFERS.labels(self.label, "duplicate").inc()
             log.info("%s: transfer %s seen before: answered Stored again, nothing stored", transfer.queue_id, key)
@@ -346,8 +381,8 @@ class Drain:
                 if exc.disk_full:
                     return InjectRefused(transfer.req, 452, "4.3.1", "Insufficient system storage")
                 return InjectRefused(transfer.req, 451, "4.3.0", "Queue storage failed, try again")
-            await asyncio.to_thread(self._journal, key)
-            self._received.add(key)
+            await asyncio.to_thread(self.journal.add, key, self.clock())
+            metrics.TRANSFER_JOURNAL.labels(self.label).set(len(self.journal))
             self._on_stored(message)
         finally:
             del self._receiving[key]
@@ -356,14 +391,6 @@ class Drain:
         log.info("%s: received from shard %s with its state (%d recipients, hop %d)", message.queue_id,
                  message.client.get("transferred_from", "?"), len(message.recipients), transfer.hops)
         return Stored(transfer.req, transfer.queue_id)
-
-    def _journal(self, key: str) -> None:
-        if self.directory is None:
-            return
-        with open(self.directory / JOURNAL_FILE, "a") as file:
-            file.write(key + "\n")
-            file.flush()
-            os.fsync(file.fileno())
 
 
 def _renumbered(number: int, recipient: Recipient) -> Recipient:

@@ -80,6 +80,9 @@ DRAIN_REMAINING = Gauge("mtacluster_queue_drain_remaining_messages",
                         "Messages a shard that is not serving still has to hand over (queue and outbox)", ["shard"])
 DRAIN_MOVED = Counter("mtacluster_queue_drain_moved_messages_total",
                       "Messages a draining shard put in its outbox for their new owners", ["shard"])
+TRANSFER_JOURNAL = Gauge("mtacluster_queue_transfer_journal_entries",
+                         "Keys of received transfers remembered to answer a resend without storing it (journal.py)",
+                         ["shard"])
 HANDED_OVER = Counter("mtacluster_queue_drain_handed_over_entries_total",
                       "Owned state entries a draining shard handed to their new owners (handover.py), by kind "
                       "(suppression, usage)", ["shard", "kind"])
@@ -94,6 +97,7 @@ def initialise_drain(shard: str) -> None:
     DRAIN_MOVED.labels(shard)
     for kind in ("suppression", "usage"):
         HANDED_OVER.labels(shard, kind)
+    TRANSFER_JOURNAL.labels(shard)
 
 # Per-user daily limits and AUTH failure counts kept by this shard (cluster.queue.accounts).
 USER_LIMIT_REFUSALS = Counter("mtacluster_queue_user_limit_refusals_total",

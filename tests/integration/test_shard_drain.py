@@ -149,6 +149,13 @@ def test_drain_hands_the_queue_over_exactly_once_with_its_state(tmp_path: Path) 
         assert shard_2.metric("mtacluster_queue_messages_stored_total", shard="2") == 0
         assert not [m for m in queued(cluster) if m["shard"] == 2]
 
+        # Shard 2's outbox confirmed every transfer it deleted: the new owners forget those keys (journal.py).
+        journals = [cluster.directory / "spool" / f"shard-{i}" / "transfers-received" for i in (0, 1)]
+        wait_for(lambda: all(not p.exists() or not p.read_text().strip() for p in journals)
+                 and "received transfer keys (confirmed" in cluster.logs(), 30, "the transfer journals trimmed")
+        assert sum(cluster.shard_process(i).metric("mtacluster_queue_transfer_journal_entries", shard=str(i))
+                   for i in (0, 1)) == 0
+
         check_delivered_once(cluster, sink, accepted)
         print(f"drained {len(messages_on_2)} messages ({len(on_shard_2)} recipients) from shard 2 in "
               f"{drain_seconds:.2f}s (CLI --wait included); accepted {len(accepted)} recipients, each delivered once")

@@ -8,6 +8,7 @@ Stored without storing it again (ARCHITECTURE.md contract 7).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,8 @@ BODY = b"Message-ID: <t1@sender.test>\r\n\r\nhello\r\n"
 SHARDS = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3"]
 
 
-def transfer(hops: int = 1, req: int = 7) -> Transfer:
-    return Transfer(req, "01ABCDEFGHJK0002", hops, "a@sender.test", 1_700_000_000.0, True,
+def transfer(hops: int = 1, req: int = 7, queue_id: str = "01ABCDEFGHJK0002") -> Transfer:
+    return Transfer(req, queue_id, hops, "a@sender.test", 1_700_000_000.0, True,
                     {"hops": str(hops), "transferred_from": "2"},
                     [{"address": "x@d1.test", "state": "deferred", "attempts": 3, "next_attempt": 1_700_000_600.0,
                       "last": {"kind": "deferred", "code": 451, "enhanced": "4.4.1", "text": "try later",
@@ -59,7 +60,7 @@ def test_a_transfer_round_trips_and_bad_ones_are_schema_errors() -> None:
             decode(frame)
 
 
-async def _core(directory: Path) -> ShardCore:
+async def _core(directory: Path, clock: Callable[[], float] = lambda: 1_700_000_100.0) -> ShardCore:
     config = config_from_dict({"queue": {"shards": SHARDS, "spool_dir": str(directory)},
                                "metrics": {"listen": ""}}, environ={})
     sent: list[object] = []
@@ -67,7 +68,7 @@ async def _core(directory: Path) -> ShardCore:
     async def send(identity: bytes, message: object) -> None:
         sent.append(message)
 
-    core = ShardCore(config, 0, MemorySpool(), lambda: 1_700_000_100.0, send, directory=directory)
+    core = ShardCore(config, 0, MemorySpool(), clock, send, directory=directory)
     await core.load()
     return core
 
@@ -120,3 +121,49 @@ async def test_a_frontend_counts_a_drained_shard_as_reachable_even_when_it_is_go
         assert client.unreachable() == SHARDS[2:] and 2 not in client.excluded
     finally:
         await client.close()
+
+
+def journal_keys(directory: Path) -> list[str]:
+    path = directory / "transfers-received"
+    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def test_the_journal_forgets_keys_their_senders_confirmed_and_keys_older_than_max_lifetime(
+        tmp_path: Path) -> None:
+    """journal.py's rule: a key goes when its sender confirms it deleted its copy (it never sends it again), or
+    queue.max_lifetime after it was received; until then a resend is answered without storing, also after a
+    restart. The trim runs from the maintenance tick."""
+    now = [1_700_000_100.0]
+    core = await _core(tmp_path, lambda: now[0])
+    first, second = transfer(queue_id="01ABCDEFGHJK0003"), transfer(queue_id="01ABCDEFGHJK0004")
+    for message in (first, second):
+        assert isinstance(await _receive(core, message), Stored)
+    assert journal_keys(tmp_path) == ["01ABCDEFGHJK0003#1", "01ABCDEFGHJK0004#1"]
+    for queue_id in list(core.scheduler.messages):  # delivered and gone: only the journal remembers them
+        core.scheduler.remove_message(queue_id)
+
+    answer = await core.drain.handle_admin("transfers_confirmed", {"keys": ["01ABCDEFGHJK0003#1", "other#1"]})
+    assert answer["confirmed"] == 1
+    now[0] += 60
+    core.drain.tick()
+    await core.idle()
+    assert journal_keys(tmp_path) == ["01ABCDEFGHJK0004#1"]
+
+    # After a restart: the unconfirmed key still makes a resend harmless.
+    again = await _core(tmp_path, lambda: now[0])
+    assert isinstance(await _receive(again, second), Stored) and not again.scheduler.messages
+    # max_lifetime after it was received, it is forgotten too (its sender would have long deleted it).
+    now[0] = 1_700_000_100.0 + again.config.queue.max_lifetime + 1
+    again.drain.tick()
+    await again.idle()
+    assert journal_keys(tmp_path) == [] and len(again.drain.journal) == 0
+    # A key received after the trim is journaled as before.
+    assert isinstance(await _receive(again, transfer(queue_id="01ABCDEFGHJK0005")), Stored)
+    assert journal_keys(tmp_path) == ["01ABCDEFGHJK0005#1"]
+
+
+async def test_a_journal_from_before_timestamps_is_read_as_received_at_load(tmp_path: Path) -> None:
+    (tmp_path / "transfers-received").write_text("01ABCDEFGHJK0002#1\n")
+    core = await _core(tmp_path)
+    assert isinstance(await _receive(core, transfer()), Stored) and not core.scheduler.messages
+    assert "01ABCDEFGHJK0002#1" in core.drain.journal
