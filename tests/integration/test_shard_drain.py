@@ -152,7 +152,8 @@ def test_drain_hands_the_queue_over_exactly_once_with_its_state(tmp_path: Path) 
         # Shard 2's outbox confirmed every transfer it deleted: the new owners forget those keys (journal.py).
         journals = [cluster.directory / "spool" / f"shard-{i}" / "transfers-received" for i in (0, 1)]
         wait_for(lambda: all(not p.exists() or not p.read_text().strip() for p in journals)
-                 and "received transfer keys (confirmed" in cluster.logs(), 30, "the transfer journals trimmed")
+                 and all("received transfer keys (confirmed" in cluster.shard_process(i).log() for i in (0, 1)),
+                 30, "the transfer journals of shards 0 and 1 trimmed")
         assert sum(cluster.shard_process(i).metric("mtacluster_queue_transfer_journal_entries", shard=str(i))
                    for i in (0, 1)) == 0
 
