@@ -140,7 +140,7 @@ class ShardClient:
             log.warning("%s did not store a message: %s", link.name, missing)
             return None
         if isinstance(answer, Stored | InjectRefused):
-            metrics.INJECT_DURATION.labels(shard=str(index)).observe(time.perf_counter() - started)
+            metrics.inject_duration(index).observe(time.perf_counter() - started)
             return answer
         log.warning("%s answered an inject with %r", link.name, answer)
         return None

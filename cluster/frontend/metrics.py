@@ -1,4 +1,11 @@
-"""Prometheus metrics of the SMTP frontend (names: mtacluster_smtp_* and mtacluster_frontend_*)."""
+"""Prometheus metrics of the SMTP frontend (names: mtacluster_smtp_* and mtacluster_frontend_*).
+
+The per-message counters are reached through the small accessors at the end (`command_counter`,
+`reply_counter`, `rejections`, `accepted`, `connections`, `inject_duration`): each keeps the labelled child it
+made, because `labels()` costs more than the increment itself and runs several times per message.
+"""
+
+from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -29,3 +36,60 @@ SHARDS_REACHABLE = Gauge("mtacluster_frontend_shards_reachable", "Queue shards t
 COMMAND_NAMES = frozenset(
     {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS", "AUTH"}
 )
+
+
+# Children already made, by label values (a labelled child lives as long as its metric; none is ever removed).
+_commands: dict[str, Counter] = {}
+_replies: dict[int, Counter] = {}
+_rejections: dict[tuple[str, str], Counter] = {}
+_accepted: dict[str, tuple[Counter, Counter]] = {}
+_connections: dict[str, Counter] = {}
+_inject_durations: dict[int, Histogram] = {}
+
+
+def command_counter(verb: str) -> Counter:
+    """COMMANDS for a verb; a verb outside COMMAND_NAMES counts as "other"."""
+    if verb not in COMMAND_NAMES:
+        verb = "other"  # keyed by label value: a client's made-up verbs add nothing here
+    child = _commands.get(verb)
+    if child is None:
+        child = _commands[verb] = COMMANDS.labels(command=verb)
+    return child
+
+
+def reply_counter(code: int) -> Counter:
+    """REPLIES for the class of a reply code (2xx, 3xx, 4xx, 5xx)."""
+    child = _replies.get(code)
+    if child is None:
+        child = _replies[code] = REPLIES.labels(**{"class": f"{code // 100}xx"})
+    return child
+
+
+def rejections(reason: str, listener: str) -> Counter:
+    child = _rejections.get((reason, listener))
+    if child is None:
+        child = _rejections[(reason, listener)] = MESSAGES_REJECTED.labels(reason=reason, listener=listener)
+    return child
+
+
+def accepted(listener: str) -> tuple[Counter, Counter]:
+    """MESSAGES_ACCEPTED and RECEIVED_BYTES of a listener."""
+    children = _accepted.get(listener)
+    if children is None:
+        children = _accepted[listener] = (MESSAGES_ACCEPTED.labels(listener=listener),
+                                          RECEIVED_BYTES.labels(listener=listener))
+    return children
+
+
+def connections(listener: str) -> Counter:
+    child = _connections.get(listener)
+    if child is None:
+        child = _connections[listener] = CONNECTIONS.labels(listener=listener)
+    return child
+
+
+def inject_duration(shard: int) -> Histogram:
+    child = _inject_durations.get(shard)
+    if child is None:
+        child = _inject_durations[shard] = INJECT_DURATION.labels(shard=str(shard))
+    return child

@@ -159,12 +159,26 @@ class PolicyChain(SessionPolicy):
             await check.message_stored(facts, stored)
 
 
+_KNOWN_CLIENTS = 4096
+
+
 class RelayPolicy(SessionPolicy):
     def __init__(self, relay_networks: Iterable[str], local_domains: Iterable[str]) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in relay_networks]
         self.local_domains = frozenset(domain_key(d) for d in local_domains)
+        # client_may_relay's answers by client address (asked once per connection; parsing costs more than
+        # the lookup). Bounded: emptied when it reaches _KNOWN_CLIENTS addresses.
+        self._known: dict[str, bool] = {}
 
     def client_may_relay(self, client_ip: str) -> bool:
+        known = self._known.get(client_ip)
+        if known is None:
+            if len(self._known) >= _KNOWN_CLIENTS:
+                self._known.clear()
+            known = self._known[client_ip] = self._in_relay_networks(client_ip)
+        return known
+
+    def _in_relay_networks(self, client_ip: str) -> bool:
         try:
             address = ipaddress.ip_address(client_ip.split("%", 1)[0])
         except ValueError:

@@ -244,7 +244,7 @@ class Frontend:
     async def _accept_implicit_tls(self, listener: Listener, connection: socket.socket) -> None:
         """RFC 8314 3.3: the PROXY header (if any) in plaintext, then TLS, then SMTP."""
         loop = asyncio.get_running_loop()
-        metrics.CONNECTIONS.labels(listener=listener.kind).inc()
+        metrics.connections(listener.kind).inc()
         try:
             client_ip = str(connection.getpeername()[0])
         except OSError:
@@ -311,7 +311,7 @@ class Frontend:
 
     async def _accept(self, listener: Listener, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
-        metrics.CONNECTIONS.labels(listener=listener.kind).inc()
+        metrics.connections(listener.kind).inc()
         peer = writer.get_extra_info("peername")
         client_ip = str(peer[0]) if peer else "unknown"
         sock = writer.get_extra_info("socket")

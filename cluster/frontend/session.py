@@ -96,13 +96,14 @@ class _MetricsObserver:
         self.listener = listener
 
     def command(self, verb: str) -> None:
-        metrics.COMMANDS.labels(command=verb if verb in metrics.COMMAND_NAMES else "other").inc()
+        metrics.command_counter(verb).inc()
 
     def reply(self, reply: Reply) -> None:
-        metrics.REPLIES.labels(**{"class": f"{reply.code // 100}xx"}).inc()
-        reason = _PROTOCOL_REJECTIONS.get(reply.enhanced) if reply.code >= 400 else None
-        if reason is not None:
-            metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener).inc()
+        metrics.reply_counter(reply.code).inc()
+        if reply.code >= 400:
+            reason = _PROTOCOL_REJECTIONS.get(reply.enhanced)
+            if reason is not None:
+                metrics.rejections(reason, self.listener).inc()
 
 
 # Refusals the protocol machine makes on its own, by enhanced status code. Policy refusals, timeouts and queue
@@ -162,8 +163,7 @@ class InboundSession:
 
     def _count_refusal(self, reply: Reply | None) -> None:
         if reply is not None:
-            reason = rejection_reason(reply)
-            metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener.kind).inc()
+            metrics.rejections(rejection_reason(reply), self.listener.kind).inc()
 
     def _sync_facts(self) -> None:
         """Copy what the protocol machine learnt (HELO name, end of a transaction) into the policy's facts."""
@@ -185,12 +185,14 @@ class InboundSession:
                 self._flush()
                 await self.writer.drain()
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), self._timeout())
+                    # A timer, not wait_for: wait_for wraps every read in a task of its own.
+                    async with asyncio.timeout(self._timeout()):
+                        data = await self.reader.read(READ_SIZE)
                 except asyncio.CancelledError:
                     self.writer.write(replies.SHUTTING_DOWN.to_bytes())
                     raise
                 except TimeoutError:
-                    metrics.MESSAGES_REJECTED.labels(reason="timeout", listener=self.listener.kind).inc()
+                    metrics.rejections("timeout", self.listener.kind).inc()
                     self.conn.timed_out()
                     continue
                 self.conn.receive_data(data)
@@ -339,8 +341,9 @@ class InboundSession:
             client["pool"] = prepared.pool
         reply, queue_ids = await self.shards.inject(sender, recipients, body, client)
         if reply.is_positive:
-            metrics.MESSAGES_ACCEPTED.labels(listener=self.listener.kind).inc()
-            metrics.RECEIVED_BYTES.labels(listener=self.listener.kind).inc(len(message.data))
+            accepted, received = metrics.accepted(self.listener.kind)
+            accepted.inc()
+            received.inc(len(message.data))
             metrics.ACCEPT_LATENCY.observe(time.perf_counter() - ended)
             log.info("accepted trace=%s from=<%s> nrcpt=%d size=%d queue_ids=%s client=%s listener=%s%s%s", trace_id,
                      sender, len(recipients), len(message.data), ",".join(queue_ids), self.client_ip,
@@ -348,7 +351,7 @@ class InboundSession:
                      f" dkim={prepared.dkim}" if prepared is not None and prepared.dkim else "")
         else:
             reason = "disk_full" if reply.enhanced == "4.3.1" else "queue_unavailable"
-            metrics.MESSAGES_REJECTED.labels(reason=reason, listener=self.listener.kind).inc()
+            metrics.rejections(reason, self.listener.kind).inc()
             log.warning("not stored trace=%s from=<%s> reply=%s", trace_id, sender, reply)
         return reply
 

@@ -78,8 +78,13 @@ def _is_atext(char: str) -> bool:
     return char in _ATEXT or ord(char) > 127
 
 
+# Dot-string = Atom *("." Atom), Atom = 1*atext (RFC 5321 4.1.2), atext extended by RFC 6531 as in _is_atext.
+_ATOM = "[A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~\u0080-\U0010ffff]+"
+_DOT_STRING = re.compile(f"{_ATOM}(?:\\.{_ATOM})*")
+
+
 def _is_dot_string(text: str) -> bool:
-    return bool(text) and all(atom and all(_is_atext(c) for c in atom) for atom in text.split("."))
+    return _DOT_STRING.fullmatch(text) is not None
 
 
 def _is_qtext_char(char: str) -> bool:

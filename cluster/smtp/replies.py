@@ -13,6 +13,7 @@ greeting, the EHLO/HELO replies, 334 and 354, as is conventional.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -47,13 +48,19 @@ class Reply:
         return 500 <= self.code < 600
 
     def to_bytes(self) -> bytes:
-        """RFC 5321 4.2.1: "code-text" for every line but the last, "code text" for the last."""
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        out = []
-        for index, line in enumerate(self.lines):
-            sep = " " if index == len(self.lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
-        return "".join(out).encode("utf-8")
+        """RFC 5321 4.2.1: "code-text" for every line but the last, "code text" for the last.
+
+        Made once per Reply (the constants below are sent many times a second) and kept on the instance."""
+        wire: bytes | None = self.__dict__.get("_wire")
+        if wire is None:
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            out = []
+            for index, line in enumerate(self.lines):
+                sep = " " if index == len(self.lines) - 1 else "-"
+                out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+            wire = "".join(out).encode("utf-8")
+            object.__setattr__(self, "_wire", wire)  # not a field: equality and hashing ignore it
+        return wire
 
     @classmethod
     def from_lines(cls, code: int, lines: list[str]) -> Reply:
@@ -173,6 +180,7 @@ def lmtp_delivered(file_name: str) -> Reply:
 UTF8_NEEDS_SMTPUTF8 = Reply.of(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter on MAIL (RFC 6531)")
 
 
+@functools.lru_cache(maxsize=16)
 def greeting(hostname: str) -> Reply:
     """RFC 5321 4.3.1: the 220 service-ready greeting starts with the server's name."""
     return Reply.of(220, "", f"{hostname} ESMTP mtacluster")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import random
+
 from cluster.frontend.policy import (
     SUBMISSION,
     PolicyChain,
@@ -10,7 +14,7 @@ from cluster.frontend.policy import (
     SessionPolicy,
     SubmissionPolicy,
 )
-from cluster.frontend.received import received_header
+from cluster.frontend.received import received_header, rfc5322_date
 from cluster.smtp import replies
 from cluster.smtp.address import Address
 from cluster.smtp.events import MessageReceived
@@ -30,6 +34,23 @@ def test_relay_networks_and_local_domains() -> None:
     assert policy.check_recipient(outsider, "elsewhere.test") == RELAY_DENIED
     assert RELAY_DENIED.code == 554 and RELAY_DENIED.enhanced == "5.7.1"
     assert policy.check_recipient(True, "elsewhere.test") is None
+
+
+def test_relay_answers_are_remembered_per_address_and_bounded() -> None:
+    policy = RelayPolicy(["127.0.0.0/8"], [])
+    for _ in range(2):  # the second time from what was remembered
+        assert policy.client_may_relay("127.0.0.5") and not policy.client_may_relay("192.0.2.1")
+    for n in range(5000):
+        policy.client_may_relay(f"10.0.{n // 256}.{n % 256}")
+    assert len(policy._known) <= 4096
+    assert policy.client_may_relay("127.0.0.5") and not policy.client_may_relay("192.0.2.1")
+
+
+def test_received_date_is_what_email_utils_writes() -> None:
+    generator = random.Random(7)
+    for timestamp in [0, 951782400, 4102444799.9, *(generator.uniform(0, 4e9) for _ in range(2000))]:
+        expected = email.utils.format_datetime(datetime.datetime.fromtimestamp(timestamp, datetime.UTC))
+        assert rfc5322_date(timestamp) == expected
 
 
 def test_received_header_is_safe_and_hides_bcc() -> None:

@@ -763,3 +763,13 @@ def test_extra_parameters_are_passed_through_to_the_glue() -> None:
 def test_bare_postmaster_recipient_means_the_postmaster_of_this_server() -> None:
     session = run([greeted(b"MAIL FROM:<a@b.example>", b"RCPT TO:<PostMaster>")])
     assert session.events[-1] == RcptRequested(Address("PostMaster", "mx.example.test"), {})
+
+
+def test_reply_bytes_are_kept_without_changing_equality() -> None:
+    reply = Reply(250, "2.0.0", ("first", "second"))
+    assert reply.to_bytes() == b"250-2.0.0 first\r\n250 2.0.0 second\r\n"
+    assert reply.to_bytes() is reply.to_bytes()  # made once
+    twin = Reply(250, "2.0.0", ("first", "second"))
+    assert reply == twin and hash(reply) == hash(twin) and repr(reply) == repr(twin)
+    assert Reply.of(354, "", "End data with <CR><LF>.<CR><LF>").to_bytes() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n")
