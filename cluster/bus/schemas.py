@@ -143,15 +143,32 @@ class BusMessage:
     TYPE: ClassVar[str] = ""
 
     def encode(self) -> bytes:
-        payload = {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        payload = {name: _to_wire(getattr(self, name)) for name in _field_names(type(self))}
         payload["t"] = self.TYPE
         packed: bytes = msgpack.packb(payload, use_bin_type=True)
         return packed
 
 
+# Field names by message class: dataclasses.fields() rebuilds its tuple on every call, and encode runs for
+# every frame sent.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# Types (exact: a StrEnum member is no plain str) whose values msgpack packs as they are.
+_PLAIN = frozenset({str, int, bytes, float, bool, type(None), dict})
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def _to_wire(value: Any) -> Any:
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
     if isinstance(value, BusMessage | Outcome):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: _to_wire(getattr(value, name)) for name in _field_names(kind)}
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
     if isinstance(value, enum.Enum):

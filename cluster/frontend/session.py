@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from cluster.config import SmtpConfig
 from cluster.frontend import metrics
 from cluster.frontend.auth import SmtpAuth, Step, Verify
+from cluster.frontend.deadline import ReadDeadline
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import SessionFacts, SessionPolicy, rejection_reason
@@ -175,6 +176,15 @@ class InboundSession:
             self.facts.reservation = ""
 
     async def run(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = ReadDeadline(task)
+        try:
+            await self._run(deadline)
+        finally:
+            deadline.close()
+
+    async def _run(self, deadline: ReadDeadline) -> None:
         self.conn.start()
         if self.initial_data:
             self.conn.receive_data(self.initial_data)
@@ -184,17 +194,18 @@ class InboundSession:
             if event is NeedData:
                 self._flush()
                 await self.writer.drain()
+                deadline.arm(self._timeout())
                 try:
-                    # A timer, not wait_for: wait_for wraps every read in a task of its own.
-                    async with asyncio.timeout(self._timeout()):
-                        data = await self.reader.read(READ_SIZE)
+                    data = await self.reader.read(READ_SIZE)
                 except asyncio.CancelledError:
-                    self.writer.write(replies.SHUTTING_DOWN.to_bytes())
-                    raise
-                except TimeoutError:
+                    if not deadline.expired():
+                        self.writer.write(replies.SHUTTING_DOWN.to_bytes())
+                        raise
                     metrics.rejections("timeout", self.listener.kind).inc()
                     self.conn.timed_out()
                     continue
+                finally:
+                    deadline.disarm()
                 self.conn.receive_data(data)
                 continue
             if event is Paused:  # cannot happen: every decision is answered at once below
