@@ -161,8 +161,12 @@ class ShardClient:
         parts: dict[int, list[str]] = {}
         for recipient in recipients:
             parts.setdefault(shard_for_address(recipient, self.shards, self.excluded), []).append(recipient)
-        answers = await asyncio.gather(*(
-            self._inject_one(index, sender, part, body, client) for index, part in parts.items()))
+        if len(parts) == 1:  # the usual case: no task per shard needed
+            [(index, part)] = parts.items()
+            answers: list[Stored | InjectRefused | None] = [await self._inject_one(index, sender, part, body, client)]
+        else:
+            answers = list(await asyncio.gather(*(
+                self._inject_one(index, sender, part, body, client) for index, part in parts.items())))
         refusals = [a for a in answers if isinstance(a, InjectRefused)]
         if refusals:
             worst = max(refusals, key=lambda r: r.code)

@@ -111,6 +111,9 @@ def split_path_and_parameters(text: str) -> tuple[str, str]:
     if not text.startswith("<"):
         path, _, params = text.partition(" ")
         return path, params.strip(" ")
+    if '"' not in text:  # no quoted string: the first ">" closes the path
+        end = text.find(">")
+        return (text, "") if end < 0 else (text[: end + 1], text[end + 1 :].strip(" "))
     in_quotes = False
     escaped = False
     for index, char in enumerate(text):
