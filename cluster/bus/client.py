@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MS = 100
 # Frames read from the socket in one `receive` call before other tasks get a turn.
 FRAMES_PER_TURN = 100
+# Plain ints: pyzmq's flag enums cost a Python-level enum operation each time they meet an int.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 OnMessage = Callable[[BusMessage], Awaitable[None]]
 
@@ -85,6 +89,8 @@ class BusLink:
             self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, milliseconds)
             self.socket.setsockopt(zmq.HEARTBEAT_TTL, milliseconds)
         self.socket.connect(endpoint)
+        # The same socket without the asyncio layer: frames already waiting are read without a Future each.
+        self._plain: zmq.Socket[bytes] = zmq.Socket.shadow(self.socket.underlying)
         self.last_heard = float("-inf")
         self._numbers = itertools.count(1)
         self._pending: dict[int, asyncio.Future[BusMessage]] = {}
@@ -150,13 +156,18 @@ class BusLink:
     async def receive(self, timeout: float | None, limit: int = FRAMES_PER_TURN) -> list[BusMessage]:
         """Wait up to `timeout` seconds (None: forever) for frames, read at most `limit` of those waiting, settle
         the answers to requests, and return the other messages in arrival order."""
-        poll_ms = None if timeout is None else max(0, int(timeout * 1000))
-        if not await self.socket.poll(timeout=poll_ms):
-            return []
+        plain = self._plain
+        if not self._readable():  # nothing waiting: wait (the asyncio poll) for up to `timeout`
+            poll_ms = None if timeout is None else max(0, int(timeout * 1000))
+            if not await self.socket.poll(timeout=poll_ms):
+                return []
         others: list[BusMessage] = []
         for _ in range(limit):
+            # Non-blocking reads, as the asyncio layer's own NOBLOCK reads are: EVENTS says whether one waits.
+            if not self._readable():
+                break
             try:
-                frames = await self.socket.recv_multipart(flags=zmq.NOBLOCK)
+                frames = plain.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
             self.last_heard = time.monotonic()
@@ -164,6 +175,11 @@ class BusLink:
             if message is not None and not self._settle(message):
                 others.append(message)
         return others
+
+    def _readable(self) -> bool:
+        if self.socket.closed:  # the shadow does not know: never touch a closed socket through it
+            raise zmq.ZMQError(zmq.ENOTSUP)
+        return bool(cast(int, self._plain.get(_EVENTS)) & _POLLIN)
 
     def _decode(self, frame: bytes) -> BusMessage | None:
         try:

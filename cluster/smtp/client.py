@@ -54,7 +54,7 @@ class Command:
 
     @staticmethod
     def _build(verb: str, argument: str = "") -> Command:
-        if any(ch in argument for ch in "\r\n\0"):
+        if "\r" in argument or "\n" in argument or "\0" in argument:
             # A CR or LF inside an argument would smuggle a second command onto the wire.
             raise ValueError(f"{verb} argument contains a line break or NUL: {argument!r}")
         text = f"{verb} {argument}" if argument else verb
@@ -128,6 +128,8 @@ def pipeline_groups(commands: list[Command]) -> list[list[Command]]:
 def dot_stuff(body: bytes) -> bytes:
     """The message as sent after 354 (RFC 5321 4.5.2): a "." doubled at the start of every line, the last
     line ended with CRLF, then the end-of-data line ".". The body itself is not otherwise changed."""
+    if not body.startswith(b".") and body.endswith(b"\r\n") and b"\r\n." not in body:
+        return body + b".\r\n"  # nothing to stuff (the usual case): one copy, no scan-and-replace
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
@@ -192,6 +194,12 @@ class Capabilities:
         return 0
 
 
+# One-line reply lines already parsed (a `Reply` is immutable, so one instance serves every connection).
+_ONE_LINE_REPLIES: dict[bytes, Reply] = {}
+_ONE_LINE_REPLIES_KEPT = 1024
+_ONE_LINE_REPLY_MAX = 200
+
+
 class ReplyParser:
     """Bytes from the server in, whole `Reply` objects out (RFC 5321 4.2)."""
 
@@ -202,20 +210,29 @@ class ReplyParser:
         self._ready: deque[Reply] = deque()
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._buffer:  # the rest of a line that began in an earlier read
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        start = 0
         while True:
-            end = self._buffer.find(b"\n")
+            end = data.find(b"\n", start)
             if end < 0:
-                if len(self._buffer) > MAX_REPLY_LINE:
+                if len(data) - start > MAX_REPLY_LINE:
                     raise SmtpProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets without a line end")
+                self._buffer += data[start:]
                 return
-            line = bytes(self._buffer[:end])
-            del self._buffer[:end + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
+            line = data[start:end - 1] if end > start and data[end - 1] == 13 else data[start:end]  # 13: CR
+            start = end + 1
             self._line(line)
 
     def _line(self, line: bytes) -> None:
+        if self._code is None:
+            # Most replies are one of a few one-line replies ("250 2.1.5 Ok"): parsed once per process.
+            known = _ONE_LINE_REPLIES.get(line)
+            if known is not None:
+                self._ready.append(known)
+                return
         if len(line) > MAX_REPLY_LINE:
             raise SmtpProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
         m = _REPLY_LINE.match(line)
@@ -230,7 +247,12 @@ class ReplyParser:
         if len(self._texts) > MAX_REPLY_LINES:
             raise SmtpProtocolError(f"reply with more than {MAX_REPLY_LINES} lines")
         if separator != b"-":
-            self._ready.append(Reply.from_lines(int(code), self._texts))
+            reply = Reply.from_lines(int(code), self._texts)
+            if len(self._texts) == 1 and len(line) <= _ONE_LINE_REPLY_MAX:
+                if len(_ONE_LINE_REPLIES) >= _ONE_LINE_REPLIES_KEPT:
+                    _ONE_LINE_REPLIES.clear()  # full of one-off texts (queue ids): start again, the common come back
+                _ONE_LINE_REPLIES[line] = reply
+            self._ready.append(reply)
             self._code = None
             self._texts = []
 

@@ -39,6 +39,9 @@ class Script:
     data: str = "354 go ahead"
     final: str = "250 2.0.0 queued"
     close_after_transaction: bool = False
+    # Close the connection, without a word, on the MAIL of its second transaction: an idle connection the
+    # server dropped just as we reused it (its FIN crossing our pipelined MAIL/RCPT/DATA on the wire).
+    drop_on_reuse: bool = False
     tls: ssl.SSLContext | None = None
 
 
@@ -75,6 +78,7 @@ class ScriptedServer:
         self._handlers.append(task)
         script = self.script
         sender, recipients = "", []
+        transactions = 0
 
         def say(*lines: str) -> None:
             writer.write("".join(line + "\r\n" for line in lines).encode())
@@ -97,6 +101,10 @@ class ScriptedServer:
                     await writer.drain()
                     await writer.start_tls(script.tls)
                 elif verb == "MAIL":
+                    transactions += 1
+                    if script.drop_on_reuse and transactions == 2:
+                        writer.close()
+                        return
                     sender, recipients = command.split("<", 1)[1].split(">")[0], []
                     say(script.mail)
                 elif verb == "RCPT" and not script.mail.startswith("250"):
@@ -253,6 +261,29 @@ async def test_stale_cached_connection_is_replaced_once(servers: list[ScriptedSe
     assert (await run(deliverer, "b@d.test"))[0].kind == "delivered"
     assert server.connections == 2
     assert len(server.messages) == 2
+
+
+async def test_messages_to_one_destination_share_one_connection(servers: list[ScriptedServer]) -> None:
+    server = await serve(servers, Script())
+    deliverer = smarthost(server)
+    for number in range(20):
+        assert (await run(deliverer, f"r{number}@d.test"))[0].kind == "delivered"
+    assert (server.connections, deliverer.connections_opened) == (1, 1)
+    assert [recipients for _, recipients, _ in server.messages] == [[f"r{n}@d.test"] for n in range(20)]
+    # Each transaction after the first began with MAIL on the same connection (no new greeting or EHLO).
+    assert server.commands.count("EHLO") == 1 and server.commands.count("MAIL") == 20
+
+
+async def test_connection_dropped_as_it_is_reused_loses_and_doubles_nothing(servers: list[ScriptedServer]) -> None:
+    server = await serve(servers, Script(drop_on_reuse=True))
+    deliverer = smarthost(server)
+    assert (await run(deliverer, "a@d.test"))[0].kind == "delivered"
+    # The cached connection is taken (it looks alive), the server drops it at MAIL: one fresh connection
+    # carries the message, and the recipient gets exactly one outcome, from that connection.
+    outcomes = await run(deliverer, "b@d.test")
+    assert [(o.recipient, o.kind, o.code) for o in outcomes] == [("b@d.test", "delivered", 250)]
+    assert server.connections == 2 and deliverer.connections_opened == 2
+    assert [recipients for _, recipients, _ in server.messages] == [["a@d.test"], ["b@d.test"]]
 
 
 async def test_malformed_reply_defers_with_a_clear_text(servers: list[ScriptedServer]) -> None:

@@ -135,6 +135,25 @@ async def test_jobs_are_delivered_and_results_returned(running: tuple[Worker, Fa
     assert worker.deliverer.connections_opened == 1
 
 
+async def test_twenty_jobs_at_once_reuse_connections_and_each_is_delivered_once(
+        running: tuple[Worker, FakeShard], sink: SmtpSink) -> None:
+    worker, shard = running
+    await shard.next_of(Heartbeat)
+    for number in range(20):
+        await shard.send(job(f"j{number}", f"r{number}@dest.test").encode())
+    results: dict[str, Result] = {}
+    while len(results) < 20:
+        result = await shard.next_of(Result)
+        assert isinstance(result, Result) and result.job_id not in results, result
+        results[result.job_id] = result
+    assert all(r.outcomes[0].kind == "delivered" for r in results.values()), results
+    messages = await asyncio.to_thread(sink.wait_for_messages, 20)
+    assert sorted(r for m in messages for r in m.recipients) == sorted(f"r{n}@dest.test" for n in range(20))
+    # At most `delivery.concurrency` (3) deliveries run at once, each on a connection taken from the cache
+    # when one is idle: far fewer connections than messages.
+    assert 1 <= worker.deliverer.connections_opened <= 3
+
+
 async def test_in_flight_jobs_are_listed_in_heartbeats(config: Config, tmp_path: Path) -> None:
     # A smarthost that accepts the connection but never greets: the job stays in flight.
     held: list[asyncio.StreamWriter] = []
