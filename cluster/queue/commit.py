@@ -67,6 +67,7 @@ class GroupCommitter:
                     merged.usage_adds.extend(part.usage_adds)
                     merged.usage_removals.extend(part.usage_removals)
                     merged.backoffs.update(part.backoffs)
+                    merged.in_flight.update(part.in_flight)
                 if self._backoffs is not None:
                     merged.backoffs.update(self._backoffs.take())
                 started = time.perf_counter()

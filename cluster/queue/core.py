@@ -114,7 +114,8 @@ class ShardCore:
             Path(config.queue.spool_dir) / f"shard-{index}.suppression.sqlite" if ttl > 0 else None, ttl)
         self.outcomes = OutcomeRecorder(index, self.scheduler, RetrySchedule(config.queue), self.ledger, self.spawn,
                                         self.suppression)
-        self.injector = Injector(config, index, self.io, self.ids, self.space, clock, self._schedule_new)
+        self.injector = Injector(config, index, self.io, self.ids, self.space, clock, self._schedule_new,
+                                 self.dispatcher.expects, self.scheduler.keep_fresh)
         self.admin = AdminOps(self.scheduler, self.ledger, self.io, clock, self.dispatcher.wake, self._identity,
                               DeliverabilityOps(index, config, self.suppression, self.shaper, clock).handlers())
         self.maintainer = Maintainer(self.label, self.scheduler, self.workers, self.bounces, self.space)

@@ -4,10 +4,11 @@ Inputs: an Inject (cluster/bus/schemas.py) from a frontend or another shard's ou
 spool's file system (`DiskSpace`, refreshed by maintenance.py). Outputs: the answer to send, and the stored
 message handed to `on_stored` (the shard schedules it and tracks it for delay warnings).
 Durability (ARCHITECTURE.md contract 1): Stored is answered only after the transaction holding the message
-committed (group commit, spoolio.py). Failure modes: below `queue.min_free_space` free, or when the spool
-reports a full disk, new mail is refused with 452 4.3.1; any other spool error with 451 4.3.0. Each refusal
-writes one log line (`NOQUEUE: reject: ...`, as Postfix does) and counts in
-`mtacluster_queue_injects_refused_total`.
+committed (group commit, spoolio.py). A message the dispatcher will send at once is stored with its recipients
+in flight, and its body handed to the dispatcher (dispatch.py: one transaction per message).
+Failure modes: below `queue.min_free_space` free, or when the spool reports a full disk, new mail is refused with
+452 4.3.1; any other spool error with 451 4.3.0. Each refusal writes one log line (`NOQUEUE: reject: ...`, as
+Postfix does) and counts in `mtacluster_queue_injects_refused_total`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class DiskSpace:
 
 class Injector:
     def __init__(self, config: Config, index: int, io: SpoolIO, ids: QueueIdFactory, space: DiskSpace,
-                 clock: Callable[[], float], on_stored: Callable[[Message], None]) -> None:
+                 clock: Callable[[], float], on_stored: Callable[[Message], None],
+                 dispatched_at_once: Callable[[Message], bool] = lambda message: False,
+                 keep_body: Callable[[str, bytes], None] = lambda queue_id, body: None) -> None:
         self.config = config
         self.index = index
         self.label = str(index)
@@ -53,6 +56,11 @@ class Injector:
         self.space = space
         self.clock = clock
         self._on_stored = on_stored
+        # dispatch.py: whether a new message will be dispatched as soon as it is stored (it is then stored in
+        # flight), and where its body is kept for that first Deliver.
+        self._at_once = dispatched_at_once
+        self._keep_body = keep_body
+        self._stored = metrics.STORED.labels(self.label)
 
     async def handle(self, inject: Inject) -> Stored | InjectRefused:
         if not inject.recipients or any(not r for r in inject.recipients):
@@ -88,7 +96,11 @@ class Injector:
         now = self.clock()
         message = Message(self.ids.new(now), sender, now, [Recipient(i, r) for i, r in enumerate(recipients)],
                           len(body), client)
-        await self.io.commit(Batch(stores=[message], bodies={message.queue_id: body}))
-        metrics.STORED.labels(self.label).inc()
+        at_once = self._at_once(message)
+        await self.io.commit(Batch(stores=[message], bodies={message.queue_id: body},
+                                   in_flight={message.queue_id} if at_once else set()))
+        self._stored.inc()
+        if at_once:
+            self._keep_body(message.queue_id, body)
         self._on_stored(message)
         return message

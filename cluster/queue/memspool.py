@@ -15,7 +15,7 @@ import copy
 import threading
 from collections.abc import Iterable
 
-from cluster.queue.records import Message, RecipientUpdate
+from cluster.queue.records import Message, RecipientUpdate, State
 from cluster.queue.spool import Batch, LoadResult, Quarantined, SpoolError
 from cluster.queue.usage import UsageEntry
 
@@ -76,7 +76,11 @@ class MemorySpool:
                 if message.queue_id in self._messages:
                     raise SpoolError(f"spool transaction failed: {message.queue_id} exists")
             for message in batch.stores:
-                self._messages[message.queue_id] = copy.deepcopy(message)
+                self._messages[message.queue_id] = stored = copy.deepcopy(message)
+                if message.queue_id in batch.in_flight:
+                    for recipient in stored.recipients:
+                        if recipient.state is State.READY:
+                            recipient.state = State.IN_FLIGHT
                 self._bodies[message.queue_id] = batch.bodies[message.queue_id]
             for update in batch.updates:
                 self._update(update)

@@ -140,6 +140,11 @@ class Message:
         self._client = client_text(facts)
 
     @property
+    def pool(self) -> str:
+        """The egress pool named in the client facts ("" = none): decoded only when the text names one."""
+        return self.client.get("pool", "") if '"pool"' in self._client else ""
+
+    @property
     def client_json(self) -> str:
         """The client facts as stored (compact JSON)."""
         return self._client
@@ -164,8 +169,22 @@ class Message:
 
 
 def client_text(facts: dict[str, str]) -> str:
-    """The compact JSON text of a message's client facts; identical texts share one string (interned)."""
-    return sys.intern(json.dumps(facts, separators=(",", ":"), sort_keys=True)) if facts else "{}"
+    """The compact JSON text of a message's client facts; identical texts share one string (interned).
+
+    The facts of one client repeat from message to message: their text is remembered (CLIENT_TEXTS of them)."""
+    if not facts:
+        return "{}"
+    key = tuple(facts.items())
+    text = _client_texts.get(key)
+    if text is None:
+        if len(_client_texts) >= CLIENT_TEXTS:
+            _client_texts.clear()
+        text = _client_texts[key] = sys.intern(json.dumps(facts, separators=(",", ":"), sort_keys=True))
+    return text
+
+
+CLIENT_TEXTS = 4096
+_client_texts: dict[tuple[tuple[str, str], ...], str] = {}
 
 
 @dataclass(frozen=True)

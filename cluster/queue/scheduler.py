@@ -197,6 +197,11 @@ class Scheduler:
         self._taken_back: dict[str, Job] = {}
         self._doubtful: set[tuple[str, int]] = set()
         self.possible_duplicates = 0
+        # Messages stored with their pending recipients already marked in flight (dispatch.py: `Dispatcher.expects`)
+        # and not dispatched since: queue id -> body, kept from the Inject for the first Deliver. Taking a lock on
+        # the message or removing it forgets it (what the spool says may have changed since).
+        self.fresh: dict[str, bytes] = {}
+        self.fresh_bytes = 0
 
     # -- messages and recipient states --------------------------------------------------------------------
 
@@ -221,6 +226,7 @@ class Scheduler:
                 self.set_state(message, recipient, state, recipient.next_attempt)
 
     def remove_message(self, queue_id: str) -> Message | None:
+        self.take_fresh(queue_id)
         message = self.messages.pop(queue_id, None)
         if message is None:
             return None
@@ -320,6 +326,7 @@ class Scheduler:
     def lock(self, queue_id: str) -> None:
         """A change to this message is being decided and committed: leave its recipients alone."""
         self._locked.add(queue_id)
+        self.take_fresh(queue_id)
 
     def unlock(self, queue_id: str) -> None:
         """The change is over: ready recipients can be dispatched again (the caller wakes the dispatcher)."""
@@ -332,6 +339,33 @@ class Scheduler:
 
     def is_locked(self, queue_id: str) -> bool:
         return queue_id in self._locked
+
+    # -- messages stored in flight (dispatch.py) ------------------------------------------------------------
+
+    def keep_fresh(self, queue_id: str, body: bytes) -> None:
+        """`queue_id` was stored with its pending recipients in flight; its first job needs no mark and no read."""
+        self.fresh[queue_id] = body
+        self.fresh_bytes += len(body)
+
+    def take_fresh(self, queue_id: str) -> bytes | None:
+        """The body kept by `keep_fresh` (forgotten now), or None: the spool's state must be written first."""
+        body = self.fresh.pop(queue_id, None)
+        if body is not None:
+            self.fresh_bytes -= len(body)
+        return body
+
+    def has_room(self, domains: set[str], now: float) -> bool:
+        """Whether recipients of `domains` made ready now would be dispatched at once: workers have more credits
+        than there are ready recipients, and no destination of them is held off or at its concurrency."""
+        credits = sum(w.credits for w in self.workers.values())
+        if credits <= self.recipient_counts[State.READY]:
+            return False
+        for domain in domains:
+            if self.backoff_until.get(domain, 0.0) > now:
+                return False
+            if self.shaper is None and self._in_flight_per_domain[domain] >= self.limits.destination_concurrency:
+                return False
+        return True
 
     def next_deferred_time(self) -> float | None:
         return self._deferred[0][0] if self._deferred else None

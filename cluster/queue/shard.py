@@ -12,8 +12,8 @@ handled before anyone is taken for dead, so finished jobs are not dispatched aga
 itself was stalled (a tick late by STALL or more) is not held against the workers, since what they sent
 meanwhile may still be on its way through ZeroMQ's I/O thread (issue 8).
 Stopping: dispatching stops first, and the Results of the jobs in flight are awaited (up to STOP_DRAIN
-seconds) while workers still run (`mtacluster up` stops shards before workers), so a clean stop leaves no
-recipient marked in flight.
+seconds) while workers still run (`mtacluster up` stops shards before workers), and mail stored in flight
+but never sent is written back as ready (dispatch.py), so a clean stop leaves no recipient marked in flight.
 
 Inputs: frames from frontends, workers, other shards' outboxes and the admin CLI (cluster/bus/schemas.py).
 Outputs: the answers, Delivers, and an Error for any frame it cannot understand.
@@ -139,6 +139,7 @@ class Shard:
             await asyncio.gather(*others, return_exceptions=True)
             await self.core.settle(STOP_GRACE)
             if writer is not None:
+                await self.core.dispatcher.unmark()  # mail stored in flight but never sent is ready again
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
             if self._socket is not None:

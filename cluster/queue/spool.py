@@ -62,6 +62,9 @@ class Batch:
     usage_removals: list[str] = field(default_factory=list)
     # destination (domain key) -> held off until (epoch seconds); 0.0 ends a backoff (scheduler.py)
     backoffs: dict[str, float] = field(default_factory=dict)
+    # Queue ids among `stores` whose ready recipients are written in flight: the message is dispatched right
+    # after this transaction (dispatch.py), so that needs no transaction of its own.
+    in_flight: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.stores or self.updates or self.flags or self.removals or self.usage_adds
@@ -160,6 +163,7 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 VACUUM_PAGES = 256
 _KINDS = {k.value for k in OutcomeKind}
 _STATE_OF = {s.value: s for s in State}
+IN_FLIGHT = State.IN_FLIGHT.value
 _NUMBERS = (int, float)
 RecipientRow = tuple[int, str, str, int, float, str, str, str, int, str, str]
 
@@ -313,6 +317,7 @@ class SqliteSpool:
                 for message in batch.stores:
                     body = batch.bodies[message.queue_id]
                     addresses = [r.address for r in message.recipients]
+                    out = message.queue_id in batch.in_flight
                     db.execute(
                         "INSERT INTO messages (queue_id, sender, arrival, size, client, warned, forward_shard, "
                         "checksum, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -322,13 +327,16 @@ class SqliteSpool:
                     db.executemany(
                         "INSERT INTO recipients (queue_id, idx, address, state, attempts, next_attempt, kind, code,"
                         " enhanced, reply_text, remote) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(message.queue_id, r.index, r.address, r.state.value, r.attempts, r.next_attempt,
-                          *_last_columns(r.last)) for r in message.recipients])
+                        [(message.queue_id, r.index, r.address,
+                          IN_FLIGHT if out and r.state is State.READY else r.state.value, r.attempts,
+                          r.next_attempt, *_last_columns(r.last)) for r in message.recipients])
+                # A message removed in this transaction needs no update of its recipients first.
+                removed = set(batch.removals)
                 db.executemany(
                     "UPDATE recipients SET state=?, attempts=?, next_attempt=?, kind=?, code=?, enhanced=?, "
                     "reply_text=?, remote=?, last_reply='' WHERE queue_id=? AND idx=?",
                     [(u.state.value, u.attempts, u.next_attempt, *_last_columns(u.last), u.queue_id, u.index)
-                     for u in batch.updates])
+                     for u in batch.updates if u.queue_id not in removed])
                 db.executemany("UPDATE messages SET warned=?, forward_shard=? WHERE queue_id=?",
                                [(int(w), f, q) for q, (w, f) in batch.flags.items()])
                 db.executemany("DELETE FROM recipients WHERE queue_id=?", [(q,) for q in batch.removals])

@@ -271,15 +271,94 @@ async def test_flush_racing_another_admin_operation(op: str) -> None:
             assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
 
 
+class CountingReads:
+    """Counts the spool's body reads (wraps MemorySpool.read_bodies)."""
+
+    def __init__(self, spool: MemorySpool) -> None:
+        self.count = 0
+        self._read = spool.read_bodies
+        spool.read_bodies = self  # type: ignore[method-assign]
+
+    def __call__(self, queue_ids: Any) -> dict[str, bytes]:
+        self.count += 1
+        return self._read(queue_ids)
+
+
+async def test_a_message_dispatched_at_once_costs_one_transaction() -> None:
+    """Issue 12: with a worker's credit waiting, a new message is stored in flight by the transaction that stores
+    it; its Deliver needs no transaction and no read of its own, and its completion is the second and last."""
+    async with shard() as h:
+        await h.heartbeat(free=5)
+        reads = CountingReads(h.spool)
+        before = h.core.io.transactions
+        queue_id = await h.inject("a@sender.test", ["r@d.test"])
+        assert h.spool.recipients(queue_id) == [("r@d.test", "in_flight")] and h.states(queue_id) == [State.READY]
+        (job,) = await h.deliveries()
+        assert job.body == BODY and job.recipients == ["r@d.test"]
+        assert h.core.io.transactions == before + 1 and reads.count == 0
+        assert h.states(queue_id) == [State.IN_FLIGHT]
+        await h.result(job, "delivered", 250, "2.0.0")
+        assert queue_id not in h.spool.queue_ids() and h.core.io.transactions == before + 2
+        assert not h.core.scheduler.fresh and h.core.scheduler.fresh_bytes == 0
+
+
+async def test_a_message_waiting_for_a_worker_is_stored_ready_and_marked_before_its_deliver() -> None:
+    async with shard() as h:
+        queue_id = await h.inject("a@sender.test", ["r@d.test"])  # no worker has credit: it waits
+        assert h.spool.recipients(queue_id) == [("r@d.test", "ready")]
+        await h.heartbeat(free=5)
+        reads = CountingReads(h.spool)
+        before = h.core.io.transactions
+        (job,) = await h.deliveries()
+        assert job.body == BODY and reads.count == 1
+        assert h.core.io.transactions == before + 1 and h.spool.recipients(queue_id) == [("r@d.test", "in_flight")]
+
+
+async def test_a_change_before_the_first_dispatch_makes_the_dispatch_mark_in_flight_again() -> None:
+    """Held and released before its first Deliver, a message stored in flight is ready in the spool again: its
+    dispatch must write the mark, or a crash after the Deliver would not count it (ARCHITECTURE.md contract 2)."""
+    async with shard() as h:
+        await h.heartbeat(free=5)
+        queue_id = await h.inject("a@sender.test", ["r@d.test"])
+        assert (await h.admin("hold", queue_id=queue_id)).ok
+        assert (await h.admin("release", queue_id=queue_id)).ok
+        assert h.spool.recipients(queue_id) == [("r@d.test", "ready")]
+        (job,) = await h.deliveries()
+        assert job.body == BODY and h.spool.recipients(queue_id) == [("r@d.test", "in_flight")]
+
+
+async def test_mail_stored_in_flight_is_counted_after_a_crash_and_written_back_on_a_clean_stop() -> None:
+    spool = MemorySpool()
+    async with shard(spool) as h:
+        await h.heartbeat(free=5)
+        crashed = await h.inject("a@sender.test", ["r@d.test"])
+    before = REGISTRY.get_sample_value("mtacluster_queue_possible_duplicates_total", {"shard": "0"}) or 0.0
+    async with shard(spool) as h:  # the first shard stopped without unmark: a crash, as far as the spool knows
+        after = REGISTRY.get_sample_value("mtacluster_queue_possible_duplicates_total", {"shard": "0"})
+        assert after == before + 1 and h.states(crashed) == [State.READY]
+        assert spool.recipients(crashed) == [("r@d.test", "ready")]
+        await h.heartbeat(free=5)
+        clean = await h.inject("a@sender.test", ["s@d.test"])
+        assert spool.recipients(clean) == [("s@d.test", "in_flight")]
+        await h.core.dispatcher.unmark()
+        assert spool.recipients(clean) == [("s@d.test", "ready")] and not h.core.scheduler.fresh
+        jobs = await h.deliveries()
+        assert sorted(j.queue_id for j in jobs) == sorted([crashed, clean])
+        assert spool.recipients(clean) == [("s@d.test", "in_flight")]
+
+
 async def test_admin_change_fails_when_the_spool_cannot_commit() -> None:
     async with shard() as h:
         await deferred_messages(h, 1)
         queue_id = await h.inject("a@sender.test", ["r@d.test"])
+        # A worker has credit: the message was stored in flight, to be dispatched at once (dispatch.py).
+        assert h.spool.recipients(queue_id) == [("r@d.test", "in_flight")]
         for op in ("delete", "bounce", "hold"):
             h.spool.fail_commits(1)
             reply = await h.admin(op, queue_id=queue_id)
             assert not reply.ok and "spool error" in reply.error and "injected failure" in reply.error
-            assert h.states(queue_id) == [State.READY] and h.spool.recipients(queue_id) == [("r@d.test", "ready")]
+            assert h.states(queue_id) == [State.READY]
+            assert h.spool.recipients(queue_id) == [("r@d.test", "in_flight")]
         h.spool.fail_commits(1)
         flushed = await h.admin("flush")
         assert not flushed.ok and "spool error" in flushed.error
