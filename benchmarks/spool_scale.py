@@ -10,7 +10,10 @@
    "ready" line (serving: it takes new mail and dispatches while the queue is read in the background) and to
    its "queue loaded" line (every queued message scheduled), the CPU time it used until each (/proc/PID/stat:
    on a shared machine the wall time depends on what else runs), then its resident memory once loaded (VmRSS,
-   and the peak VmHWM, from /proc/PID/status), and the load average of the machine during the run.
+   and the peak VmHWM, from /proc/PID/status), and the load average of the machine during the run. Right after
+   the ready line a probe shows the shard serving while its queue is read: it injects one message (seconds to
+   its Stored) and asks for one job as a worker (seconds to the Deliver), both over the bus like a frontend and
+   a worker.
 3. kill -9, start again on the same spool and measure again (recovery after a crash).
 4. Reports the spool's size on disk (database + WAL) against the message bytes.
 
@@ -32,6 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import zmq
+
+from cluster.bus.schemas import BusMessage, Deliver, Heartbeat, Inject, Stored, decode
 from cluster.queue.records import Message, QueueIdFactory, Recipient
 from cluster.queue.spool import Batch, SqliteSpool
 
@@ -67,6 +73,28 @@ def generate(directory: Path, messages: int, size: int, domains: int, batch_size
     finally:
         spool.close()
     return time.monotonic() - started
+
+
+def probe(endpoint: str, began: float, time_limit: float) -> tuple[float, float]:
+    """Inject one message as a frontend would, then ask for one job as a worker would; returns the seconds
+    from `began` (monotonic) to the Stored and to the Deliver."""
+    context = zmq.Context()
+    try:
+        def ask(message: BusMessage, wanted: type[BusMessage]) -> float:
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(endpoint)
+            socket.send(message.encode())
+            while socket.poll(int(max(0.0, began + time_limit - time.monotonic()) * 1000)):
+                if isinstance(decode(socket.recv_multipart()[-1]), wanted):
+                    return time.monotonic() - began
+            raise SystemExit(f"no {wanted.TYPE} from the shard within {time_limit:g}s")
+
+        stored = ask(Inject(1, "probe@bench.example", ["probe@probe.example"], body_of(0, 2048)), Stored)
+        delivered = ask(Heartbeat("probe-worker", 1, []), Deliver)
+        return stored, delivered
+    finally:
+        context.destroy(linger=0)
 
 
 def write_config(path: Path, spool_dir: Path, port: int) -> None:
@@ -156,22 +184,27 @@ def main(argv: list[str] | None = None) -> int:
         summary["disk_ratio"] = round(on_disk / max(1, args.messages * args.size), 3)
         print(f"spool on disk: {on_disk / 2**20:.1f} MiB ({summary['disk_ratio']}x the message bytes)", flush=True)
         config = base / "mtacluster.toml"
-        write_config(config, base, free_port())
+        port = free_port()
+        write_config(config, base, port)
         for run in ("start", "after_kill9"):
             load_before = os.getloadavg()[0]
             shard = Started(config)
             ready, ready_cpu = shard.wait_for(b"mtacluster: ready role=queue", args.time_limit)
+            stored, delivered = probe(f"tcp://127.0.0.1:{port}", shard.began, args.time_limit)
             loaded, loaded_cpu = shard.wait_for(b"queue loaded:", args.time_limit)
             memory = memory_of(shard.process.pid)
             summary[f"{run}_ready_seconds"] = round(ready, 2)
             summary[f"{run}_ready_cpu_seconds"] = round(ready_cpu, 2)
+            summary[f"{run}_first_stored_seconds"] = round(stored, 2)
+            summary[f"{run}_first_deliver_seconds"] = round(delivered, 2)
             summary[f"{run}_loaded_seconds"] = round(loaded, 2)
             summary[f"{run}_loaded_cpu_seconds"] = round(loaded_cpu, 2)
             summary[f"{run}_rss_bytes"] = memory["VmRSS"]
             summary[f"{run}_peak_rss_bytes"] = memory["VmHWM"]
             summary[f"{run}_rss_per_message"] = round(memory["VmRSS"] / max(1, args.messages), 1)
             summary[f"{run}_load_average"] = round(max(load_before, os.getloadavg()[0]), 1)
-            print(f"{run}: ready in {ready:.2f}s ({ready_cpu:.2f}s CPU), whole queue loaded in {loaded:.2f}s "
+            print(f"{run}: ready in {ready:.2f}s ({ready_cpu:.2f}s CPU; a new message stored at {stored:.2f}s, a job "
+                  f"handed to a worker at {delivered:.2f}s), whole queue loaded in {loaded:.2f}s "
                   f"({loaded_cpu:.2f}s CPU), RSS {memory['VmRSS'] / 2**20:.1f} MiB (peak "
                   f"{memory['VmHWM'] / 2**20:.1f} MiB, {summary[f'{run}_rss_per_message']} B/message), load "
                   f"average {summary[f'{run}_load_average']}", flush=True)
