@@ -7,8 +7,13 @@
    destination domains) straight into a fresh SQLite spool through the `Spool` interface, `--batch` messages
    per transaction (what a shard's group commit would write, without the SMTP and bus around it).
 2. Start: runs `python -m cluster serve queue` on that spool and measures the time from the process start to its
-   "ready" line, the CPU time it used until then (/proc/PID/stat: on a shared machine the wall time depends on
-   what else runs), then its resident memory (VmRSS, and the peak VmHWM, from /proc/PID/status).
+   "ready" line (serving: it takes new mail and dispatches while the queue is read in the background) and to
+   its "queue loaded" line (every queued message scheduled), the CPU time it used until each (/proc/PID/stat:
+   on a shared machine the wall time depends on what else runs), then its resident memory once loaded (VmRSS,
+   and the peak VmHWM, from /proc/PID/status), and the load average of the machine during the run. Right after
+   the ready line a probe shows the shard serving while its queue is read: it injects one message (seconds to
+   its Stored) and asks for one job as a worker (seconds to the Deliver), both over the bus like a frontend and
+   a worker.
 3. kill -9, start again on the same spool and measure again (recovery after a crash).
 4. Reports the spool's size on disk (database + WAL) against the message bytes.
 
@@ -30,6 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import zmq
+
+from cluster.bus.schemas import BusMessage, Deliver, Heartbeat, Inject, Stored, decode
 from cluster.queue.records import Message, QueueIdFactory, Recipient
 from cluster.queue.spool import Batch, SqliteSpool
 
@@ -67,6 +75,28 @@ def generate(directory: Path, messages: int, size: int, domains: int, batch_size
     return time.monotonic() - started
 
 
+def probe(endpoint: str, began: float, time_limit: float) -> tuple[float, float]:
+    """Inject one message as a frontend would, then ask for one job as a worker would; returns the seconds
+    from `began` (monotonic) to the Stored and to the Deliver."""
+    context = zmq.Context()
+    try:
+        def ask(message: BusMessage, wanted: type[BusMessage]) -> float:
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(endpoint)
+            socket.send(message.encode())
+            while socket.poll(int(max(0.0, began + time_limit - time.monotonic()) * 1000)):
+                if isinstance(decode(socket.recv_multipart()[-1]), wanted):
+                    return time.monotonic() - began
+            raise SystemExit(f"no {wanted.TYPE} from the shard within {time_limit:g}s")
+
+        stored = ask(Inject(1, "probe@bench.example", ["probe@probe.example"], body_of(0, 2048)), Stored)
+        delivered = ask(Heartbeat("probe-worker", 1, []), Deliver)
+        return stored, delivered
+    finally:
+        context.destroy(linger=0)
+
+
 def write_config(path: Path, spool_dir: Path, port: int) -> None:
     path.write_text(f'[queue]\nshards = ["tcp://127.0.0.1:{port}"]\nspool_dir = "{spool_dir}"\nmin_free_space = 0\n'
                     f'[metrics]\nlisten = ""\n')
@@ -96,25 +126,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_shard(config: Path, time_limit: float) -> tuple[subprocess.Popen[bytes], float]:
-    """Start a shard and wait for its ready line; returns the process and the seconds it took."""
-    started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "cluster", "serve", "queue", "--config", str(config)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert process.stdout is not None
-    os.set_blocking(process.stdout.fileno(), False)
-    seen = b""
-    while time.monotonic() - started < time_limit:
-        chunk = process.stdout.read() or b""
-        seen += chunk
-        if b"mtacluster: ready role=queue" in seen:
-            return process, time.monotonic() - started
-        if process.poll() is not None:
-            raise SystemExit(f"the shard exited with {process.returncode}:\n{seen.decode(errors='replace')}")
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
-    raise SystemExit(f"the shard was not ready within {time_limit:g}s:\n{seen.decode(errors='replace')[-2000:]}")
+class Started:
+    """A shard process being started, and what its output said so far."""
+
+    def __init__(self, config: Path) -> None:
+        self.began = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, "-m", "cluster", "serve", "queue", "--config", str(config)],
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.process.stdout is not None
+        os.set_blocking(self.process.stdout.fileno(), False)
+        self.seen = b""
+
+    def wait_for(self, marker: bytes, time_limit: float) -> tuple[float, float]:
+        """Wait until the output shows `marker`; returns (seconds since the start, CPU seconds used by then)."""
+        assert self.process.stdout is not None
+        while time.monotonic() - self.began < time_limit:
+            self.seen += self.process.stdout.read() or b""
+            if marker in self.seen:
+                return time.monotonic() - self.began, cpu_seconds(self.process.pid)
+            if self.process.poll() is not None:
+                raise SystemExit(f"the shard exited with {self.process.returncode}:\n"
+                                 f"{self.seen.decode(errors='replace')}")
+            time.sleep(0.02)
+        self.process.kill()
+        self.process.wait()
+        raise SystemExit(f"no {marker.decode()!r} within {time_limit:g}s:\n"
+                         f"{self.seen.decode(errors='replace')[-2000:]}")
 
 
 def disk_bytes(directory: Path) -> int:
@@ -147,21 +184,32 @@ def main(argv: list[str] | None = None) -> int:
         summary["disk_ratio"] = round(on_disk / max(1, args.messages * args.size), 3)
         print(f"spool on disk: {on_disk / 2**20:.1f} MiB ({summary['disk_ratio']}x the message bytes)", flush=True)
         config = base / "mtacluster.toml"
-        write_config(config, base, free_port())
+        port = free_port()
+        write_config(config, base, port)
         for run in ("start", "after_kill9"):
-            process, ready = start_shard(config, args.time_limit)
-            memory = memory_of(process.pid)
-            cpu = cpu_seconds(process.pid)
-            summary[f"{run}_cpu_seconds"] = round(cpu, 2)
+            load_before = os.getloadavg()[0]
+            shard = Started(config)
+            ready, ready_cpu = shard.wait_for(b"mtacluster: ready role=queue", args.time_limit)
+            stored, delivered = probe(f"tcp://127.0.0.1:{port}", shard.began, args.time_limit)
+            loaded, loaded_cpu = shard.wait_for(b"queue loaded:", args.time_limit)
+            memory = memory_of(shard.process.pid)
             summary[f"{run}_ready_seconds"] = round(ready, 2)
+            summary[f"{run}_ready_cpu_seconds"] = round(ready_cpu, 2)
+            summary[f"{run}_first_stored_seconds"] = round(stored, 2)
+            summary[f"{run}_first_deliver_seconds"] = round(delivered, 2)
+            summary[f"{run}_loaded_seconds"] = round(loaded, 2)
+            summary[f"{run}_loaded_cpu_seconds"] = round(loaded_cpu, 2)
             summary[f"{run}_rss_bytes"] = memory["VmRSS"]
             summary[f"{run}_peak_rss_bytes"] = memory["VmHWM"]
             summary[f"{run}_rss_per_message"] = round(memory["VmRSS"] / max(1, args.messages), 1)
-            print(f"{run}: ready in {ready:.2f}s ({cpu:.2f}s CPU), RSS {memory['VmRSS'] / 2**20:.1f} MiB "
-                  f"(peak {memory['VmHWM'] / 2**20:.1f} MiB, {summary[f'{run}_rss_per_message']} B/message)",
-                  flush=True)
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+            summary[f"{run}_load_average"] = round(max(load_before, os.getloadavg()[0]), 1)
+            print(f"{run}: ready in {ready:.2f}s ({ready_cpu:.2f}s CPU; a new message stored at {stored:.2f}s, a job "
+                  f"handed to a worker at {delivered:.2f}s), whole queue loaded in {loaded:.2f}s "
+                  f"({loaded_cpu:.2f}s CPU), RSS {memory['VmRSS'] / 2**20:.1f} MiB (peak "
+                  f"{memory['VmHWM'] / 2**20:.1f} MiB, {summary[f'{run}_rss_per_message']} B/message), load "
+                  f"average {summary[f'{run}_load_average']}", flush=True)
+            shard.process.send_signal(signal.SIGKILL)
+            shard.process.wait()
         print(json.dumps(summary), flush=True)
     finally:
         if not args.keep and args.dir is None:

@@ -208,9 +208,11 @@ class AdminOps:
         return {"queue_id": queue_id, "released": released}
 
     def _drop_jobs(self, message: Message) -> None:
-        """Forget the message's jobs in flight; the workers' late Results are then ignored."""
+        """Forget the message's jobs in flight; the workers' late Results change nothing (but a delivery they
+        report is logged: ledger.py)."""
         for job in [j for j in self.scheduler.jobs.values() if j.queue_id == message.queue_id]:
             self.scheduler.finish_job(job.job_id)
+            self.ledger.job_dropped(job, message.arrival)
 
     async def _delete(self, args: dict[str, Any]) -> dict[str, Any]:
         def decide(message: Message) -> list[Change]:

@@ -14,9 +14,18 @@
 Every durable change of a recipient goes through ledger.py; the spool through spoolio.py. The parts know
 each other only through the narrow callables given here, and none imports this module.
 
+Loading: `open_spool()` opens the spool and what serving needs (drain state, usage counters, destination
+backoffs); `load_queue()` then reads the queued messages in chunks from a snapshot of the spool (spool.py:
+SqliteReader) and schedules each chunk as it comes, so shard.py serves (takes new mail, dispatches) while a
+large queue is still being read (ARCHITECTURE.md performance notes). Until it is all read, `loaded` is unset
+and what needs the whole queue waits for it: `queue list` and `queue flush` are answered once it is read, a
+queue id not found is looked up again then, a Transfer waits, a drain does not conclude.
+
 Inputs: the configuration, the shard index, a `Spool`, a clock (`now()` in seconds, a virtual one in tests)
 and `send(identity, message)`, the way back to the peer. shard.py gives it a ZeroMQ socket; unit tests give
-it a list. Failure modes: a request handler that fails is logged; the caller answers with an Error.
+it a list. Failure modes: a request handler that fails is logged; the caller answers with an Error. A record
+found damaged when its body is read for delivery (spoolio.py) is quarantined, logged and forgotten here,
+never delivered.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ from cluster.queue.records import Message, QueueIdFactory, State
 from cluster.queue.retry import RetrySchedule
 from cluster.queue.scheduler import Scheduler, SchedulerLimits
 from cluster.queue.shaping import Shaper
-from cluster.queue.spool import Spool, SpoolError
+from cluster.queue.spool import LOAD_CHUNK, LoadResult, Quarantined, Spool, SpoolError, SpoolReader
 from cluster.queue.spoolio import SpoolIO
 from cluster.queue.suppression import Entry, SuppressionList, suppressed_outcome
 from cluster.queue.workers import WorkerRegistry
@@ -74,6 +83,8 @@ READY_ONLY = frozenset({State.READY})
 Send = Callable[[bytes, BusMessage], Awaitable[None]]
 # Usage entries older than 24 hours are deleted from the spool this often (seconds).
 PRUNE_INTERVAL = 60.0
+# Admin operations that need the whole queue: answered once it is loaded.
+WHOLE_QUEUE_OPS = frozenset({"list", "flush"})
 
 
 class ShardCore:
@@ -125,31 +136,91 @@ class ShardCore:
                            Handover(index, self.suppression, self.accounts.ledger, self.io.commit), clock)
         self._last_prune = 0.0
         self.quarantined: list[str] = []
+        self.io.on_damaged = self._damaged
+        # Loading (module docstring): set once every queued message is scheduled.
+        self.loaded = asyncio.Event()
+        self.queue_total = 0
+        self.queue_loaded = 0
+        self._reader: SpoolReader | None = None
         metrics.initialise(self.label)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Open the spool, recover from the last stop, and schedule what it holds."""
-        loaded, in_flight = await self.io.open_and_recover()
+        """Open the spool and load the whole queue before anything else (tests, tools); shard.py serves between
+        `open_spool` and the end of `load_queue` instead."""
+        await self.open_spool()
+        await self.load_queue()
+
+    async def open_spool(self) -> None:
+        """Open the spool and read what serving needs; the queue itself is read by `load_queue`."""
+        self._reader = reader = await self.io.open()
+        self.queue_total = reader.total
         self.drain.load()
         self.accounts.load(await self.io.load_usage())
+        self.scheduler.restore_backoffs(reader.backoffs, self.clock())
+        self.space.refresh()
+
+    async def load_queue(self) -> None:
+        """Read the queue in chunks (the next one read in the spool's thread while this one is scheduled),
+        recover what was in flight at the last stop, and schedule each chunk as it comes."""
+        reader = self._reader
+        if reader is None:
+            raise RuntimeError("open_spool() first")
+        started = time.monotonic()
+        in_flight = 0
+        following: asyncio.Future[tuple[LoadResult, int] | None] | None = None
+        try:
+            part = await self.io.read_chunk(reader, LOAD_CHUNK)
+            while part is not None:
+                following = asyncio.ensure_future(self.io.read_chunk(reader, LOAD_CHUNK))
+                in_flight += self._schedule_loaded(*part)
+                part = await following
+        finally:
+            if following is not None and not following.done():
+                following.cancel()
+            self._reader = None
+            await self.io.close_reader(reader)
         if in_flight:
-            metrics.POSSIBLE_DUPLICATES.labels(self.label).inc(in_flight)
             log.warning("shard %d: %d recipients were in flight at the last stop and may be delivered twice",
                         self.index, in_flight)
+        self.loaded.set()
+        self.dispatcher.wake()
+        log.info("shard %d: queue loaded: %d messages in %.1fs", self.index, self.queue_loaded,
+                 time.monotonic() - started)
+
+    def _schedule_loaded(self, loaded: LoadResult, in_flight: int) -> int:
+        if in_flight:
+            metrics.POSSIBLE_DUPLICATES.labels(self.label).inc(in_flight)
         for quarantined in loaded.quarantined:
             log.error("shard %d: quarantined damaged record %s (%s) to %s", self.index, quarantined.queue_id,
                       quarantined.reason, quarantined.path)
             self.quarantined.append(quarantined.queue_id)
-        self.scheduler.restore_backoffs(loaded.backoffs, self.clock())
         for message in loaded.messages:
             if message.forward_shard >= 0:
                 self.outbox.add(message)
             else:
                 self.scheduler.add_message(message)
                 self.bounces.track(message)
-        self.space.refresh()
+        self.queue_loaded += len(loaded.messages)
+        self.dispatcher.wake()
+        return in_flight
+
+    def _damaged(self, quarantined: Quarantined) -> None:
+        """A record failed its checks when its body was read (spoolio.py): never deliver it, forget it here."""
+        where = f"moved aside to {quarantined.path}" if quarantined.path else "left in the spool"
+        log.error("%s: damaged record (%s) found when its body was read: not delivered, %s", quarantined.queue_id,
+                  quarantined.reason, where)
+        self.quarantined.append(quarantined.queue_id)
+        self.scheduler.lock(quarantined.queue_id)  # no new job for it until it is forgotten
+        self.spawn(self._forget(quarantined.queue_id))
+
+    async def _forget(self, queue_id: str) -> None:
+        async with self.ledger.locks.hold([queue_id]):
+            for job in [j for j in self.scheduler.jobs.values() if j.queue_id == queue_id]:
+                self.scheduler.finish_job(job.job_id)
+            self.scheduler.remove_message(queue_id)
+            self.outbox.messages.pop(queue_id, None)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request handler in the background (awaited, within a grace time, on stop)."""
@@ -195,6 +266,8 @@ class ShardCore:
             self.dispatcher.wake()
             if job is not None:
                 self.outcomes.record(job, message.outcomes, now)
+            else:
+                self.ledger.late_result(message.job_id, message.outcomes, now)
         elif isinstance(message, AdminRequest):
             self.spawn(self._admin(identity, message))
         elif isinstance(message, Transfer):
@@ -208,20 +281,23 @@ class ShardCore:
         await self._send(identity, await self.injector.handle(inject))
 
     async def _transfer(self, identity: bytes, transfer: Transfer) -> None:
+        await self.loaded.wait()  # a resend of a message not loaded yet must be recognised (drain.py)
         await self._send(identity, await self.drain.receive(transfer, self.injector.short_of_space))
 
     async def _accounts(self, identity: bytes, message: BusMessage) -> None:
         await self._send(identity, await self.accounts.handle(message))
 
     async def _admin(self, identity: bytes, request: AdminRequest) -> None:
+        if request.op in WHOLE_QUEUE_OPS:
+            await self.loaded.wait()  # about the whole queue: a restart reads it in the background
         try:
-            data: Any
-            if request.op in DRAIN_OPS:
-                data = await self.drain.handle_admin(request.op, request.args)
-            elif request.op == "user_usage":
-                data = self.accounts.usage(str(request.args.get("user", "")))
-            else:
-                data = await self.admin.handle(request.op, request.args)
+            try:
+                data = await self._admin_op(request)
+            except AdminError as exc:
+                if not exc.not_found or self.loaded.is_set():
+                    raise
+                await self.loaded.wait()  # perhaps not read yet: look again once the queue is
+                data = await self._admin_op(request)
         except AdminError as exc:
             data = {"not_found": True} if exc.not_found else None
             await self._send(identity, AdminReply(request.req, False, data, str(exc)))
@@ -234,12 +310,20 @@ class ShardCore:
             return
         await self._send(identity, AdminReply(request.req, True, data, ""))
 
+    async def _admin_op(self, request: AdminRequest) -> Any:
+        if request.op in DRAIN_OPS:
+            return await self.drain.handle_admin(request.op, request.args)
+        if request.op == "user_usage":
+            return self.accounts.usage(str(request.args.get("user", "")))
+        return await self.admin.handle(request.op, request.args)
+
     def tick(self, monotonic: float, expire: bool = True) -> None:
         """Periodic work; `expire=False` skips judging workers silent (frames are still waiting to be read)."""
         if self.maintainer.tick(self.clock(), monotonic, expire):
             self.dispatcher.wake()
         metrics.SUPPRESSION_SIZE.labels(self.label).set(len(self.suppression))
-        self.drain.tick()
+        if self.loaded.is_set():  # a drain is over only once the whole queue was read and moved
+            self.drain.tick()
         if monotonic - self._last_prune >= PRUNE_INTERVAL:
             self._last_prune = monotonic
             self.spawn(self.accounts.prune())

@@ -5,7 +5,8 @@ SQLite minus the disk: `load()` after `close()`/`open()` returns what was commit
 objects that share nothing with the caller's. Failure injection: `fail_commits(n, disk_full)` makes the next
 n commits raise SpoolError without changing anything (as a failed SQLite transaction rolls back);
 `hold_commits()` makes commits wait (in the spool's thread) until `release_commits()`, to let a test
-order concurrent transactions; `free_bytes` is what `free_space()` reports.
+order concurrent transactions; `free_bytes` is what `free_space()` reports; `damage(queue_id)` makes the
+record fail its checks when its body is read (as a checksum mismatch does in spool.py).
 Not durable across processes: never used by `serve`.
 """
 
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Iterable
 
 from cluster.queue.records import Message, RecipientUpdate, State
-from cluster.queue.spool import Batch, LoadResult, Quarantined, SpoolError
+from cluster.queue.spool import Batch, Bodies, LoadResult, Quarantined, SpoolError
 from cluster.queue.usage import UsageEntry
 
 
@@ -28,6 +29,9 @@ class MemorySpool:
         self._bodies: dict[str, bytes] = {}
         self._usage: dict[str, UsageEntry] = {}
         self.backoffs: dict[str, float] = {}
+        self._damaged: set[str] = set()
+        # queue id -> reason, of the records moved aside
+        self.quarantined: dict[str, str] = {}
         self._open = False
         self._failures = 0
         self._disk_full = False
@@ -56,11 +60,18 @@ class MemorySpool:
     def close(self) -> None:
         self._open = False
 
-    def load(self) -> LoadResult:
+    def damage(self, queue_id: str) -> None:
+        self._damaged.add(queue_id)
+
+    def reader(self) -> MemoryReader:
         self._check_open()
         with self._lock:
-            return LoadResult([copy.deepcopy(m) for m in sorted(self._messages.values(), key=lambda m: m.queue_id)],
-                              [], dict(self.backoffs))
+            return MemoryReader([copy.deepcopy(m) for m in sorted(self._messages.values(), key=lambda m: m.queue_id)],
+                                dict(self.backoffs))
+
+    def load(self) -> LoadResult:
+        reader = self.reader()
+        return LoadResult(reader.messages, [], reader.backoffs)
 
     def commit(self, batch: Batch) -> None:
         self._check_open()
@@ -115,12 +126,18 @@ class MemorySpool:
         with self._lock:
             return list(self._usage.values())
 
-    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
+    def read_bodies(self, queue_ids: Iterable[str]) -> Bodies:
         self._check_open()
-        return {q: self._bodies[q] for q in queue_ids if q in self._bodies}
+        bodies = Bodies()
+        for queue_id in queue_ids:
+            if queue_id in self._damaged and queue_id in self._bodies:
+                bodies.damaged[queue_id] = "checksum mismatch"
+            elif queue_id in self._bodies:
+                bodies[queue_id] = self._bodies[queue_id]
+        return bodies
 
     def read_headers(self, queue_id: str) -> bytes | None:
-        body = self.read_bodies([queue_id]).get(queue_id)
+        body = self._bodies.get(queue_id)
         if body is None:
             return None
         end = body.find(b"\r\n\r\n")
@@ -130,6 +147,8 @@ class MemorySpool:
         with self._lock:
             self._messages.pop(queue_id, None)
             self._bodies.pop(queue_id, None)
+            self._damaged.discard(queue_id)
+            self.quarantined[queue_id] = reason
         return Quarantined(queue_id, reason, "memory")
 
     def free_space(self) -> int:
@@ -144,3 +163,25 @@ class MemorySpool:
     def queue_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._messages)
+
+
+class MemoryReader:
+    """A snapshot of a memory spool's queue, read in chunks (spool.py: SpoolReader)."""
+
+    def __init__(self, messages: list[Message], backoffs: dict[str, float]) -> None:
+        self.messages = messages
+        self.total = len(messages)
+        self.backoffs = backoffs
+        self._next = 0
+        self._done = False
+
+    def read(self, count: int) -> LoadResult | None:
+        if self._done:
+            return None
+        chunk = self.messages[self._next:self._next + count]
+        self._next += len(chunk)
+        self._done = len(chunk) < count
+        return LoadResult(chunk, [])
+
+    def close(self) -> None:
+        self._done = True

@@ -14,6 +14,7 @@ cannot be written (the address is then simply not suppressed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Coroutine
@@ -66,7 +67,10 @@ class OutcomeRecorder:
             for change in changes)
         if self.scheduler.note_destination(job.domain, connection_trouble, now, self.retry.delay(1)):
             log.warning("shard %d: destination %s backed off after repeated deferrals", self.index, job.domain)
-        self._spawn(self._record(job.queue_id, changes, now))
+        # Handed to the ledger now, not when the task runs: nothing decided for the message after this
+        # moment can overtake them (ledger.py, step 2).
+        self.ledger.outcomes_arrived(job.queue_id, changes)
+        self._spawn(self._record(job.queue_id, now))
 
     def _learn(self, job: Job, outcomes: list[Outcome], now: float) -> None:
         shaper = self.scheduler.shaper
@@ -93,11 +97,9 @@ class OutcomeRecorder:
                     log.info("shard %d: suppressed %s (%s) after %r", self.index, outcome.recipient, category,
                              reply[:200])
 
-    async def _record(self, queue_id: str, changes: list[Change], now: float) -> None:
-        try:
-            await self.ledger.apply([queue_id], lambda message: changes, now)
-        except SpoolError as exc:
-            log.error("shard %d: cannot record outcomes of %s: %s", self.index, queue_id, exc)
+    async def _record(self, queue_id: str, now: float) -> None:
+        with contextlib.suppress(SpoolError):  # logged by the ledger; the recipients are ready again
+            await self.ledger.apply([queue_id], lambda message: [], now)
 
     def decide(self, message: Message, recipient: Recipient, outcome: Outcome, now: float) -> Change:
         """The recipient's next state after an outcome (the typed outcome is kept as it came)."""

@@ -11,6 +11,9 @@ was read empty: after a pause (SIGSTOP, a stalled host) the heartbeats and Resul
 handled before anyone is taken for dead, so finished jobs are not dispatched again; and the time the shard
 itself was stalled (a tick late by STALL or more) is not held against the workers, since what they sent
 meanwhile may still be on its way through ZeroMQ's I/O thread (issue 8).
+Starting: the spool is opened and the socket bound, and the shard is ready (takes new mail, dispatches) before
+its queue is read: the queue is read in the background, chunk by chunk (core.py, loading), and a "queue loaded"
+line follows. A failure to read it stops the shard (the supervisor starts it again).
 Stopping: dispatching stops first, and the Results of the jobs in flight are awaited (up to STOP_DRAIN
 seconds) while workers still run (`mtacluster up` stops shards before workers), and mail stored in flight
 but never sent is written back as ready (dispatch.py), so a clean stop leaves no recipient marked in flight.
@@ -105,8 +108,9 @@ class Shard:
         authenticator = None
         writer: asyncio.Task[None] | None = None
         others: list[asyncio.Task[None]] = []
+        loading: asyncio.Task[None] | None = None
         try:
-            await self.core.load()
+            await self.core.open_spool()
             writer = asyncio.create_task(self.core.io.run_writer())
             keys = cluster_keys(self.config.bus)
             authenticator = start_authenticator(context, keys)
@@ -127,11 +131,23 @@ class Shard:
             others = [asyncio.create_task(coro) for coro in (
                 self._serve_loop(), self.core.dispatcher.run(), self.core.outbox.forward_loop(context),
                 self.core.drain.watch_peers(context))]
+            loading = asyncio.create_task(self.core.load_queue())
             self.core.ready = True
-            log.info("shard %d ready: %d messages queued", self.index, len(self.core.scheduler.messages))
-            await stop.wait()
+            log.info("shard %d ready: %d messages queued, being read in the background", self.index,
+                     self.core.queue_total)
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if loading.done():
+                    loading.result()  # a queue that cannot be read stops the shard
+                await stopping
+            finally:
+                stopping.cancel()
         finally:
             self.core.ready = False
+            if loading is not None and not loading.done():
+                loading.cancel()
+                await asyncio.gather(loading, return_exceptions=True)
             if others:
                 await self._drain_jobs(STOP_DRAIN)
             for task in others:

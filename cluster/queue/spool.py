@@ -2,20 +2,26 @@
 
 Operations (all blocking; the shard calls them from one dedicated thread):
     open()                 create or open the spool directory and database
-    load()                 enumerate every stored message (recovery) and the destinations held off; a record
-                           that fails its checks is quarantined and reported, never deleted
+    reader()               the stored queue as it is now (a snapshot), read in chunks while commits go on
+                           (`SpoolReader.read(n)`: recovery, in the background once the shard serves), and the
+                           destinations held off; a record that fails its checks is quarantined and reported,
+                           never deleted
+    load()                 the whole of `reader()` at once (tools and tests)
     commit(batch)          one transaction: store new messages (with their bodies), update recipient states,
                            remove finished messages, set or end destination backoffs; returns after the
                            transaction is durable (fsync)
-    read_bodies(ids)       message bodies for dispatch (bodies are not kept in memory)
+    read_bodies(ids)       message bodies for dispatch (bodies are not kept in memory), each checked against
+                           its record's checksum; a damaged record is left out and named (`Bodies.damaged`)
     load_usage()           the per-user sending counters (cluster.queue.usage), committed by `commit` too
     quarantine(id, why)    move a record aside: <dir>/quarantine/<queue_id>.msgpack, then drop it from the db
     free_space()           bytes available to unprivileged users on the spool's file system
 
 SQLite runs in WAL mode with synchronous=FULL: a commit appends to the write-ahead log and fsyncs it, so one
 fsync makes a whole batch durable (group commit), and a crash at any point leaves the last committed state.
-Each message row carries a checksum of its immutable parts (sender, arrival, body, recipient addresses);
-a mismatch on load means the record is damaged and it is quarantined.
+Each message row carries a checksum of its immutable parts (sender, arrival, body, recipient addresses). It
+is checked when the body is read for delivery, not at load (a restart reads no body: ARCHITECTURE.md performance
+notes): a mismatch means the record is damaged, and the shard quarantines it then (spoolio.py) instead of
+delivering it. `read_headers` (for DSNs and `queue show`) does not check it.
 
 A recipient's last outcome is stored field by field (kind, code, enhanced, reply_text, remote). Spools written
 before those columns existed kept it as one `last_reply` string: `open()` adds the columns, and `load()` reads
@@ -32,7 +38,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 
@@ -91,14 +97,36 @@ class LoadResult:
     backoffs: dict[str, float] = field(default_factory=dict)
 
 
+class Bodies(dict[str, bytes]):
+    """Bodies read for delivery, by queue id. A record that failed its checks is left out and named in `damaged`
+    (queue id -> reason); `quarantined` is filled by whoever moved those aside (spoolio.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged: dict[str, str] = {}
+        self.quarantined: list[Quarantined] = []
+
+
+class SpoolReader(Protocol):
+    # Messages in the snapshot, and the destinations held off in it.
+    total: int
+    backoffs: dict[str, float]
+
+    def read(self, count: int) -> LoadResult | None: ...
+
+    def close(self) -> None: ...
+
+
 class Spool(Protocol):
     def open(self) -> None: ...
+
+    def reader(self) -> SpoolReader: ...
 
     def load(self) -> LoadResult: ...
 
     def commit(self, batch: Batch) -> None: ...
 
-    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]: ...
+    def read_bodies(self, queue_ids: Iterable[str]) -> Bodies: ...
 
     def load_usage(self) -> list[UsageEntry]: ...
 
@@ -157,6 +185,8 @@ _LEGACY_REPLY = re.compile(r"^(?P<code>[245]\d\d)(?:[ -](?P<enhanced>[245]\.\d{1
                            re.S)
 # Page size of a new spool: a 4 KiB page holds one 2 KiB message and wastes the rest (1.8x the data on disk).
 PAGE_SIZE = 16384
+# Messages per chunk when the queue is read at start (one spool-thread call, one turn of the event loop).
+LOAD_CHUNK = 5000
 # After a checkpoint the write-ahead log is cut back to this size (it grows with the largest batch).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # Free pages given back to the file system per commit that removed messages (bounded work in the hot path).
@@ -206,6 +236,7 @@ class SqliteSpool:
         self.directory = Path(directory)
         self._db: sqlite3.Connection | None = None
         self._lock: int | None = None
+        self._reader: SqliteReader | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -257,57 +288,34 @@ class SqliteSpool:
             self._lock = None
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._db is not None:
             self._db.close()
             self._db = None
         self._release_lock()
 
     def load(self) -> LoadResult:
-        """Every stored message, read in one pass over both tables in queue id order (no table held twice).
+        """Every stored message (`reader()` read to its end, in one go): for tools and tests."""
+        reader = self.reader()
+        try:
+            result = LoadResult([], [], reader.backoffs)
+            while (part := reader.read(LOAD_CHUNK)) is not None:
+                result.messages.extend(part.messages)
+                result.quarantined.extend(part.quarantined)
+            return result
+        finally:
+            reader.close()
 
-        Recipient rows are grouped per message as they stream by; a message whose rows fail the checks, or
-        recipient rows without a message, are quarantined after the pass."""
-        db = self.db
-        recipient_rows = db.execute(
-            "SELECT queue_id, idx, address, state, attempts, next_attempt, last_reply, remote, kind, code, "
-            "enhanced, reply_text FROM recipients ORDER BY queue_id, idx")
-        pending = next(recipient_rows, None)
-        messages: list[Message] = []
-        damaged: list[tuple[str, str]] = []
-        for queue_id, sender, arrival, size, client, warned, forward_shard, stored_sum, body in db.execute(
-                "SELECT queue_id, sender, arrival, size, client, warned, forward_shard, checksum, body "
-                "FROM messages ORDER BY queue_id"):
-            if not isinstance(queue_id, str):
-                damaged.append((queue_id, "message columns have the wrong types"))
-                continue
-            rows: list[RecipientRow] = []
-            while pending is not None and pending[0] <= queue_id:
-                if pending[0] == queue_id:
-                    rows.append(pending[1:])
-                elif not damaged or damaged[-1][0] != pending[0]:
-                    damaged.append((pending[0], "recipients without a message record"))
-                pending = next(recipient_rows, None)
-            problem = _check_message(queue_id, sender, arrival, body, stored_sum, rows)
-            if problem:
-                damaged.append((queue_id, problem))
-                continue
-            recipients = [Recipient(idx, address, _STATE_OF[state], attempts,
-                                    float(next_attempt) if next_attempt else 0.0,
-                                    _last_of(_STATE_OF[state], last_reply, remote, kind, code, enhanced, reply_text)
-                                    if kind or last_reply else None)
-                          for idx, address, state, attempts, next_attempt, last_reply, remote, kind, code, enhanced,
-                          reply_text in rows]
-            messages.append(Message.loaded(queue_id, sender, float(arrival), recipients, int(size),
-                                           client if isinstance(client, str) else "{}", bool(warned),
-                                           int(forward_shard)))
-        while pending is not None:
-            if not damaged or damaged[-1][0] != pending[0]:
-                damaged.append((pending[0], "recipients without a message record"))
-            pending = next(recipient_rows, None)
-        quarantined = [self.quarantine(queue_id, reason) for queue_id, reason in damaged]
-        backoffs = {domain: float(until) for domain, until in db.execute("SELECT domain, until FROM backoffs")
-                    if isinstance(domain, str) and isinstance(until, int | float)}
-        return LoadResult(messages, quarantined, backoffs)
+    def reader(self) -> SqliteReader:
+        """The queue as it is now, to be read in chunks while this spool goes on committing (see SqliteReader)."""
+        self.db  # noqa: B018  (raises SpoolError when the spool is not open)
+        try:
+            self._reader = SqliteReader(self)
+            return self._reader
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read the spool in {self.directory}: {exc}") from None
 
     def commit(self, batch: Batch) -> None:
         db = self.db
@@ -366,11 +374,26 @@ class SqliteSpool:
             raise SpoolError(f"cannot read the usage counters: {exc}") from None
         return [UsageEntry(str(e), str(u), float(a), int(m), int(r)) for e, u, a, m, r in rows]
 
-    def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
-        bodies: dict[str, bytes] = {}
+    def read_bodies(self, queue_ids: Iterable[str]) -> Bodies:
+        """The bodies of stored messages, each checked against its record's checksum (sender, arrival, body,
+        recipient addresses) as it is read; a record that fails is left out and named in `damaged`."""
+        bodies = Bodies()
+        db = self.db
         for queue_id in queue_ids:
-            body = self._body(queue_id)
-            if body is not None:
+            try:
+                row = db.execute("SELECT sender, arrival, checksum, body FROM messages WHERE queue_id=?",
+                                 (queue_id,)).fetchone()
+                if row is None:
+                    continue
+                addresses = [a for (a,) in db.execute("SELECT address FROM recipients WHERE queue_id=? ORDER BY idx",
+                                                      (queue_id,))]
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot read {queue_id}: {exc}") from None
+            sender, arrival, stored_sum, body = row
+            problem = _check_body(sender, arrival, stored_sum, body, addresses)
+            if problem:
+                bodies.damaged[queue_id] = problem
+            else:
                 bodies[queue_id] = body
         return bodies
 
@@ -416,6 +439,91 @@ class SqliteSpool:
         return stats.f_bavail * stats.f_frsize
 
 
+class SqliteReader:
+    """The queue of a spool as it was when the reader was made, read in chunks in queue id order.
+
+    Its own connection holds one read transaction (WAL: a snapshot) from the start, so what the spool commits
+    meanwhile is not seen: a message stored after the reader was made (new mail, a transfer) is never loaded a
+    second time, and a message is read as it was then (nothing changes a message the shard has not loaded
+    yet). The two tables are streamed side by side, recipient rows grouped per message as they go by. Bodies
+    and checksums are not read here: `read_bodies` checks them when a body is read for delivery. A record whose
+    scheduling columns fail their checks, and recipient rows without a message, are quarantined (through the
+    spool's own connection) in the chunk where they are found.
+    """
+
+    def __init__(self, spool: SqliteSpool) -> None:
+        self._spool = spool
+        db = sqlite3.connect(spool.directory / "spool.sqlite3", isolation_level=None, check_same_thread=False)
+        self._db: sqlite3.Connection | None = db
+        try:
+            db.execute("PRAGMA query_only=1")
+            db.execute("BEGIN")
+            self.total: int = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            self.backoffs = {domain: float(until) for domain, until in db.execute("SELECT domain, until FROM backoffs")
+                             if isinstance(domain, str) and isinstance(until, int | float)}
+            self._messages = db.execute("SELECT queue_id, sender, arrival, size, client, warned, forward_shard "
+                                        "FROM messages ORDER BY queue_id")
+            self._recipients = db.execute(
+                "SELECT queue_id, idx, address, state, attempts, next_attempt, last_reply, remote, kind, code, "
+                "enhanced, reply_text FROM recipients ORDER BY queue_id, idx")
+            self._pending = next(self._recipients, None)
+        except BaseException:
+            self.close()
+            raise
+        self._done = False
+
+    def read(self, count: int) -> LoadResult | None:
+        """The next `count` messages (fewer at the end), and what was quarantined on the way; None once done."""
+        if self._done:
+            return None
+        messages: list[Message] = []
+        damaged: list[tuple[str, str]] = []
+        pending, recipient_rows = self._pending, self._recipients
+        try:
+            chunk = self._messages.fetchmany(count)
+            for queue_id, sender, arrival, size, client, warned, forward_shard in chunk:
+                if not isinstance(queue_id, str):
+                    damaged.append((queue_id, "message columns have the wrong types"))
+                    continue
+                rows: list[RecipientRow] = []
+                while pending is not None and pending[0] <= queue_id:
+                    if pending[0] == queue_id:
+                        rows.append(pending[1:])
+                    elif not damaged or damaged[-1][0] != pending[0]:
+                        damaged.append((pending[0], "recipients without a message record"))
+                    pending = next(recipient_rows, None)
+                problem = _check_message(queue_id, sender, arrival, rows)
+                if problem:
+                    damaged.append((queue_id, problem))
+                    continue
+                recipients = [Recipient(idx, address, _STATE_OF[state], attempts,
+                                        float(next_attempt) if next_attempt else 0.0,
+                                        _last_of(_STATE_OF[state], last_reply, remote, kind, code, enhanced,
+                                                 reply_text) if kind or last_reply else None)
+                              for idx, address, state, attempts, next_attempt, last_reply, remote, kind, code,
+                              enhanced, reply_text in rows]
+                messages.append(Message.loaded(queue_id, sender, float(arrival), recipients, int(size),
+                                               client if isinstance(client, str) else "{}", bool(warned),
+                                               int(forward_shard)))
+            if len(chunk) < count:
+                while pending is not None:
+                    if not damaged or damaged[-1][0] != pending[0]:
+                        damaged.append((pending[0], "recipients without a message record"))
+                    pending = next(recipient_rows, None)
+                self._done = True
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read the spool in {self._spool.directory}: {exc}") from None
+        self._pending = pending
+        return LoadResult(messages, [self._spool.quarantine(queue_id, reason) for queue_id, reason in damaged])
+
+    def close(self) -> None:
+        """End the read transaction (the write-ahead log can be checkpointed past it again)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._done = True
+
+
 def _give_back_pages(db: sqlite3.Connection) -> None:
     """Give up to VACUUM_PAGES free pages back to the file system (a spool with auto_vacuum=INCREMENTAL).
 
@@ -434,13 +542,11 @@ def _last_of(state: State, last_reply: str, remote: str, kind: str, code: int, e
     return legacy_outcome(state, last_reply, remote)
 
 
-def _check_message(queue_id: object, sender: object, arrival: object, body: object, stored_sum: object,
-                   recipients: list[RecipientRow]) -> str:
-    """Why a stored record cannot be trusted, or "" when it is sound."""
+def _check_message(queue_id: object, sender: object, arrival: object, recipients: list[RecipientRow]) -> str:
+    """Why a stored record cannot be scheduled, or "" when its scheduling columns are sound (the body and the
+    checksum are checked when the body is read: `_check_body`)."""
     if type(queue_id) is not str or type(sender) is not str or not isinstance(arrival, _NUMBERS):
         return "message columns have the wrong types"
-    if type(body) is not bytes:
-        return "body is not a blob"
     if not recipients:
         return "message has no recipients"
     if [r[0] for r in recipients] != list(range(len(recipients))):
@@ -452,6 +558,15 @@ def _check_message(queue_id: object, sender: object, arrival: object, body: obje
         if (kind and kind not in _KINDS) or type(code) is not int or type(last_reply) is not str \
                 or type(remote) is not str or type(enhanced) is not str or type(text) is not str:
             return "recipient row has a bad last outcome"
-    if checksum(sender, float(arrival), body, [r[1] for r in recipients]) != stored_sum:
+    return ""
+
+
+def _check_body(sender: object, arrival: object, stored_sum: object, body: object, addresses: list[Any]) -> str:
+    """Why a record's body cannot be trusted for delivery, or "" when it matches the record's checksum."""
+    if type(body) is not bytes:
+        return "body is not a blob"
+    if type(sender) is not str or not isinstance(arrival, _NUMBERS) or not all(type(a) is str for a in addresses):
+        return "message columns have the wrong types"
+    if checksum(sender, float(arrival), body, addresses) != stored_sum:
         return "checksum mismatch"
     return ""

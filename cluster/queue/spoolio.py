@@ -1,11 +1,14 @@
 """The spool of one shard as the rest of the shard uses it: asynchronous, one thread, group commit.
 
 Inputs: a `Spool` (spool.py: the SQLite one, or the in-memory one of memspool.py in tests).
-Outputs: `open_and_recover()` (the stored messages, recipients that were in flight at the last stop made
-ready again), `commit(batch)` through the `GroupCommitter` (returns once the transaction is durable),
-`read_bodies`, `read_headers`, `free_space`, `close`. Every blocking spool call runs in one dedicated thread,
-so the spool never sees two calls at once.
-Failure modes: every spool failure is a `SpoolError` raised to the caller of the operation that failed.
+Outputs: `open()` (a reader of the stored queue) and `read_chunk` (its next messages, recipients that were in
+flight at the last stop made ready again, committed), `commit(batch)` through the `GroupCommitter` (returns
+once the transaction is durable), `read_bodies`, `read_headers`, `free_space`, `close`. Every blocking spool
+call runs in one dedicated thread, so the spool never sees two calls at once; the chunks of a load take turns
+with the commits there.
+Failure modes: every spool failure is a `SpoolError` raised to the caller of the operation that failed. A body
+whose record fails its checksum is not returned by `read_bodies`: the record is quarantined (moved aside,
+spool.py) in the same spool call and `on_damaged` is told, so the shard forgets it instead of delivering it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TypeVar
 
 from cluster.queue.commit import BackoffChanges, GroupCommitter
 from cluster.queue.records import RecipientUpdate, State
-from cluster.queue.spool import Batch, LoadResult, Spool
+from cluster.queue.spool import Batch, Bodies, LoadResult, Quarantined, Spool, SpoolReader
 from cluster.queue.usage import UsageEntry
 
 log = logging.getLogger("mtacluster.queue")
@@ -33,19 +36,29 @@ class SpoolIO:
         self.spool = spool
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"spool-{name}")
         self._committer = GroupCommitter(spool, self._executor, batch_max, observe, backoffs)
+        # Told (on the event loop) of each record quarantined because its body failed its checks.
+        self.on_damaged: Callable[[Quarantined], None] = lambda quarantined: None
 
     async def _call(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    async def open_and_recover(self) -> tuple[LoadResult, int]:
-        """Open and load the spool; recipients in flight at the last stop become ready (committed).
+    async def open(self) -> SpoolReader:
+        """Open the spool; returns a reader of the queue it holds (read it with `read_chunk`, then close it)."""
+        return await self._call(self._open)
 
-        Returns what was loaded and how many recipients were in flight (each a possible duplicate)."""
-        return await self._call(self._open_and_recover)
-
-    def _open_and_recover(self) -> tuple[LoadResult, int]:
+    def _open(self) -> SpoolReader:
         self.spool.open()
-        loaded = self.spool.load()
+        return self.spool.reader()
+
+    async def read_chunk(self, reader: SpoolReader, count: int) -> tuple[LoadResult, int] | None:
+        """The next `count` messages of the queue (None once all were read); recipients in flight at the last
+        stop become ready (committed). Returns them and how many recipients were in flight (possible duplicates)."""
+        return await self._call(self._read_chunk, reader, count)
+
+    def _read_chunk(self, reader: SpoolReader, count: int) -> tuple[LoadResult, int] | None:
+        loaded = reader.read(count)
+        if loaded is None:
+            return None
         updates: list[RecipientUpdate] = []
         for message in loaded.messages:
             for recipient in message.recipients:
@@ -55,6 +68,9 @@ class SpoolIO:
         if updates:
             self.spool.commit(Batch(updates=updates))
         return loaded, len(updates)
+
+    async def close_reader(self, reader: SpoolReader) -> None:
+        await self._call(reader.close)
 
     async def run_writer(self) -> None:
         """The group-commit writer task; runs until cancelled."""
@@ -71,8 +87,21 @@ class SpoolIO:
         """The per-user usage entries the spool holds (cluster.queue.usage)."""
         return await self._call(self.spool.load_usage)
 
-    async def read_bodies(self, queue_ids: Iterable[str]) -> dict[str, bytes]:
-        return await self._call(self.spool.read_bodies, list(queue_ids))
+    async def read_bodies(self, queue_ids: Iterable[str]) -> Bodies:
+        """Bodies for delivery; a damaged record is left out, quarantined, and reported to `on_damaged`."""
+        bodies = await self._call(self._read_bodies, list(queue_ids))
+        for quarantined in bodies.quarantined:
+            self.on_damaged(quarantined)
+        return bodies
+
+    def _read_bodies(self, queue_ids: list[str]) -> Bodies:
+        bodies = self.spool.read_bodies(queue_ids)
+        for queue_id, reason in bodies.damaged.items():
+            try:
+                bodies.quarantined.append(self.spool.quarantine(queue_id, reason))
+            except OSError as exc:  # SpoolError too: the record stays in the spool, still not delivered
+                bodies.quarantined.append(Quarantined(queue_id, f"{reason}; not moved aside: {exc}", ""))
+        return bodies
 
     async def read_headers(self, queue_id: str) -> bytes | None:
         return await self._call(self.spool.read_headers, queue_id)

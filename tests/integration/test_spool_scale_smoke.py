@@ -22,6 +22,9 @@ def test_spool_scale_benchmark_runs_tiny(tmp_path: Path) -> None:
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["messages"] == 300
     for run in ("start", "after_kill9"):
-        assert summary[f"{run}_ready_seconds"] > 0 and summary[f"{run}_cpu_seconds"] > 0
+        assert 0 < summary[f"{run}_ready_seconds"] <= summary[f"{run}_loaded_seconds"]
+        assert 0 < summary[f"{run}_ready_cpu_seconds"] <= summary[f"{run}_loaded_cpu_seconds"]
+        assert summary[f"{run}_ready_seconds"] <= summary[f"{run}_first_stored_seconds"]
+        assert summary[f"{run}_first_stored_seconds"] <= summary[f"{run}_first_deliver_seconds"]
         assert summary[f"{run}_rss_bytes"] > 0 and summary[f"{run}_peak_rss_bytes"] >= summary[f"{run}_rss_bytes"]
     assert summary["disk_bytes"] > 300 * 512

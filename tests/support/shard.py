@@ -86,10 +86,14 @@ class RunningShard:
     def endpoint(self) -> str:
         return self.config.queue.shards[self.index]
 
-    async def start(self) -> RunningShard:
+    async def start(self, loaded: bool = True) -> RunningShard:
+        """Run the shard until it is ready and (unless `loaded=False`) its whole queue is read (core.py)."""
         task = self.task = asyncio.create_task(self.shard.run(self.stop))
         await until(lambda: self.shard.is_ready() or task.done(), what="the shard to be ready")
         assert self.shard.is_ready()
+        if loaded:
+            await until(lambda: self.shard.core.loaded.is_set() or task.done(), what="the queue to be loaded")
+            assert self.shard.core.loaded.is_set()
         return self
 
     def client(self) -> BusClient:

@@ -34,7 +34,8 @@ from cluster.bus.schemas import (
 from cluster.config import config_from_dict
 from cluster.queue.core import ShardCore
 from cluster.queue.memspool import MemorySpool
-from cluster.queue.records import State
+from cluster.queue.records import Message, Recipient, State
+from cluster.queue.spool import Batch
 
 START = 1_700_000_000.0
 BODY = b"From: a@sender.test\r\nSubject: hi\r\nMessage-ID: <m1@sender.test>\r\n\r\nhello\r\n"
@@ -114,15 +115,17 @@ class Harness:
 
 
 @asynccontextmanager
-async def shard(spool: MemorySpool | None = None, clock: VirtualClock | None = None,
+async def shard(spool: MemorySpool | None = None, clock: VirtualClock | None = None, loaded: bool = True,
                 **queue: Any) -> AsyncIterator[Harness]:
+    """A core on `spool`, its queue loaded (or, with `loaded=False`, only its spool opened: `load_queue`
+    is the test's to run, as shard.py runs it in the background)."""
     config = config_from_dict({"queue": {"retry_first": 300, "retry_max": 4000, "max_lifetime": 86400, **queue},
                                "metrics": {"listen": ""}}, environ={})
     spool = spool or MemorySpool()
     clock = clock or VirtualClock()
     peer = Peer()
     core = ShardCore(config, 0, spool, clock, peer.send)
-    await core.load()
+    await (core.load() if loaded else core.open_spool())
     core.ready = True
     writer = asyncio.create_task(core.io.run_writer())
     try:
@@ -452,7 +455,9 @@ async def test_admin_actions_and_refusals_are_logged(caplog: pytest.LogCaptureFi
             f"{queue_id}: removed"]
 
 
-async def test_a_result_racing_a_delete_of_its_message_is_ignored() -> None:
+async def test_a_result_racing_a_delete_of_its_message_changes_nothing_but_its_deliveries_are_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mtacluster.queue")
     async with shard() as h:
         queue_id = await h.inject("a@sender.test", ["r@g.test", "s@g.test"])
         await h.heartbeat()
@@ -468,6 +473,14 @@ async def test_a_result_racing_a_delete_of_its_message_is_ignored() -> None:
         assert reply.ok and reply.data == {"queue_id": queue_id, "deleted": 2}
         assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
         assert not h.core.scheduler.jobs and h.core.scheduler.workers["w"].credits == 10
+        # The worker did deliver them: one status=sent line each, besides the deletion's.
+        lines = lines_about(caplog, queue_id)
+        for address in ("r@g.test", "s@g.test"):
+            about = sorted(line.rsplit("status=", 1)[1] for line in lines if f"to=<{address}>" in line
+                           and "status=" in line)
+            assert about == ["deleted (deleted by the queue administrator)", "sent (250 2.0.0 ok)"], lines
+        await h.core.handle(WORKER, Result(job.job_id, "w", outcomes))  # a resend logs nothing again
+        assert len(lines_about(caplog, queue_id)) == len(lines)
 
 
 async def test_destination_held_off_is_shown_counted_and_survives_a_restart() -> None:
@@ -494,3 +507,89 @@ async def test_destination_held_off_is_shown_counted_and_survives_a_restart() ->
         assert (await h.admin("flush", domain="later.test")).ok
         assert len(await h.deliveries()) == 4
         await until(lambda: not spool.backoffs)  # the end of the backoff is written too
+
+
+async def test_a_delivery_reported_while_an_admin_delete_waits_is_committed_and_logged_first(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 11: a delivered recipient had no `status=sent` line. A Result taken in while the message is
+    locked by an admin change (its transaction held here), with a delete of the message already waiting for
+    the lock: the delete used to decide first, take the recipient the worker had delivered (in flight, its job
+    over) as deleted, and the Result's change was then dropped without a line. The outcome goes first now."""
+    caplog.set_level(logging.INFO, logger="mtacluster.queue")
+    async with shard() as h:
+        queue_id = await h.inject("a@sender.test", ["r@sent.test", "s@later.test"])
+        await h.heartbeat()
+        jobs = {job.domain: job for job in await h.deliveries()}
+        await h.result(jobs["later.test"], "deferred", 451, "4.3.0", "not now")
+        assert h.states(queue_id) == [State.IN_FLIGHT, State.DEFERRED]
+        h.spool.hold_commits()
+        await h.core.handle(CLI, AdminRequest(1, "hold", {"queue_id": queue_id}))
+        await until(h.spool.waiting.is_set)  # the hold holds the message's lock while it is written
+        await h.core.handle(CLI, AdminRequest(2, "delete", {"queue_id": queue_id}))
+        await asyncio.sleep(0)  # the delete waits for the lock
+        outcomes = [Outcome("r@sent.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx.sent.test[192.0.2.7]")]
+        await h.core.handle(WORKER, Result(jobs["sent.test"].job_id, "w", outcomes))
+        await asyncio.sleep(0)  # its outcome waits for the lock too, behind the delete
+        h.spool.release_commits()
+        await h.core.idle()
+        held, deleted = sorted(h.peer.take(AdminReply, CLI), key=lambda r: r.req)
+        assert held.ok and held.data["held"] == 1
+        assert deleted.ok and deleted.data == {"queue_id": queue_id, "deleted": 1}  # s@later.test only
+        lines = lines_about(caplog, queue_id)
+        sent = [line for line in lines if "to=<r@sent.test>" in line]
+        assert len(sent) == 1 and "status=sent (250 2.0.0 ok)" in sent[0], lines
+        assert [line for line in lines if "to=<s@later.test>" in line][-1].endswith("status=deleted (deleted by the "
+                                                                                     "queue administrator)")
+        assert queue_id not in h.core.scheduler.messages and queue_id not in h.spool.queue_ids()
+
+
+async def test_a_shard_takes_and_delivers_new_mail_while_its_queue_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart: the shard serves before its queue is read (shard.py reads it in the background, in chunks).
+    New mail is stored and delivered at once, `queue list` is answered once the queue is read, and nothing
+    is loaded twice (the reader reads the spool as it was when it was opened)."""
+    monkeypatch.setattr("cluster.queue.core.LOAD_CHUNK", 3)
+    spool = MemorySpool()
+    spool.open()
+    stored = [Message(f"01OLD{n:011d}", "old@sender.test", START - 60, [Recipient(0, f"r{n}@old.test")], 10)
+              for n in range(7)]
+    stored[4].recipients[0].state = State.IN_FLIGHT  # out at the last stop
+    spool.commit(Batch(stores=stored, bodies={m.queue_id: BODY for m in stored}))
+    spool.close()
+    async with shard(spool, loaded=False) as h:
+        assert h.core.queue_total == 7 and not h.core.scheduler.messages and not h.core.loaded.is_set()
+        new = await h.inject("a@sender.test", ["x@new.test"])
+        await h.heartbeat()
+        (job,) = await h.deliveries()
+        assert job.queue_id == new
+        await h.core.handle(CLI, AdminRequest(1, "list", {}))
+        await asyncio.sleep(0)
+        assert not h.peer.take(AdminReply, CLI)  # waits for the whole queue
+        await h.core.load_queue()
+        await h.core.idle()
+        (listed,) = h.peer.take(AdminReply, CLI)
+        assert listed.ok and listed.data["total"] == 8
+        assert sorted(m["queue_id"] for m in listed.data["messages"]) == sorted([new, *(m.queue_id for m in stored)])
+        assert h.core.queue_loaded == 7 and len(h.core.scheduler.messages) == 8
+        assert h.spool.recipients(stored[4].queue_id) == [("r4@old.test", "ready")]  # recovered, committed
+        assert sorted(job.queue_id for job in await h.deliveries()) == sorted(m.queue_id for m in stored)
+
+
+async def test_a_damaged_record_found_when_its_body_is_read_is_quarantined_not_delivered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mtacluster.queue")
+    async with shard() as h:
+        damaged = await h.inject("a@sender.test", ["x@d.test"])
+        sound = await h.inject("a@sender.test", ["y@d.test"])
+        h.spool.damage(damaged)
+        await h.heartbeat()
+        (job,) = await h.deliveries()
+        assert job.queue_id == sound
+        await h.core.idle()
+        # Kept aside (the record is moved to quarantine, not deleted), forgotten here, and never delivered.
+        assert h.spool.quarantined == {damaged: "checksum mismatch"}
+        assert damaged not in h.core.scheduler.messages and h.core.quarantined == [damaged]
+        assert [j.queue_id for j in h.core.scheduler.jobs.values()] == [sound]
+        assert h.core.scheduler.workers["w"].credits == 9
+        assert await h.deliveries() == []
+        (line,) = [line for line in lines_about(caplog, damaged) if "damaged" in line]
+        assert "checksum mismatch" in line and "not delivered" in line

@@ -75,21 +75,53 @@ def test_a_failed_transaction_changes_nothing(spool: SqliteSpool) -> None:
 
 def test_damaged_record_is_quarantined_not_deleted(spool: SqliteSpool, tmp_path: Path) -> None:
     spool.commit(Batch(stores=[message("GOOD", ["a@x.test"]), message("BAD", ["b@x.test"]),
-                               message("ORPHAN", ["c@x.test"])],
-                       bodies={"GOOD": b"fine", "BAD": b"original body", "ORPHAN": b"o"}))
+                               message("ORPHAN", ["c@x.test"]), message("TYPES", ["d@x.test"])],
+                       bodies={"GOOD": b"fine", "BAD": b"original body", "ORPHAN": b"o", "TYPES": b"t"}))
     db = sqlite3.connect(tmp_path / "shard-0" / "spool.sqlite3")
     db.execute("UPDATE messages SET body=? WHERE queue_id='BAD'", (b"flipped bits",))
     db.execute("DELETE FROM messages WHERE queue_id='ORPHAN'")
+    db.execute("UPDATE recipients SET attempts='many' WHERE queue_id='TYPES'")
     db.commit()
     db.close()
     loaded = spool.load()
-    assert [m.queue_id for m in loaded.messages] == ["GOOD"]
+    # The body is not read at load: BAD is loaded, and found out when its body is read for delivery.
+    assert [m.queue_id for m in loaded.messages] == ["BAD", "GOOD"]
     reasons = {q.queue_id: q.reason for q in loaded.quarantined}
-    assert reasons == {"BAD": "checksum mismatch", "ORPHAN": "recipients without a message record"}
+    assert reasons == {"ORPHAN": "recipients without a message record", "TYPES": "recipient row has bad values"}
+    bodies = spool.read_bodies(["GOOD", "BAD", "GONE"])
+    assert bodies == {"GOOD": b"fine"} and bodies.damaged == {"BAD": "checksum mismatch"}
+    spool.quarantine("BAD", "checksum mismatch")
     kept = msgpack.unpackb((tmp_path / "shard-0" / "quarantine" / "BAD.msgpack").read_bytes())
     assert kept["reason"] == "checksum mismatch" and b"flipped bits" in kept["message"]
     assert kept["recipients"][0][2] == "b@x.test"
-    assert spool.load().quarantined == []  # moved aside once, not reported again
+    again = spool.load()
+    assert again.quarantined == [] and [m.queue_id for m in again.messages] == ["GOOD"]  # moved aside once
+
+
+def test_a_changed_recipient_address_fails_the_checksum_when_the_body_is_read(spool: SqliteSpool,
+                                                                             tmp_path: Path) -> None:
+    spool.commit(Batch(stores=[message("Q1", ["a@x.test"])], bodies={"Q1": b"body"}))
+    db = sqlite3.connect(tmp_path / "shard-0" / "spool.sqlite3")
+    db.execute("UPDATE recipients SET address='evil@x.test' WHERE queue_id='Q1'")
+    db.commit()
+    db.close()
+    bodies = spool.read_bodies(["Q1"])
+    assert bodies == {} and bodies.damaged == {"Q1": "checksum mismatch"}
+
+
+def test_a_reader_sees_the_spool_as_it_was_when_it_was_made(spool: SqliteSpool) -> None:
+    spool.commit(Batch(stores=[message(f"Q{n}", [f"r{n}@x.test"]) for n in range(5)],
+                       bodies={f"Q{n}": b"b" for n in range(5)}))
+    reader = spool.reader()
+    assert reader.total == 5
+    first = reader.read(2)
+    assert first is not None and [m.queue_id for m in first.messages] == ["Q0", "Q1"]
+    # Committed meanwhile (new mail, a finished message): not seen by the reader, read by the next one.
+    spool.commit(Batch(stores=[message("Q9", ["new@x.test"])], bodies={"Q9": b"n"}, removals=["Q3"]))
+    rest = reader.read(2), reader.read(2), reader.read(2)
+    assert [[m.queue_id for m in part.messages] if part else None for part in rest] == [["Q2", "Q3"], ["Q4"], None]
+    reader.close()
+    assert [m.queue_id for m in spool.load().messages] == ["Q0", "Q1", "Q2", "Q4", "Q9"]
 
 
 def test_queue_ids_are_unique_short_and_sorted() -> None:
