@@ -114,7 +114,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -122,9 +121,8 @@ from typing import Any, ClassVar
 import msgpack
 
 from cluster.smtp.address import (
-    MAX_LOCAL_PART,
-    MAX_PATH,
     SmtpSyntaxError,
+    is_plain_address,
     parse_forward_path,
     parse_reverse_path,
 )
@@ -536,21 +534,6 @@ def _type_name(expected: type | tuple[type, ...]) -> str:
 def _strings(where: str, values: list[Any]) -> None:
     if not all(isinstance(v, str) for v in values):
         raise SchemaError(f"{where}: expected a list of strings")
-
-
-# The everyday address (ASCII dot-atom local part, LDH domain), accepted without running the full parser:
-# everything it matches, within the lengths checked next to it, the SMTP parser accepts too (a property test
-# holds the two together). Anything else goes through the parser.
-_PLAIN_ADDRESS = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-_MAX_ADDRESS = MAX_PATH - 2  # the path's angle brackets count towards its limit
-_MAX_LOCAL = MAX_LOCAL_PART
-
-
-def is_plain_address(address: str) -> bool:
-    return (len(address) <= _MAX_ADDRESS and _PLAIN_ADDRESS.fullmatch(address) is not None
-            and address.index("@") <= _MAX_LOCAL)
 
 
 def sender_problem(sender: str) -> str | None:

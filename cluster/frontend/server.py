@@ -314,10 +314,7 @@ class Frontend:
         metrics.connections(listener.kind).inc()
         peer = writer.get_extra_info("peername")
         client_ip = str(peer[0]) if peer else "unknown"
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: uvloop and asyncio set it on every TCP transport they make.
         leftover = b""
         if self.config.smtp.proxy_protocol:
             try:

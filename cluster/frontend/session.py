@@ -95,16 +95,30 @@ class Listener:
 
 
 class _MetricsObserver:
-    """Counts every command verb and every reply class (metrics.COMMANDS, metrics.REPLIES)."""
+    """Counts every command verb and every reply class (metrics.COMMANDS, metrics.REPLIES).
+
+    Counted here first and added to the Prometheus counters by `flush()`, which the session calls at each end of
+    DATA and when it ends: a locked counter increment per command and per reply cost more than the rest of
+    handling a RCPT. Rejections are counted at once."""
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
+        self._commands: dict[str, int] = {}
+        self._replies: dict[int, int] = {}  # by reply code
 
     def command(self, verb: str) -> None:
-        metrics.command_counter(verb).inc()
+        self._commands[verb] = self._commands.get(verb, 0) + 1
+
+    def flush(self) -> None:
+        for verb, count in self._commands.items():
+            metrics.command_counter(verb).inc(count)
+        for code, count in self._replies.items():
+            metrics.reply_counter(code).inc(count)
+        self._commands.clear()
+        self._replies.clear()
 
     def reply(self, reply: Reply) -> None:
-        metrics.reply_counter(reply.code).inc()
+        self._replies[reply.code] = self._replies.get(reply.code, 0) + 1
         if reply.code >= 400:
             reason = _PROTOCOL_REJECTIONS.get(reply.enhanced)
             if reason is not None:
@@ -197,6 +211,7 @@ class InboundSession:
             await self._run(deadline)
         finally:
             deadline.close()
+            self.observer.flush()
 
     async def _run(self, deadline: ReadDeadline) -> None:
         self.conn.start()
@@ -239,6 +254,7 @@ class InboundSession:
                     self.facts.recipients.append(event.recipient)
                 self.conn.respond(refusal or replies.RECIPIENT_OK)
             elif isinstance(event, MessageReceived):
+                self.observer.flush()
                 self.storing = True
                 try:
                     refusal = await self.policy.check_message(self.facts, event)

@@ -69,8 +69,14 @@ class Address:
         return not (self.local_part.isascii() and self.domain.isascii())
 
     def __str__(self) -> str:
-        local = self.local_part if _is_dot_string(self.local_part) else _quote(self.local_part)
-        return f"{local}@{self.domain}" if self.domain else local
+        """The path's text without brackets (the local part quoted when it must be); made once per Address,
+        since the session, the policy checks and the inject each ask for it."""
+        text: str | None = self.__dict__.get("_text")
+        if text is None:
+            local = self.local_part if _is_dot_string(self.local_part) else _quote(self.local_part)
+            text = f"{local}@{self.domain}" if self.domain else local
+            object.__setattr__(self, "_text", text)  # not a field: equality and hashing ignore it
+        return text
 
 
 def _is_atext(char: str) -> bool:
@@ -85,6 +91,30 @@ _DOT_STRING = re.compile(f"{_ATOM}(?:\\.{_ATOM})*")
 
 def _is_dot_string(text: str) -> bool:
     return _DOT_STRING.fullmatch(text) is not None
+
+
+# The everyday address (ASCII dot-atom local part, LDH domain), accepted without running the full parser:
+# everything it matches, within the lengths checked next to it, the full parser accepts too, as the same
+# Address (a property test holds the two together). Anything else goes through the full parser. Used for
+# MAIL FROM / RCPT TO here and for the envelopes of Inject frames on the bus (cluster.bus.schemas).
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_MAX_ADDRESS = MAX_PATH - 2  # the path's angle brackets count towards its limit
+
+
+def is_plain_address(address: str) -> bool:
+    """True for an address (no brackets) of the everyday form that the full parser is known to accept."""
+    return (len(address) <= _MAX_ADDRESS and _PLAIN_ADDRESS.fullmatch(address) is not None
+            and address.index("@") <= MAX_LOCAL_PART)
+
+
+def _plain_path(text: str) -> Address | None:
+    """`<local@domain>` of the everyday form (see is_plain_address) as an Address; None: ask the full parser."""
+    if text.startswith("<") and text.endswith(">") and is_plain_address(inner := text[1:-1]):
+        local, _, domain = inner.partition("@")
+        return Address(local, domain)
+    return None
 
 
 def _is_qtext_char(char: str) -> bool:
@@ -130,9 +160,10 @@ def split_path_and_parameters(text: str) -> tuple[str, str]:
 
 def parse_reverse_path(text: str, *, smtputf8: bool = False) -> Address | None:
     """Parse a MAIL FROM path; `<>` gives None. Problems raise AddressError with 501 5.1.7 (or 553 5.6.7)."""
-    if text.strip(" ") == "<>":
+    stripped = text.strip(" ")
+    if stripped == "<>":
         return None
-    return _parse_path(text, smtputf8=smtputf8, error=replies.bad_sender)
+    return _plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_sender)
 
 
 def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
@@ -143,7 +174,7 @@ def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
     stripped = text.strip(" ")
     if stripped.lower() == "<postmaster>":
         return Address(stripped[1:-1], "")
-    return _parse_path(text, smtputf8=smtputf8, error=replies.bad_recipient)
+    return _plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_recipient)
 
 
 def _parse_path(text: str, *, smtputf8: bool, error: _ErrorFactory) -> Address:

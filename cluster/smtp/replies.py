@@ -189,7 +189,10 @@ def greeting(hostname: str) -> Reply:
 def _echoed(client_name: str) -> str:
     """The client's EHLO/HELO name as a reply repeats it: printable US-ASCII only (RFC 5321 4.2 textstring), any
     other character as "?", at most 255 of them (4.5.3.1.2), so the reply line stays within 512 octets."""
-    return "".join(c if " " <= c <= "~" else "?" for c in client_name[:255])
+    name = client_name[:255]
+    if name.isascii() and name.isprintable():  # the usual case: printable ASCII is " " to "~"
+        return name
+    return "".join(c if " " <= c <= "~" else "?" for c in name)
 
 
 def helo_reply(hostname: str, client_name: str) -> Reply:

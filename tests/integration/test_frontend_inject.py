@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import smtplib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cluster.bus.ring import shard_for_domain
 from cluster.bus.schemas import BusMessage, Inject, InjectRefused
@@ -123,3 +124,40 @@ async def test_timeout_waiting_for_a_command_closes_with_421() -> None:
         assert farewell.startswith(b"421 4.4.2")
         assert await reader.read(1000) == b""
         writer.close()
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_commands_and_replies_are_counted_by_each_end_of_data_and_by_the_end_of_the_session() -> None:
+    commands = "mtacluster_smtp_commands_total"
+    replies_total = "mtacluster_smtp_replies_total"
+    rcpt, quit_, ok, go_ahead = ({"command": "RCPT"}, {"command": "QUIT"}, {"class": "2xx"}, {"class": "3xx"})
+    before = {key: _sample(name, labels) for key, (name, labels) in
+              {"rcpt": (commands, rcpt), "quit": (commands, quit_), "2xx": (replies_total, ok),
+               "3xx": (replies_total, go_ahead)}.items()}
+    async with frontend_with([stored]) as (port, _, _):
+        client = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", port, timeout=10)
+        try:
+            await asyncio.to_thread(client.ehlo, "client.test")
+            await asyncio.to_thread(client.mail, "sender@client.test")
+            for recipient in ("a@x.test", "b@x.test"):
+                await asyncio.to_thread(client.rcpt, recipient)
+            code, _ = await asyncio.to_thread(client.data, b"Subject: x\r\n\r\nbody\r\n")
+            assert code == 250
+            # Counted by the end of DATA, while the session is still open.
+            assert _sample(commands, rcpt) == before["rcpt"] + 2
+            assert _sample(replies_total, go_ahead) == before["3xx"] + 1
+            assert _sample(replies_total, ok) == before["2xx"] + 5  # 220, EHLO, MAIL, two RCPT: not yet the 250
+        finally:
+            await asyncio.to_thread(client.quit)
+        await _until(lambda: _sample(commands, quit_) == before["quit"] + 1, "QUIT never counted")
+        await _until(lambda: _sample(replies_total, ok) == before["2xx"] + 7, "replies never all counted")

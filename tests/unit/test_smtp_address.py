@@ -208,3 +208,10 @@ def test_invalid_mail_parameters(text: str, reply: object) -> None:
     with pytest.raises(ParameterError) as caught:
         parse_mail_parameters(text)
     assert caught.value.reply == reply
+
+
+def test_address_text_is_made_once_and_leaves_equality_alone() -> None:
+    quoted = Address("john doe", "example.com")
+    assert str(quoted) == '"john doe"@example.com' and str(quoted) is str(quoted)
+    assert quoted == Address("john doe", "example.com") and hash(quoted) == hash(Address("john doe", "example.com"))
+    assert str(Address("Postmaster", "")) == "Postmaster"
