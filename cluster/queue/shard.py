@@ -28,6 +28,7 @@ Durability (ARCHITECTURE.md contracts 1 and 2) is kept by the parts: see core.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -63,6 +64,11 @@ FRAMES_PER_TURN = 200
 STALL = 1.0
 # Room for the envelope and framing around the largest body in one bus frame.
 FRAME_SLACK = 1024 * 1024
+# ZeroMQ flags and options as plain ints: pyzmq's enum forms cost a Python-level Flag operation on each use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
 
 
 def bind_endpoint(endpoint: str) -> str:
@@ -86,6 +92,11 @@ class Shard:
         self.core = ShardCore(config, index, spool or SqliteSpool(directory), clock, self.send,
                               directory=directory if spool is None else None)
         self._socket: zmq.asyncio.Socket | None = None
+        # The same socket used directly (no future per frame): frames are sent and read without blocking, and
+        # `_input` is set when the socket's descriptor or a look after a send finds frames waiting.
+        self._raw: zmq.Socket[bytes] | None = None
+        self._input = asyncio.Event()
+        self._look_pending = False
 
     def is_ready(self) -> bool:
         return self.core.ready
@@ -128,6 +139,8 @@ class Shard:
                 socket.close(linger=0)
                 raise OSError(f"cannot listen on {endpoint}: {exc}") from None
             self._socket = socket
+            self._raw = zmq.Socket.shadow(socket.underlying)
+            asyncio.get_running_loop().add_reader(self._raw.fileno(), self._input.set)
             others = [asyncio.create_task(coro) for coro in (
                 self._serve_loop(), self.core.dispatcher.run(), self.core.outbox.forward_loop(context),
                 self.core.drain.watch_peers(context))]
@@ -158,6 +171,9 @@ class Shard:
                 await self.core.dispatcher.unmark()  # mail stored in flight but never sent is ready again
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
+            if self._raw is not None:
+                asyncio.get_running_loop().remove_reader(self._raw.fileno())
+                self._raw = None
             if self._socket is not None:
                 self._socket.close(linger=0)
                 self._socket = None
@@ -169,12 +185,46 @@ class Shard:
     # -- the bus ------------------------------------------------------------------------------------------
 
     async def send(self, identity: bytes, message: BusMessage) -> None:
-        if self._socket is None:
+        raw = self._raw
+        if raw is None:
             return
+        payload = message.encode()
         try:
-            await self._socket.send_multipart([identity, message.encode()])
+            # A ROUTER socket never blocks a send: a frame for a peer that is gone or full is dropped.
+            raw.send(identity, _NOBLOCK | _SNDMORE)
+            raw.send(payload, _NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("shard %d: cannot send %s: %s", self.index, message.TYPE, exc)
+        # A send may have taken in the socket's pending notifications, frames waiting to be read among them,
+        # without the descriptor saying so again: look once the sends of this turn are done (ZeroMQ's rule for
+        # its edge-triggered descriptor).
+        if not self._look_pending:
+            self._look_pending = True
+            asyncio.get_running_loop().call_soon(self._look_after_sends)
+
+    def _look_after_sends(self) -> None:
+        self._look_pending = False
+        self._look_for_input()
+
+    def _look_for_input(self) -> bool:
+        """True (and `_input` set) when frames are waiting to be read."""
+        if self._raw is not None and cast(int, self._raw.get(zmq.EVENTS)) & _POLLIN:
+            self._input.set()
+            return True
+        return False
+
+    def _recv(self) -> list[bytes] | None:
+        """The next waiting message's frames, or None when none is waiting."""
+        raw = self._raw
+        if raw is None:
+            return None
+        try:
+            frames = [raw.recv(_NOBLOCK)]
+        except zmq.Again:
+            return None
+        while raw.get(_RCVMORE):
+            frames.append(raw.recv(_NOBLOCK))
+        return frames
 
     async def _drain_jobs(self, grace: float) -> None:
         """Stop dispatching and wait (up to `grace` seconds) for the Results of the jobs in flight."""
@@ -194,17 +244,22 @@ class Shard:
 
     async def _serve_loop(self) -> None:
         """Read frames and tick the maintenance in one loop, so that expiry only runs once the socket is empty."""
-        assert self._socket is not None
+        assert self._raw is not None
         next_tick = time.monotonic() + TIMER_INTERVAL
         last_drained = time.monotonic()
         while True:
-            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
             drained = False
-            if await self._socket.poll(wait_ms):
+            if not self._look_for_input():
+                self._input.clear()
+                wait = next_tick - time.monotonic()
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._input.wait()
+            if self._look_for_input():
                 for _ in range(FRAMES_PER_TURN):
-                    try:
-                        frames = await self._socket.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
+                    frames = self._recv()
+                    if frames is None:
                         drained = True
                         break
                     await self._on_frames(frames)
