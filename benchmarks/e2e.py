@@ -171,7 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
         build_parser().error("--probe-interval must not be negative")
     if ns.rss_limit <= 0:
         build_parser().error("--rss-limit must be positive")
-    return BenchArgs(
+    args = BenchArgs(
         messages=ns.messages, size_kib=ns.size, sessions=ns.sessions,
         systems=tuple(dict.fromkeys(ns.only)) if ns.only else SYSTEMS, rounds=ns.rounds,
         probe_sessions=ns.probe_sessions, probe_interval=ns.probe_interval,
@@ -183,6 +183,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
         large_messages=ns.large_messages, large_size_kib=ns.large_size, large_rounds=ns.large_rounds,
         compare_layouts=tuple(dict.fromkeys(ns.compare_layout)), rss_limit_mib=ns.rss_limit,
     )
+    if not args.loads():
+        build_parser().error(f"nothing to run: no system of {', '.join(args.systems)} takes part in "
+                             f"{', '.join(args.scenarios)}")
+    return args
 
 
 def find_tool(name: str) -> str:
