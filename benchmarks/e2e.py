@@ -58,7 +58,7 @@ HELO = "bench.example"
 READY_TIMEOUT = 30.0
 SOURCE_TIMEOUT = 120.0
 DELIVERY_TIMEOUT = 120.0
-# Bounds the whole default run (about five minutes on a quiet 2-core machine); rounds past it are skipped.
+# Bounds the whole run (a default run takes 4-5 minutes on a quiet 2-core machine); later rounds are skipped.
 DEFAULT_TIME_LIMIT = 420.0
 RSS_LIMIT_MIB = 200.0  # issue 12: no role above 200 MiB while the large scenario runs
 
