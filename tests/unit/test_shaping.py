@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cluster.config import ConfigError, config_from_dict, parse_rate
 from cluster.queue.records import Message, Recipient, State
@@ -209,3 +210,30 @@ def test_connection_limit_is_per_source_with_a_pool() -> None:
     assert shaper.choose("c.test", 0.0, "bulk") == first
     # A pool this shard does not know, without a "default" pool: the destination's own counters.
     assert shaper.choose("c.test", 0.0, "renamed") == ""
+
+
+def test_shaping_metrics_carry_the_source() -> None:
+    """Delays and suspensions are counted per (destination, egress source): source "" for mail without a pool
+    and for a suspension of the whole destination."""
+    def sample(name: str, destination: str, source: str) -> float:
+        return REGISTRY.get_sample_value(f"mtacluster_shaping_{name}_total",
+                                         {"destination": destination, "source": source}) or 0.0
+
+    shaper = pooled_shaper({"m.test": {"max_message_rate": "1/min", "rules": [
+        {"match": "TS04", "action": "suspend", "duration": "1h"},
+        {"match": "blocked", "action": "suspend", "duration": "1h", "scope": "destination"}]}})
+    before = {(name, source): sample(name, "m.test", source)
+              for name in ("delays", "suspensions") for source in ("a", "b", "")}
+    shaper.started("m.test", 0.0, "a")
+    assert shaper.choose("m.test", 1.0, "solo") is None  # source a has used its 1/min
+    assert shaper.choose("m.test", 1.0, "bulk") == "b"
+    shaper.started("m.test", 1.0, "")
+    assert shaper.choose("m.test", 2.0) is None
+    assert sample("delays", "m.test", "a") == before[("delays", "a")] + 1
+    assert sample("delays", "m.test", "b") == before[("delays", "b")]
+    assert sample("delays", "m.test", "") == before[("delays", "")] + 1
+    shaper.react("m.test", "421 [TS04] deferred", 3.0, "b")
+    shaper.react("m.test", "554 blocked", 4.0, "a")
+    assert sample("suspensions", "m.test", "b") == before[("suspensions", "b")] + 1
+    assert sample("suspensions", "m.test", "a") == before[("suspensions", "a")]
+    assert sample("suspensions", "m.test", "") == before[("suspensions", "")] + 1
