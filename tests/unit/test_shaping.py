@@ -237,3 +237,34 @@ def test_shaping_metrics_carry_the_source() -> None:
     assert sample("suspensions", "m.test", "b") == before[("suspensions", "b")] + 1
     assert sample("suspensions", "m.test", "a") == before[("suspensions", "a")]
     assert sample("suspensions", "m.test", "") == before[("suspensions", "")] + 1
+
+
+def test_a_pool_held_back_at_a_destination_does_not_hold_back_another_pools_mail_there() -> None:
+    """No head-of-line blocking between pools: "slow"'s source is suspended at h.test and its mail was queued
+    first; "fast"'s mail (another source) and mail without a pool go at once, and "slow"'s waits, ready, with
+    no attempt counted, until its suspension ends."""
+    config = config_from_dict({"egress": {"sources": {"a": {"address": "127.0.0.7"}, "b": {"address": "127.0.0.8"}},
+                                          "pools": {"slow": ["a"], "fast": ["b"]}},
+                               "shaping": {"h.test": {"rules": [{"match": "TS04", "action": "suspend",
+                                                                 "duration": "1h"}]}}}, environ={})
+    shaper = Shaper(config.shaping, 20, 50, egress=config.egress)
+    scheduler = Scheduler(SchedulerLimits(20, 50, 600, 10), shaper=shaper)
+    pools = ["slow"] * 30 + ["fast"] * 5 + [""] * 2
+    for i, pool in enumerate(pools):
+        scheduler.add_message(Message(f"q{i:02d}", "s@x.test", 0.0, [Recipient(0, f"r{i}@h.test")], 10,
+                                      {"pool": pool} if pool else {}))
+    assert shaper.react("h.test", "421 4.7.0 [TS04] deferred", 0.0, "a") is not None
+    scheduler.heartbeat("w", b"w", 100, [], 0.0)
+    jobs = scheduler.dispatch(1.0)
+    started = {(scheduler.messages[job.queue_id].pool, job.source) for job in jobs}
+    assert len(jobs) == 7 and started == {("fast", "b"), ("", "")}
+    assert scheduler.recipient_counts[State.READY] == 30
+    assert all(m.recipients[0].attempts == 0 for m in scheduler.messages.values() if m.pool == "slow")
+    later = scheduler.dispatch(3601.0)  # the suspension of source a is over: its 20 connections start
+    assert len(later) == 20 and {job.source for job in later} == {"a"}
+    # A destination backoff holds off every lane of it, and the gauge counts them all.
+    scheduler.note_destination("h.test", True, 3601.0, 600.0)
+    scheduler.note_destination("h.test", True, 3601.0, 600.0)
+    assert scheduler.note_destination("h.test", True, 3601.0, 600.0)
+    assert scheduler.held_off_messages() == 10
+    assert scheduler.dispatch(3602.0) == []
