@@ -108,7 +108,8 @@ def select_from(by_name: Mapping[str, list[bytes]], names: Sequence[str], oversi
     """`select_headers` over fields already grouped by `fields_by_name`."""
     listed: list[str] = []
     covered: list[bytes] = []
-    for name in names:
+    # A message has a few of the two dozen names RFC 6376 5.4.1 lists: pick those first, at C speed.
+    for name in [n for n in names if n in by_name or n in oversign]:
         instances = by_name.get(name)
         if instances is not None:
             # Bottom-most first: a verifier matches the n-th listing of a name to its n-th instance from the
