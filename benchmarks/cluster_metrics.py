@@ -1,4 +1,5 @@
-"""A few figures from the cluster's own /metrics after a run: group-commit batch size, leases taken back.
+"""A few figures from the cluster's own /metrics after a run: group-commit batch size, leases taken back, and the
+mean time a frontend spent signing one message (DKIM, the signed scenario).
 
 `scrape(host, port)` fetches one process's Prometheus text exposition; `sum_by_name(text)` is pure and sums
 every sample of each metric name over its labels. `shard_summary(values)` picks the figures the benchmark
@@ -15,6 +16,7 @@ _COMMIT_BATCH = "mtacluster_queue_spool_commit_batch_messages"
 _COMMIT_DURATION = "mtacluster_queue_spool_commit_duration_seconds"
 _LEASES_EXPIRED = "mtacluster_queue_leases_expired_total"
 _STORED = "mtacluster_queue_messages_stored_total"
+_SIGN_DURATION = "mtacluster_dkim_sign_duration_seconds"
 
 
 def sum_by_name(text: str) -> dict[str, float]:
@@ -55,3 +57,12 @@ def shard_summary(values: dict[str, float]) -> dict[str, float]:
         if name in values:
             summary[key] = values[name]
     return summary
+
+
+def signing_summary(values: dict[str, float]) -> dict[str, float]:
+    """Messages signed and the mean milliseconds of one `DkimSigner.sign` (wall time inside the frontend:
+    canonicalization, hashes and the private-key operation), from the frontends' metrics summed."""
+    signed = values.get(f"{_SIGN_DURATION}_count", 0.0)
+    if not signed:
+        return {}
+    return {"signed": signed, "sign_ms_mean": 1000.0 * values.get(f"{_SIGN_DURATION}_sum", 0.0) / signed}

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.cluster_instance import ClusterError, ClusterInstance, ClusterSettings, cpu_by_role, tree_cpu_seconds
-from benchmarks.cluster_metrics import scrape, shard_summary, sum_by_name
+from benchmarks.cluster_metrics import scrape, shard_summary, signing_summary, sum_by_name
 from benchmarks.memory import RssSampler
 from benchmarks.ports import HOST, free_ports, free_ports_and_block
 from benchmarks.postfix_instance import PostfixError, PostfixInstance, PostfixSettings
@@ -433,6 +433,17 @@ async def run_ours(load: Load, args: BenchArgs, workdir: Path, deadline: Deadlin
         if dkim_key_file is not None:
             signed = settings.log_file.read_text(errors="replace").count(" dkim=signed")
             result.notes.append(f"messages DKIM-signed at acceptance: {signed}")
+            # Every child has its own metrics port (base + index); the frontends are the ones that sign.
+            texts = await asyncio.gather(*(asyncio.to_thread(scrape, HOST, settings.metrics_port + index)
+                                           for index in range(settings.processes)))
+            totals: dict[str, float] = {}
+            for text in texts:
+                for name, value in sum_by_name(text).items():
+                    totals[name] = totals.get(name, 0.0) + value
+            result.signing = signing_summary(totals)
+            if result.signing:
+                result.notes.append(f"DKIM signing in the frontends: {result.signing['sign_ms_mean']:.3f} ms per "
+                                    f"message (wall time of sign(), {result.signing['signed']:.0f} signed)")
         if profiler is not None:
             result.notes.extend(profiler.stop())
             result.notes.extend(_profile_notes(profiler, args.profile_format))

@@ -36,6 +36,8 @@ class SideResult:
     sink_expected: int = 0
     # ours only: figures from the queue shard's own /metrics, scraped after the run.
     shard_metrics: dict[str, float] = field(default_factory=dict)
+    # signed only: the frontends' DKIM signing time (signed, sign_ms_mean), from their /metrics.
+    signing: dict[str, float] = field(default_factory=dict)
     # CPU milliseconds per accepted message: per role for ours, all processes together for Postfix.
     cpu_ms_per_message: dict[str, float] = field(default_factory=dict)
     # ours only: per role, the largest RSS of any of its processes while the load ran (MiB), sampled from

@@ -57,10 +57,16 @@ def initialise(shard: str) -> None:
         INJECTS_REFUSED.labels(shard, reason)
     SUPPRESSED.labels(shard)
     SUPPRESSION_SIZE.labels(shard)
+# Traffic shaping holds per (source, destination) (shaping.py): `destination` is the bucket (a domain of
+# metrics.top_domains, else "other"; or an "mx:" rollup), `source` the egress source (a configured
+# [egress.sources] name) whose counters held the mail back, "" for mail without a pool (the worker's default
+# address) and for a suspension of the whole destination. Both label sets are bounded by configuration.
 SHAPING_DELAYS = Counter("mtacluster_shaping_delays", "Times a destination's mail was held back by a rate limit or "
-                         "a suspension (traffic shaping), by destination.", ["destination"])
+                         "a suspension (traffic shaping), by destination and egress source.",
+                         ["destination", "source"])
 SHAPING_SUSPENSIONS = Counter("mtacluster_shaping_suspensions", "Suspensions of a destination by a reaction rule "
-                              "(a reply matching [shaping] rules), by destination.", ["destination"])
+                              "(a reply matching [shaping] rules), by destination and egress source.",
+                              ["destination", "source"])
 SUPPRESSED = Counter("mtacluster_suppression_recipients", "Recipients failed at once because they are on the "
                      "suppression list, by shard.", ["shard"])
 SUPPRESSION_ADDED = Counter("mtacluster_suppression_added", "Addresses put on the suppression list after a hard "

@@ -1,7 +1,10 @@
 """The scheduler of one shard (pure: no I/O, time comes in as `now`).
 
 Holds the in-memory view of every queued message and decides what to deliver next:
-- ready queues per destination domain (`domain_key`), served round-robin across destinations;
+- ready queues per lane, served round-robin across lanes: a lane is a destination domain (`domain_key`), or,
+  when egress pools are configured, a (destination, pool) pair, so the mail of one pool never waits behind
+  another pool's head message when that pool is at its shaping limits (issue 13: limits hold per (source,
+  destination), so each pool's queue to a destination progresses on its own);
 - a heap of deferred recipients ordered by their next attempt time;
 - jobs in flight, each with a lease; at most `destination_concurrency` jobs per destination at once;
 - destination backoff: a destination whose last jobs were all deferred waits as a whole ("held off"); the
@@ -40,6 +43,8 @@ from cluster.queue.records import Message, Recipient, State
 from cluster.queue.shaping import Shaper
 
 MESSAGE_STATE_ORDER = (State.IN_FLIGHT, State.READY, State.DEFERRED, State.HELD)
+# Between the domain and the pool in a lane's name ("gmail.com\x00bulk"); a lane without a pool is the domain.
+LANE_SEPARATOR = "\x00"
 
 
 @dataclass
@@ -170,6 +175,8 @@ class Scheduler:
         # Traffic shaping (shaping.py): per-destination concurrency, rates, suspensions and job sizes. Without
         # it, `destination_concurrency` and `max_recipients` of the limits apply to every destination.
         self.shaper = shaper
+        # With egress pools, ready queues are per (destination, pool) lane (see the module docstring).
+        self._pooled = shaper is not None and shaper.uses_pools
         self.messages: dict[str, Message] = {}
         self.jobs: dict[str, Job] = {}
         self.workers: dict[str, WorkerState] = {}
@@ -180,8 +187,9 @@ class Scheduler:
         self._peak_messages = 0
         self.shrunk = False
         self._per_message: dict[str, Counter[State]] = {}
+        # Ready queues by lane (a domain, or "domain\x00pool"), in round-robin order in `_domains`.
         self._ready: dict[str, deque[str]] = {}
-        # The queue ids in each domain's ready queue (no (domain, queue id) tuple per message: memory).
+        # The queue ids in each lane's ready queue (no (lane, queue id) tuple per message: memory).
         self._queued: dict[str, set[str]] = {}
         self._domains: deque[str] = deque()
         self._deferred: list[tuple[float, str, int]] = []
@@ -215,7 +223,7 @@ class Scheduler:
             self.recipient_counts[State.READY] += 1
             self.message_counts[State.READY] += 1
             recipient.next_attempt = 0.0
-            self._enqueue(recipient.domain, message.queue_id)
+            self._enqueue(self._lane(recipient.domain, message), message.queue_id)
             return
         if len(message.recipients) > 1:
             self._per_message[message.queue_id] = Counter()
@@ -282,22 +290,31 @@ class Scheduler:
                 self.message_counts[new_message_state] += 1
         if state is State.READY:
             recipient.next_attempt = 0.0
-            self._enqueue(recipient.domain, message.queue_id)
+            self._enqueue(self._lane(recipient.domain, message), message.queue_id)
         elif state is State.DEFERRED:
             recipient.next_attempt = next_attempt
             heapq.heappush(self._deferred, (next_attempt, message.queue_id, recipient.index))
 
-    def _enqueue(self, domain: str, queue_id: str) -> None:
-        queued = self._queued.get(domain)
+    def _lane(self, domain: str, message: Message) -> str:
+        """The ready queue a recipient of `message` at `domain` waits in: the domain, or with egress pools
+        configured and a pool chosen for the message, the (domain, pool) lane."""
+        if self._pooled:
+            pool = message.pool
+            if pool:
+                return f"{domain}{LANE_SEPARATOR}{pool}"
+        return domain
+
+    def _enqueue(self, lane: str, queue_id: str) -> None:
+        queued = self._queued.get(lane)
         if queued is None:
-            queued = self._queued[domain] = set()
+            queued = self._queued[lane] = set()
         elif queue_id in queued:
             return
         queued.add(queue_id)
-        queue = self._ready.get(domain)
+        queue = self._ready.get(lane)
         if queue is None:
-            queue = self._ready[domain] = deque()
-            self._domains.append(domain)
+            queue = self._ready[lane] = deque()
+            self._domains.append(lane)
         queue.append(queue_id)
 
     def promote_due(self, now: float) -> int:
@@ -335,7 +352,7 @@ class Scheduler:
         if message is not None:
             for recipient in message.recipients:
                 if recipient.state is State.READY:
-                    self._enqueue(recipient.domain, queue_id)
+                    self._enqueue(self._lane(recipient.domain, message), queue_id)
 
     def is_locked(self, queue_id: str) -> bool:
         return queue_id in self._locked
@@ -400,38 +417,37 @@ class Scheduler:
 
     def _next_job(self, now: float) -> Job | None:
         for _ in range(len(self._domains)):
-            domain = self._domains[0]
+            lane = self._domains[0]
             self._domains.rotate(-1)
+            domain, _, pool = lane.partition(LANE_SEPARATOR)
             if self.shaper is None and self._in_flight_per_domain[domain] >= self.limits.destination_concurrency:
                 continue
             if self.backoff_until.get(domain, 0.0) > now:
                 continue
-            pooled = self.shaper is not None and self.shaper.uses_pools
-            head = self._head(domain) if pooled else None
             source = ""
             if self.shaper is not None:
-                # The source is chosen here, for the message the job will carry (its pool), so the limits hold
-                # per (source, destination) in the shard that owns the destination.
-                pool = head[0].client.get("pool", "") if head is not None else ""
+                # The source is chosen here, for the lane's pool (the pool of every message in it), so the
+                # limits hold per (source, destination) in the shard that owns the destination. A pool at its
+                # limits holds back only its own lane: the destination's other lanes go on.
                 chosen = self.shaper.choose(domain, now, pool)
                 if chosen is None:
                     continue  # rate-limited or suspended: the mail stays ready, no attempt is counted
                 source = chosen
-            head = head or self._head(domain)
+            head = self._head(lane, domain)
             if head is None:
-                self._drop_domain_if_idle(domain)
+                self._drop_lane_if_idle(lane)
                 continue
-            job = self._job_from(domain, *head)
+            job = self._job_from(lane, domain, *head)
             if self.shaper is not None:
                 job.bucket = self.shaper.started(domain, now, source)
                 job.source = source
             return job
         return None
 
-    def _head(self, domain: str) -> tuple[Message, list[Recipient]] | None:
-        """The first message of `domain`'s ready queue with ready recipients there, and those recipients;
+    def _head(self, lane: str, domain: str) -> tuple[Message, list[Recipient]] | None:
+        """The first message of `lane`'s ready queue with ready recipients at `domain`, and those recipients;
         messages before it that are locked (`unlock` queues them again) or have none are dropped."""
-        queue = self._ready[domain]
+        queue = self._ready[lane]
         while queue:
             queue_id = queue[0]
             message = None if queue_id in self._locked else self.messages.get(queue_id)
@@ -440,16 +456,16 @@ class Scheduler:
             if message is not None and ready:
                 return message, ready
             queue.popleft()
-            self._queued[domain].discard(queue_id)
+            self._queued[lane].discard(queue_id)
         return None
 
-    def _job_from(self, domain: str, message: Message, ready: list[Recipient]) -> Job:
+    def _job_from(self, lane: str, domain: str, message: Message, ready: list[Recipient]) -> Job:
         max_recipients = (self.limits.max_recipients if self.shaper is None
                           else self.shaper.limits(domain).max_recipients)
         queue_id = message.queue_id
         if len(ready) <= max_recipients:
-            self._ready[domain].popleft()
-            self._queued[domain].discard(queue_id)
+            self._ready[lane].popleft()
+            self._queued[lane].discard(queue_id)
         chosen = ready[:max_recipients]
         job = Job(f"{self._job_prefix}{next(self._job_ids)}", queue_id, domain, [r.index for r in chosen],
                   attempt=max(r.attempts for r in chosen) + 1)
@@ -460,14 +476,14 @@ class Scheduler:
                 self.possible_duplicates += 1
         self.jobs[job.job_id] = job
         self._in_flight_per_domain[domain] += 1
-        self._drop_domain_if_idle(domain)
+        self._drop_lane_if_idle(lane)
         return job
 
-    def _drop_domain_if_idle(self, domain: str) -> None:
-        if not self._ready[domain]:
-            del self._ready[domain]
-            self._queued.pop(domain, None)
-            self._domains.remove(domain)
+    def _drop_lane_if_idle(self, lane: str) -> None:
+        if not self._ready[lane]:
+            del self._ready[lane]
+            self._queued.pop(lane, None)
+            self._domains.remove(lane)
 
     def finish_job(self, job_id: str) -> Job | None:
         """Forget a job and give its credit back to its worker; the caller sets its recipients' new states.
@@ -613,7 +629,10 @@ class Scheduler:
 
     def held_off_messages(self) -> int:
         """Messages waiting (ready) behind a destination backoff."""
-        return sum(len(self._ready.get(domain, ())) for domain in self.backoff_until)
+        if not self._pooled:
+            return sum(len(self._ready.get(domain, ())) for domain in self.backoff_until)
+        return sum(len(queue) for lane, queue in self._ready.items()
+                   if lane.partition(LANE_SEPARATOR)[0] in self.backoff_until)
 
     # -- workers ------------------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ Reactions: a reply matching a rule's regex suspends the bucket (no job starts) o
 for the rule's duration; with a pool, only for the source the reply came through, unless the rule's `scope`
 is "destination" (then every source of the bucket: suspended, or each held to the rule's rate).
 `status` shows what is in force and why, one row per destination and per source seen for it.
+Metrics: mtacluster_shaping_delays_total and mtacluster_shaping_suspensions_total{destination, source}
+(source "": no pool, or the whole destination).
 Failure modes: none; unknown domains get the default entry.
 """
 
@@ -156,20 +158,20 @@ class Shaper:
         whole = self._bucket(limits.bucket)
         members = self._pool(pool)
         if members is None:
-            return "" if self._open(limits, whole, whole, now) else None
+            return "" if self._open(limits, whole, whole, now, "") else None
         open_names: list[str] = []
         open_weights: list[int] = []
         for name, weight in zip(*members, strict=True):
-            if self._open(limits, self._bucket(limits.bucket, name), whole, now):
+            if self._open(limits, self._bucket(limits.bucket, name), whole, now, name):
                 open_names.append(name)
                 open_weights.append(weight)
         if not open_names:
             return None
         return open_names[0] if len(open_names) == 1 else self._rng.choices(open_names, open_weights)[0]
 
-    def _open(self, limits: Limits, bucket: Bucket, whole: Bucket, now: float) -> bool:
-        """True when `bucket` (one source's, or the whole destination's) may start a job now; `whole` holds
-        the destination-wide suspension and rate override."""
+    def _open(self, limits: Limits, bucket: Bucket, whole: Bucket, now: float, source: str) -> bool:
+        """True when `bucket` (the counters of `source`, or the whole destination's for source "") may start a
+        job now; `whole` holds the destination-wide suspension and rate override."""
         if bucket.in_flight >= limits.connection_limit:
             return False  # a finishing job frees the slot and wakes the dispatcher
         wait_until = max((s for s in (bucket.suspended_until, whole.suspended_until) if s > now), default=0.0)
@@ -186,7 +188,7 @@ class Shaper:
             self._next_due = min(self._next_due, wait_until)
             if not bucket.held_back:
                 bucket.held_back = True
-                metrics.SHAPING_DELAYS.labels(self._label(limits.bucket)).inc()
+                metrics.SHAPING_DELAYS.labels(self._label(limits.bucket), source).inc()
             return False
         bucket.held_back = False
         return True
@@ -231,11 +233,12 @@ class Shaper:
         for rule in limits.reactions:
             if not re.search(rule.match, reply):
                 continue
-            bucket = self._bucket(limits.bucket, "" if rule.scope == "destination" else source)
+            scope = "" if rule.scope == "destination" else source
+            bucket = self._bucket(limits.bucket, scope)
             bucket.reason = f"{rule.action} until {now + rule.duration:.0f} after {reply[:200]!r}"
             if rule.action == "suspend":
                 bucket.suspended_until = max(bucket.suspended_until, now + rule.duration)
-                metrics.SHAPING_SUSPENSIONS.labels(self._label(limits.bucket)).inc()
+                metrics.SHAPING_SUSPENSIONS.labels(self._label(limits.bucket), scope).inc()
             else:
                 bucket.rate_override = parse_rate(rule.rate, "rate")
                 bucket.override_until = now + rule.duration

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.cluster_instance import ClusterSettings, cpu_seconds_from_stat, render_config, role_from_cmdline
-from benchmarks.cluster_metrics import shard_summary, sum_by_name
+from benchmarks.cluster_metrics import shard_summary, signing_summary, sum_by_name
 from benchmarks.e2e import parse_args, settings_summary, smtp_source_command
 from benchmarks.memory import RolePeaks, parse_status_kib
 from benchmarks.ports import free_ports_and_block
@@ -396,6 +396,14 @@ def test_shard_summary_from_metrics_text() -> None:
     assert summary["commit_ms_mean"] == pytest.approx(5.0)
     assert summary["leases_expired"] == 2.0
     assert shard_summary(sum_by_name("")) == {}
+
+
+def test_signing_summary_from_the_frontends_metrics() -> None:
+    text = ("mtacluster_dkim_sign_duration_seconds_count 400.0\n"
+            "mtacluster_dkim_sign_duration_seconds_sum 0.3\n")
+    summary = signing_summary(sum_by_name(text))
+    assert summary["signed"] == 400.0 and summary["sign_ms_mean"] == pytest.approx(0.75)
+    assert signing_summary(sum_by_name(METRICS_TEXT)) == {}
 
 
 def test_cpu_seconds_from_proc_stat_survives_spaces_in_the_command_name() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cluster.config import ConfigError, config_from_dict, parse_rate
 from cluster.queue.records import Message, Recipient, State
@@ -209,3 +210,61 @@ def test_connection_limit_is_per_source_with_a_pool() -> None:
     assert shaper.choose("c.test", 0.0, "bulk") == first
     # A pool this shard does not know, without a "default" pool: the destination's own counters.
     assert shaper.choose("c.test", 0.0, "renamed") == ""
+
+
+def test_shaping_metrics_carry_the_source() -> None:
+    """Delays and suspensions are counted per (destination, egress source): source "" for mail without a pool
+    and for a suspension of the whole destination."""
+    def sample(name: str, destination: str, source: str) -> float:
+        return REGISTRY.get_sample_value(f"mtacluster_shaping_{name}_total",
+                                         {"destination": destination, "source": source}) or 0.0
+
+    shaper = pooled_shaper({"m.test": {"max_message_rate": "1/min", "rules": [
+        {"match": "TS04", "action": "suspend", "duration": "1h"},
+        {"match": "blocked", "action": "suspend", "duration": "1h", "scope": "destination"}]}})
+    before = {(name, source): sample(name, "m.test", source)
+              for name in ("delays", "suspensions") for source in ("a", "b", "")}
+    shaper.started("m.test", 0.0, "a")
+    assert shaper.choose("m.test", 1.0, "solo") is None  # source a has used its 1/min
+    assert shaper.choose("m.test", 1.0, "bulk") == "b"
+    shaper.started("m.test", 1.0, "")
+    assert shaper.choose("m.test", 2.0) is None
+    assert sample("delays", "m.test", "a") == before[("delays", "a")] + 1
+    assert sample("delays", "m.test", "b") == before[("delays", "b")]
+    assert sample("delays", "m.test", "") == before[("delays", "")] + 1
+    shaper.react("m.test", "421 [TS04] deferred", 3.0, "b")
+    shaper.react("m.test", "554 blocked", 4.0, "a")
+    assert sample("suspensions", "m.test", "b") == before[("suspensions", "b")] + 1
+    assert sample("suspensions", "m.test", "a") == before[("suspensions", "a")]
+    assert sample("suspensions", "m.test", "") == before[("suspensions", "")] + 1
+
+
+def test_a_pool_held_back_at_a_destination_does_not_hold_back_another_pools_mail_there() -> None:
+    """No head-of-line blocking between pools: "slow"'s source is suspended at h.test and its mail was queued
+    first; "fast"'s mail (another source) and mail without a pool go at once, and "slow"'s waits, ready, with
+    no attempt counted, until its suspension ends."""
+    config = config_from_dict({"egress": {"sources": {"a": {"address": "127.0.0.7"}, "b": {"address": "127.0.0.8"}},
+                                          "pools": {"slow": ["a"], "fast": ["b"]}},
+                               "shaping": {"h.test": {"rules": [{"match": "TS04", "action": "suspend",
+                                                                 "duration": "1h"}]}}}, environ={})
+    shaper = Shaper(config.shaping, 20, 50, egress=config.egress)
+    scheduler = Scheduler(SchedulerLimits(20, 50, 600, 10), shaper=shaper)
+    pools = ["slow"] * 30 + ["fast"] * 5 + [""] * 2
+    for i, pool in enumerate(pools):
+        scheduler.add_message(Message(f"q{i:02d}", "s@x.test", 0.0, [Recipient(0, f"r{i}@h.test")], 10,
+                                      {"pool": pool} if pool else {}))
+    assert shaper.react("h.test", "421 4.7.0 [TS04] deferred", 0.0, "a") is not None
+    scheduler.heartbeat("w", b"w", 100, [], 0.0)
+    jobs = scheduler.dispatch(1.0)
+    started = {(scheduler.messages[job.queue_id].pool, job.source) for job in jobs}
+    assert len(jobs) == 7 and started == {("fast", "b"), ("", "")}
+    assert scheduler.recipient_counts[State.READY] == 30
+    assert all(m.recipients[0].attempts == 0 for m in scheduler.messages.values() if m.pool == "slow")
+    later = scheduler.dispatch(3601.0)  # the suspension of source a is over: its 20 connections start
+    assert len(later) == 20 and {job.source for job in later} == {"a"}
+    # A destination backoff holds off every lane of it, and the gauge counts them all.
+    scheduler.note_destination("h.test", True, 3601.0, 600.0)
+    scheduler.note_destination("h.test", True, 3601.0, 600.0)
+    assert scheduler.note_destination("h.test", True, 3601.0, 600.0)
+    assert scheduler.held_off_messages() == 10
+    assert scheduler.dispatch(3602.0) == []
