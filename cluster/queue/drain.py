@@ -82,6 +82,8 @@ STATES = (SERVING, DRAINING, DRAINED)
 # The admin operations drain.py answers (`mtacluster shard drain|undrain|status`).
 DRAIN_OPS = ("drain", "undrain", "drain_status", "transfers_confirmed", *IMPORT_OPS)
 STATE_FILE = "drain-state"
+# Seconds before handing owned state over again after an owner did not take it.
+HANDOVER_RETRY = 5.0
 # How often (seconds) the journal of received transfers is looked at for keys to forget.
 TRIM_INTERVAL = 10.0
 # Messages moved to the outbox per spool transaction (one per maintenance tick at most).
@@ -114,6 +116,7 @@ class Drain:
         self._spawn = spawn
         self.handover = handover
         self._handing_over = False
+        self._next_handover = float("-inf")
         self._links: list[BusLink] = []
         self.state = SERVING
         self.others_not_serving: frozenset[int] = frozenset()
@@ -219,7 +222,7 @@ class Drain:
                 self._spawn(self.trim_journal(now))
         if self.state == SERVING:
             return
-        if self.handover.left() and not self._handing_over and self._links:
+        if self.handover.left() and not self._handing_over and self._links and now >= self._next_handover:
             self._handing_over = True
             self._spawn(self._hand_over())
         if self._moving:
@@ -233,10 +236,13 @@ class Drain:
         self._spawn(self._move_batch())
 
     async def _hand_over(self) -> None:
+        complete = False
         try:
-            await self.handover.hand_over(self._links, self.config.queue.shards, self.excluded())
+            complete = await self.handover.hand_over(self._links, self.config.queue.shards, self.excluded())
         finally:
             self._handing_over = False
+            if not complete:  # an owner did not answer: not again before HANDOVER_RETRY
+                self._next_handover = self.clock() + HANDOVER_RETRY
 
     async def _finish(self) -> None:
         try:
