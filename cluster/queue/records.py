@@ -248,4 +248,10 @@ class QueueIdFactory:
         stamp = (int(now * 1000) << 20) | self._start
         stamp = max(stamp, self._last + 1)
         self._last = stamp
-        return _base32(stamp >> 20, 10) + _base32(stamp & 0xFFFFF, 4) + self._shard
+        # The 14 digits of time and sequence, two at a time (one id per stored message).
+        pairs = _PAIRS
+        return "".join([pairs[(stamp >> shift) & 1023] for shift in _PAIR_SHIFTS]) + self._shard
+
+
+_PAIRS = [high + low for high in _BASE32 for low in _BASE32]  # index: the value of the two digits
+_PAIR_SHIFTS = (60, 50, 40, 30, 20, 10, 0)

@@ -131,6 +131,9 @@ def test_queue_ids_are_unique_short_and_sorted() -> None:
     assert all(len(i) == 16 and i.endswith("03") and i.isalnum() for i in ids)
     other = QueueIdFactory(3)
     assert other.new(1_700_000_100.0) > ids[-1]
+    # The digits are base32 of the milliseconds (10) and the sequence (4), most significant first.
+    stamp = int(1_700_000_000.0 * 1000)
+    assert ids[0][:10] == "".join("0123456789ABCDEFGHJKMNPQRSTVWXYZ"[(stamp >> (5 * i)) & 31] for i in range(9, -1, -1))
 
 
 def test_free_space_is_reported(spool: SqliteSpool) -> None:
