@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +91,16 @@ async def test_flush_makes_deferred_ready_now(tmp_path: Path) -> None:
         await running.close()
 
 
-async def cli_wait_state(cli: BusClient, queue_id: str, state: str) -> list[dict[str, Any]]:
-    for _ in range(200):
+async def cli_wait_state(cli: BusClient, queue_id: str, state: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Ask `list` until the message shows `state` (a deadline, not a number of tries: on a busy machine the
+    outcome's transaction may take longer than a few hundred quick round trips)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         listing: list[dict[str, Any]] = (await admin(cli, "list")).data
         if state in states(listing, queue_id):
             return [m for m in listing if m["queue_id"] == queue_id]
-    raise AssertionError(f"{queue_id} never reached {state}")
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{queue_id} never reached {state} within {timeout}s")
 
 
 async def test_delete_and_bounce(tmp_path: Path) -> None:
