@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cluster.bus.schemas import AdminReply, AdminRequest, Deliver, Heartbeat, Outcome, Result
+from cluster.bus.schemas import AdminReply, AdminRequest, Deliver, Heartbeat, Outcome, OutcomeKind, Result
 from cluster.queue.admin import DEFAULT_LIST_LIMIT
 from tests.support.shard import BODY, BusClient, RunningShard, inject, shard_config
 
@@ -74,7 +74,7 @@ async def test_flush_makes_deferred_ready_now(tmp_path: Path) -> None:
         stored = await inject(cli, 1, "a@sender.test", ["r@j.test"], BODY)
         await worker.send(Heartbeat("w", 5, []))
         job = await worker.recv_type(Deliver)
-        await worker.send(Result(job.job_id, "w", [Outcome("r@j.test", "deferred", 451, "4.3.0", "later")]))
+        await worker.send(Result(job.job_id, "w", [Outcome("r@j.test", OutcomeKind.DEFERRED, 451, "4.3.0", "later")]))
         listing = await cli_wait_state(cli, stored.queue_id, "deferred")
         (recipient,) = listing[0]["recipients"]
         assert recipient["attempts"] == 1
