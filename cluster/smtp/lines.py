@@ -112,25 +112,42 @@ class DataReader:
             if block_end < 2:
                 self._consume_partial(buffer)
                 return None
-            block = bytes(buffer[:block_end])
+            with memoryview(buffer) as view:  # one copy (a bytearray slice would be a second)
+                block = view[:block_end].tobytes()
             del buffer[:block_end]
             self._consume_block(block)
 
     def _consume_block(self, block: bytes) -> None:
         """Complete lines, none of them starting with "." at a line start; the block ends with CRLF."""
-        lines = block.split(CRLF)
-        lines.pop()  # the empty string after the final CRLF
+        lines = block.count(CRLF)
         # Each line ends in exactly one CRLF, so any other CR or LF is bare (RFC 5321 2.3.8).
-        if block.count(b"\r") != len(lines) or block.count(b"\n") != len(lines) or b"\x00" in block:
+        if block.count(b"\r") != lines or block.count(b"\n") != lines or b"\x00" in block:
             self._bare_line_ending = True
         if not self._has_8bit and not block.isascii():
             self._has_8bit = True
-        longest = max(self._current_line_length + len(lines[0]), max(map(len, lines)))
-        if longest + 2 > self.max_text_line:
+        if not self._line_too_long and self._has_long_line(block):
             self._line_too_long = True
         self._current_line_length = 0
         self._at_line_start = True
         self._append(block)
+
+    def _has_long_line(self, block: bytes) -> bool:
+        """Whether a line of the block is longer than a text line (the first one continues the current line).
+
+        Without splitting the block into lines (a bytes object per line): when every LF ends a CRLF, a line
+        over the limit M is a run of at least M octets without LF (its text and CR), and such a run covers
+        one of the windows of (M + 1) // 2 octets laid end to end from the block's start entirely. Only a
+        window with no LF (or bare line endings) sends the block to the exact line-by-line count."""
+        limit = self.max_text_line
+        if self._current_line_length + block.find(CRLF) + 2 > limit:
+            return True
+        if not self._bare_line_ending:
+            step = (limit + 1) // 2
+            if all(block.find(b"\n", start, start + step) >= 0 for start in range(0, len(block), step)):
+                return False
+        lines = block.split(CRLF)
+        lines.pop()  # the empty string after the final CRLF
+        return max(self._current_line_length + len(lines[0]), max(map(len, lines))) + 2 > limit
 
     def _consume_partial(self, buffer: bytearray) -> None:
         """Consume an unterminated piece once it is longer than a text line, so memory stays bounded."""

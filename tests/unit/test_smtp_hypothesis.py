@@ -181,6 +181,28 @@ def test_data_reader_matches_reference(stream: bytes, cuts: list[int], max_text_
     assert bytes(buffer) == stream[end:consumed]
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.sampled_from([0, 1, 76, 499, 500, 501, 996, 997, 998, 999, 1500]), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=40_000), max_size=4),
+)
+def test_data_reader_finds_long_lines_at_the_real_limit(lengths: list[int], cuts: list[int]) -> None:
+    """Lines around the default 1000-octet limit in big blocks (the reader checks them by windows, not line by
+    line), the stream cut anywhere: the same verdict as the line-by-line reference."""
+    stream = b"".join(b"x" * length + b"\r\n" for length in lengths) + b".\r\n"
+    expected = reference_data_phase(stream, 1000, 10**7)
+    assert expected is not None
+    reader = DataReader(1000, 10**7)
+    buffer = bytearray()
+    result = None
+    for chunk in chunked(stream, cuts):
+        buffer += chunk
+        result = reader.feed(buffer)
+        if result is not None:
+            break
+    assert result == expected[0]
+
+
 # --- address parsing ---
 
 printable_local = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
