@@ -223,7 +223,7 @@ class RoleProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout: float = 20) -> None:
+    def wait_ready(self, timeout: float = 40) -> None:
         def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -322,8 +322,12 @@ class Cluster:
         started = [self.role("queue", "--shard", str(i)).start() for i in range(self.shards)]
         started += [self.role("worker").start() for _ in range(self.workers)]
         started += [self.role("frontend").start() for _ in range(self.frontends)]
-        for process in started:
-            process.wait_ready()
+        try:
+            for process in started:
+                process.wait_ready()
+        except BaseException:
+            self.stop()  # a cluster that never came up leaves no process behind for the next test
+            raise
         return self
 
     def shard_process(self, index: int) -> RoleProcess:
