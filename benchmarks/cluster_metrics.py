@@ -44,18 +44,23 @@ def scrape(host: str, port: int) -> str:
 
 
 def shard_summary(values: dict[str, float]) -> dict[str, float]:
-    """Commits, messages per commit, milliseconds per commit, leases taken back, messages stored."""
+    """Commits that stored new mail and the messages each stored, every spool transaction (stores, marks,
+    outcomes, deletes) with its mean milliseconds and how many there were per stored message, leases taken
+    back, messages stored."""
     summary: dict[str, float] = {}
     commits = values.get(f"{_COMMIT_BATCH}_count", 0.0)
     if commits:
         summary["spool_commits"] = commits
         summary["messages_per_commit"] = values.get(f"{_COMMIT_BATCH}_sum", 0.0) / commits
-    durations = values.get(f"{_COMMIT_DURATION}_count", 0.0)
-    if durations:
-        summary["commit_ms_mean"] = 1000.0 * values.get(f"{_COMMIT_DURATION}_sum", 0.0) / durations
+    transactions = values.get(f"{_COMMIT_DURATION}_count", 0.0)
+    if transactions:
+        summary["spool_transactions"] = transactions
+        summary["commit_ms_mean"] = 1000.0 * values.get(f"{_COMMIT_DURATION}_sum", 0.0) / transactions
     for key, name in (("leases_expired", _LEASES_EXPIRED), ("messages_stored", _STORED)):
         if name in values:
             summary[key] = values[name]
+    if transactions and summary.get("messages_stored"):
+        summary["transactions_per_message"] = transactions / summary["messages_stored"]
     return summary
 
 

@@ -383,9 +383,10 @@ METRICS_TEXT = """\
 mtacluster_queue_spool_commit_batch_messages_bucket{shard="0",le="1.0"} 3.0
 mtacluster_queue_spool_commit_batch_messages_count{shard="0"} 40.0
 mtacluster_queue_spool_commit_batch_messages_sum{shard="0"} 200.0
-mtacluster_queue_spool_commit_duration_seconds_count{shard="0"} 40.0
-mtacluster_queue_spool_commit_duration_seconds_sum{shard="0"} 0.2
+mtacluster_queue_spool_commit_duration_seconds_count{shard="0"} 100.0
+mtacluster_queue_spool_commit_duration_seconds_sum{shard="0"} 0.5
 mtacluster_queue_leases_expired_total{shard="0"} 2.0
+mtacluster_queue_messages_stored_total{shard="0"} 200.0
 """
 
 
@@ -393,8 +394,10 @@ def test_shard_summary_from_metrics_text() -> None:
     summary = shard_summary(sum_by_name(METRICS_TEXT))
     assert summary["spool_commits"] == 40.0
     assert summary["messages_per_commit"] == 5.0
+    assert summary["spool_transactions"] == 100.0  # every transaction, not only those that stored mail
     assert summary["commit_ms_mean"] == pytest.approx(5.0)
     assert summary["leases_expired"] == 2.0
+    assert summary["transactions_per_message"] == pytest.approx(0.5)
     assert shard_summary(sum_by_name("")) == {}
 
 
