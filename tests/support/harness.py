@@ -230,7 +230,10 @@ class RoleProcess:
                 raise AssertionError(f"{self.role} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             return self.log().count("mtacluster: ready") > getattr(self, "_ready_seen", 0)
 
-        wait_for(ready, timeout, f"{self.role} to be ready; log:\n{self.log()[-2000:]}")
+        try:
+            wait_for(ready, timeout, f"{self.role} to be ready")
+        except AssertionError as exc:  # the log as it is when the wait gave up, not as it was when it began
+            raise AssertionError(f"{exc}; log:\n{self.log()[-2000:]}") from None
         self._ready_seen = self.log().count("mtacluster: ready")
 
     def kill9(self) -> None:
