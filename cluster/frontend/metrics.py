@@ -7,6 +7,8 @@ made, because `labels()` costs more than the increment itself and runs several t
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS_CURRENT = Gauge("mtacluster_smtp_connections_current", "SMTP connections open now.")
@@ -38,58 +40,43 @@ COMMAND_NAMES = frozenset(
 )
 
 
-# Children already made, by label values (a labelled child lives as long as its metric; none is ever removed).
-_commands: dict[str, Counter] = {}
-_replies: dict[int, Counter] = {}
-_rejections: dict[tuple[str, str], Counter] = {}
-_accepted: dict[str, tuple[Counter, Counter]] = {}
-_connections: dict[str, Counter] = {}
-_inject_durations: dict[int, Histogram] = {}
+# Each accessor makes its labelled child once per label values and keeps it (functools.cache, as
+# cluster/delivery/metrics.py does); a child lives as long as its metric and none is ever removed, and every
+# label here takes a bounded set of values (verbs outside COMMAND_NAMES count as "other").
 
 
 def command_counter(verb: str) -> Counter:
     """COMMANDS for a verb; a verb outside COMMAND_NAMES counts as "other"."""
-    if verb not in COMMAND_NAMES:
-        verb = "other"  # keyed by label value: a client's made-up verbs add nothing here
-    child = _commands.get(verb)
-    if child is None:
-        child = _commands[verb] = COMMANDS.labels(command=verb)
-    return child
+    return _command(verb if verb in COMMAND_NAMES else "other")
 
 
+@functools.cache
+def _command(verb: str) -> Counter:
+    return COMMANDS.labels(command=verb)
+
+
+@functools.cache
 def reply_counter(code: int) -> Counter:
     """REPLIES for the class of a reply code (2xx, 3xx, 4xx, 5xx)."""
-    child = _replies.get(code)
-    if child is None:
-        child = _replies[code] = REPLIES.labels(**{"class": f"{code // 100}xx"})
-    return child
+    return REPLIES.labels(**{"class": f"{code // 100}xx"})
 
 
+@functools.cache
 def rejections(reason: str, listener: str) -> Counter:
-    child = _rejections.get((reason, listener))
-    if child is None:
-        child = _rejections[(reason, listener)] = MESSAGES_REJECTED.labels(reason=reason, listener=listener)
-    return child
+    return MESSAGES_REJECTED.labels(reason=reason, listener=listener)
 
 
+@functools.cache
 def accepted(listener: str) -> tuple[Counter, Counter]:
     """MESSAGES_ACCEPTED and RECEIVED_BYTES of a listener."""
-    children = _accepted.get(listener)
-    if children is None:
-        children = _accepted[listener] = (MESSAGES_ACCEPTED.labels(listener=listener),
-                                          RECEIVED_BYTES.labels(listener=listener))
-    return children
+    return MESSAGES_ACCEPTED.labels(listener=listener), RECEIVED_BYTES.labels(listener=listener)
 
 
+@functools.cache
 def connections(listener: str) -> Counter:
-    child = _connections.get(listener)
-    if child is None:
-        child = _connections[listener] = CONNECTIONS.labels(listener=listener)
-    return child
+    return CONNECTIONS.labels(listener=listener)
 
 
+@functools.cache
 def inject_duration(shard: int) -> Histogram:
-    child = _inject_durations.get(shard)
-    if child is None:
-        child = _inject_durations[shard] = INJECT_DURATION.labels(shard=str(shard))
-    return child
+    return INJECT_DURATION.labels(shard=str(shard))
