@@ -5,8 +5,10 @@ reused, a shard restart (new epoch) is noticed, and bad frames do not stop the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -204,8 +206,16 @@ async def test_shard_restart_is_noticed_and_bad_frames_ignored(running: tuple[Wo
     assert isinstance(result, Result) and result.outcomes[0].kind == "delivered"
 
 
-async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(config: Config) -> None:
-    # The smarthost holds the job in its greeting until the shard has gone away.
+@dataclass
+class HeldSmarthost:
+    """A smarthost that holds each session in its greeting until `release` is set, then answers 421."""
+    port: int
+    release: asyncio.Event
+    held: list[asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def held_smarthost() -> AsyncIterator[HeldSmarthost]:
     release = asyncio.Event()
     held: list[asyncio.StreamWriter] = []
 
@@ -216,102 +226,98 @@ async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(con
         await writer.drain()
         writer.close()
 
-    slow = await asyncio.start_server(slow_greeting, "127.0.0.1", 0)
-    port = slow.sockets[0].getsockname()[1]
-    away = config_from_dict({
-        "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
-        "delivery": {"smarthost": f"127.0.0.1:{port}", "concurrency": 3},
-        "metrics": {"listen": ""},
-    }, environ={})
-    shard = FakeShard(away.queue.shards[0])
-    worker = Worker(away, name="w-away", resolver=StaticMxResolver({}))
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    server = await asyncio.start_server(slow_greeting, "127.0.0.1", 0)
     try:
-        await shard.next_of(Heartbeat)
-        await shard.send(job("kept", "x@dest.test").encode())
-        async with asyncio.timeout(5):
-            while not held:
-                await asyncio.sleep(0.01)
-        shard.close()
-        release.set()
-        async with asyncio.timeout(5):
-            while "kept" not in worker._links[0].session.results:
-                await asyncio.sleep(0.02)
-        # The same shard instance is back (a network cut, not a restart): the worker lists the finished job,
-        # the shard never got its Result and asks for it again.
-        shard = FakeShard(away.queue.shards[0])
-        beat = await shard.receive()
-        assert isinstance(beat, Heartbeat) and beat.finished == ["kept"] and beat.in_flight == []
-        await shard.ack(resend=["kept"])
-        result = await shard.receive()
-        assert isinstance(result, Result) and result.job_id == "kept"
-        assert (result.outcomes[0].kind, result.outcomes[0].code) == ("deferred", 421)
-        beat = await shard.receive()
-        assert isinstance(beat, Heartbeat) and beat.finished == ["kept"]
-        await shard.ack(revoked=["kept"])  # recorded: the worker forgets it
-        beat = await shard.receive()
-        assert isinstance(beat, Heartbeat) and beat.finished == [] and beat.in_flight == [] and beat.free == 3
+        yield HeldSmarthost(server.sockets[0].getsockname()[1], release, held)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        shard.close()
+        release.set()
         for writer in held:
             writer.close()
-        slow.close()
-        await slow.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(config: Config) -> None:
+    # The smarthost holds the job in its greeting until the shard has gone away.
+    async with held_smarthost() as smarthost:
+        release, held = smarthost.release, smarthost.held
+        away = config_from_dict({
+            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{smarthost.port}", "concurrency": 3},
+            "metrics": {"listen": ""},
+        }, environ={})
+        shard = FakeShard(away.queue.shards[0])
+        worker = Worker(away, name="w-away", resolver=StaticMxResolver({}))
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await shard.next_of(Heartbeat)
+            await shard.send(job("kept", "x@dest.test").encode())
+            async with asyncio.timeout(5):
+                while not held:
+                    await asyncio.sleep(0.01)
+            shard.close()
+            release.set()
+            async with asyncio.timeout(5):
+                while "kept" not in worker._links[0].session.results:
+                    await asyncio.sleep(0.02)
+            # The same shard instance is back (a network cut, not a restart): the worker lists the finished job,
+            # the shard never got its Result and asks for it again.
+            shard = FakeShard(away.queue.shards[0])
+            beat = await shard.receive()
+            assert isinstance(beat, Heartbeat) and beat.finished == ["kept"] and beat.in_flight == []
+            await shard.ack(resend=["kept"])
+            result = await shard.receive()
+            assert isinstance(result, Result) and result.job_id == "kept"
+            assert (result.outcomes[0].kind, result.outcomes[0].code) == ("deferred", 421)
+            beat = await shard.receive()
+            assert isinstance(beat, Heartbeat) and beat.finished == ["kept"]
+            await shard.ack(revoked=["kept"])  # recorded: the worker forgets it
+            beat = await shard.receive()
+            assert isinstance(beat, Heartbeat) and beat.finished == [] and beat.in_flight == [] and beat.free == 3
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+            shard.close()
 
 
 async def test_stop_hands_back_jobs_not_started_and_finishes_the_running_one(config: Config) -> None:
-    release = asyncio.Event()
-    held: list[asyncio.StreamWriter] = []
-
-    async def slow_greeting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        await release.wait()
-        writer.write(b"421 4.3.2 not today\r\n")
-        await writer.drain()
-        writer.close()
-
-    slow = await asyncio.start_server(slow_greeting, "127.0.0.1", 0)
-    one_at_a_time = config_from_dict({
-        "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
-        "delivery": {"smarthost": f"127.0.0.1:{slow.sockets[0].getsockname()[1]}", "concurrency": 1},
-        "metrics": {"listen": ""},
-    }, environ={})
-    shard = FakeShard(one_at_a_time.queue.shards[0])
-    worker = Worker(one_at_a_time, name="w-stop", resolver=StaticMxResolver({}))
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        await shard.next_of(Heartbeat)
-        await shard.send(job("running", "x@dest.test").encode())
-        await shard.send(job("waiting", "y@dest.test").encode())
-        async with asyncio.timeout(5):
-            while not held:
-                await asyncio.sleep(0.01)
-        stop.set()  # SIGTERM: "waiting" never started, so it is handed back at once
-        async with asyncio.timeout(5):
-            while True:
-                beat = await shard.receive()
-                if isinstance(beat, Heartbeat) and "waiting" not in beat.in_flight:
-                    break
-        assert beat.in_flight == ["running"]
-        release.set()
-        result = await shard.receive()
-        assert isinstance(result, Result) and result.job_id == "running"
-        await asyncio.wait_for(task, 15)
-        assert len(held) == 1  # the handed-back job never reached the smarthost
-    finally:
-        stop.set()
-        release.set()
-        if not task.done():
+    async with held_smarthost() as smarthost:
+        release, held = smarthost.release, smarthost.held
+        one_at_a_time = config_from_dict({
+            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{smarthost.port}", "concurrency": 1},
+            "metrics": {"listen": ""},
+        }, environ={})
+        shard = FakeShard(one_at_a_time.queue.shards[0])
+        worker = Worker(one_at_a_time, name="w-stop", resolver=StaticMxResolver({}))
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await shard.next_of(Heartbeat)
+            await shard.send(job("running", "x@dest.test").encode())
+            await shard.send(job("waiting", "y@dest.test").encode())
+            async with asyncio.timeout(5):
+                while not held:
+                    await asyncio.sleep(0.01)
+            stop.set()  # SIGTERM: "waiting" never started, so it is handed back at once
+            async with asyncio.timeout(5):
+                while True:
+                    beat = await shard.receive()
+                    if isinstance(beat, Heartbeat) and "waiting" not in beat.in_flight:
+                        break
+            assert beat.in_flight == ["running"]
+            release.set()
+            result = await shard.receive()
+            assert isinstance(result, Result) and result.job_id == "running"
             await asyncio.wait_for(task, 15)
-        shard.close()
-        for writer in held:
-            writer.close()
-        slow.close()
-        await slow.wait_closed()
+            assert len(held) == 1  # the handed-back job never reached the smarthost
+        finally:
+            stop.set()
+            release.set()
+            if not task.done():
+                await asyncio.wait_for(task, 15)
+            shard.close()
 
 
 async def test_a_worker_cut_off_from_its_shard_starts_nothing_until_told_which_jobs_are_still_its_own(
