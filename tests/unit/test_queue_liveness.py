@@ -18,17 +18,14 @@ from hypothesis import strategies as st
 
 from cluster.bus.schemas import BusMessage, Deliver, Heartbeat, HeartbeatAck, Result, decode
 from cluster.delivery.shard_session import ShardSession
-from cluster.queue.records import Message, Recipient, State
+from cluster.queue.records import State
 from cluster.queue.scheduler import Scheduler, SchedulerLimits
+from tests.support.scheduling import queued_message
 
 LIMITS = SchedulerLimits(destination_concurrency=20, max_recipients=50, lease_time=30, worker_timeout=5)
 STEP = 0.1
 HEARTBEAT_EVERY = 10  # steps: 1 s
 EPOCH = "epoch-1"
-
-
-def msg(queue_id: str, *recipients: str) -> Message:
-    return Message(queue_id, "s@sender.test", 0.0, [Recipient(i, r) for i, r in enumerate(recipients)], 1)
 
 
 # -- scenarios with the scheduler alone -------------------------------------------------------------------------
@@ -39,7 +36,7 @@ def test_credits_come_back_after_a_silence_longer_than_worker_timeout() -> None:
     the Results of its old jobs were ignored, and later heartbeats (free=20) never gave credits back."""
     scheduler = Scheduler(LIMITS)
     for i in range(20):
-        scheduler.add_message(msg(f"Q{i}", f"r@d{i}.test"))
+        scheduler.add_message(queued_message(f"Q{i}", f"r@d{i}.test"))
     scheduler.heartbeat("a", b"a", 20, [], now=0)
     jobs = scheduler.dispatch(now=0)
     assert len(jobs) == 20
@@ -56,7 +53,7 @@ def test_credits_come_back_after_a_silence_longer_than_worker_timeout() -> None:
         decision = scheduler.take_result(job.job_id, "a")
         assert decision is not None and decision.stale and decision.duplicates == [0]
     for i in range(20, 40):
-        scheduler.add_message(msg(f"Q{i}", f"r@d{i}.test"))
+        scheduler.add_message(queued_message(f"Q{i}", f"r@d{i}.test"))
     scheduler.heartbeat("a", b"a", 20, [], now=15.3)
     assert len(scheduler.dispatch(now=15.3)) == 20  # credits rebuilt from `free`, not from history
     assert scheduler.possible_duplicates == 20
@@ -67,7 +64,7 @@ def test_a_heartbeat_from_an_earlier_registration_takes_nothing_back() -> None:
     reported its old, higher `seen`, so a heartbeat crossing new Delivers took them back."""
     scheduler = Scheduler(LIMITS)
     for i in range(3):
-        scheduler.add_message(msg(f"Q{i}", f"r@d{i}.test"))
+        scheduler.add_message(queued_message(f"Q{i}", f"r@d{i}.test"))
     first = scheduler.heartbeat("w", b"id", 1, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     for _ in range(5):
@@ -84,7 +81,7 @@ def test_a_heartbeat_from_an_earlier_registration_takes_nothing_back() -> None:
 
 def test_a_worker_still_holding_a_taken_back_job_gets_it_back() -> None:
     scheduler = Scheduler(LIMITS)
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     scheduler.next_seq(job)
@@ -100,7 +97,7 @@ def test_a_worker_still_holding_a_taken_back_job_gets_it_back() -> None:
 
 def test_a_taken_back_job_handed_out_again_is_revoked_and_its_late_result_counted() -> None:
     scheduler = Scheduler(LIMITS)
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("a", b"a", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     scheduler.next_seq(job)
@@ -116,7 +113,7 @@ def test_a_taken_back_job_handed_out_again_is_revoked_and_its_late_result_counte
 
 def test_a_late_result_decides_recipients_not_handed_out_again() -> None:
     scheduler = Scheduler(LIMITS)
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     scheduler.next_seq(job)
@@ -130,7 +127,7 @@ def test_a_late_result_decides_recipients_not_handed_out_again() -> None:
 
 def test_lost_results_are_asked_for_again_and_forgotten_once_recorded() -> None:
     scheduler = Scheduler(LIMITS)
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     scheduler.next_seq(job)
@@ -264,7 +261,7 @@ def simulate(messages: int, job_steps: list[int], faults: list[tuple[str, int, i
     Returns the simulation and the steps needed after the last fault ended (-1: never)."""
     scheduler = Scheduler(LIMITS, job_prefix=f"{EPOCH}.")
     for i in range(messages):
-        scheduler.add_message(msg(f"Q{i}", f"a{i}@d{i % 3}.test", f"b{i}@e{i % 2}.test"))
+        scheduler.add_message(queued_message(f"Q{i}", f"a{i}@d{i % 3}.test", f"b{i}@e{i % 2}.test"))
     expected = {(f"Q{i}", r) for i in range(messages) for r in range(2)}
     workers = [SimWorker(f"w{i}", ShardSession(4, LIMITS.worker_timeout / 2), steps)
                for i, steps in enumerate(job_steps)]
@@ -323,7 +320,7 @@ def test_every_message_is_delivered_after_any_pauses_and_cuts(messages: int, job
 
 def test_the_time_the_shard_was_stalled_is_excused() -> None:
     scheduler = Scheduler(LIMITS)
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     scheduler.excuse(100)  # the shard was paused from 1 to 101

@@ -6,14 +6,11 @@ from collections import Counter
 
 import pytest
 
-from cluster.queue.records import Message, Recipient, State
+from cluster.queue.records import State
 from cluster.queue.scheduler import Scheduler, SchedulerLimits
+from tests.support.scheduling import queued_message
 
 LIMITS = SchedulerLimits(destination_concurrency=2, max_recipients=3, lease_time=60, worker_timeout=10)
-
-
-def msg(queue_id: str, *recipients: str) -> Message:
-    return Message(queue_id, "s@sender.test", 0.0, [Recipient(i, r) for i, r in enumerate(recipients)], 1)
 
 
 @pytest.fixture
@@ -22,7 +19,7 @@ def scheduler() -> Scheduler:
 
 
 def test_jobs_group_one_message_per_domain_and_cap_recipients(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q1", "a@x.test", "b@X.test", "c@y.test", "d@x.test", "e@x.test"))
+    scheduler.add_message(queued_message("Q1", "a@x.test", "b@X.test", "c@y.test", "d@x.test", "e@x.test"))
     scheduler.heartbeat("w", b"id", 10, [], now=0)
     jobs = scheduler.dispatch(now=0)
     shapes = sorted((job.domain, tuple(job.indices)) for job in jobs)
@@ -34,8 +31,8 @@ def test_jobs_group_one_message_per_domain_and_cap_recipients(scheduler: Schedul
 
 def test_round_robin_across_destinations_and_concurrency_cap(scheduler: Scheduler) -> None:
     for i in range(5):
-        scheduler.add_message(msg(f"A{i}", f"r{i}@busy.test"))
-    scheduler.add_message(msg("B0", "r@quiet.test"))
+        scheduler.add_message(queued_message(f"A{i}", f"r{i}@busy.test"))
+    scheduler.add_message(queued_message("B0", "r@quiet.test"))
     scheduler.heartbeat("w", b"id", 100, [], now=0)
     jobs = scheduler.dispatch(now=0)
     assert [j.domain for j in jobs].count("busy.test") == 2  # destination_concurrency
@@ -47,7 +44,7 @@ def test_round_robin_across_destinations_and_concurrency_cap(scheduler: Schedule
 
 def test_credits_limit_dispatch_and_results_return_them(scheduler: Scheduler) -> None:
     for i in range(4):
-        scheduler.add_message(msg(f"Q{i}", f"r@d{i}.test"))
+        scheduler.add_message(queued_message(f"Q{i}", f"r@d{i}.test"))
     scheduler.heartbeat("w", b"id", 2, [], now=0)
     first = scheduler.dispatch(now=0)
     assert len(first) == 2 and scheduler.dispatch(now=0) == []
@@ -60,7 +57,7 @@ def test_credits_limit_dispatch_and_results_return_them(scheduler: Scheduler) ->
 
 
 def test_expired_lease_returns_job_to_ready(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     for t in range(5, 60, 5):  # the worker keeps beating and listing the job: the lease is renewed
@@ -72,7 +69,7 @@ def test_expired_lease_returns_job_to_ready(scheduler: Scheduler) -> None:
 
 
 def test_lease_runs_out_without_renewal(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     scheduler.workers["w"].last_seen = 1000  # a worker that beats but is stuck on the job
@@ -81,7 +78,7 @@ def test_lease_runs_out_without_renewal(scheduler: Scheduler) -> None:
 
 
 def test_silent_worker_is_forgotten_and_its_jobs_return(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q", "r@x.test", "s@y.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test", "s@y.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     assert len(scheduler.dispatch(now=0)) == 2
     assert scheduler.expire(now=9.9) == []
@@ -91,7 +88,7 @@ def test_silent_worker_is_forgotten_and_its_jobs_return(scheduler: Scheduler) ->
 
 
 def test_job_missing_from_heartbeat_only_once_the_worker_saw_its_deliver(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q", "r@x.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     (job,) = scheduler.dispatch(now=1)
     incarnation = scheduler.workers["w"].incarnation
@@ -108,7 +105,7 @@ def test_job_missing_from_heartbeat_only_once_the_worker_saw_its_deliver(schedul
 
 
 def test_deferred_recipients_become_ready_at_their_time(scheduler: Scheduler) -> None:
-    message = msg("Q", "r@x.test")
+    message = queued_message("Q", "r@x.test")
     scheduler.add_message(message)
     scheduler.set_state(message, message.recipients[0], State.DEFERRED, 300)
     scheduler.heartbeat("w", b"id", 5, [], now=0)
@@ -120,7 +117,7 @@ def test_deferred_recipients_become_ready_at_their_time(scheduler: Scheduler) ->
 
 
 def test_held_recipients_are_not_dispatched(scheduler: Scheduler) -> None:
-    message = msg("Q", "r@x.test")
+    message = queued_message("Q", "r@x.test")
     scheduler.add_message(message)
     scheduler.set_state(message, message.recipients[0], State.HELD)
     scheduler.heartbeat("w", b"id", 5, [], now=0)
@@ -132,8 +129,8 @@ def test_destination_backoff_after_repeated_deferrals(scheduler: Scheduler) -> N
     assert not scheduler.note_destination("x.test", True, now=0, backoff=100)
     assert not scheduler.note_destination("x.test", True, now=0, backoff=100)
     assert scheduler.note_destination("x.test", True, now=0, backoff=100)
-    scheduler.add_message(msg("Q", "r@x.test"))
-    scheduler.add_message(msg("P", "r@other.test"))
+    scheduler.add_message(queued_message("Q", "r@x.test"))
+    scheduler.add_message(queued_message("P", "r@other.test"))
     scheduler.heartbeat("w", b"id", 5, [], now=0)
     assert [j.domain for j in scheduler.dispatch(now=50)] == ["other.test"]
     assert not scheduler.end_backoffs(now=99)
@@ -144,7 +141,7 @@ def test_destination_backoff_after_repeated_deferrals(scheduler: Scheduler) -> N
 
 
 def test_removing_a_message_keeps_counters_exact(scheduler: Scheduler) -> None:
-    message = msg("Q", "a@x.test", "b@y.test")
+    message = queued_message("Q", "a@x.test", "b@y.test")
     scheduler.add_message(message)
     scheduler.set_state(message, message.recipients[0], State.DELIVERED)
     assert scheduler.recipient_counts[State.READY] == 1
@@ -159,8 +156,8 @@ def test_counts_stay_exact_for_single_and_multi_recipient_messages_and_memory_is
     """One-recipient messages keep no counter of their own (memory, issue 11): the totals must still be exact,
     and after draining to a quarter of the peak the message table is rebuilt (`shrunk`)."""
     for n in range(400):
-        scheduler.add_message(msg(f"S{n:04d}", f"r{n}@x.test"))
-    scheduler.add_message(msg("M", "a@x.test", "b@y.test"))
+        scheduler.add_message(queued_message(f"S{n:04d}", f"r{n}@x.test"))
+    scheduler.add_message(queued_message("M", "a@x.test", "b@y.test"))
     scheduler.heartbeat("w", b"id", 2, [], now=0)
     for job in scheduler.dispatch(now=0):
         scheduler.finish_job(job.job_id)

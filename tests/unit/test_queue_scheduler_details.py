@@ -9,14 +9,11 @@ from collections import Counter
 
 import pytest
 
-from cluster.queue.records import Message, Recipient, State
+from cluster.queue.records import Message, State
 from cluster.queue.scheduler import Scheduler, SchedulerLimits
+from tests.support.scheduling import queued_message
 
 LIMITS = SchedulerLimits(destination_concurrency=2, max_recipients=3, lease_time=60, worker_timeout=10)
-
-
-def msg(queue_id: str, *recipients: str) -> Message:
-    return Message(queue_id, "s@sender.test", 0.0, [Recipient(i, r) for i, r in enumerate(recipients)], 1)
 
 
 @pytest.fixture
@@ -29,7 +26,7 @@ def defer(scheduler: Scheduler, message: Message, index: int, when: float) -> No
 
 
 def test_promote_due_counts_every_recipient_and_keeps_later_ones(scheduler: Scheduler) -> None:
-    first, second = msg("Q1", "a@x.test", "b@x.test"), msg("Q2", "c@y.test")
+    first, second = queued_message("Q1", "a@x.test", "b@x.test"), queued_message("Q2", "c@y.test")
     for message in (first, second):
         scheduler.add_message(message)
     defer(scheduler, first, 0, 10)
@@ -45,7 +42,8 @@ def test_promote_due_counts_every_recipient_and_keeps_later_ones(scheduler: Sche
 
 
 def test_stale_heap_entries_are_skipped_without_stopping_the_promotion(scheduler: Scheduler) -> None:
-    rescheduled, gone, due = msg("Q1", "a@x.test"), msg("Q2", "b@x.test"), msg("Q3", "c@x.test")
+    rescheduled, gone, due = (queued_message("Q1", "a@x.test"), queued_message("Q2", "b@x.test"),
+                              queued_message("Q3", "c@x.test"))
     for message in (rescheduled, gone, due):
         scheduler.add_message(message)
     defer(scheduler, rescheduled, 0, 5)
@@ -60,7 +58,7 @@ def test_stale_heap_entries_are_skipped_without_stopping_the_promotion(scheduler
 
 
 def test_a_locked_message_is_promoted_after_it_is_unlocked(scheduler: Scheduler) -> None:
-    locked, free = msg("Q1", "a@x.test"), msg("Q2", "b@y.test")
+    locked, free = queued_message("Q1", "a@x.test"), queued_message("Q2", "b@y.test")
     for message in (locked, free):
         scheduler.add_message(message)
     defer(scheduler, locked, 0, 5)
@@ -75,7 +73,7 @@ def test_a_locked_message_is_promoted_after_it_is_unlocked(scheduler: Scheduler)
 
 
 def test_unlock_queues_the_ready_recipients_again(scheduler: Scheduler) -> None:
-    message = msg("Q1", "a@x.test", "b@y.test")
+    message = queued_message("Q1", "a@x.test", "b@y.test")
     scheduler.add_message(message)
     scheduler.set_state(message, message.recipients[1], State.HELD)
     scheduler.heartbeat("w", b"id", 10, [], now=0)
@@ -89,7 +87,7 @@ def test_unlock_queues_the_ready_recipients_again(scheduler: Scheduler) -> None:
 
 def test_removing_a_message_takes_it_out_of_the_message_counts(scheduler: Scheduler) -> None:
     for queue_id in ("Q1", "Q2"):
-        scheduler.add_message(msg(queue_id, "a@x.test"))
+        scheduler.add_message(queued_message(queue_id, "a@x.test"))
     assert scheduler.message_counts == Counter({State.READY: 2})
     assert scheduler.remove_message("Q1") is not None
     assert scheduler.message_counts[State.READY] == 1 and scheduler.recipient_counts[State.READY] == 1
@@ -97,7 +95,7 @@ def test_removing_a_message_takes_it_out_of_the_message_counts(scheduler: Schedu
 
 
 def test_exactly_max_recipients_make_one_job_and_the_message_leaves_the_queue(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q1", "a@x.test", "b@x.test", "c@x.test"))
+    scheduler.add_message(queued_message("Q1", "a@x.test", "b@x.test", "c@x.test"))
     scheduler.heartbeat("w", b"id", 10, [], now=0)
     (job,) = scheduler.dispatch(now=0)
     assert job.indices == [0, 1, 2]
@@ -105,7 +103,7 @@ def test_exactly_max_recipients_make_one_job_and_the_message_leaves_the_queue(sc
 
 
 def test_jobs_record_when_they_were_assigned(scheduler: Scheduler) -> None:
-    scheduler.add_message(msg("Q1", "a@x.test"))
+    scheduler.add_message(queued_message("Q1", "a@x.test"))
     scheduler.heartbeat("w", b"id", 10, [], now=0)
     (job,) = scheduler.dispatch(now=42)
     assert (job.worker, job.assigned_at, job.lease_until) == ("w", 42, 42 + LIMITS.lease_time)
@@ -114,7 +112,7 @@ def test_jobs_record_when_they_were_assigned(scheduler: Scheduler) -> None:
 
 def test_workers_take_turns(scheduler: Scheduler) -> None:
     for i in range(6):
-        scheduler.add_message(msg(f"Q{i}", f"r@d{i}.test"))
+        scheduler.add_message(queued_message(f"Q{i}", f"r@d{i}.test"))
     for name in ("w1", "w2", "w3"):
         scheduler.heartbeat(name, name.encode(), 10, [], now=0)
     workers = [job.worker for job in scheduler.dispatch(now=0)]
@@ -124,9 +122,9 @@ def test_workers_take_turns(scheduler: Scheduler) -> None:
 
 def test_destinations_take_turns(scheduler: Scheduler) -> None:
     for i in range(2):
-        scheduler.add_message(msg(f"A{i}", f"r{i}@a.test"))
-        scheduler.add_message(msg(f"B{i}", f"r{i}@b.test"))
-        scheduler.add_message(msg(f"C{i}", f"r{i}@c.test"))
+        scheduler.add_message(queued_message(f"A{i}", f"r{i}@a.test"))
+        scheduler.add_message(queued_message(f"B{i}", f"r{i}@b.test"))
+        scheduler.add_message(queued_message(f"C{i}", f"r{i}@c.test"))
     scheduler.heartbeat("w", b"id", 100, [], now=0)
     domains = [job.domain for job in scheduler.dispatch(now=0)]
     assert domains[:3] == ["a.test", "b.test", "c.test"] and domains[3:] == domains[:3]
@@ -134,16 +132,16 @@ def test_destinations_take_turns(scheduler: Scheduler) -> None:
 
 def test_a_destination_at_its_concurrency_does_not_block_the_others(scheduler: Scheduler) -> None:
     for i in range(3):
-        scheduler.add_message(msg(f"A{i}", f"r{i}@busy.test"))
+        scheduler.add_message(queued_message(f"A{i}", f"r{i}@busy.test"))
     scheduler.heartbeat("w", b"id", 100, [], now=0)
     assert [job.domain for job in scheduler.dispatch(now=0)] == ["busy.test", "busy.test"]
-    scheduler.add_message(msg("B0", "r@quiet.test"))
+    scheduler.add_message(queued_message("B0", "r@quiet.test"))
     assert [job.domain for job in scheduler.dispatch(now=0)] == ["quiet.test"]
 
 
 def test_finishing_jobs_frees_the_destination_and_the_worker(scheduler: Scheduler) -> None:
     for i in range(3):
-        scheduler.add_message(msg(f"A{i}", f"r{i}@x.test"))
+        scheduler.add_message(queued_message(f"A{i}", f"r{i}@x.test"))
     scheduler.heartbeat("w", b"id", 10, [], now=0)
     first, second = scheduler.dispatch(now=0)
     assert scheduler.in_flight_jobs_of("x.test") == 2
