@@ -32,7 +32,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.bus.client import BusLink, NoAnswer
 from cluster.bus.ring import shard_for_address, shard_for_key
@@ -43,6 +43,7 @@ from cluster.queue.suppression import Entry, SuppressionList
 from cluster.queue.usage import UsageEntry, UsageLedger
 
 log = logging.getLogger("mtacluster.queue")
+T = TypeVar("T")
 
 # The admin operations this module answers.
 IMPORT_OPS = ("suppression_import", "usage_import")
@@ -144,19 +145,11 @@ class Handover:
     # -- receiving --------------------------------------------------------------------------------------------
 
     def import_suppression(self, args: dict[str, Any]) -> dict[str, Any]:
-        entries = args.get("entries")
-        if self.suppression is None or not isinstance(entries, list):
+        if self.suppression is None or not isinstance(args.get("entries"), list):
             raise HandoverError("suppression_import needs a list of entries and suppression on")
-        parsed = []
-        for item in entries:
-            try:
-                entry = Entry(**item)
-            except TypeError:
-                raise HandoverError(f"not a suppression entry: {item!r}") from None
-            if not isinstance(entry.address, str) or not isinstance(entry.until, int | float) \
-                    or not isinstance(entry.since, int | float):
-                raise HandoverError(f"not a suppression entry: {item!r}")
-            parsed.append(entry)
+        parsed = _entries(args["entries"], Entry, "suppression", lambda entry: (
+            isinstance(entry.address, str) and isinstance(entry.until, int | float)
+            and isinstance(entry.since, int | float)))
         for entry in parsed:
             self.suppression.add(entry.address, str(entry.category), str(entry.reply), float(entry.since),
                                  float(entry.until) - float(entry.since))
@@ -164,20 +157,13 @@ class Handover:
         return {"shard": self.index, "imported": len(parsed)}
 
     async def import_usage(self, args: dict[str, Any]) -> dict[str, Any]:
-        entries = args.get("entries")
-        if not isinstance(entries, list):
+        if not isinstance(args.get("entries"), list):
             raise HandoverError("usage_import needs a list of entries")
-        parsed = []
-        for item in entries:
-            try:
-                entry = UsageEntry(**item)
-            except TypeError:
-                raise HandoverError(f"not a usage entry: {item!r}") from None
-            if not (isinstance(entry.entry_id, str) and entry.entry_id and isinstance(entry.user, str)
-                    and isinstance(entry.at, int | float) and isinstance(entry.messages, int)
-                    and isinstance(entry.recipients, int)):
-                raise HandoverError(f"not a usage entry: {item!r}")
-            parsed.append(dataclasses.replace(entry, user=entry.user.lower(), at=float(entry.at)))
+        parsed = [dataclasses.replace(entry, user=entry.user.lower(), at=float(entry.at))
+                  for entry in _entries(args["entries"], UsageEntry, "usage", lambda entry: bool(
+                      isinstance(entry.entry_id, str) and entry.entry_id and isinstance(entry.user, str)
+                      and isinstance(entry.at, int | float) and isinstance(entry.messages, int)
+                      and isinstance(entry.recipients, int)))]
         new = [entry for entry in parsed if entry.entry_id not in self.usage]
         for entry in new:
             self.usage.add(entry)  # counted at once, like a Reserve: racing reservations see it
@@ -192,6 +178,21 @@ class Handover:
         log.info("shard %d: imported %d usage entries from a drained shard (%d held already)", self.index,
                  len(new), len(parsed) - len(new))
         return {"shard": self.index, "imported": len(new), "held": len(parsed) - len(new)}
+
+
+def _entries(items: list[Any], make: Callable[..., T], kind: str, well_formed: Callable[[T], bool]) -> list[T]:
+    """The entries of an import, each built from its fields and checked; HandoverError names the first that is
+    not an entry of `kind`."""
+    entries = []
+    for item in items:
+        try:
+            entry = make(**item)
+        except TypeError:
+            raise HandoverError(f"not a {kind} entry: {item!r}") from None
+        if not well_formed(entry):
+            raise HandoverError(f"not a {kind} entry: {item!r}")
+        entries.append(entry)
+    return entries
 
 
 def _admin_request(op: str, args: dict[str, Any], req: int) -> AdminRequest:

@@ -13,11 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from cluster.bus.client import BusLink, NoAnswer
 from cluster.bus.ring import shard_for_key
 from cluster.bus.schemas import AdminReply, BusMessage
 from cluster.config import config_from_dict
 from cluster.queue.core import ShardCore
+from cluster.queue.handover import HandoverError
 from cluster.queue.memspool import MemorySpool
 from cluster.queue.spool import Batch
 from cluster.queue.usage import UsageEntry
@@ -130,3 +133,30 @@ async def test_an_owner_that_does_not_answer_leaves_the_entries_in_place(tmp_pat
         for _, writer in cores:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_an_import_with_a_malformed_entry_is_refused_whole_and_names_the_entry(tmp_path: Path) -> None:
+    core, writer = await _core(0, tmp_path)
+    try:
+        good = {"entry_id": "u.1", "user": "User", "at": NOW, "messages": 1, "recipients": 2}
+        for bad in ({"entry_id": "u.2", "user": "u"},  # fields missing
+                    {**good, "entry_id": "u.3", "messages": "1"},  # a count that is not a number
+                    {**good, "entry_id": ""},  # no id to import it once by
+                    "not a mapping"):
+            with pytest.raises(HandoverError, match="not a usage entry"):
+                await core.drain.handover.import_usage({"entries": [good, bad]})
+        assert core.accounts.usage("user") == {"messages": 0, "recipients": 0}  # nothing of a refused import
+        with pytest.raises(HandoverError, match="needs a list"):
+            await core.drain.handover.import_usage({"entries": good})
+        assert (await core.drain.handover.import_usage({"entries": [good]}))["imported"] == 1
+        assert core.accounts.usage("user") == {"messages": 1, "recipients": 2}
+
+        entry = {"address": "a@b.test", "category": "InvalidRecipient", "reply": "550 5.1.1 no", "since": NOW,
+                 "until": NOW + 60}
+        for bad in ({**entry, "until": "later"}, {"address": "a@b.test"}):
+            with pytest.raises(HandoverError, match="not a suppression entry"):
+                core.drain.handover.import_suppression({"entries": [bad]})
+        assert core.drain.handover.import_suppression({"entries": [entry]})["imported"] == 1
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
