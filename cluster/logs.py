@@ -9,6 +9,13 @@
 The format and level come from `[log] format` and `[log] level` in the configuration (cluster/config.py;
 MTACLUSTER_LOG_LEVEL=DEBUG in the environment overrides the level, as for every key). No failure modes: a
 field that JSON cannot encode is written as its repr.
+
+`direct(logger)`: lines logged in bulk (the shard's delivery log, one line per recipient outcome) can skip the
+logging module's record, formatter and handler chain when all they would do is write the text format to the
+installed handler: it gives a writer of already formatted INFO lines, byte for byte the line the formatter
+would write, or None when anything else could see the record (another handler, e.g. pytest's; a filter; the
+JSON format; INFO off), and the caller then logs as usual. A write that fails goes the usual way too (the
+logging module reports it).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import time
 from typing import Any
 
 FORMATS = ("text", "json")
@@ -53,9 +62,63 @@ def text_formatter(role: str) -> logging.Formatter:
     return logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+class DirectText:
+    """Writes INFO lines of the text format straight to the handler `configure` installed (module docstring)."""
+
+    def __init__(self, handler: logging.StreamHandler[Any], role: str) -> None:
+        self.handler = handler
+        self.role = role
+        self._second = -1
+        self._stamp = ""
+
+    def takes(self, logger: logging.Logger) -> bool:
+        """True when an INFO record of `logger` would reach only this handler, unfiltered (checked per line:
+        a handler added later, as pytest's caplog does, turns the direct way off at once)."""
+        root = logging.root
+        handler = self.handler
+        handlers = root.handlers
+        if (len(handlers) != 1 or handlers[0] is not handler or handler.filters or handler.level > logging.INFO
+                or logger.filters or not logger.isEnabledFor(logging.INFO)):
+            return False
+        node: logging.Logger | None = logger
+        while node is not None and node is not root:  # the loggers the record passes on its way to the root
+            if node.handlers or not node.propagate:
+                return False
+            node = node.parent
+        return node is root
+
+    def write(self, logger: logging.Logger, message: str) -> None:
+        """`logger.info("%s", message)` as the text formatter writes it: "asctime role[pid] INFO name: message"."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the formatter's asctime: strftime of localtime, then ",msecs"
+            self._stamp, self._second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), second
+        line = (f"{self._stamp},{int((now - second) * 1000):03d} {self.role}[{os.getpid()}] INFO {logger.name}: "
+                f"{message}\n")
+        handler = self.handler
+        handler.acquire()
+        try:
+            handler.stream.write(line)
+            handler.stream.flush()
+        except Exception:  # as StreamHandler.emit: the logging module reports it (logging.raiseExceptions)
+            handler.release()
+            logger.info("%s", message)
+            return
+        handler.release()
+
+
+_direct: DirectText | None = None
+
+
+def direct(logger: logging.Logger) -> DirectText | None:
+    """The direct writer for INFO lines of `logger`, or None: log them the usual way (module docstring)."""
+    writer = _direct
+    return writer if writer is not None and writer.takes(logger) else None
+
+
 def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
     """Send every log record of this process at `level` or above to stderr in `fmt` ("text" or "json")."""
-    global _structured
+    global _structured, _direct
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r} (formats: {', '.join(FORMATS)})")
     _structured = fmt == "json"
@@ -69,3 +132,4 @@ def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    _direct = None if _structured else DirectText(handler, role)

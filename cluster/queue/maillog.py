@@ -13,7 +13,9 @@ delay: seconds since the message arrived; delays=a/b/c/d: a = queued before this
 b = from dispatch to the start of the SMTP work (bus, waiting in the worker), c = connection setup (DNS, hosts
 tried, greeting, EHLO, STARTTLS), d = the SMTP transaction; c and d are measured by the worker.
 The same facts go into the record as `extra={"fields": ...}`, which the JSON log format writes as fields
-(cluster/logs.py). Inputs: the change the ledger has just committed. No failure modes.
+(cluster/logs.py). With the text format, a line goes straight to the log handler (`logs.direct`: the same
+text, without the logging module's record and formatter, a third of the shard's CPU with 100 recipients per
+message). Inputs: the change the ledger has just committed. No failure modes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 from typing import Any
 
 from cluster.bus.schemas import Outcome
-from cluster.logs import FIELDS, structured
+from cluster.logs import FIELDS, direct, structured
 from cluster.queue.records import LastOutcome
 
 log = logging.getLogger("mtacluster.queue")
@@ -33,10 +35,14 @@ ADMIN_STATUSES = ("deleted", "held", "released", "flushed")
 
 def seconds(value: float) -> str:
     """Postfix's way: two decimals at most, no trailing zeros, whole seconds from 100 on."""
-    value = max(value, 0.0)
     if value >= 100:
         return str(round(value))
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+    if value <= 0.0:
+        return "0"
+    text = f"{value:.2f}"
+    if text[-1] != "0":
+        return text
+    return text.rstrip("0").rstrip(".") or "0"
 
 
 def record(queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
@@ -71,5 +77,12 @@ def record(queue_id: str, address: str, status: str, last: LastOutcome | None, a
             fields["source"] = source
         extra = {FIELDS: fields}
     shown = f"{relay}, source={source}" if source else relay
+    writer = direct(log) if extra is None else None
+    if writer is not None:
+        a, b, c, d = delays
+        writer.write(log, f"{queue_id}: to=<{address}>, relay={shown}, delay={seconds(now - arrival)}, delays="
+                          f"{seconds(a)}/{seconds(b)}/{seconds(c)}/{seconds(d)}, dsn={dsn or '-'}, status={status} "
+                          f"({reply})")
+        return
     log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)", queue_id, address, shown,
              seconds(now - arrival), *map(seconds, delays), dsn or "-", status, reply, extra=extra)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster import logs
+from cluster.bus.schemas import Outcome, OutcomeKind
 from cluster.cli import main
 from cluster.config import ConfigError, config_from_dict
+from cluster.queue import maillog
+from cluster.queue.records import LastOutcome
 
 
 @pytest.fixture
@@ -65,3 +70,71 @@ def test_the_format_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad.write_text('[log]\nformat = "syslog"\n')
     assert main(["config", "check", str(bad)]) == 2
     assert "log.format" in capsys.readouterr().err
+
+
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)$")
+
+
+def test_direct_lines_are_the_text_formatters_lines(root_handlers: None, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("queue", "text")
+    logger = logging.getLogger("mtacluster.queue")
+    writer = logs.direct(logger)
+    assert writer is not None
+    message = "0A1B: to=<bob@example.net>, relay=none, status=deferred (451 4.3.0 100% full)"
+    writer.write(logger, message)
+    logger.info("%s", message)
+    direct_line, logged_line = capsys.readouterr().err.splitlines()
+    direct_match, logged_match = TEXT_LINE.match(direct_line), TEXT_LINE.match(logged_line)
+    assert direct_match is not None and logged_match is not None
+    assert direct_match["rest"] == logged_match["rest"] == f"queue[{os.getpid()}] INFO mtacluster.queue: {message}"
+    assert direct_line[:16] == logged_line[:16]  # the same minute (both are now)
+
+
+def test_direct_steps_aside_when_others_could_see_the_record(root_handlers: None) -> None:
+    logger = logging.getLogger("mtacluster.queue")
+    logs.configure("queue", "text")
+    assert logs.direct(logger) is not None
+    extra = logging.NullHandler()
+    logging.getLogger().addHandler(extra)  # as pytest's caplog: the record must reach it too
+    assert logs.direct(logger) is None
+    logging.getLogger().removeHandler(extra)
+    assert logs.direct(logger) is not None
+    logger.addFilter(lambda record: False)
+    try:
+        assert logs.direct(logger) is None
+    finally:
+        logger.filters.clear()
+    logs.configure("queue", "text", "warning")
+    assert logs.direct(logger) is None
+    logs.configure("queue", "json")
+    assert logs.direct(logger) is None
+
+
+def test_the_delivery_log_line_is_the_same_either_way(root_handlers: None, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("queue", "text")
+    assert logs.direct(maillog.log) is not None
+    outcome = Outcome("x@a.test", OutcomeKind.DELIVERED, 250, "2.0.0", "Ok: queued as 4F2A", "mx.a.test[192.0.2.7]",
+                      25, 0.5, 1.25)
+    last = LastOutcome.of(outcome)
+
+    def line() -> str:
+        maillog.record("0A1B", "x@a.test", "sent", last, 1, 100.0, 102.0, 100.0, outcome, "blue")
+        (text,) = capsys.readouterr().err.splitlines()
+        match = TEXT_LINE.match(text)
+        assert match is not None
+        return match["rest"]
+
+    direct_line = line()
+    extra = logging.NullHandler()
+    logging.getLogger().addHandler(extra)  # the logging module's own way now
+    assert logs.direct(maillog.log) is None
+    assert line() == direct_line == (
+        f"queue[{os.getpid()}] INFO mtacluster.queue: 0A1B: to=<x@a.test>, relay=mx.a.test[192.0.2.7]:25, "
+        "source=blue, delay=2, delays=0/0.25/0.5/1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)")
+
+
+@pytest.mark.parametrize(("value", "text"), [(0.0, "0"), (-1.0, "0"), (0.001, "0"), (0.004, "0"), (0.006, "0.01"),
+                                              (0.1, "0.1"), (0.25, "0.25"), (1.0, "1"), (1.999, "2"), (12.34, "12.34"),
+                                              (99.999, "100"), (100.0, "100"), (3602.4, "3602")])
+def test_delay_seconds_are_written_postfixs_way(value: float, text: str) -> None:
+    assert maillog.seconds(value) == text
