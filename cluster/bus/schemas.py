@@ -165,6 +165,9 @@ _WIRE_AS_IS = frozenset({str, int, float, bool, bytes, dict, type(None)})
 def _to_wire(value: Any) -> Any:
     if type(value) in _WIRE_AS_IS:
         return value
+    if type(value) is Outcome:
+        # Its dict is its fields (Outcome's docstring); msgpack packs the kind, a str enum, as its string value.
+        return value.__dict__
     if isinstance(value, BusMessage | Outcome):
         return {name: _to_wire(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, list | tuple):
@@ -284,7 +287,7 @@ class OutcomeKind(enum.StrEnum):
 WORKER_KINDS = (OutcomeKind.DELIVERED, OutcomeKind.DEFERRED, OutcomeKind.FAILED)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Outcome:
     """What happened to one recipient of a job.
 
@@ -293,6 +296,11 @@ class Outcome:
     remote: the host that answered ("mx1.example.net[192.0.2.1]"), "local" for a Maildir, "" when none did;
     port: the TCP port it answered on (0 when none). connect_seconds: time to get a session (DNS, connect,
     greeting, EHLO, STARTTLS; 0 for a reused connection); transfer_seconds: time of the SMTP transaction.
+
+    One is made per recipient (a Result of a 100-recipient message holds 100), so the constructor fills the
+    instance's dict at once instead of the frozen dataclass's nine `object.__setattr__` calls; the fields, their
+    order, equality, hash, repr and `dataclasses.replace` are the dataclass's. Its `__dict__` holds the fields
+    and nothing else: it is what goes on the wire (`_to_wire`).
     """
 
     recipient: str
@@ -305,9 +313,12 @@ class Outcome:
     connect_seconds: float = 0.0
     transfer_seconds: float = 0.0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.kind, OutcomeKind) and self.kind in OutcomeKind._value2member_map_:
-            object.__setattr__(self, "kind", OutcomeKind(self.kind))
+    def __init__(self, recipient: str, kind: OutcomeKind, code: int, enhanced: str, text: str, remote: str = "",
+                 port: int = 0, connect_seconds: float = 0.0, transfer_seconds: float = 0.0) -> None:
+        if kind.__class__ is not OutcomeKind and kind in OutcomeKind._value2member_map_:
+            kind = OutcomeKind(kind)  # a plain string naming a kind
+        self.__dict__.update(recipient=recipient, kind=kind, code=code, enhanced=enhanced, text=text, remote=remote,
+                             port=port, connect_seconds=connect_seconds, transfer_seconds=transfer_seconds)
 
 
 @dataclass(frozen=True)
@@ -458,6 +469,10 @@ def _decode_outcomes(raw: Any) -> list[Outcome]:
         raise SchemaError("result.outcomes: expected a list")
     outcomes = []
     for item in raw:
+        outcome = _well_formed_outcome(item)
+        if outcome is not None:
+            outcomes.append(outcome)
+            continue
         if not isinstance(item, dict):
             raise SchemaError("result.outcomes: expected a list of maps")
         if "status" in item and "kind" not in item:  # a worker of the previous release
@@ -480,7 +495,38 @@ def _decode_outcomes(raw: Any) -> list[Outcome]:
 def kind_of_code(code: int) -> OutcomeKind:
     """The only kind a reply code allows: 2xx delivered, 5xx failed, anything else deferred (a worker defers
     an odd 1xx/3xx where a final reply belongs: cluster/delivery/deliver.py:outcome_from_reply)."""
-    return {2: OutcomeKind.DELIVERED, 5: OutcomeKind.FAILED}.get(code // 100, OutcomeKind.DEFERRED)
+    return _KIND_OF_CLASS.get(code // 100, OutcomeKind.DEFERRED)
+
+
+_KIND_OF_CLASS = {2: OutcomeKind.DELIVERED, 5: OutcomeKind.FAILED}
+_WORKER_KIND_NAMED = {kind.value: kind for kind in WORKER_KINDS}
+_OUTCOME_FIELDS = frozenset(f.name for f in dataclasses.fields(Outcome))
+_OUTCOME_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Outcome) if f.default is not dataclasses.MISSING}
+_NUMBER_TYPES = (int, float)
+
+
+def _well_formed_outcome(item: Any) -> Outcome | None:
+    """The Outcome of an outcome map that passes every check of `_decode_outcomes` with exact types (what a
+    worker sends), built without a call per field; None for anything else, which the checked way then decodes or
+    refuses with the reason. A Result carries one per recipient, 100 for a 100-recipient message."""
+    if type(item) is not dict:
+        return None
+    values = {**_OUTCOME_DEFAULTS, **item}
+    if values.keys() != _OUTCOME_FIELDS:  # a field missing or unknown, or "status" (a previous release)
+        return None
+    kind, code, port = values["kind"], values["code"], values["port"]
+    connect, transfer = values["connect_seconds"], values["transfer_seconds"]
+    if (type(kind) is not str or type(code) is not int or not 100 <= code <= 599
+            or _WORKER_KIND_NAMED.get(kind) is not _KIND_OF_CLASS.get(code // 100, OutcomeKind.DEFERRED)
+            or type(values["recipient"]) is not str or type(values["enhanced"]) is not str
+            or type(values["text"]) is not str or type(values["remote"]) is not str
+            or type(port) is not int or port < 0 or type(connect) not in _NUMBER_TYPES or connect < 0
+            or type(transfer) not in _NUMBER_TYPES or transfer < 0):
+        return None
+    values["kind"] = _WORKER_KIND_NAMED[kind]
+    outcome = object.__new__(Outcome)
+    outcome.__dict__.update(values)
+    return outcome
 
 _EXPECTED: dict[str, type | tuple[type, ...]] = {
     "req": int, "sender": str, "recipients": list, "body": bytes, "client": dict, "queue_id": str,

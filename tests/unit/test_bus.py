@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import cast
 
 import msgpack
@@ -146,6 +147,41 @@ def test_typed_outcomes_round_trip_and_a_previous_worker_is_understood() -> None
         {"recipient": "r@d.test", "status": "deferred", "code": 451, "enhanced": "4.4.1", "text": "busy"}]})
     (legacy,) = cast(Result, decode(old)).outcomes
     assert legacy.kind is OutcomeKind.DEFERRED and (legacy.code, legacy.enhanced, legacy.port) == (451, "4.4.1", 0)
+
+
+_GOOD_OUTCOME = {"recipient": "r@d.test", "kind": "delivered", "code": 250, "enhanced": "2.0.0", "text": "ok",
+                 "remote": "mx[192.0.2.1]", "port": 25, "connect_seconds": 0, "transfer_seconds": 0.25}
+
+
+@pytest.mark.parametrize("change", [
+    {"recipient": 5}, {"recipient": None}, {"kind": "sent"}, {"kind": "expired", "code": 451}, {"kind": 2},
+    {"code": 550}, {"code": 99}, {"code": 600}, {"code": True}, {"code": 250.0}, {"enhanced": None},
+    {"text": b"ok"}, {"remote": 1}, {"port": -1}, {"port": True}, {"connect_seconds": -0.5},
+    {"transfer_seconds": "1"}, {"extra": 1}, {"text": ...}, {"kind": ...},
+])
+def test_an_outcome_a_worker_could_send_is_checked_field_by_field(change: dict[str, object]) -> None:
+    """Every check of an outcome, on the quick way a worker's well-formed outcomes take (`kind`, not the
+    previous release's `status`); `...` removes the field."""
+    item = {k: v for k, v in {**_GOOD_OUTCOME, **change}.items() if v is not ...}
+    with pytest.raises(SchemaError):
+        decode(msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [item]}))
+
+
+def test_outcomes_travel_as_plain_maps_and_come_back_equal() -> None:
+    outcomes = [Outcome(f"r{i}@d.test", OutcomeKind.DEFERRED, 451, "4.2.0", "later", "mx[192.0.2.1]", 25, 0.5, i)
+                for i in range(3)] + [Outcome("s@d.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok")]
+    frame = Result("j", "w", outcomes).encode()
+    wire = msgpack.unpackb(frame)["outcomes"]
+    assert wire[0] == {"recipient": "r0@d.test", "kind": "deferred", "code": 451, "enhanced": "4.2.0", "text": "later",
+                       "remote": "mx[192.0.2.1]", "port": 25, "connect_seconds": 0.5, "transfer_seconds": 0}
+    assert type(wire[0]["kind"]) is str
+    decoded = cast(Result, decode(frame)).outcomes
+    assert decoded == outcomes and all(o.kind.__class__ is OutcomeKind for o in decoded)
+    (minimal,) = cast(Result, decode(msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [
+        {k: _GOOD_OUTCOME[k] for k in ("recipient", "kind", "code", "enhanced", "text")}]}))).outcomes
+    assert minimal == Outcome("r@d.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok")
+    assert dataclasses.replace(minimal, port=25).port == 25 and hash(minimal) == hash(
+        Outcome("r@d.test", "delivered", 250, "2.0.0", "ok"))  # type: ignore[arg-type]
 
 
 def test_odd_reply_codes_are_deferrals_and_errors_name_their_request() -> None:
