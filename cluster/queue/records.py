@@ -45,11 +45,13 @@ class State(enum.StrEnum):
 PENDING_STATES = (State.READY, State.DEFERRED, State.IN_FLIGHT, State.HELD)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LastOutcome:
     """What last happened to a recipient: the worker's typed outcome, the shard's expiry, or an admin action.
 
-    code is 0 and enhanced "" when no SMTP reply was involved (an admin delete)."""
+    code is 0 and enhanced "" when no SMTP reply was involved (an admin delete). One is made per recipient
+    outcome, so the constructor fills the instance's dict at once (not five frozen `object.__setattr__` calls);
+    fields, equality, hash and repr are the dataclass's."""
 
     kind: OutcomeKind
     code: int
@@ -57,14 +59,23 @@ class LastOutcome:
     text: str
     remote: str = ""
 
+    def __init__(self, kind: OutcomeKind, code: int, enhanced: str, text: str, remote: str = "") -> None:
+        self.__dict__.update(kind=kind, code=code, enhanced=enhanced, text=text, remote=remote)
+
     @staticmethod
     def of(outcome: Outcome) -> LastOutcome:
-        return LastOutcome(outcome.kind, outcome.code, outcome.enhanced, outcome.text, outcome.remote)
+        last = object.__new__(LastOutcome)
+        last.__dict__.update(kind=outcome.kind, code=outcome.code, enhanced=outcome.enhanced, text=outcome.text,
+                             remote=outcome.remote)
+        return last
 
     @property
     def reply(self) -> str:
         """The reply as an SMTP server would say it ("550 5.1.1 no such user"), for people to read."""
-        return " ".join(str(part) for part in (self.code or "", self.enhanced, self.text) if part)
+        code, enhanced, text = self.code, self.enhanced, self.text
+        if code and enhanced and text:
+            return f"{code} {enhanced} {text}"
+        return " ".join(str(part) for part in (code or "", enhanced, text) if part)
 
     def as_dict(self) -> dict[str, str | int]:
         return {"kind": self.kind.value, "code": self.code, "enhanced": self.enhanced, "text": self.text,
@@ -187,9 +198,10 @@ CLIENT_TEXTS = 4096
 _client_texts: dict[tuple[tuple[str, str], ...], str] = {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RecipientUpdate:
-    """The durable part of one recipient's new state, written to the spool before memory trusts it."""
+    """The durable part of one recipient's new state, written to the spool before memory trusts it (one per
+    recipient outcome: the constructor fills the dict at once, as LastOutcome's does)."""
 
     queue_id: str
     index: int
@@ -198,10 +210,17 @@ class RecipientUpdate:
     next_attempt: float
     last: LastOutcome | None
 
+    def __init__(self, queue_id: str, index: int, state: State, attempts: int, next_attempt: float,
+                 last: LastOutcome | None) -> None:
+        self.__dict__.update(queue_id=queue_id, index=index, state=state, attempts=attempts,
+                             next_attempt=next_attempt, last=last)
+
     @staticmethod
     def of(queue_id: str, recipient: Recipient) -> RecipientUpdate:
-        return RecipientUpdate(queue_id, recipient.index, recipient.state, recipient.attempts,
-                               recipient.next_attempt, recipient.last)
+        update = object.__new__(RecipientUpdate)
+        update.__dict__.update(queue_id=queue_id, index=recipient.index, state=recipient.state,
+                               attempts=recipient.attempts, next_attempt=recipient.next_attempt, last=recipient.last)
+        return update
 
 
 _RECIPIENT_SLOTS: tuple[str, ...] = Recipient.__slots__

@@ -225,21 +225,40 @@ class Scheduler:
             recipient.next_attempt = 0.0
             self._enqueue(self._lane(recipient.domain, message), message.queue_id)
             return
-        if len(message.recipients) > 1:
-            self._per_message[message.queue_id] = Counter()
-        for recipient in message.recipients:
+        if len(message.recipients) == 1:
+            recipient = message.recipients[0]
             if not recipient.state.done:
                 state = recipient.state
                 recipient.state = State.DELIVERED  # counted as nothing until set_state counts it
                 self.set_state(message, recipient, state, recipient.next_attempt)
+            return
+        # Several recipients (100 for a bulk message): what set_state does for each, counted once per message.
+        counts: Counter[State] = Counter()
+        self._per_message[message.queue_id] = counts
+        queue_id = message.queue_id
+        for recipient in message.recipients:
+            state = recipient.state
+            if state is State.DELIVERED or state is State.FAILED:
+                continue
+            counts[state] += 1
+            if state is State.READY:
+                recipient.next_attempt = 0.0
+                self._enqueue(self._lane(recipient.domain, message), queue_id)
+            elif state is State.DEFERRED:
+                heapq.heappush(self._deferred, (recipient.next_attempt, queue_id, recipient.index))
+        self.recipient_counts.update(counts)
+        message_state = _message_state(counts)
+        if message_state is not None:
+            self.message_counts[message_state] += 1
 
     def remove_message(self, queue_id: str) -> Message | None:
         self.take_fresh(queue_id)
         message = self.messages.pop(queue_id, None)
         if message is None:
             return None
-        for recipient in message.recipients:
-            self._doubtful.discard((queue_id, recipient.index))
+        if self._doubtful:
+            for recipient in message.recipients:
+                self._doubtful.discard((queue_id, recipient.index))
         if len(self.messages) < self._peak_messages // 4:
             self._shrink()
         counts = self._per_message.pop(queue_id, None)
@@ -264,22 +283,26 @@ class Scheduler:
     def set_state(self, message: Message, recipient: Recipient, state: State, next_attempt: float = 0.0) -> None:
         # Per-state counts of each message with several recipients; a message with one recipient (most of
         # them) is in its recipient's state, and costs no counter (memory: ARCHITECTURE.md performance notes).
+        # (done states by identity, not the `done` property: this runs several times per recipient)
+        old = recipient.state
+        old_pending = old is not State.DELIVERED and old is not State.FAILED
+        new_pending = state is not State.DELIVERED and state is not State.FAILED
         counts = self._per_message.get(message.queue_id)
         if counts is None:
-            old_message_state = None if recipient.state.done else recipient.state
-            new_message_state = None if state.done else state
-            if not recipient.state.done:
-                self.recipient_counts[recipient.state] -= 1
+            old_message_state = old if old_pending else None
+            new_message_state = state if new_pending else None
+            if old_pending:
+                self.recipient_counts[old] -= 1
             recipient.state = state
-            if not state.done:
+            if new_pending:
                 self.recipient_counts[state] += 1
         else:
             old_message_state = _message_state(counts)
-            if not recipient.state.done:
-                counts[recipient.state] -= 1
-                self.recipient_counts[recipient.state] -= 1
+            if old_pending:
+                counts[old] -= 1
+                self.recipient_counts[old] -= 1
             recipient.state = state
-            if not state.done:
+            if new_pending:
                 counts[state] += 1
                 self.recipient_counts[state] += 1
             new_message_state = _message_state(counts)
@@ -294,6 +317,26 @@ class Scheduler:
         elif state is State.DEFERRED:
             recipient.next_attempt = next_attempt
             heapq.heappush(self._deferred, (next_attempt, message.queue_id, recipient.index))
+
+    def _ready_to_in_flight(self, message: Message, ready: list[Recipient]) -> None:
+        """`set_state(message, r, IN_FLIGHT)` for each of `ready` (all READY), the counts moved once."""
+        counts = self._per_message.get(message.queue_id)
+        if counts is None or len(ready) == 1:
+            for recipient in ready:
+                self.set_state(message, recipient, State.IN_FLIGHT)
+            return
+        old_message_state = _message_state(counts)
+        for recipient in ready:
+            recipient.state = State.IN_FLIGHT
+        moved = len(ready)
+        counts[State.READY] -= moved
+        counts[State.IN_FLIGHT] += moved
+        self.recipient_counts[State.READY] -= moved
+        self.recipient_counts[State.IN_FLIGHT] += moved
+        if old_message_state is not State.IN_FLIGHT:  # in flight comes first: the message is in flight now
+            if old_message_state is not None:
+                self.message_counts[old_message_state] -= 1
+            self.message_counts[State.IN_FLIGHT] += 1
 
     def _lane(self, domain: str, message: Message) -> str:
         """The ready queue a recipient of `message` at `domain` waits in: the domain, or with egress pools
@@ -469,11 +512,12 @@ class Scheduler:
         chosen = ready[:max_recipients]
         job = Job(f"{self._job_prefix}{next(self._job_ids)}", queue_id, domain, [r.index for r in chosen],
                   attempt=max(r.attempts for r in chosen) + 1)
-        for recipient in chosen:
-            self.set_state(message, recipient, State.IN_FLIGHT)
-            if (queue_id, recipient.index) in self._doubtful:
-                self._doubtful.discard((queue_id, recipient.index))
-                self.possible_duplicates += 1
+        self._ready_to_in_flight(message, chosen)
+        if self._doubtful:
+            for recipient in chosen:
+                if (queue_id, recipient.index) in self._doubtful:
+                    self._doubtful.discard((queue_id, recipient.index))
+                    self.possible_duplicates += 1
         self.jobs[job.job_id] = job
         self._in_flight_per_domain[domain] += 1
         self._drop_lane_if_idle(lane)
@@ -759,7 +803,8 @@ class Scheduler:
 
 
 def _message_state(counts: Counter[State]) -> State | None:
+    get = counts.get  # not counts[state]: a missing key would go through Counter.__missing__, in Python
     for state in MESSAGE_STATE_ORDER:
-        if counts[state] > 0:
+        if get(state, 0) > 0:
             return state
     return None

@@ -164,3 +164,49 @@ def test_one_delivered_job_ends_the_deferral_streak_and_the_backoff(scheduler: S
     assert scheduler.backoff_until == {"x.test": 100}
     assert scheduler.note_destination("x.test", False, now=1, backoff=100) is False
     assert scheduler.backoff_until == {}
+
+
+def recount(scheduler: Scheduler) -> tuple[Counter[State], Counter[State]]:
+    """The per-state counters as a scan of every message gives them (what the kept counters must equal)."""
+    recipients: Counter[State] = Counter()
+    messages: Counter[State] = Counter()
+    for message in scheduler.messages.values():
+        pending = Counter(r.state for r in message.recipients if not r.state.done)
+        recipients.update(pending)
+        first = next((s for s in (State.IN_FLIGHT, State.READY, State.DEFERRED, State.HELD) if pending[s]), None)
+        if first is not None:
+            messages[first] += 1
+    return recipients, messages
+
+
+def test_the_counters_of_many_recipient_messages_stay_exact() -> None:
+    """A message's recipients are counted once per message at add and at dispatch (100 at a time in bulk)."""
+    scheduler = Scheduler(SchedulerLimits(destination_concurrency=5, max_recipients=4, lease_time=60,
+                                          worker_timeout=10))
+    mixed = queued_message("Q1", *(f"r{i}@x.test" for i in range(6)), "s@y.test")
+    for recipient, state in zip(mixed.recipients, [State.READY, State.DEFERRED, State.HELD, State.DELIVERED,
+                                                   State.READY, State.READY, State.READY], strict=True):
+        recipient.state, recipient.next_attempt = state, 50.0
+    bulk = queued_message("Q2", *(f"b{i}@x.test" for i in range(10)))
+    single = queued_message("Q3", "one@y.test")
+    for message in (mixed, bulk, single):
+        scheduler.add_message(message)
+        assert (+scheduler.recipient_counts, +scheduler.message_counts) == recount(scheduler)
+    assert mixed.recipients[1].state is State.DEFERRED and scheduler.next_deferred_time() == 50.0
+    assert mixed.recipients[0].next_attempt == 0.0  # ready: no next attempt
+    scheduler.heartbeat("w", b"w", 20, [], 0.0)
+    jobs = scheduler.dispatch(0.0)
+    assert sorted(len(job.indices) for job in jobs) == [1, 1, 2, 3, 4, 4]  # max_recipients 4: bulk 10 = 4 + 4 + 2
+    assert (+scheduler.recipient_counts, +scheduler.message_counts) == recount(scheduler)
+    assert scheduler.message_counts[State.IN_FLIGHT] == 3 and scheduler.recipient_counts[State.READY] == 0
+    for job in jobs:
+        message = scheduler.messages[job.queue_id]
+        for index in job.indices:
+            scheduler.set_state(message, message.recipients[index], State.DELIVERED)
+        scheduler.finish_job(job.job_id)
+        assert (+scheduler.recipient_counts, +scheduler.message_counts) == recount(scheduler)
+    jobs = scheduler.dispatch(0.0)
+    assert (+scheduler.recipient_counts, +scheduler.message_counts) == recount(scheduler)
+    scheduler.remove_message("Q2")
+    scheduler.remove_message("Q1")
+    assert (+scheduler.recipient_counts, +scheduler.message_counts) == recount(scheduler)
