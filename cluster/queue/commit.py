@@ -6,6 +6,8 @@ dedicated thread. Destination backoffs changed since the last transaction (`back
 next one, so they are as durable as the recipient changes that caused them. Each caller's await returns
 once the transaction holding its batch is durable, or raises
 the SpoolError that made it fail (ARCHITECTURE.md contract 1: Stored only after fsync).
+A batch submitted with `company` (the outcomes of deliveries) starts no transaction of its own unless none
+started within that many seconds: at a steady load it rides along with the next store, one fsync for both.
 """
 
 from __future__ import annotations
@@ -42,13 +44,26 @@ class GroupCommitter:
         self._observe = observe
         self._pending: deque[tuple[Batch, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
+        # The deadline of the parts that wait for company (`submit`), while one waits.
+        self._timer: asyncio.TimerHandle | None = None
         self.transactions = 0
 
-    async def submit(self, batch: Batch) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def submit(self, batch: Batch, company: float = 0.0) -> None:
+        """Commit `batch`; returns once it is durable. `company` > 0: no transaction of its own is started for
+        it, it rides along with the next one someone else starts, or starts one itself after `company` seconds
+        (for changes that need to be durable soon, not at once: the outcomes of deliveries)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._pending.append((batch, future))
-        self._wake.set()
+        if company <= 0:
+            self._wake.set()
+        elif self._timer is None:
+            self._timer = loop.call_later(company, self._alone)
         await future
+
+    def _alone(self) -> None:
+        self._timer = None
+        self._wake.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -56,6 +71,9 @@ class GroupCommitter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
+                if self._timer is not None:  # whatever waited for company goes now
+                    self._timer.cancel()
+                    self._timer = None
                 taken = self._take()
                 merged = Batch()
                 for part, _ in taken:

@@ -98,6 +98,8 @@ class ShardCore:
         self.ready = False
         self._send = send
         self._tasks: set[asyncio.Task[None]] = set()
+        # Injects read in this turn, waiting for the task that stores them together (`handle`).
+        self._injects: list[tuple[bytes, Inject]] = []
         top = frozenset(d.lower() for d in config.metrics.top_domains)
         self.shaper = Shaper(config.shaping, config.delivery.destination_concurrency,
                              config.delivery.max_recipients_per_transaction,
@@ -255,7 +257,10 @@ class ShardCore:
 
     async def handle(self, identity: bytes, message: BusMessage) -> None:
         if isinstance(message, Inject):
-            self.spawn(self._inject(identity, message))
+            # Every Inject read in this turn is stored by one task, in one batch (inject.py).
+            self._injects.append((identity, message))
+            if len(self._injects) == 1:
+                self.spawn(self._inject_turn())
         elif isinstance(message, Heartbeat):
             ack = self.workers.on_heartbeat(identity, message, self.clock())
             await self._send(identity, dataclasses.replace(ack, state=self.drain.state))
@@ -277,8 +282,11 @@ class ShardCore:
         else:
             await self._send(identity, Error(f"a shard does not accept {message.TYPE!r} messages"))
 
-    async def _inject(self, identity: bytes, inject: Inject) -> None:
-        await self._send(identity, await self.injector.handle(inject))
+    async def _inject_turn(self) -> None:
+        taken, self._injects = self._injects, []
+        answers = await self.injector.handle_many([inject for _, inject in taken])
+        for (identity, _), answer in zip(taken, answers, strict=True):
+            await self._send(identity, answer)
 
     async def _transfer(self, identity: bytes, transfer: Transfer) -> None:
         await self.loaded.wait()  # a resend of a message not loaded yet must be recognised (drain.py)

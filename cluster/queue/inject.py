@@ -63,21 +63,46 @@ class Injector:
         self._stored = metrics.STORED.labels(self.label)
 
     async def handle(self, inject: Inject) -> Stored | InjectRefused:
-        if not inject.recipients or any(not r for r in inject.recipients):
-            return self._refuse(inject, "no_recipients", 554, "5.5.1", "No valid recipients", count=False)
-        if self.short_of_space():
-            return self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
-        client = {str(k): str(v) for k, v in inject.client.items()}
-        try:
-            stored = await self.store(inject.sender, inject.recipients, inject.body, client)
-        except SpoolError as exc:
-            log.error("shard %d: cannot store a message: %s", self.index, exc)
-            if exc.disk_full:
-                return self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
-            return self._refuse(inject, "spool_error", 451, "4.3.0", "Queue storage failed, try again")
-        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", stored.queue_id, stored.sender, stored.size,
-                 len(stored.recipients))
-        return Stored(inject.req, stored.queue_id)
+        return (await self.handle_many([inject]))[0]
+
+    async def handle_many(self, injects: list[Inject]) -> list[Stored | InjectRefused]:
+        """The answer to each Inject, in order: those that can be stored are, in one batch (one group-commit
+        part, so one spool transaction for every Inject read in one turn of the shard)."""
+        answers: list[Stored | InjectRefused | None] = [None] * len(injects)
+        messages: list[tuple[int, Message]] = []
+        batch = Batch()
+        now = self.clock()
+        for position, inject in enumerate(injects):
+            if not inject.recipients or any(not r for r in inject.recipients):
+                answers[position] = self._refuse(inject, "no_recipients", 554, "5.5.1", "No valid recipients",
+                                                 count=False)
+            elif self.short_of_space():
+                answers[position] = self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
+            else:
+                client = inject.client
+                if not all(type(k) is str and type(v) is str for k, v in client.items()):
+                    client = {str(k): str(v) for k, v in client.items()}
+                message = self._add(batch, inject.sender, inject.recipients, inject.body, client, now)
+                messages.append((position, message))
+        if messages:
+            try:
+                await self.io.commit(batch)
+            except SpoolError as exc:
+                log.error("shard %d: cannot store %d messages: %s", self.index, len(messages), exc)
+                for position, _ in messages:
+                    inject = injects[position]
+                    answers[position] = (
+                        self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
+                        if exc.disk_full else
+                        self._refuse(inject, "spool_error", 451, "4.3.0", "Queue storage failed, try again"))
+            else:
+                self._stored.inc(len(messages))
+                for position, message in messages:
+                    self._follow(batch, message)
+                    log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id, message.sender,
+                             message.size, len(message.recipients))
+                    answers[position] = Stored(injects[position].req, message.queue_id)
+        return [answer for answer in answers if answer is not None]
 
     def short_of_space(self) -> bool:
         """True below `queue.min_free_space` free: new mail (and transfers) are refused with 452 4.3.1."""
@@ -93,14 +118,26 @@ class Injector:
 
     async def store(self, sender: str, recipients: list[str], body: bytes, client: dict[str, str]) -> Message:
         """Store a new message (group commit); it is handed to `on_stored` once durable."""
-        now = self.clock()
+        batch = Batch()
+        message = self._add(batch, sender, recipients, body, client, self.clock())
+        await self.io.commit(batch)
+        self._stored.inc()
+        self._follow(batch, message)
+        return message
+
+    def _add(self, batch: Batch, sender: str, recipients: list[str], body: bytes, client: dict[str, str],
+             now: float) -> Message:
+        """A new message into `batch`: stored in flight when it will be dispatched at once (dispatch.py)."""
         message = Message(self.ids.new(now), sender, now, [Recipient(i, r) for i, r in enumerate(recipients)],
                           len(body), client)
-        at_once = self._at_once(message)
-        await self.io.commit(Batch(stores=[message], bodies={message.queue_id: body},
-                                   in_flight={message.queue_id} if at_once else set()))
-        self._stored.inc()
-        if at_once:
-            self._keep_body(message.queue_id, body)
-        self._on_stored(message)
+        batch.stores.append(message)
+        batch.bodies[message.queue_id] = body
+        if self._at_once(message):
+            batch.in_flight.add(message.queue_id)
         return message
+
+    def _follow(self, batch: Batch, message: Message) -> None:
+        """`message` is durable: keep its body for its first Deliver when it was stored in flight, schedule it."""
+        if message.queue_id in batch.in_flight:
+            self._keep_body(message.queue_id, batch.bodies[message.queue_id])
+        self._on_stored(message)

@@ -112,16 +112,19 @@ class MessageLocks:
         wanted = set(queue_ids)
         while busy := [self._released[q] for q in wanted if q in self._released]:
             await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
-        loop = asyncio.get_running_loop()
+        # One future for the whole hold (released together), not one per message: a pass over the outcomes of
+        # a whole turn locks many messages at once.
+        released = asyncio.get_running_loop().create_future()
         for queue_id in wanted:
-            self._released[queue_id] = loop.create_future()
+            self._released[queue_id] = released
             self._scheduler.lock(queue_id)
         try:
             yield
         finally:
             for queue_id in wanted:
-                self._released.pop(queue_id).set_result(None)
+                del self._released[queue_id]
                 self._scheduler.unlock(queue_id)
+            released.set_result(None)
             self._wake()
 
 
@@ -165,15 +168,16 @@ class Ledger:
         self._outcomes.setdefault(queue_id, []).extend(changes)
 
     async def apply(self, queue_ids: Iterable[str], decide: Callable[[Message], list[Change]],
-                    now: float) -> Applied:
-        """Decide, commit and apply changes to the given messages (module docstring); unknown ids are skipped."""
+                    now: float, company: float = 0.0) -> Applied:
+        """Decide, commit and apply changes to the given messages (module docstring); unknown ids are skipped.
+        `company`: the arrived outcomes may wait that long for a transaction to ride along with (commit.py)."""
         wanted = list(dict.fromkeys(queue_ids))
         async with self.locks.hold(wanted):
             arrived = {q: changes for q in wanted if (changes := self._outcomes.pop(q, None))}
             if arrived:
                 first = [m for q in arrived if (m := self.scheduler.messages.get(q)) is not None]
                 try:
-                    await self._commit(first, lambda message: arrived[message.queue_id], now, Applied())
+                    await self._commit(first, lambda message: arrived[message.queue_id], now, Applied(), company)
                 except SpoolError as exc:
                     log.error("cannot record the outcomes of %s: %s", ", ".join(arrived), exc)
                     raise
@@ -184,7 +188,7 @@ class Ledger:
         return applied
 
     async def _commit(self, messages: list[Message], decide: Callable[[Message], list[Change]], now: float,
-                      applied: Applied) -> None:
+                      applied: Applied, company: float = 0.0) -> None:
         """Steps 3 to 5 of the module docstring for locked `messages`; what was committed goes into `applied`."""
         batch = Batch()
         dsns: dict[str, Message] = {}  # original queue id -> its DSN
@@ -215,7 +219,7 @@ class Ledger:
         if not batch:
             return
         try:
-            await self.io.commit(batch)
+            await self.io.commit(batch, company)
         except SpoolError:
             self._back_to_ready(messages, applied)
             raise

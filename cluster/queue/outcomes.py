@@ -32,6 +32,10 @@ from cluster.queue.suppression import SUPPRESSING, SuppressionList, classify
 log = logging.getLogger("mtacluster.queue")
 
 IN_FLIGHT = frozenset({State.IN_FLIGHT})
+# Outcomes wait up to this long (seconds) for a spool transaction to ride along with (commit.py): under load the
+# next store takes them, one fsync for both; a crash meanwhile leaves their recipients in flight, to be delivered
+# again as counted possible duplicates (ARCHITECTURE.md contract 2), as a crash during any commit would.
+OUTCOME_COMPANY = 0.02
 
 
 class OutcomeRecorder:
@@ -44,6 +48,11 @@ class OutcomeRecorder:
         self.retry = retry
         self.ledger = ledger
         self._spawn = spawn
+        # Messages whose outcomes were taken in and wait for the next ledger pass (insertion-ordered), the
+        # latest time one of them arrived, and whether the task that records them runs (`_flush`).
+        self._pending: dict[str, None] = {}
+        self._pending_now = 0.0
+        self._flushing = False
 
     def record(self, job: Job, outcomes: list[Outcome], now: float) -> None:
         """Decide each recipient's next state now, note the destination's health, record in the background."""
@@ -70,7 +79,11 @@ class OutcomeRecorder:
         # Handed to the ledger now, not when the task runs: nothing decided for the message after this
         # moment can overtake them (ledger.py, step 2).
         self.ledger.outcomes_arrived(job.queue_id, changes)
-        self._spawn(self._record(job.queue_id, now))
+        self._pending[job.queue_id] = None
+        self._pending_now = max(self._pending_now, now)
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())
 
     def _learn(self, job: Job, outcomes: list[Outcome], now: float) -> None:
         shaper = self.scheduler.shaper
@@ -97,9 +110,18 @@ class OutcomeRecorder:
                     log.info("shard %d: suppressed %s (%s) after %r", self.index, outcome.recipient, category,
                              reply[:200])
 
-    async def _record(self, queue_id: str, now: float) -> None:
-        with contextlib.suppress(SpoolError):  # logged by the ledger; the recipients are ready again
-            await self.ledger.apply([queue_id], lambda message: [], now)
+    async def _flush(self) -> None:
+        """Commit the outcomes taken in, every message's in one ledger pass (one spool transaction); those that
+        arrive meanwhile go in the next pass, until none is left."""
+        try:
+            while self._pending:
+                queue_ids, now = list(self._pending), self._pending_now
+                self._pending.clear()
+                self._pending_now = 0.0
+                with contextlib.suppress(SpoolError):  # logged by the ledger; the recipients are ready again
+                    await self.ledger.apply(queue_ids, _nothing_more, now, OUTCOME_COMPANY)
+        finally:
+            self._flushing = False
 
     def decide(self, message: Message, recipient: Recipient, outcome: Outcome, now: float) -> Change:
         """The recipient's next state after an outcome (the typed outcome is kept as it came)."""
@@ -120,6 +142,11 @@ class OutcomeRecorder:
                           Event.EXPIRED, bounce=True, outcome=outcome)
         return Change(copy_recipient(recipient, State.DEFERRED, attempts=attempts, next_attempt=decision.next_attempt,
                                      last=last), IN_FLIGHT, Event.DEFERRED, outcome=outcome)
+
+
+def _nothing_more(message: Message) -> list[Change]:
+    """Outcome recording decides nothing beyond the outcomes themselves (they go first: ledger.py, step 2)."""
+    return []
 
 
 def _connection_level(outcome: Outcome | None) -> bool:

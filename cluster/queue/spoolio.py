@@ -80,8 +80,8 @@ class SpoolIO:
     def transactions(self) -> int:
         return self._committer.transactions
 
-    async def commit(self, batch: Batch) -> None:
-        await self._committer.submit(batch)
+    async def commit(self, batch: Batch, company: float = 0.0) -> None:
+        await self._committer.submit(batch, company)
 
     async def load_usage(self) -> list[UsageEntry]:
         """The per-user usage entries the spool holds (cluster.queue.usage)."""

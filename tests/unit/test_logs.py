@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,23 @@ def test_text_lines_name_role_and_pid(root_handlers: None, capsys: pytest.Captur
     logging.getLogger("mtacluster.queue").warning("hello %s", "there")
     line = capsys.readouterr().err.strip()
     assert " worker[" in line and line.endswith("WARNING mtacluster.queue: hello there")
+
+
+def test_the_text_line_is_the_standard_formatters_line() -> None:
+    """TextFormatter makes the line with less work (time once per second): the same text, to the millisecond."""
+    standard = logging.Formatter("%(asctime)s queue[%(process)d] %(levelname)s %(name)s: %(message)s")
+    fast = logs.TextFormatter("queue")
+    for created in (1764464401.0, 1764464401.0005, 1764464401.9996, 1764464402.25, 1764464459.123, 1764464401.5):
+        record = logging.LogRecord("mtacluster.queue", logging.INFO, __file__, 1, "%s: to=<%s>", ("0A1B", "b@c.d"),
+                                   None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert fast.format(record) == standard.format(record)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("mtacluster.queue", logging.ERROR, __file__, 1, "failed %d", (3,), sys.exc_info())
+    line = fast.format(record)
+    assert line == standard.format(record) and "RuntimeError: boom" in line
 
 
 def test_the_format_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -122,3 +122,26 @@ async def test_the_writer_survives_an_unexpected_error() -> None:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
     assert spool.commits == [1]
+
+
+async def test_a_part_that_waits_for_company_rides_along_with_the_next_transaction() -> None:
+    """Issue 12: outcomes (submitted with `company`) start no transaction of their own while stores follow."""
+    spool = SlowSpool()
+    spool.release.set()
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=8)
+        runner = asyncio.create_task(committer.run())
+        try:
+            waiting = asyncio.create_task(committer.submit(one("w1"), company=60))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not waiting.done() and spool.commits == [] and committer.transactions == 0
+            await committer.submit(one("s1"))
+            await waiting
+            assert spool.commits == [2] and committer.transactions == 1
+            # Alone, it goes once its time is up.
+            await asyncio.wait_for(committer.submit(one("w2"), company=0.01), 5)
+            assert spool.commits == [2, 1]
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)

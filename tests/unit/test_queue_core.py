@@ -382,6 +382,66 @@ async def test_a_failed_outcome_commit_makes_the_recipients_ready_again() -> Non
         assert again.queue_id == queue_id
 
 
+async def test_injects_read_in_one_turn_are_stored_by_one_batch() -> None:
+    """Issue 12: every Inject read in one turn goes into one group-commit part (one task, one commit future); each
+    gets its own Stored only once that part is committed, and a refused one does not hold the others back."""
+    async with shard() as h:
+        commits: list[Batch] = []
+        commit = h.core.io.commit
+
+        async def counting(batch: Batch, company: float = 0.0) -> None:
+            commits.append(batch)
+            await commit(batch, company)
+
+        h.core.io.commit = counting  # type: ignore[method-assign]
+        for req, recipients in enumerate((["r@f.test"], [], ["s@f.test", "t@g.test"], ["u@f.test"]), start=1):
+            await h.core.handle(FRONTEND, Inject(req, "a@sender.test", recipients, BODY))
+        assert not h.peer.sent  # nothing is answered before the batch is committed
+        await h.core.idle()
+        (batch,) = commits
+        assert len(batch.stores) == 3
+        stored = {m.req: m.queue_id for m in h.peer.take(Stored, FRONTEND)}
+        (refused,) = h.peer.take(InjectRefused, FRONTEND)
+        assert sorted(stored) == [1, 3, 4] and refused.req == 2 and refused.code == 554
+        assert len(set(stored.values())) == 3 and all(q in h.core.scheduler.messages for q in stored.values())
+        assert sorted(h.spool.queue_ids()) == sorted(stored.values())
+        # A batch that cannot be committed refuses each of its injects, and stores none of them.
+        h.spool.fail_commits(1, disk_full=False)
+        for req in (5, 6):
+            await h.core.handle(FRONTEND, Inject(req, "a@sender.test", ["v@f.test"], BODY))
+        await h.core.idle()
+        refusals = h.peer.take(InjectRefused, FRONTEND)
+        assert sorted((r.req, r.code, r.enhanced) for r in refusals) == [(5, 451, "4.3.0"), (6, 451, "4.3.0")]
+        assert len(commits) == 2 and len(h.core.scheduler.messages) == 3
+
+
+async def test_results_read_in_one_turn_are_recorded_in_one_ledger_pass() -> None:
+    """Issue 12: the Results taken in during one turn are committed by one ledger pass (one task, one lock, one
+    transaction), and every outcome still has its own log line and count."""
+    async with shard() as h:
+        queue_ids = [await h.inject("a@sender.test", [f"r{i}@d{i}.test"]) for i in range(3)]
+        await h.heartbeat(free=10)
+        jobs = await h.deliveries()
+        assert len(jobs) == 3
+        passes: list[list[str]] = []
+        apply = h.core.ledger.apply
+
+        async def counting(queue_ids: Any, *args: Any) -> Any:
+            passes.append(list(queue_ids))
+            return await apply(queue_ids, *args)
+
+        h.core.ledger.apply = counting  # type: ignore[method-assign]
+        before = h.core.io.transactions
+        for job in jobs:
+            outcomes = [Outcome(r, OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx.test[192.0.2.1]")
+                        for r in job.recipients]
+            await h.core.handle(WORKER, Result(job.job_id, "w", outcomes))
+        await h.core.idle()
+        assert passes == [[job.queue_id for job in jobs]]
+        assert h.core.io.transactions == before + 1
+        assert not h.spool.queue_ids() and not any(q in h.core.scheduler.messages for q in queue_ids)
+
+
 async def test_disk_full_refuses_new_mail() -> None:
     async with shard(MemorySpool(free_bytes=10), min_free_space=1000) as h:
         await h.core.handle(FRONTEND, Inject(1, "a@sender.test", ["r@f.test"], BODY))

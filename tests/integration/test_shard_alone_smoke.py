@@ -1,0 +1,24 @@
+"""benchmarks/shard_alone.py, run tiny: the shard-alone measurement keeps working, and every message is stored
+and delivered exactly once through it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.harness import REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("rate", ["0", "400"])
+def test_shard_alone_benchmark_runs_tiny(rate: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.shard_alone", "--messages", "200", "--rate", rate,
+                             "--time-limit", "60"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert (figures["messages"], figures["refused"], figures["delivered"]) == (200, 0, 200)
+    assert figures["cpu_ms_per_message"] > 0 and 0 < figures["transactions_per_message"] <= 3
