@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.smtp.replies import Reply
+from cluster.smtp.scan import find_dot_line
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets. Real servers exceed it now and then; be lenient
 # up to this, and call anything longer broken.
@@ -128,7 +129,7 @@ def pipeline_groups(commands: list[Command]) -> list[list[Command]]:
 def dot_stuff(body: bytes) -> bytes:
     """The message as sent after 354 (RFC 5321 4.5.2): a "." doubled at the start of every line, the last
     line ended with CRLF, then the end-of-data line ".". The body itself is not otherwise changed."""
-    if not body.startswith(b".") and body.endswith(b"\r\n") and b"\r\n." not in body:
+    if not body.startswith(b".") and body.endswith(b"\r\n") and find_dot_line(body) < 0:
         return body + b".\r\n"  # nothing to stuff (the usual case): one copy, no scan-and-replace
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):

@@ -2,6 +2,7 @@
 
 Every message that got a 250 must reach the sink (counted by Message-ID); messages that got a 4xx or a broken
 connection may be retried by the client and are not counted. Duplicates are allowed (in flight at the crash).
+One message in BIG_EVERY is big enough for its body to be kept in a file beside its row (spool.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from cluster.queue.spool import BODY_FILE_MIN
 from tests.support.harness import Cluster, SmtpSink, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MESSAGES = 2000
 THREADS = 8
+BIG_EVERY = 20
+BIG_LINES = BODY_FILE_MIN // 64 + 64
 
 
 def test_kill_9_of_the_shard_loses_no_accepted_message(tmp_path: Path) -> None:
@@ -38,7 +42,9 @@ def test_kill_9_of_the_shard_loses_no_accepted_message(tmp_path: Path) -> None:
             connection: smtplib.SMTP | None = None
             for i in range(thread, MESSAGES, THREADS):
                 message_id = f"<durable.{i}@sender.test>"
-                body = f"Message-ID: {message_id}\r\nSubject: {i}\r\n\r\n".encode() + (b"x" * 62 + b"\r\n") * 16
+                # Every BIG_EVERY-th body is big enough to be kept in a file of its own beside its row (spool.py).
+                lines = BIG_LINES if i % BIG_EVERY == 0 else 16
+                body = f"Message-ID: {message_id}\r\nSubject: {i}\r\n\r\n".encode() + (b"x" * 62 + b"\r\n") * lines
                 try:
                     if connection is None:
                         connection = smtplib.SMTP("127.0.0.1", cluster.smtp_port, timeout=30)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.smtp import lines
 from cluster.smtp.address import (
     Address,
     AddressError,
@@ -161,6 +164,23 @@ def reference_data_phase(stream: bytes, max_text_line: int, max_size: int) -> tu
     max_size=st.integers(min_value=0, max_value=200),
 )
 def test_data_reader_matches_reference(stream: bytes, cuts: list[int], max_text_line: int, max_size: int) -> None:
+    data_reader_matches_reference(stream, cuts, max_text_line, max_size)
+    with every_block_big():
+        data_reader_matches_reference(stream, cuts, max_text_line, max_size)
+
+
+@contextlib.contextmanager
+def every_block_big() -> Iterator[None]:
+    """The DataReader checks every block of lines as a big one (numpy, cluster/smtp/blockscan.py), however small."""
+    saved = lines.BIG_BLOCK
+    lines.BIG_BLOCK = 1
+    try:
+        yield
+    finally:
+        lines.BIG_BLOCK = saved
+
+
+def data_reader_matches_reference(stream: bytes, cuts: list[int], max_text_line: int, max_size: int) -> None:
     expected = reference_data_phase(stream, max_text_line, max_size)
     reader = DataReader(max_text_line, max_size)
     buffer = bytearray()
@@ -192,15 +212,17 @@ def test_data_reader_finds_long_lines_at_the_real_limit(lengths: list[int], cuts
     stream = b"".join(b"x" * length + b"\r\n" for length in lengths) + b".\r\n"
     expected = reference_data_phase(stream, 1000, 10**7)
     assert expected is not None
-    reader = DataReader(1000, 10**7)
-    buffer = bytearray()
-    result = None
-    for chunk in chunked(stream, cuts):
-        buffer += chunk
-        result = reader.feed(buffer)
-        if result is not None:
-            break
-    assert result == expected[0]
+    for all_big in (False, True):
+        with every_block_big() if all_big else contextlib.nullcontext():
+            reader = DataReader(1000, 10**7)
+            buffer = bytearray()
+            result = None
+            for chunk in chunked(stream, cuts):
+                buffer += chunk
+                result = reader.feed(buffer)
+                if result is not None:
+                    break
+            assert result == expected[0]
 
 
 # --- address parsing ---

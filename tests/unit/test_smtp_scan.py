@@ -1,0 +1,55 @@
+"""The scans of cluster/smtp/scan.py and blockscan.py against the plain bytes methods and line splits they replace."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.smtp.blockscan import BlockScan, scan_block
+from cluster.smtp.scan import DOT_MISSES, find_dot_line
+
+# Few octets, so that dots, CRs and LFs meet often (and a run of dots passes DOT_MISSES).
+octets = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"a"]), max_size=80).map(b"".join)
+
+
+@given(octets, st.integers(0, 90), st.one_of(st.none(), st.integers(0, 300)))
+def test_find_dot_line_is_find_of_crlf_dot(data: bytes, start: int, end: int | None) -> None:
+    expected = data.find(b"\r\n.", start, end)
+    assert find_dot_line(data, start, end) == expected
+    assert find_dot_line(bytearray(data), start, end) == expected
+
+
+def test_find_dot_line_after_many_dots_that_start_no_line() -> None:
+    text = b"Sentences. End. With. Dots." * DOT_MISSES + b"\r\n"
+    body = text * 3 + b"\r\n.stuffed\r\n" + text
+    assert find_dot_line(body) == body.find(b"\r\n.") == len(text) * 3
+    assert find_dot_line(text * 4) == -1
+    assert find_dot_line(b"x\r\n.", 0) == 1
+    assert find_dot_line(b"x\r\n.", 2) == -1 and find_dot_line(b"x\r\n.", 0, 3) == -1
+
+
+def reference_scan(block: bytes) -> BlockScan:
+    """The block split into lines: bare CR/LF/NUL anywhere, octets above 127, and line lengths by LF."""
+    pieces = block.split(b"\r\n")
+    bare = any(octet in piece for piece in pieces for octet in (b"\r", b"\n", b"\x00"))
+    lengths = [len(line) + 1 for line in block.split(b"\n")[:-1]]  # each with its LF
+    return BlockScan(bare, not block.isascii(), lengths[0], max(lengths[1:], default=0))
+
+
+blocks = st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"\x00", b"\xc3\xa9", b"x", b"y" * 30, b"."]),
+                  max_size=60).map(lambda parts: b"".join(parts) + b"\r\n")
+
+
+@given(blocks, st.binary(max_size=5))
+def test_scan_block_is_what_the_lines_hold(block: bytes, after: bytes) -> None:
+    for data in (block + after, bytearray(block + after)):
+        assert scan_block(data, len(block)) == reference_scan(block)
+    assert scan_block(b"a\rb\r\n", 5).bare and scan_block(b"a\nb\r\n", 5).bare and scan_block(b"a\0\r\n", 4).bare
+    assert not scan_block(b"ab\r\n\r\n", 6).bare
+
+
+def test_scan_block_leaves_a_bytearray_resizable() -> None:
+    buffer = bytearray(b"x" * 100 + b"\r\n" + b"tail")
+    assert scan_block(buffer, 102) == BlockScan(False, False, 102, 0)
+    del buffer[:102]  # no numpy array still holds its buffer
+    assert buffer == b"tail"
