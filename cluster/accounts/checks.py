@@ -88,6 +88,8 @@ class AccountChecks(SessionPolicy):
         return decision.refusal
 
     async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+        if not self.policy.asks_at_rcpt(facts.user, facts.trusted_network):
+            return None
         return await self.policy.check_rcpt(user=facts.user, may_relay=facts.trusted_network,
                                             client_ip=facts.client_ip, recipient=str(recipient),
                                             accepted=len(facts.recipients))

@@ -173,12 +173,19 @@ class AccountPolicy:
                                              f"MAIL FROM:<{sender}> refused client={client_ip}: SPF fail"), verdict)
         return MailDecision(None, verdict)
 
+    @staticmethod
+    def asks_at_rcpt(user: str | None, may_relay: bool) -> bool:
+        """Whether `check_rcpt` has anything to check: a user's daily recipient limit, or whether the recipient
+        of a client outside the relay networks exists. A trusted client without AUTH, as a bulk sender in
+        smtp.relay_networks is, needs no question per recipient (so no coroutine and no address text either)."""
+        return user is not None or not may_relay
+
     async def check_rcpt(self, *, user: str | None, may_relay: bool, client_ip: str, recipient: str,
                          accepted: int) -> Reply | None:
         """`accepted`: recipients already accepted in this transaction."""
         if user is not None:
             return await self._check_limit(user, self.account(user), 1, accepted + 1)
-        if may_relay:
+        if not self.asks_at_rcpt(user, may_relay):
             return None
         refusal = self.recipients.check(recipient)
         if refusal is not None:

@@ -197,7 +197,9 @@ class RelayPolicy(SessionPolicy):
         return replies.RELAY_DENIED
 
     async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
-        return self.check_recipient(facts.may_relay, recipient.ascii_domain)
+        if facts.may_relay:  # before the domain's key is made: nothing to look up (once per recipient)
+            return None
+        return self.check_recipient(False, recipient.ascii_domain)
 
 
 class SubmissionPolicy(SessionPolicy):

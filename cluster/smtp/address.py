@@ -49,7 +49,7 @@ class ParameterError(SmtpSyntaxError):
     """The esmtp-params after a path are malformed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Address:
     """A mailbox: `local_part` unquoted (as its content), `domain` as written (U-label, A-label or literal).
 
@@ -58,6 +58,10 @@ class Address:
 
     local_part: str
     domain: str
+
+    def __init__(self, local_part: str, domain: str) -> None:
+        # One per MAIL and RCPT: the dict filled at once, not two frozen `object.__setattr__` calls.
+        self.__dict__.update(local_part=local_part, domain=domain)
 
     @property
     def ascii_domain(self) -> str:
@@ -100,16 +104,22 @@ def _is_dot_string(text: str) -> bool:
 # and for the envelopes of Inject frames on the bus (cluster.bus.schemas), so up to three times per recipient
 # in a cluster: one regex of two character runs, and the dots and hyphens checked by substring searches (a
 # regex of repeated groups with bounded label lengths took 3 us an address).
-_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]+")
+_PLAIN_LOCAL, _PLAIN_DOMAIN = "([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64})", "([A-Za-z0-9.-]+)"
+_PLAIN_ADDRESS = re.compile(f"{_PLAIN_LOCAL}@{_PLAIN_DOMAIN}")
+_PLAIN_PATH = re.compile(f"<{_PLAIN_LOCAL}@{_PLAIN_DOMAIN}>")
 _MAX_ADDRESS = MAX_PATH - 2  # the path's angle brackets count towards its limit
 _MAX_LABEL = 63
 
 
 def is_plain_address(address: str) -> bool:
     """True for an address (no brackets) of the everyday form that the full parser is known to accept."""
-    if len(address) > _MAX_ADDRESS or _PLAIN_ADDRESS.fullmatch(address) is None:
-        return False
-    local, _, domain = address.partition("@")
+    match = _PLAIN_ADDRESS.fullmatch(address)
+    return match is not None and len(address) <= _MAX_ADDRESS and _plain_parts(*match.groups())
+
+
+def _plain_parts(local: str, domain: str) -> bool:
+    """The dots and hyphens of a local part and domain made of the everyday characters: no empty atom, no
+    empty label, no label that starts or ends with "-" or is longer than 63."""
     if local[0] == "." or local[-1] == "." or ".." in local:
         return False
     return not (domain[0] in ".-" or domain[-1] in ".-" or ".." in domain or ".-" in domain or "-." in domain
@@ -118,10 +128,11 @@ def is_plain_address(address: str) -> bool:
 
 def _plain_path(text: str) -> Address | None:
     """`<local@domain>` of the everyday form (see is_plain_address) as an Address; None: ask the full parser."""
-    if text.startswith("<") and text.endswith(">") and is_plain_address(inner := text[1:-1]):
-        local, _, domain = inner.partition("@")
-        return Address(local, domain)
-    return None
+    match = _PLAIN_PATH.fullmatch(text)
+    if match is None or len(text) > MAX_PATH:
+        return None
+    local, domain = match.groups()
+    return Address(local, domain) if _plain_parts(local, domain) else None
 
 
 def _is_qtext_char(char: str) -> bool:
@@ -179,7 +190,7 @@ def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
     `<Postmaster>` without a domain is accepted (RFC 5321 4.1.1.3) as Address("Postmaster", "").
     """
     stripped = text.strip(" ")
-    if stripped.lower() == "<postmaster>":
+    if len(stripped) == 12 and stripped.lower() == "<postmaster>":
         return Address(stripped[1:-1], "")
     return _plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_recipient)
 

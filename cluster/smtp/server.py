@@ -573,8 +573,8 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             return
         path_text, params_text = split_path_and_parameters(argument[3:])
         try:
-            params = parse_mail_parameters(params_text)
-            if set(params) - _RCPT_PARAMETERS - self.settings.extra_rcpt_parameters:
+            params = parse_mail_parameters(params_text) if params_text else {}
+            if params and set(params) - _RCPT_PARAMETERS - self.settings.extra_rcpt_parameters:
                 raise SmtpSyntaxError(replies.UNKNOWN_RCPT_PARAMETER)
             recipient = parse_forward_path(path_text, smtputf8=transaction.smtputf8)
         except SmtpSyntaxError as problem:
