@@ -132,7 +132,11 @@ def _plain_path(text: str) -> Address | None:
     if match is None or len(text) > MAX_PATH:
         return None
     local, domain = match.groups()
-    return Address(local, domain) if _plain_parts(local, domain) else None
+    if not _plain_parts(local, domain):
+        return None
+    address = Address(local, domain)
+    address.__dict__["_text"] = text[1:-1]  # what __str__ would make: a dot-atom needs no quoting
+    return address
 
 
 def _is_qtext_char(char: str) -> bool:
