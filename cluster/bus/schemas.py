@@ -499,6 +499,7 @@ def kind_of_code(code: int) -> OutcomeKind:
 
 
 _KIND_OF_CLASS = {2: OutcomeKind.DELIVERED, 5: OutcomeKind.FAILED}
+_DEFERRED = OutcomeKind.DEFERRED  # a module constant: an enum member looked up on its class is slow on 3.11
 _WORKER_KIND_NAMED = {kind.value: kind for kind in WORKER_KINDS}
 _OUTCOME_FIELDS = frozenset(f.name for f in dataclasses.fields(Outcome))
 _OUTCOME_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Outcome) if f.default is not dataclasses.MISSING}
@@ -517,7 +518,7 @@ def _well_formed_outcome(item: Any) -> Outcome | None:
     kind, code, port = values["kind"], values["code"], values["port"]
     connect, transfer = values["connect_seconds"], values["transfer_seconds"]
     if (type(kind) is not str or type(code) is not int or not 100 <= code <= 599
-            or _WORKER_KIND_NAMED.get(kind) is not _KIND_OF_CLASS.get(code // 100, OutcomeKind.DEFERRED)
+            or _WORKER_KIND_NAMED.get(kind) is not _KIND_OF_CLASS.get(code // 100, _DEFERRED)
             or type(values["recipient"]) is not str or type(values["enhanced"]) is not str
             or type(values["text"]) is not str or type(values["remote"]) is not str
             or type(port) is not int or port < 0 or type(connect) not in _NUMBER_TYPES or connect < 0

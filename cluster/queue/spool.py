@@ -213,6 +213,7 @@ VACUUM_PAGES = 256
 _KINDS = {k.value for k in OutcomeKind}
 _STATE_OF = {s.value: s for s in State}
 IN_FLIGHT = State.IN_FLIGHT.value
+READY = State.READY  # (a module constant: an enum member looked up on its class is slow on Python 3.11)
 _NUMBERS = (int, float)
 RecipientRow = tuple[int, str, str, int, float, str, str, str, int, str, str]
 
@@ -221,7 +222,7 @@ def _last_columns(last: LastOutcome | None) -> tuple[str, int, str, str, str]:
     """(kind, code, enhanced, reply_text, remote) of a last outcome, all empty for none."""
     if last is None:
         return "", 0, "", "", ""
-    return last.kind.value, last.code, last.enhanced, last.text, last.remote
+    return last.kind._value_, last.code, last.enhanced, last.text, last.remote  # _value_: no enum descriptor
 
 
 def legacy_outcome(state: State, last_reply: str, remote: str) -> LastOutcome | None:
@@ -400,14 +401,14 @@ class SqliteSpool:
                         "INSERT INTO recipients (queue_id, idx, address, state, attempts, next_attempt, kind, code,"
                         " enhanced, reply_text, remote) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [(message.queue_id, r.index, r.address,
-                          IN_FLIGHT if out and r.state is State.READY else r.state.value, r.attempts,
+                          IN_FLIGHT if out and r.state is READY else r.state._value_, r.attempts,
                           r.next_attempt, *_last_columns(r.last)) for r in message.recipients])
                 # A message removed in this transaction needs no update of its recipients first.
                 removed = set(batch.removals)
                 db.executemany(
                     "UPDATE recipients SET state=?, attempts=?, next_attempt=?, kind=?, code=?, enhanced=?, "
                     "reply_text=?, remote=?, last_reply='' WHERE queue_id=? AND idx=?",
-                    [(u.state.value, u.attempts, u.next_attempt, *_last_columns(u.last), u.queue_id, u.index)
+                    [(u.state._value_, u.attempts, u.next_attempt, *_last_columns(u.last), u.queue_id, u.index)
                      for u in batch.updates if u.queue_id not in removed])
                 db.executemany("UPDATE messages SET warned=?, forward_shard=? WHERE queue_id=?",
                                [(int(w), f, q) for q, (w, f) in batch.flags.items()])
