@@ -102,10 +102,11 @@ class Recipient:
         return self.last.remote if self.last is not None else ""
 
     def clone(self) -> Recipient:
-        """A copy, field by field (slots: no __dict__), without computing the domain again."""
+        """A copy, field by field (slots: no __dict__), without computing the domain again (one per recipient
+        outcome: the fields written out, not a loop of getattr/setattr; a test checks that none is left out)."""
         new = object.__new__(Recipient)
-        for name in _RECIPIENT_SLOTS:
-            setattr(new, name, getattr(self, name))
+        new.index, new.address, new.state, new.attempts = self.index, self.address, self.state, self.attempts
+        new.next_attempt, new.last, new.domain = self.next_attempt, self.last, self.domain
         return new
 
 
@@ -225,7 +226,7 @@ class RecipientUpdate:
         return update
 
 
-_RECIPIENT_SLOTS: tuple[str, ...] = Recipient.__slots__
+RECIPIENT_SLOTS: tuple[str, ...] = Recipient.__slots__
 
 
 def recipient_domain(address: str) -> str:

@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from cluster.queue.records import Message, State
+from cluster.bus.schemas import OutcomeKind
+from cluster.queue.records import RECIPIENT_SLOTS, LastOutcome, Message, Recipient, State
 from cluster.queue.scheduler import Scheduler, SchedulerLimits
 from tests.support.scheduling import queued_message
 
@@ -210,3 +211,14 @@ def test_the_counters_of_many_recipient_messages_stay_exact() -> None:
     scheduler.remove_message("Q2")
     scheduler.remove_message("Q1")
     assert (+scheduler.recipient_counts, +scheduler.message_counts) == recount(scheduler)
+
+
+def test_a_recipient_clone_copies_every_field() -> None:
+    """`Recipient.clone` writes its fields out (it runs per outcome): a field added later must be copied too."""
+    original = Recipient(3, "Bob@Example.COM", State.DEFERRED, 2, 42.5,
+                         LastOutcome(OutcomeKind.DEFERRED, 451, "4.2.0", "later", "mx[192.0.2.1]"))
+    copy = original.clone()
+    assert copy is not original and original.domain == "example.com"
+    assert [getattr(copy, name) for name in RECIPIENT_SLOTS] == [getattr(original, name) for name in RECIPIENT_SLOTS]
+    copy.state = State.READY
+    assert original.state is State.DEFERRED
