@@ -34,7 +34,23 @@ ADMIN_STATUSES = ("deleted", "held", "released", "flushed")
 
 
 def seconds(value: float) -> str:
-    """Postfix's way: two decimals at most, no trailing zeros, whole seconds from 100 on."""
+    """Postfix's way: two decimals at most, no trailing zeros, whole seconds from 100 on.
+
+    Remembered by value (up to SECONDS_KEPT of them): the recipients of one job share their delays, so a
+    100-recipient Result asks for the same few values a hundred times each."""
+    text = _seconds_text.get(value)
+    if text is None:
+        if len(_seconds_text) >= SECONDS_KEPT:
+            _seconds_text.clear()
+        text = _seconds_text[value] = _seconds(value)
+    return text
+
+
+SECONDS_KEPT = 4096
+_seconds_text: dict[float, str] = {}
+
+
+def _seconds(value: float) -> str:
     if value >= 100:
         return str(round(value))
     if value <= 0.0:

@@ -156,3 +156,11 @@ def test_the_delivery_log_line_is_the_same_either_way(root_handlers: None, capsy
                                               (99.999, "100"), (100.0, "100"), (3602.4, "3602")])
 def test_delay_seconds_are_written_postfixs_way(value: float, text: str) -> None:
     assert maillog.seconds(value) == text
+
+
+def test_delay_texts_are_remembered_within_bounds() -> None:
+    values = [i / 1000 for i in range(maillog.SECONDS_KEPT + 10)]
+    first = [maillog.seconds(v) for v in values]
+    assert len(maillog._seconds_text) <= maillog.SECONDS_KEPT
+    assert [maillog.seconds(v) for v in values] == first
+    assert first[:3] == ["0", "0", "0"] and first[10] == "0.01" and first[1500] == "1.5"
