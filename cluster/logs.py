@@ -14,12 +14,16 @@ field that JSON cannot encode is written as its repr.
 logging module's record, formatter and handler chain when all they would do is write the text format to the
 installed handler: it gives a writer of already formatted INFO lines, byte for byte the line the formatter
 would write, or None when anything else could see the record (another handler, e.g. pytest's; a filter; the
-JSON format; INFO off), and the caller then logs as usual. A write that fails goes the usual way too (the
-logging module reports it).
+JSON format; INFO off), and the caller then logs as usual. Within a turn of the event loop the lines are
+gathered and written with one write at its end (100 lines for a 100-recipient Result: one system call, one
+time stamp, that of the first line); a record logged the usual way meanwhile, from any thread, writes the
+gathered lines first, so the order of lines is kept. Without a running loop each line is written at once.
+A write that fails goes the usual way too (the logging module reports it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -94,6 +98,9 @@ class DirectText:
         self.role = role
         self._second = -1
         self._stamp = ""
+        # Lines of this turn not written yet (logger name and message), and when the first of them came.
+        self._pending: list[str] = []
+        self._since = 0.0
 
     def takes(self, logger: logging.Logger) -> bool:
         """True when an INFO record of `logger` would reach only this handler, unfiltered (checked per line:
@@ -112,23 +119,70 @@ class DirectText:
         return node is root
 
     def write(self, logger: logging.Logger, message: str) -> None:
-        """`logger.info("%s", message)` as the text formatter writes it: "asctime role[pid] INFO name: message"."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:  # the formatter's asctime: strftime of localtime, then ",msecs"
-            self._stamp, self._second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), second
-        line = (f"{self._stamp},{int((now - second) * 1000):03d} {self.role}[{os.getpid()}] INFO {logger.name}: "
-                f"{message}\n")
-        handler = self.handler
-        handler.acquire()
+        """`logger.info("%s", message)` as the text formatter writes it: "asctime role[pid] INFO name: message",
+        written at the end of this turn of the event loop (at once without one)."""
+        with self.handler.lock or _NO_LOCK:
+            pending = self._pending
+            pending.append(f"{logger.name}: {message}\n")
+            if len(pending) > 1:
+                return
+            self._since = time.time()
         try:
-            handler.stream.write(line)
-            handler.stream.flush()
-        except Exception:  # as StreamHandler.emit: the logging module reports it (logging.raiseExceptions)
-            handler.release()
-            logger.info("%s", message)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
             return
-        handler.release()
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the lines gathered so far, if any, in one write (they carry the time of the first)."""
+        with self.handler.lock or _NO_LOCK:
+            if not self._pending:
+                return
+            lines, self._pending = self._pending, []
+            now = self._since
+            second = int(now)
+            if second != self._second:  # the formatter's asctime: strftime of localtime, then ",msecs"
+                self._stamp, self._second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), second
+            prefix = f"{self._stamp},{int((now - second) * 1000):03d} {self.role}[{os.getpid()}] INFO "
+            stream = self.handler.stream
+            try:
+                stream.write(prefix + prefix.join(lines) if len(lines) > 1 else prefix + lines[0])
+                stream.flush()
+                return
+            except Exception:  # as StreamHandler.emit: the logging module reports it (logging.raiseExceptions)
+                pass
+        for line in lines:
+            name, _, message = line[:-1].partition(": ")
+            logging.getLogger(name).info("%s", message)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+class TextHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure` installs: before it writes a record, the direct lines gathered so far go out, so
+    lines keep their order whichever way they were logged."""
+
+    direct: DirectText | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.direct is not None:
+            self.direct.flush()
+        super().emit(record)
+
+    def flush(self) -> None:
+        if self.direct is not None:
+            self.direct.flush()
+        super().flush()
 
 
 _direct: DirectText | None = None
@@ -152,11 +206,13 @@ def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
     # Nor the thread or the multiprocessing process name: two more look-ups per record that no line shows.
     logging.logThreads = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler()
+    handler = TextHandler()
     handler.setFormatter(JsonFormatter(role) if fmt == "json" else text_formatter(role))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    _direct = None if _structured else DirectText(handler, role)
+    if _direct is not None:
+        _direct.flush()  # lines of the handler this one replaces
+    _direct = handler.direct = None if _structured else DirectText(handler, role)

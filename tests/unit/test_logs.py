@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -164,3 +165,41 @@ def test_delay_texts_are_remembered_within_bounds() -> None:
     assert len(maillog._seconds_text) <= maillog.SECONDS_KEPT
     assert [maillog.seconds(v) for v in values] == first
     assert first[:3] == ["0", "0", "0"] and first[10] == "0.01" and first[1500] == "1.5"
+
+
+class _Stream:
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+async def test_direct_lines_of_one_turn_go_out_in_one_write_and_in_order(root_handlers: None) -> None:
+    logs.configure("queue", "text")
+    logger = logging.getLogger("mtacluster.queue")
+    writer = logs.direct(logger)
+    assert writer is not None
+    stream = _Stream()
+    writer.handler.setStream(stream)  # type: ignore[arg-type]
+    writer.write(logger, "first")
+    writer.write(logger, "second")
+    assert stream.writes == []  # gathered until the end of this turn of the loop
+    logger.warning("the usual way")  # writes what was gathered first
+    writer.write(logger, "third")
+    writer.write(logger, "fourth")
+    await asyncio.sleep(0)
+    assert len(stream.writes) == 3 and stream.writes[0].count("\n") == 2 and stream.writes[2].count("\n") == 2
+    lines = "".join(stream.writes).splitlines()
+    assert [line.rpartition(": ")[2] for line in lines] == ["first", "second", "the usual way", "third", "fourth"]
+    assert all(TEXT_LINE.match(line) for line in lines)
+    assert lines[0].split(" INFO ")[0] == lines[1].split(" INFO ")[0]  # one time stamp for one write
+    writer.write(logger, "at exit")
+    writer.handler.flush()  # as logging.shutdown does at exit: nothing gathered is lost
+    assert stream.writes[-1].endswith("INFO mtacluster.queue: at exit\n")
