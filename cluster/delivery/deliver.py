@@ -34,6 +34,7 @@ import logging
 import random
 import ssl
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,9 +143,10 @@ class Deliverer:
                 decided[outcome.recipient] = outcome
         outcomes = [decided[recipient] for recipient in job.recipients]
         top = self._config.metrics.top_domains
-        for outcome in outcomes:
-            metrics.attempt_counted(outcome.kind.value, metrics.domain_label(outcome.recipient.rpartition("@")[2], top),
-                                    outcome.enhanced, outcome.code)
+        # Recipients with the same result counted together (a 100-recipient job: one increment, not 100).
+        same = Counter((o.kind._value_, o.recipient.rpartition("@")[2], o.enhanced, o.code) for o in outcomes)
+        for (kind, domain, enhanced, code), count in same.items():
+            metrics.attempt_counted(kind, metrics.domain_label(domain, top), enhanced, code, count)
         return outcomes
 
     async def _deliver_domain(self, job: Deliver, domain: str, recipients: list[str]) -> list[Outcome]:
@@ -265,8 +267,21 @@ class Deliverer:
         connected = time.perf_counter()
         setup = connected - started
 
+        # The recipients of a transaction mostly get the same reply object: its outcome is made once, and each
+        # recipient gets a copy with its own address (100 per bulk job). The reply is kept with its outcome, so
+        # its id cannot be reused by another reply meanwhile.
+        made: dict[tuple[int, float], tuple[Reply, Outcome]] = {}
+
         def decide(recipient: str, reply: Reply, transfer: float = 0.0) -> None:
-            decided[recipient] = outcome_from_reply(recipient, reply, session.remote, target.port, setup, transfer)
+            known = made.get((id(reply), transfer))
+            if known is None or known[0] is not reply or known[1].remote != session.remote:
+                outcome = outcome_from_reply(recipient, reply, session.remote, target.port, setup, transfer)
+                made[(id(reply), transfer)] = (reply, outcome)
+                decided[recipient] = outcome
+                return
+            first = known[1]
+            decided[recipient] = Outcome(recipient, first.kind, first.code, first.enhanced, first.text, first.remote,
+                                         first.port, first.connect_seconds, first.transfer_seconds)
 
         for index, chunk in enumerate(chunks):
             undecided = [r for chunk_rest in chunks[index:] for r in chunk_rest]

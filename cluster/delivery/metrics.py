@@ -46,13 +46,14 @@ def _attempt_children(outcome: str, domain: str, status: str) -> tuple[Counter, 
     return ATTEMPTS.labels(outcome=outcome, domain=domain), STATUS.labels(status_class=status)
 
 
-def attempt_counted(outcome: str, domain: str, enhanced: str, code: int) -> None:
-    """Count one recipient's attempt in ATTEMPTS and STATUS. The label children are looked up once per label
-    set (prometheus_client's `labels()` costs more than the increment); the label values are bounded (outcome
-    kinds, top domains + "other", status classes), so is the cache."""
+def attempt_counted(outcome: str, domain: str, enhanced: str, code: int, recipients: int = 1) -> None:
+    """Count `recipients` recipients' attempts with the same outcome, domain label and status in ATTEMPTS and
+    STATUS. The label children are looked up once per label set (prometheus_client's `labels()` costs more than
+    the increment); the label values are bounded (outcome kinds, top domains + "other", status classes), so is
+    the cache."""
     by_outcome, by_status = _attempt_children(outcome, domain, status_class(enhanced, code))
-    by_outcome.inc()
-    by_status.inc()
+    by_outcome.inc(recipients)
+    by_status.inc(recipients)
 
 
 CACHE_HIT = CONNECTION_CACHE.labels(result="hit")

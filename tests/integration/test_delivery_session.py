@@ -201,6 +201,18 @@ async def test_one_of_three_recipients_refused_others_delivered(servers: list[Sc
     deliverer.cache.close_all()
 
 
+async def test_each_recipient_keeps_its_own_outcome_when_replies_repeat(servers: list[ScriptedServer]) -> None:
+    """Recipients sharing a reply share the making of its outcome, never each other's address or words."""
+    server = await serve(servers, Script(rcpt=lambda a: "550 5.1.1 no such user" if a.startswith("bad") else
+                                         "451 4.2.0 later" if a.startswith("later") else "250 2.1.5 ok"))
+    recipients = ["a@d.test", "bad1@d.test", "later1@d.test", "b@d.test", "bad2@d.test", "later2@d.test", "c@d.test"]
+    outcomes = await run(smarthost(server), *recipients)
+    assert [o.recipient for o in outcomes] == recipients
+    delivered = (250, outcomes[0].text)
+    assert [(o.code, o.text) for o in outcomes] == [delivered, (550, "no such user"), (451, "later")] * 2 + [delivered]
+    assert len({id(o) for o in outcomes}) == len(recipients)
+
+
 async def test_4xx_for_some_recipients_defers_only_those(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(rcpt=lambda a: "452 4.2.2 mailbox full" if a.startswith("full") else
                                          "250 ok"))

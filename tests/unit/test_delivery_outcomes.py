@@ -51,3 +51,22 @@ async def test_error_transport_and_domain_labels() -> None:
     assert sample("mtacluster_delivery_attempts_total", {"outcome": "failed", "domain": "top.test"}) == before_top + 1
     assert sample("mtacluster_delivery_attempts_total", {"outcome": "deferred", "domain": "other"}) == before_other + 1
     assert sample("mtacluster_delivery_status_total", {"status_class": "5.7"}) == before_class + 1
+
+
+async def test_recipients_with_the_same_result_are_counted_each() -> None:
+    """Attempts are counted per recipient, also when identical ones are added up in one increment."""
+    config = config_from_dict({"delivery": {"transports": {"top.test": "error:5.7.1 Not here",
+                                                           "rare.test": "error:4.2.1 Later"}},
+                               "metrics": {"top_domains": ["top.test"]}}, environ={})
+    deliverer = Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100))
+    before_top = sample("mtacluster_delivery_attempts_total", {"outcome": "failed", "domain": "top.test"})
+    before_other = sample("mtacluster_delivery_attempts_total", {"outcome": "deferred", "domain": "other"})
+    before_class = sample("mtacluster_delivery_status_total", {"status_class": "4.2"})
+    recipients = ["a@top.test", "b@rare.test", "c@top.test", "d@TOP.test", "e@rare.test"]
+    job = Deliver(job_id="j", queue_id="q", sender="s@o.test", recipients=recipients, domain="top.test",
+                  body=b"x\r\n", attempt=1)
+    outcomes = await deliverer.deliver(job)
+    assert [o.recipient for o in outcomes] == recipients
+    assert sample("mtacluster_delivery_attempts_total", {"outcome": "failed", "domain": "top.test"}) == before_top + 3
+    assert sample("mtacluster_delivery_attempts_total", {"outcome": "deferred", "domain": "other"}) == before_other + 2
+    assert sample("mtacluster_delivery_status_total", {"status_class": "4.2"}) == before_class + 2
