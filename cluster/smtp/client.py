@@ -46,12 +46,16 @@ class SmtpProtocolError(Exception):
     """The remote server broke the protocol (malformed or unexpected reply). The text says how."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Command:
-    """One SMTP command line. `verb` names the reply the client then waits for."""
+    """One SMTP command line. `verb` names the reply the client then waits for. (One RCPT per recipient: the
+    constructor fills the dict at once instead of two frozen `object.__setattr__` calls.)"""
 
     verb: str
     line: bytes
+
+    def __init__(self, verb: str, line: bytes) -> None:
+        self.__dict__.update(verb=verb, line=line)
 
     @staticmethod
     def _build(verb: str, argument: str = "") -> Command:
@@ -88,7 +92,9 @@ class Command:
 
     @classmethod
     def rcpt(cls, recipient: str) -> Command:
-        return cls._build("RCPT", f"TO:<{recipient}>")
+        if "\r" in recipient or "\n" in recipient or "\0" in recipient:
+            return cls._build("RCPT", f"TO:<{recipient}>")  # refused there, in the same words
+        return Command("RCPT", b"RCPT TO:<" + recipient.encode("utf-8") + b">\r\n")  # what _build would make
 
     @classmethod
     def data(cls) -> Command:

@@ -113,11 +113,13 @@ def test_mail_command_parameters() -> None:
     assert Command.mail("a@b.example").line == b"MAIL FROM:<a@b.example>\r\n"
     assert Command.mail("", size=1234, body_8bit=True).line == b"MAIL FROM:<> SIZE=1234 BODY=8BITMIME\r\n"
     assert Command.rcpt("x@y.example").line == b"RCPT TO:<x@y.example>\r\n"
+    assert Command.rcpt("jörg@bücher.de") == Command("RCPT", "RCPT TO:<jörg@bücher.de>\r\n".encode())
 
 
-def test_line_breaks_in_arguments_are_refused() -> None:
+@pytest.mark.parametrize("bad", ["x@y.example>\r\nRCPT TO:<z@y.example", "x@y.example\n", "x\r@y", "x\0@y"])
+def test_line_breaks_in_arguments_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="line break"):
-        Command.rcpt("x@y.example>\r\nRCPT TO:<z@y.example")
+        Command.rcpt(bad)
 
 
 @pytest.mark.parametrize(("body", "wire"), [
