@@ -27,12 +27,16 @@ class MailRequested:
     size: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RcptRequested:
-    """RCPT TO was syntactically valid and within limits; the glue applies relay policy."""
+    """RCPT TO was syntactically valid and within limits; the glue applies relay policy. (One per recipient:
+    the constructor fills the dict at once instead of the frozen dataclass's `object.__setattr__` calls.)"""
 
     recipient: Address
     params: dict[str, str | None] = field(default_factory=dict)
+
+    def __init__(self, recipient: Address, params: dict[str, str | None] | None = None) -> None:
+        self.__dict__.update(recipient=recipient, params={} if params is None else params)
 
 
 @dataclass(frozen=True)
