@@ -62,6 +62,13 @@ class Event(enum.StrEnum):
     RELEASED = "released"
     FLUSHED = "flushed"
 
+    # The C hash of the string, consistent with a StrEnum's string equality (Enum's own is computed in Python):
+    # events are counted per change.
+    __hash__ = str.__hash__
+
+
+# (a module constant: an enum member looked up on its class costs ~0.35 us on Python 3.11; used per change)
+_FLUSHED = Event.FLUSHED
 
 # Event -> the `outcome` label of mtacluster_queue_recipients_completed_total, for events that finish a recipient.
 COMPLETED_AS = {Event.SENT: "delivered", Event.BOUNCED: "failed", Event.EXPIRED: "expired",
@@ -205,10 +212,11 @@ class Ledger:
             if not changes:
                 continue
             applied.changes[message.queue_id] = changes
-            batch.updates.extend(RecipientUpdate.of(message.queue_id, c.new) for c in changes)
             finished = {c.new.index for c in changes if c.new.state.done}
             if all(r.state.done or r.index in finished for r in message.recipients):
-                batch.removals.append(message.queue_id)
+                batch.removals.append(message.queue_id)  # its rows go: no update of them first
+            else:
+                batch.updates.extend(RecipientUpdate.of(message.queue_id, c.new) for c in changes)
             failed = [c.new for c in changes if c.bounce and c.new.state is State.FAILED]
             if failed and message.sender:
                 headers = await self.io.read_headers(message.queue_id) or b""
@@ -256,8 +264,8 @@ class Ledger:
         else:
             log.warning("%s: to=<%s> is %s in memory, not %s as committed: it keeps that state", message.queue_id,
                         live.address, live.state.value, new.state.value)
-        if change.event is not Event.FLUSHED:  # a flush may touch the whole queue: admin.py logs one line
-            maillog.record(message.queue_id, live.address, change.event.value, new.last, new.attempts,
+        if change.event is not _FLUSHED:  # a flush may touch the whole queue: admin.py logs one line
+            maillog.record(message.queue_id, live.address, change.event._value_, new.last, new.attempts,
                            message.arrival, now, change.dispatched_at, change.outcome, change.source)
 
     def _back_to_ready(self, messages: list[Message], applied: Applied) -> None:

@@ -32,6 +32,11 @@ from cluster.queue.suppression import SUPPRESSING, SuppressionList, classify
 log = logging.getLogger("mtacluster.queue")
 
 IN_FLIGHT = frozenset({State.IN_FLIGHT})
+# Module constants for what is asked per recipient (an enum member looked up on its class costs ~0.35 us on
+# Python 3.11).
+_DELIVERED_KIND, _FAILED_KIND = OutcomeKind.DELIVERED, OutcomeKind.FAILED
+_DELIVERED, _FAILED = State.DELIVERED, State.FAILED
+_SENT, _BOUNCED = Event.SENT, Event.BOUNCED
 # Outcomes wait up to this long (seconds) for a spool transaction to ride along with (commit.py): under load the
 # next store takes them, one fsync for both; a crash meanwhile leaves their recipients in flight, to be delivered
 # again as counted possible duplicates (ARCHITECTURE.md contract 2), as a crash during any commit would.
@@ -87,10 +92,12 @@ class OutcomeRecorder:
 
     def _learn(self, job: Job, outcomes: list[Outcome], now: float) -> None:
         shaper = self.scheduler.shaper
+        learnt = ""  # the recipients of a job mostly share the host that answered: learnt once
         for outcome in outcomes:
-            if shaper is not None and outcome.remote and "[" in outcome.remote:
+            if shaper is not None and outcome.remote and outcome.remote != learnt and "[" in outcome.remote:
                 shaper.learn_mx(job.domain, outcome.remote.split("[", 1)[0])
-            if outcome.kind is OutcomeKind.DELIVERED:
+                learnt = outcome.remote
+            if outcome.kind is _DELIVERED_KIND:
                 continue
             reply = f"{outcome.code} {outcome.enhanced} {outcome.text}"
             if shaper is not None and (rule := shaper.react(job.domain, reply, now, job.source)) is not None:
@@ -127,12 +134,12 @@ class OutcomeRecorder:
         """The recipient's next state after an outcome (the typed outcome is kept as it came)."""
         attempts = recipient.attempts + 1
         last = LastOutcome.of(outcome)
-        if outcome.kind is OutcomeKind.DELIVERED:
-            return Change(copy_recipient(recipient, State.DELIVERED, attempts=attempts, last=last), IN_FLIGHT,
-                          Event.SENT, outcome=outcome)
-        if outcome.kind is OutcomeKind.FAILED:
-            return Change(copy_recipient(recipient, State.FAILED, attempts=attempts, last=last), IN_FLIGHT,
-                          Event.BOUNCED, bounce=True, outcome=outcome)
+        if outcome.kind is _DELIVERED_KIND:
+            return Change(copy_recipient(recipient, _DELIVERED, attempts=attempts, last=last), IN_FLIGHT,
+                          _SENT, outcome=outcome)
+        if outcome.kind is _FAILED_KIND:
+            return Change(copy_recipient(recipient, _FAILED, attempts=attempts, last=last), IN_FLIGHT,
+                          _BOUNCED, bounce=True, outcome=outcome)
         decision = self.retry.after_deferral(attempts, message.arrival, now)
         if decision.give_up:
             # RFC 3463 4.4.7: delivery time expired; the last error stays readable in the text.
