@@ -141,10 +141,24 @@ class BusMessage:
     TYPE: ClassVar[str] = ""
 
     def encode(self) -> bytes:
-        payload = {name: _to_wire(getattr(self, name)) for name in _field_names(type(self))}
+        cls = type(self)
+        if cls not in _NESTED:
+            # Its fields are msgpack's own types (a str enum packs as its string): the dict of a frozen dataclass
+            # is its fields in order, so the frame is the same as the field-by-field way below, made at once.
+            try:
+                fast: bytes = _PACKER.pack({**self.__dict__, "t": self.TYPE})
+                return fast
+            except TypeError:  # something msgpack cannot pack as it is (e.g. a nested message): the long way
+                _PACKER.reset()
+        payload = {name: _to_wire(getattr(self, name)) for name in _field_names(cls)}
         payload["t"] = self.TYPE
         packed: bytes = msgpack.packb(payload, use_bin_type=True)
         return packed
+
+
+# One packer for the frames encoded at once (`msgpack.packb` makes a new one per call); with autoreset each
+# `pack` returns the frame and starts empty again.
+_PACKER = msgpack.Packer(use_bin_type=True, autoreset=True)
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
@@ -419,6 +433,10 @@ class Error(BusMessage):
     text: str
     req: int = 0
 
+
+# Messages whose fields may hold other messages, Outcomes or values made for the wire (`_to_wire`): always encoded
+# field by field.
+_NESTED: frozenset[type[BusMessage]] = frozenset({Result, AdminRequest, AdminReply})
 
 MESSAGE_TYPES: dict[str, type[BusMessage]] = {
     cls.TYPE: cls

@@ -385,6 +385,7 @@ class ShardCore:
         self.dispatcher.wake()
 
     def _observe_commit(self, stored: int, seconds: float) -> None:
-        metrics.COMMIT_DURATION.labels(self.label).observe(seconds)
+        duration, batch = metrics.commit_children(self.label)
+        duration.observe(seconds)
         if stored:
-            metrics.COMMIT_BATCH.labels(self.label).observe(stored)
+            batch.observe(stored)

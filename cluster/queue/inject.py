@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from cluster.bus.schemas import Inject, InjectRefused, Stored
 from cluster.config import Config
+from cluster.logs import direct
 from cluster.queue import metrics
 from cluster.queue.records import Message, QueueIdFactory, Recipient
 from cluster.queue.spool import Batch, SpoolError
@@ -97,10 +98,15 @@ class Injector:
                         self._refuse(inject, "spool_error", 451, "4.3.0", "Queue storage failed, try again"))
             else:
                 self._stored.inc(len(messages))
+                writer = direct(log)  # the text line without the logging module's record (cluster/logs.py)
                 for position, message in messages:
                     self._follow(batch, message)
-                    log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id, message.sender,
-                             message.size, len(message.recipients))
+                    if writer is not None:
+                        writer.write(log, f"{message.queue_id}: from=<{message.sender}>, size={message.size}, "
+                                          f"nrcpt={len(message.recipients)} (queue active)")
+                    else:
+                        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id,
+                                 message.sender, message.size, len(message.recipients))
                     answers[position] = Stored(injects[position].req, message.queue_id)
         return [answer for answer in answers if answer is not None]
 

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.bus.schemas import Outcome, OutcomeKind
+from cluster.logs import direct
 from cluster.queue import maillog, metrics
 from cluster.queue.bounces import BounceMaker
 from cluster.queue.records import LastOutcome, Message, Recipient, RecipientUpdate, State
@@ -235,6 +236,7 @@ class Ledger:
             self.bounces.stored(dsn)
         removed = set(batch.removals)
         counts: Counter[Event] = Counter()
+        writer = direct(log) if removed else None  # the text line without a log record (cluster/logs.py)
         for message in messages:
             for change in applied.changes.get(message.queue_id, []):
                 self._follow(message, change, now)
@@ -244,12 +246,15 @@ class Ledger:
                          dsns[message.queue_id].queue_id)
             if message.queue_id in removed:
                 self.scheduler.remove_message(message.queue_id)
-                log.info("%s: removed", message.queue_id)
+                if writer is not None:
+                    writer.write(log, f"{message.queue_id}: removed")
+                else:
+                    log.info("%s: removed", message.queue_id)
         for event, count in counts.items():
-            metrics.OUTCOMES.labels(self.label, event.value).inc(count)
-            completed = COMPLETED_AS.get(event)
+            outcomes, completed = metrics.outcome_children(self.label, event.value, COMPLETED_AS.get(event))
+            outcomes.inc(count)
             if completed is not None:
-                metrics.COMPLETED.labels(self.label, completed).inc(count)
+                completed.inc(count)
 
     def _follow(self, message: Message, change: Change, now: float) -> None:
         """Memory follows a committed change, and the change writes its log line (maillog.py).

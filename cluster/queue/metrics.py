@@ -6,6 +6,8 @@ no scan of the queue.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES = Gauge("mtacluster_queue_messages", "Queued messages by state (a message's most active recipient state)",
@@ -113,3 +115,15 @@ USAGE_ENTRIES = Gauge("mtacluster_queue_usage_entries", "Messages counted in the
                       ["shard"])
 AUTH_CLIENTS_BLOCKED = Counter("mtacluster_queue_auth_clients_blocked_total",
                                "Client addresses that reached auth.max_failures_per_client", ["shard"])
+
+
+# The children moved per message or per transaction, looked up once per label set (prometheus_client's `labels()`
+# costs more than the increment); the label values are bounded (shard, event and outcome names).
+@functools.cache
+def commit_children(shard: str) -> tuple[Histogram, Histogram]:
+    return COMMIT_DURATION.labels(shard), COMMIT_BATCH.labels(shard)
+
+
+@functools.cache
+def outcome_children(shard: str, event: str, completed: str | None) -> tuple[Counter, Counter | None]:
+    return OUTCOMES.labels(shard, event), COMPLETED.labels(shard, completed) if completed is not None else None

@@ -188,17 +188,21 @@ def client_text(facts: dict[str, str]) -> str:
     The facts of one client repeat from message to message: their text is remembered (CLIENT_TEXTS of them)."""
     if not facts:
         return "{}"
+    if "trace_id" in facts:  # one per message (a frontend's submission): nothing to share, nothing to remember
+        return _CLIENT_JSON.encode(facts)
     key = tuple(facts.items())
     text = _client_texts.get(key)
     if text is None:
         if len(_client_texts) >= CLIENT_TEXTS:
             _client_texts.clear()
-        text = _client_texts[key] = sys.intern(json.dumps(facts, separators=(",", ":"), sort_keys=True))
+        text = _client_texts[key] = sys.intern(_CLIENT_JSON.encode(facts))
     return text
 
 
 CLIENT_TEXTS = 4096
 _client_texts: dict[tuple[tuple[str, str], ...], str] = {}
+# One encoder for every text (`json.dumps` with options builds a new one per call).
+_CLIENT_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True, init=False)

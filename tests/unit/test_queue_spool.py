@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -328,3 +329,19 @@ def test_a_spool_without_the_body_file_column_gets_it_and_reads_its_bodies(tmp_p
     spool.commit(Batch(removals=["Q1"]))
     assert spool.load().messages == []
     spool.close()
+
+
+def test_client_facts_text_is_the_compact_sorted_json_and_per_message_facts_are_not_remembered() -> None:
+    """Issue 12: a frontend's facts carry a trace id per message, so their text is not kept for reuse (it would
+    only churn the table); any facts give the compact, sorted JSON that the spool stores."""
+    from cluster.queue import records
+
+    facts = {"ip": "192.0.2.1", "helo": "client.test", "protocol": "ESMTP", "trace_id": "T1"}
+    before = dict(records._client_texts)
+    text = records.client_text(facts)
+    assert text == json.dumps(facts, separators=(",", ":"), sort_keys=True)
+    assert records._client_texts == before
+    shared = {"ip": "192.0.2.1", "helo": "client.test"}
+    first, second = records.client_text(shared), records.client_text(dict(shared))
+    assert first is second and first == '{"helo":"client.test","ip":"192.0.2.1"}'
+    assert Message("Q", "", 0.0, [Recipient(0, "a@b.test")], 1, facts).client == facts
