@@ -5,18 +5,26 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cluster.smtp import scan
 from cluster.smtp.blockscan import BlockScan, scan_block
-from cluster.smtp.scan import DOT_MISSES, find_dot_line
+from cluster.smtp.scan import DOT_MISSES, PLAIN_SPAN, find_dot_line
 
 # Few octets, so that dots, CRs and LFs meet often (and a run of dots passes DOT_MISSES).
 octets = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"a"]), max_size=80).map(b"".join)
 
 
-@given(octets, st.integers(0, 90), st.one_of(st.none(), st.integers(0, 300)))
-def test_find_dot_line_is_find_of_crlf_dot(data: bytes, start: int, end: int | None) -> None:
+@given(octets, st.integers(0, 90), st.one_of(st.none(), st.integers(0, 300)), st.integers(1, 3), st.integers(3, 9))
+def test_find_dot_line_is_find_of_crlf_dot(data: bytes, start: int, end: int | None, misses: int, span: int) -> None:
     expected = data.find(b"\r\n.", start, end)
     assert find_dot_line(data, start, end) == expected
     assert find_dot_line(bytearray(data), start, end) == expected
+    # With small limits, every switch between the dot by dot search and the plain one happens within a few octets.
+    saved = scan.DOT_MISSES, scan.DENSE_GAP, scan.PLAIN_SPAN
+    scan.DOT_MISSES, scan.DENSE_GAP, scan.PLAIN_SPAN = misses, 4, span
+    try:
+        assert find_dot_line(data, start, end) == expected
+    finally:
+        scan.DOT_MISSES, scan.DENSE_GAP, scan.PLAIN_SPAN = saved
 
 
 def test_find_dot_line_after_many_dots_that_start_no_line() -> None:
@@ -24,6 +32,10 @@ def test_find_dot_line_after_many_dots_that_start_no_line() -> None:
     body = text * 3 + b"\r\n.stuffed\r\n" + text
     assert find_dot_line(body) == body.find(b"\r\n.") == len(text) * 3
     assert find_dot_line(text * 4) == -1
+    # Dense dots in a header, then a long body without any, then a dot line past the plain search's span.
+    header = b"Received: from a.b.c.d (a.b.c.d [192.0.2.1]) by e.f.g.h; 1.2.3\r\n" * 3 + b"\r\n"
+    long_body = header + b"x" * 78 + (b"\r\n" + b"x" * 78) * (PLAIN_SPAN // 40) + b"\r\n.\r\n"
+    assert find_dot_line(long_body) == long_body.find(b"\r\n.") == len(long_body) - 5
     assert find_dot_line(b"x\r\n.", 0) == 1
     assert find_dot_line(b"x\r\n.", 2) == -1 and find_dot_line(b"x\r\n.", 0, 3) == -1
 
