@@ -142,7 +142,9 @@ class BusMessage:
 
     def encode(self) -> bytes:
         cls = type(self)
-        if cls not in _NESTED:
+        body = self.__dict__.get("body")
+        big = type(body) is bytes and len(body) >= BIG_BODY
+        if cls not in _NESTED and not big:
             # Its fields are msgpack's own types (a str enum packs as its string): the dict of a frozen dataclass
             # is its fields in order, so the frame is the same as the field-by-field way below, made at once.
             try:
@@ -152,6 +154,8 @@ class BusMessage:
                 _PACKER.reset()
         payload = {name: _to_wire(getattr(self, name)) for name in _field_names(cls)}
         payload["t"] = self.TYPE
+        if big:
+            return _encode_with_big_body(payload, payload["body"])
         packed: bytes = msgpack.packb(payload, use_bin_type=True)
         return packed
 
@@ -159,6 +163,26 @@ class BusMessage:
 # One packer for the frames encoded at once (`msgpack.packb` makes a new one per call); with autoreset each
 # `pack` returns the frame and starts empty again.
 _PACKER = msgpack.Packer(use_bin_type=True, autoreset=True)
+# A body of at least this many octets is not packed by msgpack but joined to the rest of the frame (below).
+BIG_BODY = 64 * 1024
+_BODY_KEY = msgpack.packb("body")
+
+
+def _encode_with_big_body(payload: dict[str, Any], body: bytes) -> bytes:
+    """The same msgpack map as `msgpack.packb(payload)`, its "body" entry last, made with one copy of the body.
+
+    msgpack.packb copies a 1 MiB body into its growing buffer, again as that buffer grows, and again into the
+    bytes it returns, each time into fresh memory (about 0.5 ms per MiB in the shard, page faults included).
+    Here the other entries are packed as a map of one entry less, whose header then counts the body too, and
+    the body follows them as a bin 32 in the one join. A receiver sees an ordinary map."""
+    del payload["body"]
+    head = msgpack.packb(payload, use_bin_type=True)
+    if head[0] >= 0x8F:  # not a fixmap of at most 14 entries: no message has that many fields
+        payload["body"] = body
+        packed: bytes = msgpack.packb(payload, use_bin_type=True)
+        return packed
+    return b"".join((bytes((head[0] + 1,)), memoryview(head)[1:], _BODY_KEY, b"\xc6",
+                     len(body).to_bytes(4, "big"), body))
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
@@ -445,7 +469,7 @@ MESSAGE_TYPES: dict[str, type[BusMessage]] = {
 }
 
 
-def decode(frame: bytes) -> BusMessage:
+def decode(frame: bytes | memoryview) -> BusMessage:
     """Decode one frame into its message dataclass; raise SchemaError for anything malformed."""
     try:
         payload = msgpack.unpackb(frame, raw=False, strict_map_key=True)

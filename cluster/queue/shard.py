@@ -219,17 +219,19 @@ class Shard:
             return True
         return False
 
-    def _recv(self) -> list[bytes] | None:
-        """The next waiting message's frames, or None when none is waiting."""
+    def _recv(self) -> list[bytes | memoryview] | None:
+        """The next waiting message's frames, or None when none is waiting: the identity as bytes, the others as
+        views of ZeroMQ's own message (a 1 MiB Inject is not copied into a bytes first; decoding copies its body
+        once; a small frame costs about a microsecond more this way)."""
         raw = self._raw
         if raw is None:
             return None
         try:
-            frames = [raw.recv(_NOBLOCK)]
+            frames: list[bytes | memoryview] = [raw.recv(_NOBLOCK)]
         except zmq.Again:
             return None
         while raw.get(_RCVMORE):
-            frames.append(raw.recv(_NOBLOCK))
+            frames.append(raw.recv(_NOBLOCK, copy=False).buffer)
         return frames
 
     async def _drain_jobs(self, grace: float) -> None:
@@ -291,8 +293,8 @@ class Shard:
         self._tick_timer = None
         self._input.set()
 
-    async def _on_frames(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
+    async def _on_frames(self, frames: list[bytes | memoryview]) -> None:
+        if len(frames) < 2 or type(frames[0]) is not bytes:
             return
         identity, payload = frames[0], frames[-1]
         try:

@@ -87,7 +87,9 @@ class DataReader:
     def __init__(self, max_text_line: int, max_message_size: int) -> None:
         self.max_text_line = max_text_line
         self.max_message_size = max_message_size
-        self._body = bytearray()
+        # The message as pieces, joined once at the end: a bytearray grown to 1 MiB is copied again each time
+        # its heap block cannot grow in place.
+        self._pieces: list[bytes] = []
         self._size = 0
         self._at_line_start = True
         self._current_line_length = 0  # wire octets of the current line seen so far (partial lines)
@@ -126,7 +128,7 @@ class DataReader:
 
     def _consume_big_block(self, buffer: bytearray, end: int) -> None:
         """As `_consume_block` for buffer[:end], checked in place (scan_block) and copied once, into the body."""
-        scan = scan_block(buffer, end)
+        scan = scan_block(buffer, end, self.max_text_line)
         if scan.bare:
             self._bare_line_ending = True
         if scan.eight_bit:
@@ -134,12 +136,12 @@ class DataReader:
         if not self._line_too_long:
             if self._bare_line_ending:  # line lengths by LF are not the lines: count them exactly (rare)
                 self._line_too_long = self._has_long_line(bytes(buffer[:end]))
-            elif max(self._current_line_length + scan.first, scan.longest) > self.max_text_line:
+            elif self._current_line_length + scan.first > self.max_text_line or scan.too_long:
                 self._line_too_long = True
         self._current_line_length = 0
         self._at_line_start = True
         with memoryview(buffer) as view:
-            self._append(view[:end])
+            self._append(view[:end].tobytes())
         del buffer[:end]
 
     def _consume_block(self, block: bytes) -> None:
@@ -200,20 +202,20 @@ class DataReader:
         self._at_line_start = complete
         self._append(piece)
 
-    def _append(self, data: bytes | memoryview) -> None:
+    def _append(self, data: bytes) -> None:
         """Count `data` and keep it, unless the message is already refused (then nothing is buffered)."""
         self._size += len(data)
         if self._size > self.max_message_size:
             self._too_big = True
         if self._too_big or self._bare_line_ending or self._line_too_long:
-            self._body.clear()
+            self._pieces.clear()
         else:
-            self._body += data
+            self._pieces.append(data)
 
     def _result(self) -> DataResult:
         refused = self._bare_line_ending or self._line_too_long or self._too_big
         return DataResult(
-            data=None if refused else bytes(self._body),
+            data=None if refused else b"".join(self._pieces),
             size=self._size,
             bare_line_ending=self._bare_line_ending,
             line_too_long=self._line_too_long,

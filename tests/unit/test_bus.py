@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from cluster.bus import schemas
 from cluster.bus.ring import domain_key, shard_for_address, shard_for_domain
 from cluster.bus.schemas import (
+    BIG_BODY,
     AdminReply,
     AdminRequest,
     AuthStatus,
@@ -51,6 +52,26 @@ from cluster.smtp.address import parse_forward_path, parse_reverse_path
 ])
 def test_round_trip(message: object) -> None:
     assert decode(message.encode()) == message  # type: ignore[attr-defined]
+
+
+BIG = bytes(range(256)) * (BIG_BODY // 256) + b"tail"
+
+
+@pytest.mark.parametrize("message", [
+    Inject(req=7, sender="a@b.test", recipients=["c@d.test"], body=BIG, client={"ip": "127.0.0.1", "pool": "p"}),
+    Deliver(job_id="j", queue_id="q", sender="", recipients=["x@y.test"], domain="y.test", body=BIG, attempt=2,
+            seq=9, epoch="e", incarnation=3, pool="p", max_deliveries=5, source="s"),
+    Transfer(req=3, queue_id="Q1", hops=1, sender="a@b.test", arrival=1.5, warned=False, client={},
+             recipients=[{"address": "x@y.test", "state": "ready", "attempts": 0, "next_attempt": 0.0,
+                          "last": None}], body=BIG),
+])
+def test_a_big_body_is_joined_to_the_frame_as_msgpack_would_pack_it(message: Inject | Deliver | Transfer) -> None:
+    frame = message.encode()
+    payload = {name: getattr(message, name) for name in (f.name for f in dataclasses.fields(message))}
+    payload["t"] = message.TYPE
+    assert msgpack.unpackb(frame) == msgpack.unpackb(msgpack.packb(payload, use_bin_type=True))  # any reader's view
+    assert frame.endswith(b"\xa4body\xc6" + len(BIG).to_bytes(4, "big") + BIG)  # joined, not packed
+    assert decode(frame) == message
 
 
 @pytest.mark.parametrize("frame", [

@@ -415,7 +415,7 @@ def test_oversized_message_is_refused_without_buffering() -> None:
     for _ in range(200):
         session.feed(b"y" * 100 + b"\r\n")
     reader = session.conn._data_reader
-    assert reader is not None and len(reader._body) == 0
+    assert reader is not None and reader._pieces == []
     session.feed(b".\r\nNOOP\r\n")
     assert session.replies[-2:] == [replies.MESSAGE_TOO_BIG, replies.OK]
     assert session.messages == []
