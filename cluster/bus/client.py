@@ -128,7 +128,8 @@ class BusLink:
         if self._receiver is None or self._receiver.done():
             raise RuntimeError(f"{self.name}: request() needs start() to be running")
         req = next(self._numbers)
-        future: asyncio.Future[BusMessage] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BusMessage] = loop.create_future()
         self._pending[req] = future
         frame = build(req).encode()
         connect_within = timeout if connect_timeout is None else min(timeout, connect_timeout)
@@ -141,8 +142,13 @@ class BusLink:
                     await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
                 except TimeoutError:
                     raise NoAnswer(self, connect_within, False) from None
-            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
+            # A timer on the answer itself rather than asyncio.timeout, which needs the caller to run in a task
+            # (the frontend's sessions start their policy checks outside any task).
+            timer = loop.call_later(max(0.0, timeout - (time.monotonic() - started)), _expire, future)
+            try:
                 return await future
+            finally:
+                timer.cancel()
         except TimeoutError:
             raise NoAnswer(self, timeout, True) from None
         except zmq.ZMQError as exc:
@@ -232,6 +238,11 @@ class BusLink:
                 future.set_exception(NoAnswer(self, 0.0, True, "was closed before it answered"))
         self._pending.clear()
         self.socket.close(linger=0)
+
+
+def _expire(future: asyncio.Future[BusMessage]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 async def ask_all(links: list[BusLink], build: Callable[[int], BusMessage], timeout: float, *,
