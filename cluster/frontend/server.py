@@ -48,6 +48,7 @@ from cluster.config import Config, split_host_port
 from cluster.delivery.mx import CachingMxResolver, DnsMxResolver
 from cluster.delivery.routing import Router
 from cluster.frontend import auth, metrics
+from cluster.frontend.deadline import Deadlines
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import (
@@ -70,6 +71,8 @@ from cluster.users import UserDatabase
 log = logging.getLogger(__name__)
 
 _BACKLOG = 1024
+# Seconds between two sweeps of the sessions' read timeouts (at most; shorter when a timeout is short).
+DEADLINE_SWEEP = 1.0
 # While waiting for the shards before listening: how often to look, and how often to say so in the log.
 SHARD_POLL = 0.05
 SHARD_WAIT_WARNING = 10.0
@@ -98,6 +101,9 @@ class Frontend:
         # header or TLS handshake (they count against smtp.max_connections too).
         self.sessions: dict[InboundSession, None] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
+        # The sessions' read timeouts: one sweep for all, a small fraction of the shortest timeout apart.
+        shortest = min(config.smtp.command_timeout, config.smtp.data_timeout, PROXY_HEADER_TIMEOUT)
+        self.deadlines = Deadlines(min(DEADLINE_SWEEP, shortest / 4))
 
     @staticmethod
     def _security(config: Config) -> tuple[ServerSettings, Security]:
@@ -311,6 +317,7 @@ class Frontend:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self.deadlines.close()
         if self.shards is not None:
             await self.shards.close()
         if self.accounts.spf is not None:

@@ -39,9 +39,11 @@ from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from cluster import logs
 from cluster.config import SmtpConfig
 from cluster.frontend import metrics
 from cluster.frontend.auth import SmtpAuth, Step, Verify
+from cluster.frontend.deadline import Deadlines
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import SessionFacts, SessionPolicy, rejection_reason
@@ -192,6 +194,9 @@ class SessionHost(Protocol):
     @property
     def shards(self) -> ShardClient | None: ...
 
+    @property
+    def deadlines(self) -> Deadlines: ...
+
     def admit(self, session: InboundSession, client_ip: str) -> Reply | None:
         """Register a session that starts SMTP; the refusal (421) when a connection limit says no."""
 
@@ -238,8 +243,10 @@ class InboundSession(asyncio.Protocol):
         self._stopping = False  # the frontend is stopping: 421 4.3.2 as soon as no message is being stored
         self._writing_paused = False
         self._reading_paused = False
-        self._deadline: float | None = None  # when the client must have sent more; None: not waiting for it
-        self._timer: asyncio.TimerHandle | None = None
+        # When the client must have sent more (loop.time()); None: not waiting for it. Enforced by the frontend's
+        # one sweep over all sessions (cluster.frontend.deadline), which calls expired().
+        self.deadline: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed_waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -253,6 +260,8 @@ class InboundSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if not self.counted_already:  # an implicit-TLS connection was counted before its handshake
             metrics.connections(self.listener.kind).inc()
+        self._loop = asyncio.get_running_loop()
+        self.host.deadlines.watch(self)
         if self._proxy_ip is None:
             peer = transport.get_extra_info("peername")
             self.client_ip = str(peer[0]) if peer else "unknown"
@@ -281,7 +290,8 @@ class InboundSession(asyncio.Protocol):
         self._lost = True
         if exc is not None:
             log.debug("session with %s ended: %s", self.client_ip, exc)
-        self._cancel_timer()
+        self.deadline = None
+        self.host.deadlines.forget(self)
         if self._task is not None and not self.storing:
             self._task.cancel()  # a policy check for a client that is gone; a store finishes
         self._finish()
@@ -350,7 +360,7 @@ class InboundSession(asyncio.Protocol):
         log.info("connection from %s refused: bad PROXY protocol header: %s", self.client_ip, why)
         metrics.CONNECTIONS_REFUSED.labels(reason="proxy_header").inc()
         self._proxy_buffer = None
-        self._cancel_timer()
+        self._forget_deadline()
         if self.transport is not None:
             self.transport.close()
 
@@ -362,7 +372,7 @@ class InboundSession(asyncio.Protocol):
         if refusal is not None:
             transport.write(refusal.to_bytes())
             transport.close()
-            self._cancel_timer()
+            self._forget_deadline()
             return
         self._admitted = True
         metrics.CONNECTIONS_CURRENT.inc()
@@ -413,7 +423,7 @@ class InboundSession(asyncio.Protocol):
                 log.debug("session with %s ended: %s", self.client_ip, exc)
                 self._close()
                 return
-            self._deadline = None
+            self.deadline = None
             self._task = asyncio.get_running_loop().create_task(self._decide(_Rest(decision, waiting_for)))
             self._update_reading()
             break
@@ -490,7 +500,7 @@ class InboundSession(asyncio.Protocol):
                 self._write(data)
 
     def _close(self) -> None:
-        self._cancel_timer()
+        self._forget_deadline()
         if self.transport is not None and not self._lost:
             self.transport.close()  # what was written still goes out first
 
@@ -507,7 +517,7 @@ class InboundSession(asyncio.Protocol):
         """The connection is gone and no decision runs any more: count and forget the session (once)."""
         if self._task is not None:
             return
-        self._cancel_timer()
+        self._forget_deadline()
         if self._admitted:
             self._admitted = False
             self.observer.flush()
@@ -518,34 +528,17 @@ class InboundSession(asyncio.Protocol):
                 waiter.set_result(None)
         self._closed_waiters.clear()
 
-    # The read timer: one TimerHandle per session, moved only when a deadline comes earlier than the armed one.
-
     def _arm(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer)
+        assert self._loop is not None
+        self.deadline = self._loop.time() + seconds
 
-    def _cancel_timer(self) -> None:
-        self._deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _forget_deadline(self) -> None:
+        self.deadline = None
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self._lost:
+    def expired(self) -> None:
+        """The deadline passed while the session waited for its client (called by the frontend's sweep)."""
+        if self._lost:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() < deadline:  # the deadline moved on since the timer was set
-            self._timer = loop.call_at(deadline, self._on_timer)
-            return
-        self._deadline = None
         if self._proxy_buffer is not None:
             self._refuse_proxy(TimeoutError(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s"))
             return
@@ -721,10 +714,15 @@ class InboundSession(asyncio.Protocol):
             accepted.inc()
             received.inc(len(message.data))
             metrics.ACCEPT_LATENCY.observe(time.perf_counter() - ended)
-            log.info("accepted trace=%s from=<%s> nrcpt=%d size=%d queue_ids=%s client=%s listener=%s%s%s", trace_id,
-                     sender, len(recipients), len(message.data), ",".join(queue_ids), self.client_ip,
-                     self.listener.kind, f" user={self.auth.user}" if self.auth.user is not None else "",
-                     f" dkim={prepared.dkim}" if prepared is not None and prepared.dkim else "")
+            line = (f"accepted trace={trace_id} from=<{sender}> nrcpt={len(recipients)} size={len(message.data)} "
+                    f"queue_ids={','.join(queue_ids)} client={self.client_ip} listener={self.listener.kind}"
+                    f"{f' user={self.auth.user}' if self.auth.user is not None else ''}"
+                    f"{f' dkim={prepared.dkim}' if prepared is not None and prepared.dkim else ''}")
+            writer = logs.direct(log)  # the same line without the logging module's record and handler chain
+            if writer is not None:
+                writer.write(log, line)
+            else:
+                log.info("%s", line)
         else:
             reason = "disk_full" if reply.enhanced == "4.3.1" else "queue_unavailable"
             metrics.rejections(reason, self.listener.kind).inc()
