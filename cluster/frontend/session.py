@@ -103,7 +103,7 @@ class Listener:
 class _MetricsObserver:
     """Counts every command verb and every reply class (metrics.COMMANDS, metrics.REPLIES).
 
-    Counted here first and added to the Prometheus counters by `flush()`, which the session calls at each end of
+    Counted here first and handed to `metrics.count` by `flush()`, which the session calls at each end of
     DATA and when it ends: a locked counter increment per command and per reply cost more than the rest of
     handling a RCPT. Rejections are counted at once."""
 
@@ -117,9 +117,9 @@ class _MetricsObserver:
 
     def flush(self) -> None:
         for verb, count in self._commands.items():
-            metrics.command_counter(verb).inc(count)
+            metrics.count(metrics.command_counter(verb), count)
         for code, count in self._replies.items():
-            metrics.reply_counter(code).inc(count)
+            metrics.count(metrics.reply_counter(code), count)
         self._commands.clear()
         self._replies.clear()
 
@@ -259,7 +259,7 @@ class InboundSession(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without deriving from it.
         self.transport = cast(asyncio.Transport, transport)
         if not self.counted_already:  # an implicit-TLS connection was counted before its handshake
-            metrics.connections(self.listener.kind).inc()
+            metrics.count(metrics.connections(self.listener.kind))
         self._loop = asyncio.get_running_loop()
         self.host.deadlines.watch(self)
         if self._proxy_ip is None:
@@ -375,7 +375,7 @@ class InboundSession(asyncio.Protocol):
             self._forget_deadline()
             return
         self._admitted = True
-        metrics.CONNECTIONS_CURRENT.inc()
+        metrics.count(metrics.CONNECTIONS_CURRENT)
         self.facts.client_ip = self.client_ip
         self.facts.trusted_network = self.host.may_relay(self.client_ip)
         self.conn = ServerConnection(self.listener.settings, observer=self.observer)
@@ -521,7 +521,7 @@ class InboundSession(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             self.observer.flush()
-            metrics.CONNECTIONS_CURRENT.dec()
+            metrics.count(metrics.CONNECTIONS_CURRENT, -1.0)
             self.host.release(self)
         for waiter in self._closed_waiters:
             if not waiter.done():
@@ -711,8 +711,8 @@ class InboundSession(asyncio.Protocol):
         reply, queue_ids = await shards.inject(sender, recipients, body, client)
         if reply.is_positive:
             accepted, received = metrics.accepted(self.listener.kind)
-            accepted.inc()
-            received.inc(len(message.data))
+            metrics.count(accepted)
+            metrics.count(received, len(message.data))
             metrics.ACCEPT_LATENCY.observe(time.perf_counter() - ended)
             line = (f"accepted trace={trace_id} from=<{sender}> nrcpt={len(recipients)} size={len(message.data)} "
                     f"queue_ids={','.join(queue_ids)} client={self.client_ip} listener={self.listener.kind}"
