@@ -44,6 +44,7 @@ RECIPIENT = "sink@bench.example"
 HELO = "bench.example"
 READY_TIMEOUT = 30.0
 WARMUP_MESSAGES = 200
+SOURCE_VARIABLE = "FRONTEND_ALONE_SOURCE"
 SAMPLE_INTERVAL = 0.001  # seconds of CPU between two samples of the sampling profiler
 
 
@@ -69,6 +70,17 @@ def stub_shard(port: int) -> None:
         socket_.send_multipart([identity, answer.encode()])  # type: ignore[attr-defined]
 
 
+def use_source() -> None:
+    """Import `cluster` from the directory in $FRONTEND_ALONE_SOURCE, if set: ahead of the editable install of
+    this checkout, whose import hook would otherwise win over sys.path."""
+    source = os.environ.get(SOURCE_VARIABLE)
+    if source:
+        sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in type(finder).__module__]
+        sys.path.insert(0, source)
+        for name in [name for name in sys.modules if name == "cluster" or name.startswith("cluster.")]:
+            del sys.modules[name]
+
+
 def profiled_frontend(config: str, output: str) -> int:
     """`mtacluster serve frontend --config CONFIG` profiled; written to OUTPUT at the end.
 
@@ -76,6 +88,7 @@ def profiled_frontend(config: str, output: str) -> int:
     triples the CPU and inflates small functions). Otherwise a sampler: SIGPROF every millisecond of the
     process's CPU (ITIMER_PROF), the main thread's stack at each, written as collapsed stacks (flamegraph.pl
     input) followed by nothing else; `summarize_samples` prints the top functions by self and total time."""
+    use_source()
     from cluster.cli.common import load
     from cluster.roles import serve
 
@@ -192,9 +205,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             frontend_command = [*mtacluster_command(), "serve", "frontend", "--config", str(config)]
         env = dict(os.environ)
         if args.source:  # another checkout's `cluster` package (e.g. the code before a change) for an A/B run
-            env["PYTHONPATH"] = str(Path(args.source).resolve())
+            env[SOURCE_VARIABLE] = str(Path(args.source).resolve())
             if not args.profile:
-                frontend_command = [sys.executable, "-m", "cluster", "serve", "frontend", "--config", str(config)]
+                frontend_command = [*me, "--from-source", "serve", "frontend", "--config", str(config)]
         with open(log, "wb") as out:
             frontend = subprocess.Popen(frontend_command, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env)
@@ -219,14 +232,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 frontend.kill()
             stub.kill()
             stub.wait()
-        accepted = tail(log, 10**6).count(" accepted trace=")
+        text = tail(log, 10**6)
+        accepted = text.count(" accepted trace=")
+        source = next((line.rpartition(" ")[2] for line in text.splitlines()
+                       if line.startswith("frontend_alone: cluster from ")), "this checkout")
     expected = WARMUP_MESSAGES + args.messages * args.rounds
     if accepted != expected:
         print(f"warning: the frontend logged {accepted} accepted messages, expected {expected}", file=sys.stderr)
     return {"messages": args.messages, "size_kib": args.size, "sessions": args.sessions,
             "recipients": args.recipients, "reuse_connections": args.reuse_connections,
             "cpu_ms_per_message": per_message, "median": statistics.median(per_message),
-            "accepted_logged": accepted, "expected": expected}
+            "accepted_logged": accepted, "expected": expected, "cluster_from": source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,9 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="profile the frontend into this file: FILE.prof cProfile stats (CPU "
                         "clock), any other name collapsed stacks from a CPU-time sampler")
     parser.add_argument("--source", help="run the frontend from this directory's `cluster` package (A/B runs)")
+    parser.add_argument("--from-source", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--stub-shard", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--profiled-frontend", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_source is not None:  # `mtacluster ARGS` with `cluster` from $FRONTEND_ALONE_SOURCE
+        use_source()
+        import cluster
+        from cluster.cli import main as mtacluster_main
+
+        print(f"frontend_alone: cluster from {Path(cluster.__file__).parent}", file=sys.stderr, flush=True)
+        return mtacluster_main(args.from_source)
     if args.stub_shard:
         stub_shard(args.stub_shard)
         return 0
