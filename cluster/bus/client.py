@@ -163,11 +163,19 @@ class BusLink:
         """Wait up to `timeout` seconds (None: forever) for frames, read at most `limit` of those waiting, settle
         the answers to requests, and return the other messages in arrival order."""
         plain = self._plain
-        if not self._readable():  # nothing waiting: wait (the asyncio poll) for up to `timeout`
-            poll_ms = None if timeout is None else max(0, int(timeout * 1000))
-            if not await self.socket.poll(timeout=poll_ms):
-                return []
         others: list[BusMessage] = []
+        if not self._readable():  # nothing waiting: wait for up to `timeout`
+            if timeout is None:
+                # With no timeout, the wait is the read of the next frame: one Future, where the asyncio poll
+                # makes a poller and several (this runs once per answer a frontend waits for).
+                frames = await self.socket.recv_multipart()
+                self.last_heard = time.monotonic()
+                message = self._decode(frames[-1])
+                if message is not None and not self._settle(message):
+                    others.append(message)
+                limit -= 1
+            elif not await self.socket.poll(timeout=max(0, int(timeout * 1000))):
+                return []
         for _ in range(limit):
             # Non-blocking reads, as the asyncio layer's own NOBLOCK reads are: EVENTS says whether one waits.
             if not self._readable():

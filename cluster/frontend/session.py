@@ -467,12 +467,14 @@ class InboundSession(asyncio.Protocol):
         """Copy what the protocol machine learnt (HELO name, end of a transaction) into the policy's facts."""
         conn = self.conn
         assert conn is not None
-        self.facts.helo = conn.helo_name
-        if not conn.in_transaction:
-            self.facts.sender = None
-            self.facts.recipients = []
-            self.facts.trace_headers = []
-            self.facts.reservation = ""
+        facts = self.facts
+        facts.helo = conn.helo_name
+        if not conn.in_transaction and (facts.sender is not None or facts.recipients or facts.trace_headers
+                                        or facts.reservation):
+            facts.sender = None
+            facts.recipients = []
+            facts.trace_headers = []
+            facts.reservation = ""
 
     def _update_reading(self) -> None:
         transport = self.transport

@@ -154,8 +154,13 @@ def _extensions(settings: ServerSettings) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1024)
 def _ehlo_reply(hostname: str, name: str, settings: ServerSettings) -> Reply:
-    """The EHLO reply; clients greet with a few names over and over, so the last 1,024 are kept."""
+    """The EHLO reply; clients greet with a few names over and over, so the last 1,024 are kept (HELO too)."""
     return replies.ehlo_reply(hostname, name, _extensions(settings))
+
+
+@functools.lru_cache(maxsize=1024)
+def _helo_reply(hostname: str, name: str) -> Reply:
+    return replies.helo_reply(hostname, name)
 
 
 class State(Enum):
@@ -549,7 +554,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         self.helo_name = name
         self.esmtp = False
         self._end_transaction()
-        self._send(replies.helo_reply(self.settings.hostname, name))
+        self._send(_helo_reply(self.settings.hostname, name))
 
     def _mail(self, argument: str) -> None:
         if argument[:5].upper() != "FROM:":
