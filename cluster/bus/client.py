@@ -193,7 +193,8 @@ class BusLink:
     def _readable(self) -> bool:
         if self.socket.closed:  # the shadow does not know: never touch a closed socket through it
             raise zmq.ZMQError(zmq.ENOTSUP)
-        return bool(cast(int, self._plain.get(_EVENTS)) & _POLLIN)
+        # int() first: the flag enum pyzmq returns would do its `&` in Python.
+        return bool(int(cast(int, self._plain.get(_EVENTS))) & _POLLIN)
 
     def _decode(self, frame: bytes) -> BusMessage | None:
         try:

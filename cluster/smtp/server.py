@@ -296,6 +296,19 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
     def start(self) -> None:
         self._send(_greeting(self.settings.hostname))
 
+    def next_event(self) -> Event | type[NeedData] | type[Paused]:
+        """As ByteMachine.next_event, with `_paused()` and `closed` written out (this runs several times per
+        command)."""
+        events = self._events
+        while True:
+            if events:
+                return events.popleft()
+            state = self._state
+            if self._pending is not None or state is State.TLS_HANDSHAKE:
+                return Paused
+            if state is State.CLOSED or not self._step():
+                return NeedData
+
     def _paused(self) -> bool:
         return self._pending is not None or self._state is _TLS_HANDSHAKE
 
