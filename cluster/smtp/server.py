@@ -167,10 +167,6 @@ class State(Enum):
     """Where a session is. Commands are read in the five command states; `_OUT_OF_SEQUENCE` says which
     commands each of them refuses, and with what (RFC 5321 4.1.4, 4.3.2)."""
 
-    # Hashed by identity (members are singletons and compare by identity): Enum's own __hash__ is a Python call,
-    # and the state table below is looked up with the state in its key for every command.
-    __hash__ = object.__hash__
-
     CONNECTED = "connected"  # greeting sent, no EHLO/HELO yet
     GREETED = "greeted"  # EHLO/HELO accepted, no mail transaction
     MAIL = "mail"  # MAIL accepted, no recipient yet (RFC 5321 3.3)
@@ -304,9 +300,9 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             if events:
                 return events.popleft()
             state = self._state
-            if self._pending is not None or state is State.TLS_HANDSHAKE:
+            if self._pending is not None or state is _TLS_HANDSHAKE:
                 return Paused
-            if state is State.CLOSED or not self._step():
+            if state is _CLOSED or not self._step():
                 return NeedData
 
     def _paused(self) -> bool:
