@@ -37,7 +37,7 @@ import ssl
 import time
 from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from cluster import logs
 from cluster.config import SmtpConfig
@@ -237,7 +237,11 @@ class InboundSession(asyncio.Protocol):
         # True while a message is being stored: a graceful shutdown lets these sessions answer first.
         self.storing = False
         self._proxy_buffer: bytes | None = b"" if proxy_protocol else None
-        self._task: asyncio.Task[None] | None = None  # the decision being made, if any
+        # The decision being made while the session waits for something (reading is paused meanwhile), the future
+        # it waits for, or the task that finishes it (see `_advance`).
+        self._decision: Coroutine[object, None, bool] | None = None
+        self._waiting: asyncio.Future[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._admitted = False
         self._lost = False
         self._stopping = False  # the frontend is stopping: 421 4.3.2 as soon as no message is being stored
@@ -278,7 +282,7 @@ class InboundSession(asyncio.Protocol):
                 self._proxy_data(data)
             return
         conn.receive_data(data)
-        if self._task is None:
+        if self._decision is None:
             self._process()
 
     def eof_received(self) -> bool | None:
@@ -292,8 +296,8 @@ class InboundSession(asyncio.Protocol):
             log.debug("session with %s ended: %s", self.client_ip, exc)
         self.deadline = None
         self.host.deadlines.forget(self)
-        if self._task is not None and not self.storing:
-            self._task.cancel()  # a policy check for a client that is gone; a store finishes
+        if self._decision is not None and not self.storing:
+            self._cancel_decision()  # a policy check for a client that is gone; a store finishes
         self._finish()
 
     def pause_writing(self) -> None:
@@ -311,8 +315,8 @@ class InboundSession(asyncio.Protocol):
         self._stopping = True
         if self.storing:
             return
-        if self._task is not None:
-            self._task.cancel()  # the task says 421 when its cancellation arrives
+        if self._decision is not None:
+            self._cancel_decision()  # 421 when it ends (cancelled or not)
             return
         self._shut_down()
 
@@ -320,14 +324,14 @@ class InboundSession(asyncio.Protocol):
         """Close at once, even a session still storing (the end of a shutdown that waited long enough)."""
         if self._lost:
             return
-        if self._task is not None:
-            self._task.cancel()
+        if self._decision is not None:
+            self._cancel_decision()
         if self.transport is not None:
             self.transport.abort()
         self._lost = True  # nothing more is written; connection_lost follows
 
     async def wait_closed(self) -> None:
-        if self._lost and self._task is None:
+        if self._lost and self._decision is None:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closed_waiters.append(waiter)
@@ -409,47 +413,103 @@ class InboundSession(asyncio.Protocol):
             else:
                 assert isinstance(event, ExtensionLine)
                 decision = self._auth_step(self.auth.line(event.line))
-            # The decision runs here, at once; only when it has to wait (a shard, DNS, a thread) does the rest of
-            # it go to a task, and reading pauses until it answered. MAIL and RCPT rarely wait.
-            try:
-                waiting_for = decision.send(None)
-            except StopIteration as done:
-                if done.value:
-                    continue
+            # The decision runs here, at once. When it has to wait (a shard, DNS, a thread), reading pauses and it
+            # goes on when what it waits for is done (`_advance`); MAIL and RCPT rarely wait.
+            go_on = self._advance(decision)
+            if go_on is None:
+                self.deadline = None
+                self._update_reading()
+                break
+            if not go_on:
                 self._flush()
                 self._close()
                 return
-            except (ConnectionError, OSError) as exc:
-                log.debug("session with %s ended: %s", self.client_ip, exc)
-                self._close()
-                return
-            self.deadline = None
-            self._task = asyncio.get_running_loop().create_task(self._decide(_Rest(decision, waiting_for)))
-            self._update_reading()
-            break
         self._flush()
         if conn.closed:
             self._close()
-        elif self._task is None:
+        elif self._decision is None:
             kind = conn.current_timeout_kind
             self._arm(float(self.config.data_timeout if kind == "data" else self.config.command_timeout))
 
-    async def _decide(self, decision: _Rest) -> None:
+    # A decision (a coroutine) is run by the session itself, not by an asyncio task: a task per MAIL, RCPT and
+    # message cost more than the rest of answering them. The coroutine is sent None until it ends; when it
+    # yields a future (it awaits one), it goes on from that future's done callback, as a task would go on
+    # (a cancelled future raises CancelledError inside it, as in a task). Anything else it may yield (the bare
+    # yield of asyncio.sleep(0)) is left to a task, which finishes it (`_Rest`). Code that needs to run inside a
+    # task (asyncio.timeout, current_task) cannot be called from a decision.
+
+    def _advance(self, decision: Coroutine[object, None, bool]) -> bool | None:
+        """Run `decision` until it ends (its result; False when it failed) or waits (None; `_decision` is set)."""
         try:
-            go_on = await decision
+            waiting_for = decision.send(None)
+        except StopIteration as done:
+            return bool(done.value)
+        except (ConnectionError, OSError) as exc:
+            log.debug("session with %s ended: %s", self.client_ip, exc)
+            return False
+        self._decision = decision
+        if asyncio.isfuture(waiting_for) and getattr(waiting_for, "_asyncio_future_blocking", False):
+            waiting_for._asyncio_future_blocking = False  # what a task does with the future it is given
+            self._waiting = waiting_for
+            waiting_for.add_done_callback(self._resume)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._finish_in_task(_Rest(decision, waiting_for)))
+        return None
+
+    def _resume(self, future: asyncio.Future[Any]) -> None:
+        """The future the decision waited for is done: go on with it."""
+        decision = self._decision
+        if future is not self._waiting or decision is None:
+            return
+        self._waiting = None
+        self._decision = None
+        try:
+            go_on = self._advance(decision)
         except asyncio.CancelledError:
-            # Not re-raised: this task is a leaf nobody awaits. Cancelled by connection_lost (the client is gone)
-            # or by stop() (the frontend is stopping).
-            self._task = None
-            if self._lost:
-                self._finish()
-            elif self._stopping:
-                self._shut_down()
+            self._cancelled()
+            return
+        except Exception:  # a bug in a check: this session ends, the others go on
+            log.exception("session with %s: a decision failed", self.client_ip)
+            go_on = False
+        if go_on is not None:
+            self._decided(go_on)
+
+    async def _finish_in_task(self, rest: _Rest) -> None:
+        try:
+            go_on = await rest
+        except asyncio.CancelledError:
+            # Not re-raised: this task is a leaf nobody awaits.
+            self._task = self._decision = None
+            self._cancelled()
             return
         except (ConnectionError, OSError) as exc:
             log.debug("session with %s ended: %s", self.client_ip, exc)
             go_on = False
-        self._task = None
+        except Exception:
+            log.exception("session with %s: a decision failed", self.client_ip)
+            go_on = False
+        self._task = self._decision = None
+        self._decided(go_on)
+
+    def _cancel_decision(self) -> None:
+        """Stop the decision being made (connection_lost, stop, abort); it may end normally all the same."""
+        if self._task is not None:
+            self._task.cancel()
+        elif self._waiting is not None:
+            self._waiting.cancel()
+
+    def _cancelled(self) -> None:
+        """The decision was cancelled: by connection_lost (the client is gone) or stop() (the frontend is
+        stopping)."""
+        if self._lost:
+            self._finish()
+        elif self._stopping:
+            self._shut_down()
+        else:
+            self._close()
+
+    def _decided(self, go_on: bool) -> None:
+        """The decision that was waiting has answered: the session goes on, or ends."""
         if self._lost:
             self._finish()
             return
@@ -480,7 +540,7 @@ class InboundSession(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        paused = self._task is not None or self._writing_paused
+        paused = self._decision is not None or self._writing_paused
         if paused != self._reading_paused:
             self._reading_paused = paused
             if paused:
@@ -517,7 +577,7 @@ class InboundSession(asyncio.Protocol):
 
     def _finish(self) -> None:
         """The connection is gone and no decision runs any more: count and forget the session (once)."""
-        if self._task is not None:
+        if self._decision is not None:
             return
         self._forget_deadline()
         if self._admitted:
@@ -544,7 +604,7 @@ class InboundSession(asyncio.Protocol):
         if self._proxy_buffer is not None:
             self._refuse_proxy(TimeoutError(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s"))
             return
-        if self.conn is None or self._task is not None:
+        if self.conn is None or self._decision is not None:
             return
         metrics.rejections("timeout", self.listener.kind).inc()
         self.conn.timed_out()
