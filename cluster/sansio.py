@@ -62,6 +62,11 @@ class ByteMachine(Generic[EventT, DecisionT]):
         else:
             self._eof = True
 
+    @property
+    def buffered_input(self) -> int:
+        """Bytes received and not consumed yet (e.g. what a client pipelined behind a command)."""
+        return len(self._input)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._output)
         self._output.clear()

@@ -128,7 +128,8 @@ class BusLink:
         if self._receiver is None or self._receiver.done():
             raise RuntimeError(f"{self.name}: request() needs start() to be running")
         req = next(self._numbers)
-        future: asyncio.Future[BusMessage] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BusMessage] = loop.create_future()
         self._pending[req] = future
         frame = build(req).encode()
         connect_within = timeout if connect_timeout is None else min(timeout, connect_timeout)
@@ -141,8 +142,13 @@ class BusLink:
                     await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
                 except TimeoutError:
                     raise NoAnswer(self, connect_within, False) from None
-            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
+            # A timer on the answer itself rather than asyncio.timeout, which needs the caller to run in a task
+            # (the frontend's sessions start their policy checks outside any task).
+            timer = loop.call_later(max(0.0, timeout - (time.monotonic() - started)), _expire, future)
+            try:
                 return await future
+            finally:
+                timer.cancel()
         except TimeoutError:
             raise NoAnswer(self, timeout, True) from None
         except zmq.ZMQError as exc:
@@ -157,11 +163,19 @@ class BusLink:
         """Wait up to `timeout` seconds (None: forever) for frames, read at most `limit` of those waiting, settle
         the answers to requests, and return the other messages in arrival order."""
         plain = self._plain
-        if not self._readable():  # nothing waiting: wait (the asyncio poll) for up to `timeout`
-            poll_ms = None if timeout is None else max(0, int(timeout * 1000))
-            if not await self.socket.poll(timeout=poll_ms):
-                return []
         others: list[BusMessage] = []
+        if not self._readable():  # nothing waiting: wait for up to `timeout`
+            if timeout is None:
+                # With no timeout, the wait is the read of the next frame: one Future, where the asyncio poll
+                # makes a poller and several (this runs once per answer a frontend waits for).
+                frames = await self.socket.recv_multipart()
+                self.last_heard = time.monotonic()
+                message = self._decode(frames[-1])
+                if message is not None and not self._settle(message):
+                    others.append(message)
+                limit -= 1
+            elif not await self.socket.poll(timeout=max(0, int(timeout * 1000))):
+                return []
         for _ in range(limit):
             # Non-blocking reads, as the asyncio layer's own NOBLOCK reads are: EVENTS says whether one waits.
             if not self._readable():
@@ -179,7 +193,8 @@ class BusLink:
     def _readable(self) -> bool:
         if self.socket.closed:  # the shadow does not know: never touch a closed socket through it
             raise zmq.ZMQError(zmq.ENOTSUP)
-        return bool(cast(int, self._plain.get(_EVENTS)) & _POLLIN)
+        # int() first: the flag enum pyzmq returns would do its `&` in Python.
+        return bool(int(cast(int, self._plain.get(_EVENTS))) & _POLLIN)
 
     def _decode(self, frame: bytes) -> BusMessage | None:
         try:
@@ -232,6 +247,11 @@ class BusLink:
                 future.set_exception(NoAnswer(self, 0.0, True, "was closed before it answered"))
         self._pending.clear()
         self.socket.close(linger=0)
+
+
+def _expire(future: asyncio.Future[BusMessage]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 async def ask_all(links: list[BusLink], build: Callable[[int], BusMessage], timeout: float, *,

@@ -1,65 +1,67 @@
-"""One read timer per SMTP session, re-armed lazily (what `asyncio.timeout` does per read, for less).
+"""The read timeouts of all the SMTP sessions of a frontend process, kept by one periodic sweep.
 
-A session reads from its client many times per message, each read under the command or data timeout. A fresh
-`asyncio.timeout` (or `wait_for`, which also wraps the read in a task) per read costs a timer handle and a
-context each time. `ReadDeadline` keeps one timer per session: `arm(seconds)` before a read only moves the
-deadline (the timer is moved only when the new deadline comes earlier than the armed one); `disarm()` after
-it. When the timer fires after the deadline while a read is armed, it cancels the session's task, and the
-CancelledError surfaces inside the read; the session asks `expired()` to tell its own timeout from a
-cancellation by someone else (e.g. the frontend stopping).
+A session waits for its client many times per message, each wait under the command or data timeout (minutes),
+and most connections live a few milliseconds. A timer per session (or per read) costs a timer handle made and
+cancelled per connection; `Deadlines` keeps one timer for all of them instead: a watched item sets its own
+`deadline` (a `loop.time()` value, or None while it waits for nobody), and a sweep every `interval` seconds calls
+`expired()` on each item whose deadline has passed. A timeout therefore fires up to `interval` late, which is
+why the frontend makes `interval` a small fraction of its shortest timeout. The sweep runs only while something
+is watched.
 
-Input: the running loop and the session's task. Failure modes: none of its own; a cancellation from elsewhere
-that coincides with the deadline is reported as not expired (the other canceller wins, as with asyncio.timeout).
+Input: the items (any object with a `deadline` attribute and an `expired()` method). Output: calls to
+`expired()`. Failure modes: an `expired()` that raises is logged and the sweep goes on with the other items.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
-class ReadDeadline:
-    def __init__(self, task: asyncio.Task[object] | asyncio.Task[None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = task
-        self._deadline: float | None = None  # None: no read is armed
+class Watched(Protocol):
+    # When the item must have heard from its client (loop.time()); None: no wait is running.
+    deadline: float | None
+
+    def expired(self) -> None:
+        """The deadline passed (it is None again when this is called)."""
+
+
+class Deadlines:
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._watched: dict[Watched, None] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._fired = False
 
-    def arm(self, seconds: float) -> None:
-        """A read under a `seconds` timeout starts now."""
-        deadline = self._loop.time() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._fire)
+    def __len__(self) -> int:
+        return len(self._watched)
 
-    def disarm(self) -> None:
-        """The read is over (the timer stays; it does nothing when it fires with no read armed)."""
-        self._deadline = None
+    def watch(self, item: Watched) -> None:
+        self._watched[item] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+
+    def forget(self, item: Watched) -> None:
+        self._watched.pop(item, None)
 
     def close(self) -> None:
-        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._watched.clear()
 
-    def expired(self) -> bool:
-        """After a CancelledError from the armed read: True when it was this deadline's (and nobody else's)."""
-        if not self._fired:
-            return False
-        self._fired = False
-        return self._task.uncancel() == 0
-
-    def _fire(self) -> None:
+    def _sweep(self) -> None:
         self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        if self._loop.time() < deadline:  # the deadline moved on since the timer was set
-            self._timer = self._loop.call_at(deadline, self._fire)
-            return
-        self._deadline = None
-        self._fired = True
-        self._task.cancel()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = [item for item in self._watched if item.deadline is not None and item.deadline <= now]
+        for item in due:
+            item.deadline = None
+            try:
+                item.expired()
+            except Exception:  # one item's bug must not stop the timeouts of the others
+                log.exception("a read timeout handler failed")
+        if self._watched:
+            self._timer = loop.call_later(self.interval, self._sweep)

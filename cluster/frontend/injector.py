@@ -165,19 +165,23 @@ class ShardClient:
                      client: dict[str, str]) -> tuple[Reply, list[str]]:
         """Store one message on every shard that owns some of its recipients: (reply for the client, queue ids)."""
         parts: dict[int, list[str]] = {}
-        owners: dict[str, int] = {}  # domain as written -> its shard: the ring is asked once per domain
-        for recipient in recipients:
-            _, at, domain = recipient.rpartition("@")
-            if not at:
-                domain = ""  # no domain: the first shard, as for "x@" (shard_for_address)
-            owner = owners.get(domain)
-            if owner is None:
-                owner = owners[domain] = shard_for_address(recipient, self.shards, self.excluded)
-            part = parts.get(owner)
-            if part is None:
-                parts[owner] = [recipient]
-            else:
-                part.append(recipient)
+        if len(self.shards) == 1 and not self.excluded:  # one shard owns every domain: nothing to look up
+            if recipients:
+                parts[0] = list(recipients)
+        else:
+            owners: dict[str, int] = {}  # domain as written -> its shard: the ring is asked once per domain
+            for recipient in recipients:
+                _, at, domain = recipient.rpartition("@")
+                if not at:
+                    domain = ""  # no domain: the first shard, as for "x@" (shard_for_address)
+                owner = owners.get(domain)
+                if owner is None:
+                    owner = owners[domain] = shard_for_address(recipient, self.shards, self.excluded)
+                part = parts.get(owner)
+                if part is None:
+                    parts[owner] = [recipient]
+                else:
+                    part.append(recipient)
         if len(parts) == 1:  # the usual case: no task per shard needed
             [(index, part)] = parts.items()
             answers: list[Stored | InjectRefused | None] = [await self._inject_one(index, sender, part, body, client)]

@@ -3,13 +3,51 @@
 The per-message counters are reached through the small accessors at the end (`command_counter`,
 `reply_counter`, `rejections`, `accepted`, `connections`, `inject_duration`): each keeps the labelled child it
 made, because `labels()` costs more than the increment itself and runs several times per message.
+
+`count(series, amount)` adds to a counter (or gauge) series without touching it: the amounts are kept as plain
+numbers and added to the series when the registry is read (a scrape of /metrics, or `REGISTRY.get_sample_value`),
+by `PENDING`, a collector registered ahead of every series here. A locked Prometheus increment costs more than
+the rest of handling a command, and a message makes about a dozen of them (connection, commands, replies,
+acceptance); a read always sees every count made before it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+
+class _PendingCounts:
+    """Amounts for counter and gauge series, added to them when the registry is collected (module docstring)."""
+
+    def __init__(self) -> None:
+        self.amounts: dict[Counter | Gauge, float] = {}
+
+    def describe(self) -> list[Metric]:
+        return []  # no series of its own (and registering it does not collect it)
+
+    def collect(self) -> Iterator[Metric]:
+        self.flush()
+        return iter(())
+
+    def flush(self) -> None:
+        amounts, self.amounts = self.amounts, {}
+        for series, amount in amounts.items():
+            series.inc(amount)
+
+
+# Registered before the series below: a collection reaches it first, so they are up to date when read.
+PENDING = _PendingCounts()
+REGISTRY.register(PENDING)
+
+
+def count(series: Counter | Gauge, amount: float = 1.0) -> None:
+    """Add `amount` to a counter (or gauge: negative amounts too) series, without a lock (module docstring)."""
+    amounts = PENDING.amounts
+    amounts[series] = amounts.get(series, 0.0) + amount
 
 CONNECTIONS_CURRENT = Gauge("mtacluster_smtp_connections_current", "SMTP connections open now.")
 # `listener` is the listener kind: smtp (smtp.listen), submission or submissions.

@@ -23,6 +23,8 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 def _clean(text: str) -> str:
     """Keep header-safe printable ASCII only: a client's HELO name must not inject header lines."""
+    if text.isascii() and text.isprintable() and " " not in text:  # the usual case: nothing to replace
+        return text[:255]
     return _UNSAFE.sub("?", text)[:255]
 
 
@@ -47,10 +49,19 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
 def rfc5322_date(timestamp: float) -> str:
     """RFC 5322 3.3 date-time in UTC, e.g. "Sun, 29 Nov 2026 22:26:59 +0000" ("+0000" is UTC; "-0000" would
     mean "time zone unknown"). English names whatever the process locale, as email.utils.format_datetime
-    writes them, for a fraction of its cost (this runs once per message)."""
-    t = time.gmtime(timestamp)
-    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+    writes them, for a fraction of its cost (this runs once per message; the text of the last second is kept)."""
+    global _last_date
+    second = int(timestamp)
+    if second == _last_date[0]:
+        return _last_date[1]
+    t = time.gmtime(second)
+    text = (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000")
+    _last_date = (second, text)
+    return text

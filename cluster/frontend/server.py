@@ -48,6 +48,7 @@ from cluster.config import Config, split_host_port
 from cluster.delivery.mx import CachingMxResolver, DnsMxResolver
 from cluster.delivery.routing import Router
 from cluster.frontend import auth, metrics
+from cluster.frontend.deadline import Deadlines
 from cluster.frontend.injector import ShardClient
 from cluster.frontend.outbound import Outbound
 from cluster.frontend.policy import (
@@ -59,19 +60,19 @@ from cluster.frontend.policy import (
     SessionPolicy,
     SubmissionPolicy,
 )
-from cluster.frontend.session import InboundSession, Listener, Security
+from cluster.frontend.session import PROXY_HEADER_MAX, PROXY_HEADER_TIMEOUT, InboundSession, Listener, Security
 from cluster.smtp import replies
 from cluster.smtp.proxy import V2_SIGNATURE, ProxyHeaderError, parse_proxy_header
+from cluster.smtp.replies import Reply
 from cluster.smtp.server import ServerSettings
 from cluster.tls import server_context
 from cluster.users import UserDatabase
 
 log = logging.getLogger(__name__)
 
-# A PROXY v2 header is 16 bytes plus at most 65535; balancers send far less. Refuse anything bigger.
-PROXY_HEADER_MAX = 4096
-PROXY_HEADER_TIMEOUT = 10.0
 _BACKLOG = 1024
+# Seconds between two sweeps of the sessions' read timeouts (at most; shorter when a timeout is short).
+DEADLINE_SWEEP = 1.0
 # While waiting for the shards before listening: how often to look, and how often to say so in the log.
 SHARD_POLL = 0.05
 SHARD_WAIT_WARNING = 10.0
@@ -96,7 +97,13 @@ class Frontend:
         self._tls_sockets: list[socket.socket] = []
         self._accept_loops: list[asyncio.Task[None]] = []
         self.per_client: Counter[str] = Counter()
-        self.sessions: dict[asyncio.Task[None], InboundSession | None] = {}
+        # The sessions that passed the connection limits, and the implicit-TLS connections still in their PROXY
+        # header or TLS handshake (they count against smtp.max_connections too).
+        self.sessions: dict[InboundSession, None] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        # The sessions' read timeouts: one sweep for all, a small fraction of the shortest timeout apart.
+        shortest = min(config.smtp.command_timeout, config.smtp.data_timeout, PROXY_HEADER_TIMEOUT)
+        self.deadlines = Deadlines(min(DEADLINE_SWEEP, shortest / 4))
 
     @staticmethod
     def _security(config: Config) -> tuple[ServerSettings, Security]:
@@ -199,14 +206,17 @@ class Frontend:
                 await asyncio.wait_for(stop.wait(), SHARD_POLL)
         return not stop.is_set()
 
+    def _session(self, listener: Listener, *, proxy_protocol: bool = False, client_ip: str | None = None,
+                 counted_already: bool = False) -> InboundSession:
+        return InboundSession(self, config=self.config.smtp, listener=listener, security=self.security,
+                              proxy_protocol=proxy_protocol, client_ip=client_ip, counted_already=counted_already)
+
     async def _listen(self, listener: Listener, address: str) -> None:
         host, port = split_host_port(address)
-
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._accept(listener, reader, writer)
-
-        server = await asyncio.start_server(accept, host, port, reuse_port=True, backlog=_BACKLOG,
-                                            limit=self.config.smtp.max_text_line * 4)
+        proxy_protocol = self.config.smtp.proxy_protocol
+        server = await asyncio.get_running_loop().create_server(
+            lambda: self._session(listener, proxy_protocol=proxy_protocol), host, port, reuse_port=True,
+            backlog=_BACKLOG)
         self.servers.append(server)
         self._server_kinds.append(listener.kind)
 
@@ -238,8 +248,8 @@ class Frontend:
                 continue
             connection.setblocking(False)
             task = asyncio.create_task(self._accept_implicit_tls(listener, connection))
-            self.sessions.setdefault(task, None)
-            task.add_done_callback(lambda done: self.sessions.pop(done, None))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
 
     async def _accept_implicit_tls(self, listener: Listener, connection: socket.socket) -> None:
         """RFC 8314 3.3: the PROXY header (if any) in plaintext, then TLS, then SMTP."""
@@ -256,11 +266,10 @@ class Frontend:
             if self.config.smtp.proxy_protocol:
                 async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
                     proxy_ip = await _read_proxy_header_exactly(loop, connection)
-            reader = asyncio.StreamReader(limit=self.config.smtp.max_text_line * 4)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, connection, ssl=context,
-                ssl_handshake_timeout=float(self.config.smtp.command_timeout))
+            session_ip = proxy_ip or client_ip
+            await loop.connect_accepted_socket(
+                lambda: self._session(listener, client_ip=session_ip, counted_already=True), connection,
+                ssl=context, ssl_handshake_timeout=float(self.config.smtp.command_timeout))
         except (ProxyHeaderError, TimeoutError, ConnectionError, OSError) as exc:
             failed_handshake = isinstance(exc, ssl.SSLError) or not isinstance(exc, ProxyHeaderError)
             if failed_handshake:
@@ -271,8 +280,6 @@ class Frontend:
             connection.close()
             return
         metrics.TLS_HANDSHAKES.labels(result="success").inc()
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        await self._serve(listener, reader, writer, proxy_ip or client_ip, b"")
 
     async def _shutdown(self) -> None:
         self.terminating = True
@@ -290,48 +297,37 @@ class Frontend:
         for sock in self._tls_sockets:
             sock.close()
         # Idle sessions are told 421 and closed; sessions in the middle of storing a message get the chance to
-        # finish and answer 250 (or 451), so that no client is left wondering whether its mail was taken. The
-        # shard links close only after that.
+        # finish and answer 250 (or 451), so that no client is left wondering whether its mail was taken, and
+        # then 421. The shard links close only after that.
         told = 0
-        for task, session in list(self.sessions.items()):
-            if session is None or not session.storing:
-                task.cancel()
-                told += 1
+        for session in list(self.sessions):
+            told += not session.storing
+            session.stop()
+        handshakes = list(self._handshakes)
+        for task in handshakes:
+            task.cancel()
         if told:
             log.info("frontend stopping: %d sessions still open answered 421 4.3.2", told)
-        if self.sessions:
-            _, pending = await asyncio.wait(list(self.sessions), timeout=self.config.smtp.inject_timeout)
+        sessions = list(self.sessions)
+        if sessions or handshakes:
+            waits = [asyncio.ensure_future(session.wait_closed()) for session in sessions]
+            _, pending = await asyncio.wait([*waits, *handshakes], timeout=self.config.smtp.inject_timeout)
+            for session in sessions:
+                session.abort()
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self.deadlines.close()
         if self.shards is not None:
             await self.shards.close()
         if self.accounts.spf is not None:
             self.accounts.spf.close()
 
-    async def _accept(self, listener: Listener, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        metrics.connections(listener.kind).inc()
-        peer = writer.get_extra_info("peername")
-        client_ip = str(peer[0]) if peer else "unknown"
-        # No TCP_NODELAY here: uvloop and asyncio set it on every TCP transport they make.
-        leftover = b""
-        if self.config.smtp.proxy_protocol:
-            try:
-                client_ip, leftover = await self._read_proxy_header(reader, client_ip)
-            except (ProxyHeaderError, TimeoutError, ConnectionError, OSError) as exc:
-                log.info("connection from %s refused: bad PROXY protocol header: %s", client_ip, exc)
-                metrics.CONNECTIONS_REFUSED.labels(reason="proxy_header").inc()
-                writer.close()
-                return
-        await self._serve(listener, reader, writer, client_ip, leftover)
+    # --- SessionHost: what each InboundSession asks of its frontend ---
 
-    async def _serve(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     client_ip: str, leftover: bytes) -> None:
-        """Apply the connection limits, then run one session."""
-        task = asyncio.current_task()
-        assert task is not None
-        others = len(self.sessions) - (task in self.sessions)  # an implicit-TLS connection is listed already
+    def admit(self, session: InboundSession, client_ip: str) -> Reply | None:
+        """Apply the connection limits to a session about to start SMTP: None (registered) or the refusal."""
+        others = len(self.sessions) + len(self._handshakes) - session.counted_already
         refusal = None
         if self.stopping:
             refusal, reason = replies.SHUTTING_DOWN, "shutting_down"
@@ -341,52 +337,20 @@ class Frontend:
             refusal, reason = replies.TOO_MANY_FROM_YOU, "per_client_limit"
         if refusal is not None:
             metrics.CONNECTIONS_REFUSED.labels(reason=reason).inc()
-            with contextlib.suppress(OSError):
-                writer.write(refusal.to_bytes())
-                await writer.drain()
-            writer.close()
-            return
-        assert self.shards is not None
-        self.sessions[task] = None
+            return refusal
+        self.sessions[session] = None
         self.per_client[client_ip] += 1
-        metrics.CONNECTIONS_CURRENT.inc()
-        try:
-            session = InboundSession(reader, writer, config=self.config.smtp, listener=listener,
-                                     shards=self.shards, client_ip=client_ip,
-                                     trusted_network=self.relay.client_may_relay(client_ip),
-                                     initial_data=leftover, security=self.security)
-            self.sessions[task] = session
-            await session.run()
-        except (ConnectionError, OSError) as exc:
-            log.debug("session with %s ended: %s", client_ip, exc)
-        except asyncio.CancelledError:
-            # Stopping (the session said 421). Not re-raised: this task is a leaf nobody awaits, and on Python
-            # 3.11 asyncio's done-callback for a cancelled stream handler logs a traceback per session.
-            log.debug("session with %s closed: the frontend is stopping", client_ip)
-        finally:
-            self.sessions.pop(task, None)
-            self.per_client[client_ip] -= 1
-            if self.per_client[client_ip] <= 0:
-                del self.per_client[client_ip]
-            metrics.CONNECTIONS_CURRENT.dec()
-            writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
+        return None
 
-    @staticmethod
-    async def _read_proxy_header(reader: asyncio.StreamReader, peer_ip: str) -> tuple[str, bytes]:
-        """The real client address from the load balancer's PROXY header, and the SMTP bytes after it."""
-        data = b""
-        async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
-            while (header := parse_proxy_header(data)) is None:
-                if len(data) > PROXY_HEADER_MAX:
-                    raise ProxyHeaderError("PROXY header too long")
-                chunk = await reader.read(PROXY_HEADER_MAX)
-                if not chunk:
-                    raise ProxyHeaderError("connection closed before the PROXY header ended")
-                data += chunk
-        # LOCAL / UNKNOWN (health checks): the balancer speaks for itself.
-        return header.client_ip or peer_ip, data[header.consumed:]
+    def release(self, session: InboundSession) -> None:
+        self.sessions.pop(session, None)
+        client_ip = session.client_ip
+        self.per_client[client_ip] -= 1
+        if self.per_client[client_ip] <= 0:
+            del self.per_client[client_ip]
+
+    def may_relay(self, client_ip: str) -> bool:
+        return self.relay.client_may_relay(client_ip)
 
 
 async def _read_proxy_header_exactly(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> str | None:

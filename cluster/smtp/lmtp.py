@@ -28,17 +28,12 @@ __all__ = ["LmtpServerConnection"]
 class LmtpServerConnection(ServerConnection):
     def __init__(self, settings: ServerSettings, observer: SessionObserver | None = None) -> None:
         super().__init__(settings, observer)
-        del self._handlers["EHLO"], self._handlers["HELO"]
-        self._handlers["LHLO"] = self._ehlo
-        smtp_data = self._handlers["DATA"]
-
-        def data(argument: str) -> None:
-            if self._state is State.MAIL and not argument.strip(" "):
-                self._error(replies.LMTP_NO_VALID_RECIPIENTS)
-                return
-            smtp_data(argument)
-
-        self._handlers["DATA"] = data
+        # A copy of the SMTP command table (the class's, shared by every SMTP session): LHLO instead of
+        # EHLO/HELO, and DATA with no valid recipient answered the LMTP way.
+        handlers = {verb: handler for verb, handler in self._handlers.items() if verb not in ("EHLO", "HELO")}
+        handlers["LHLO"] = ServerConnection._ehlo
+        handlers["DATA"] = _lmtp_data
+        self._handlers = handlers
 
     def start(self) -> None:
         self._send(replies.lmtp_greeting(self.settings.hostname))
@@ -66,3 +61,11 @@ class LmtpServerConnection(ServerConnection):
         for _ in range(recipients - 1):
             self._send(reply)
         self._error(reply)  # counted once: one client mistake
+
+
+def _lmtp_data(session: ServerConnection, argument: str) -> None:
+    """DATA after MAIL with no accepted recipient: LMTP's own reply (RFC 2033 4.2); else SMTP's DATA."""
+    if session.state is State.MAIL and not argument.strip(" "):
+        session._error(replies.LMTP_NO_VALID_RECIPIENTS)
+        return
+    session._data(argument)

@@ -32,6 +32,7 @@ raises `ProtocolUsageError` (from `cluster.sansio`). Nothing here raises on any 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -85,8 +86,8 @@ __all__ = [
 _MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 _RCPT_PARAMETERS: frozenset[str] = frozenset()
 
-# A command handler takes the text after the verb.
-_Handler = Callable[[str], None]
+# A command handler (an unbound ServerConnection method) takes the session and the text after the verb.
+_Handler = Callable[["ServerConnection", str], None]
 
 
 class SessionObserver(Protocol):
@@ -137,6 +138,29 @@ class ServerSettings:
             max_errors=smtp.max_errors,
             chunking=smtp.chunking,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _greeting(hostname: str) -> Reply:
+    return replies.greeting(hostname)
+
+
+@functools.lru_cache(maxsize=64)
+def _extensions(settings: ServerSettings) -> tuple[str, ...]:
+    """The EHLO keywords a session with these settings advertises (made once per settings, not per EHLO)."""
+    return ("PIPELINING", f"SIZE {settings.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+            *(("CHUNKING",) if settings.chunking else ()), *settings.extra_extensions)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ehlo_reply(hostname: str, name: str, settings: ServerSettings) -> Reply:
+    """The EHLO reply; clients greet with a few names over and over, so the last 1,024 are kept (HELO too)."""
+    return replies.ehlo_reply(hostname, name, _extensions(settings))
+
+
+@functools.lru_cache(maxsize=1024)
+def _helo_reply(hostname: str, name: str) -> Reply:
+    return replies.helo_reply(hostname, name)
 
 
 class State(Enum):
@@ -241,21 +265,8 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         self._bdat: _BdatCommand | None = None
         # The extension verb whose exchange continues after a 334 reply.
         self._continuation_verb = ""
-        self._handlers: dict[str, _Handler] = {
-            "EHLO": self._ehlo,
-            "HELO": self._helo,
-            "MAIL": self._mail,
-            "RCPT": self._rcpt,
-            "DATA": self._data,
-            "RSET": self._rset,
-            "NOOP": self._noop,
-            "QUIT": self._quit,
-            "HELP": self._help,
-            "VRFY": self._vrfy,
-            "EXPN": self._expn,
-        }
-        if settings.chunking:
-            self._handlers["BDAT"] = self._bdat_command
+        # The command table (verb -> unbound handler) is the class's, made once: BDAT only with CHUNKING.
+        self._handlers = _HANDLERS_WITH_BDAT if settings.chunking else _HANDLERS
 
     # --- glue-facing API ---
 
@@ -279,7 +290,20 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         return "data" if self._state in (_DATA, _BDAT) else "command"
 
     def start(self) -> None:
-        self._send(replies.greeting(self.settings.hostname))
+        self._send(_greeting(self.settings.hostname))
+
+    def next_event(self) -> Event | type[NeedData] | type[Paused]:
+        """As ByteMachine.next_event, with `_paused()` and `closed` written out (this runs several times per
+        command)."""
+        events = self._events
+        while True:
+            if events:
+                return events.popleft()
+            state = self._state
+            if self._pending is not None or state is _TLS_HANDSHAKE:
+                return Paused
+            if state is _CLOSED or not self._step():
+                return NeedData
 
     def _paused(self) -> bool:
         return self._pending is not None or self._state is _TLS_HANDSHAKE
@@ -293,9 +317,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
             raise ProtocolUsageError("respond() called with no decision pending")
         self._pending = None
         accepted = 200 <= reply.code < 300
-        if isinstance(event, ExtensionCommand | ExtensionLine):
-            self._respond_extension(event.verb, reply)
-        elif isinstance(event, MailRequested):
+        if isinstance(event, MailRequested):
             if accepted:
                 self._transaction = _Transaction(
                     sender=event.sender,
@@ -311,6 +333,8 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
                 if self._state is _MAIL:
                     self._state = _RCPT
             self._send_result(reply, client_error=reply.code >= 400)
+        elif isinstance(event, ExtensionCommand | ExtensionLine):
+            self._respond_extension(event.verb, reply)
         else:
             # End of DATA: accepted or not, the transaction is over (RFC 5321 4.1.1.4).
             self._end_transaction()
@@ -509,7 +533,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         if refusal is not None:
             self._error(refusal)
             return
-        handler(argument)
+        handler(self, argument)
 
     def _observe_command(self, verb: str) -> None:
         if self.observer is not None:
@@ -529,16 +553,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         self.helo_name = name
         self.esmtp = True
         self._end_transaction()  # RFC 5321 4.1.4: EHLO implies RSET
-        extensions = (
-            "PIPELINING",
-            f"SIZE {self.settings.max_message_size}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            *(("CHUNKING",) if self.settings.chunking else ()),
-            *self.settings.extra_extensions,
-        )
-        self._send(replies.ehlo_reply(self.settings.hostname, name, extensions))
+        self._send(_ehlo_reply(self.settings.hostname, name, self.settings))
 
     def _helo(self, argument: str) -> None:
         name = self._greeting_name(argument)
@@ -548,7 +563,7 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         self.helo_name = name
         self.esmtp = False
         self._end_transaction()
-        self._send(replies.helo_reply(self.settings.hostname, name))
+        self._send(_helo_reply(self.settings.hostname, name))
 
     def _mail(self, argument: str) -> None:
         if argument[:5].upper() != "FROM:":
@@ -671,3 +686,19 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
 
     def _expn(self, argument: str) -> None:
         self._error(replies.EXPN_NOT_AVAILABLE)
+
+
+_HANDLERS: dict[str, _Handler] = {
+    "EHLO": ServerConnection._ehlo,
+    "HELO": ServerConnection._helo,
+    "MAIL": ServerConnection._mail,
+    "RCPT": ServerConnection._rcpt,
+    "DATA": ServerConnection._data,
+    "RSET": ServerConnection._rset,
+    "NOOP": ServerConnection._noop,
+    "QUIT": ServerConnection._quit,
+    "HELP": ServerConnection._help,
+    "VRFY": ServerConnection._vrfy,
+    "EXPN": ServerConnection._expn,
+}
+_HANDLERS_WITH_BDAT: dict[str, _Handler] = {**_HANDLERS, "BDAT": ServerConnection._bdat_command}

@@ -18,14 +18,18 @@ from prometheus_client import REGISTRY
 from cluster.bus.ring import shard_for_domain
 from cluster.bus.schemas import BusMessage, Inject, InjectRefused
 from cluster.config import config_from_dict
+from cluster.frontend.policy import SessionFacts, SessionPolicy
 from cluster.frontend.server import Frontend
+from cluster.smtp import replies
+from cluster.smtp.address import Address
+from cluster.smtp.replies import Reply
 from tests.support.scripted_shard import Answer, ScriptedShard, stored
 from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
 
 @contextlib.asynccontextmanager
-async def frontend_with(answers: list[Answer], inject_timeout: float = 1.0,
+async def frontend_with(answers: list[Answer], inject_timeout: float = 1.0, checks: tuple[SessionPolicy, ...] = (),
                         **smtp: object) -> AsyncIterator[
         tuple[int, list[ScriptedShard], list[str]]]:
     endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in answers]
@@ -34,7 +38,7 @@ async def frontend_with(answers: list[Answer], inject_timeout: float = 1.0,
     port = free_port()
     config = config_from_dict({"smtp": {"listen": [f"127.0.0.1:{port}"], "inject_timeout": inject_timeout, **smtp},
                                "queue": {"shards": endpoints}}, environ={})
-    frontend = Frontend(config)
+    frontend = Frontend(config, checks)
     stop = asyncio.Event()
     running = asyncio.create_task(frontend.run(stop))
     try:
@@ -161,3 +165,85 @@ async def test_commands_and_replies_are_counted_by_each_end_of_data_and_by_the_e
             await asyncio.to_thread(client.quit)
         await _until(lambda: _sample(commands, quit_) == before["quit"] + 1, "QUIT never counted")
         await _until(lambda: _sample(replies_total, ok) == before["2xx"] + 7, "replies never all counted")
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole reply (its last line has a space after the code)."""
+    lines = b""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        lines += line
+        if len(line) < 4 or line[3:4] != b"-":
+            return lines
+
+
+async def test_stopping_tells_idle_sessions_421_and_lets_a_storing_session_answer_first() -> None:
+    # The shard never answers: the storing session's answer is the 451 at inject_timeout, then 421.
+    async with frontend_with([lambda message: None], inject_timeout=1.5) as (port, shards, _):
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(idle_reader)).startswith(b"220 ")
+        idle_writer.write(b"EHLO idle.test\r\n")
+        assert (await _reply(idle_reader)).startswith(b"250-")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"EHLO busy.test\r\nMAIL FROM:<s@client.test>\r\nRCPT TO:<r@x.test>\r\nDATA\r\n")
+        for _ in range(4):
+            assert (await _reply(reader))[:1] in (b"2", b"3")
+        writer.write(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        await _until(lambda: bool(shards[0].injects), "the shard got the message")
+    # Leaving the block stopped the frontend: it returned only once both sessions were answered and closed.
+    assert (await _reply(idle_reader)).startswith(b"421 4.3.2 ")
+    assert (await _reply(reader)).startswith(b"451 4.3.0 ")
+    assert (await _reply(reader)).startswith(b"421 4.3.2 ")
+    assert await reader.read() == b"" and await idle_reader.read() == b""
+    writer.close()
+    idle_writer.close()
+
+
+async def test_a_client_gone_while_its_message_is_stored_leaves_nothing_behind() -> None:
+    # The shard answers only the second message: the first client is gone by then, and its session must not
+    # count against the per-client limit (1) afterwards.
+    answered: list[Inject] = []
+
+    def second_only(message: Inject) -> BusMessage | None:
+        answered.append(message)
+        return stored(message) if len(answered) > 1 else None
+
+    async with frontend_with([second_only], inject_timeout=0.5, max_connections_per_client=1) as (port, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"HELO gone.test\r\nMAIL FROM:<s@client.test>\r\nRCPT TO:<r@x.test>\r\nDATA\r\n")
+        for _ in range(4):
+            await _reply(reader)
+        writer.write(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        await _until(lambda: bool(answered), "the shard got the first message")
+        writer.close()
+        current = _sample("mtacluster_smtp_connections_current", {})
+        await _until(lambda: _sample("mtacluster_smtp_connections_current", {}) == current - 1,
+                     "the session was released after its store gave up")
+        code, _text = await asyncio.to_thread(send, port, ["a@x.test"])
+        assert code == 250
+
+
+class SlowRecipientCheck(SessionPolicy):
+    """Takes its time over every RCPT (as a DNS or shard look-up would) and refuses one address."""
+
+    async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+        await asyncio.sleep(0.05)
+        return replies.RELAY_DENIED if recipient.local_part == "refused" else None
+
+
+async def test_pipelined_commands_behind_a_check_that_waits_are_answered_in_order() -> None:
+    async with frontend_with([stored], checks=(SlowRecipientCheck(),)) as (port, shards, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"EHLO pipe.test\r\n")
+        await _reply(reader)
+        # RFC 2920: the whole transaction in one write; the RCPTs wait for the check while the rest is buffered.
+        writer.write(b"MAIL FROM:<s@client.test>\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<refused@x.test>\r\n"
+                     b"RCPT TO:<b@x.test>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        answers = [(await _reply(reader))[:9] for _ in range(7)]
+        assert answers == [b"250 2.1.0", b"250 2.1.5", b"554 5.7.1", b"250 2.1.5", b"354 End d",
+                           b"250 2.0.0", b"221 2.0.0"]
+        assert [inject.recipients for inject in shards[0].injects] == [["a@x.test", "b@x.test"]]
+        writer.close()

@@ -1,78 +1,73 @@
-"""The session's lazily re-armed read timer (cluster/frontend/deadline.py)."""
+"""The frontend's read timeouts, kept by one sweep for every session (cluster/frontend/deadline.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from cluster.frontend.deadline import ReadDeadline
+from cluster.frontend.deadline import Deadlines
 
 
-async def _read_under(deadline: ReadDeadline, seconds: float, wait: asyncio.Future[None]) -> str:
-    """What a session does around one read: "data", "timeout", or the CancelledError of someone else."""
-    deadline.arm(seconds)
-    try:
-        await wait
-    except asyncio.CancelledError:
-        if not deadline.expired():
-            raise
-        return "timeout"
-    finally:
-        deadline.disarm()
-    return "data"
+class Item:
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.fired: list[float] = []
+
+    def expired(self) -> None:
+        self.fired.append(asyncio.get_running_loop().time())
 
 
-async def _session(reads: list[tuple[float, float]]) -> list[str]:
-    """Reads in turn: (timeout, seconds until the data comes)."""
+async def _until(condition: object, seconds: float) -> None:
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    deadline = ReadDeadline(task)
-    outcomes = []
-    try:
-        for timeout, arrives in reads:
-            wait: asyncio.Future[None] = loop.create_future()
-            loop.call_later(arrives, lambda w=wait: w.done() or w.set_result(None))
-            outcomes.append(await _read_under(deadline, timeout, wait))
-    finally:
-        deadline.close()
-    return outcomes
+    end = loop.time() + seconds
+    while not condition() and loop.time() < end:  # type: ignore[operator]
+        await asyncio.sleep(0.01)
 
 
-async def test_a_read_slower_than_its_timeout_times_out_and_the_session_goes_on() -> None:
-    assert await _session([(0.05, 0.01), (0.05, 1.0), (5.0, 0.01)]) == ["data", "timeout", "data"]
-    assert asyncio.current_task() is not None and asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+async def test_a_passed_deadline_fires_once_within_the_interval_and_a_later_one_waits() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(0.02)
+    late, early, idle = Item(), Item(), Item()
+    for item in (late, early, idle):
+        deadlines.watch(item)
+    early.deadline = loop.time() + 0.05
+    late.deadline = loop.time() + 5.0
+    await _until(lambda: early.fired, 2.0)
+    assert len(early.fired) == 1 and early.deadline is None
+    await asyncio.sleep(0.1)
+    assert len(early.fired) == 1  # not again: the deadline was cleared when it fired
+    assert late.fired == [] and idle.fired == []
+    deadlines.close()
 
 
-async def test_a_later_deadline_does_not_cut_a_read_short() -> None:
-    # The timer armed for the first read (0.1 s) fires during the second; it must re-arm, not cancel.
-    assert await _session([(0.1, 0.0), (0.4, 0.25)]) == ["data", "data"]
+async def test_a_deadline_moved_on_before_it_passed_does_not_fire_and_a_forgotten_item_never_fires() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(0.02)
+    moved, forgotten = Item(), Item()
+    deadlines.watch(moved)
+    deadlines.watch(forgotten)
+    moved.deadline = loop.time() + 0.05
+    forgotten.deadline = loop.time() + 0.05
+    deadlines.forget(forgotten)
+    await asyncio.sleep(0.03)
+    moved.deadline = loop.time() + 0.3  # the session heard from its client and waits again
+    await asyncio.sleep(0.1)
+    assert moved.fired == [] and forgotten.fired == []
+    await _until(lambda: moved.fired, 2.0)
+    assert len(moved.fired) == 1
+    deadlines.close()
 
 
-async def test_an_earlier_deadline_moves_the_timer_forward() -> None:
-    # The first read arms the timer 30 s out; the second (data timeout, shorter) must not wait for it.
-    started = asyncio.get_running_loop().time()
-    assert await asyncio.wait_for(_session([(30.0, 0.0), (0.05, 10.0)]), 5) == ["data", "timeout"]
-    assert asyncio.get_running_loop().time() - started < 2
-
-
-async def test_a_cancellation_from_elsewhere_is_not_a_timeout() -> None:
-    task = asyncio.create_task(_session([(30.0, 30.0)]))
-    await asyncio.sleep(0)  # the session runs up to its read
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
-async def test_no_timer_is_left_behind_when_the_session_ends() -> None:
-    # A timer left armed would keep the ended session (its task, buffers) alive until it fired.
-    task = asyncio.current_task()
-    assert task is not None
-    deadline = ReadDeadline(task)
-    deadline.arm(30.0)
-    deadline.disarm()
-    timer = deadline._timer
-    assert timer is not None and not timer.cancelled()
-    deadline.close()
-    assert timer.cancelled() and deadline._timer is None
+async def test_the_sweep_stops_when_nothing_is_watched_and_restarts_with_the_next_item() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(0.02)
+    first = Item()
+    deadlines.watch(first)
+    deadlines.forget(first)
+    await asyncio.sleep(0.05)
+    assert deadlines._timer is None  # the sweep saw nothing to watch and did not re-arm
+    second = Item()
+    second.deadline = loop.time()
+    deadlines.watch(second)
+    await _until(lambda: second.fired, 2.0)
+    assert len(second.fired) == 1
+    deadlines.close()

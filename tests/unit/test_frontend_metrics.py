@@ -1,0 +1,33 @@
+"""The frontend's pending counts (cluster/frontend/metrics.py `count`): kept as plain numbers, in the series when
+the registry is read."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, generate_latest
+
+from cluster.frontend import metrics
+
+
+def _connections(listener: str) -> float:
+    return REGISTRY.get_sample_value("mtacluster_smtp_connections_total", {"listener": listener}) or 0.0
+
+
+def test_a_count_is_in_its_series_as_soon_as_the_registry_is_read() -> None:
+    before = _connections("submission")
+    metrics.count(metrics.connections("submission"), 3)
+    metrics.count(metrics.connections("submission"))
+    assert metrics.PENDING.amounts  # not added yet: no lock taken per count
+    assert _connections("submission") == before + 4
+    assert not metrics.PENDING.amounts
+
+
+def test_a_scrape_sees_the_counts_and_a_gauge_goes_down_too() -> None:
+    metrics.count(metrics.CONNECTIONS_CURRENT)
+    metrics.count(metrics.CONNECTIONS_CURRENT)
+    metrics.count(metrics.CONNECTIONS_CURRENT, -1.0)
+    before = REGISTRY.get_sample_value("mtacluster_smtp_connections_current") or 0.0
+    metrics.count(metrics.CONNECTIONS_CURRENT, 2)
+    text = generate_latest().decode()
+    assert f"mtacluster_smtp_connections_current {before + 2}" in text
+    metrics.count(metrics.CONNECTIONS_CURRENT, -3)
+    assert REGISTRY.get_sample_value("mtacluster_smtp_connections_current") == before - 1
