@@ -17,7 +17,8 @@ the standard load, the latency probe, benchmarks/smtp_probe.py) beside it. Figur
 - delivered/s: the same messages / time from the start until the sink had every one of them (every recipient
   of every message, for bulk); delivered recipients/s: recipients / that same time;
 - accept latency p50/p90/p99: the probe's end of DATA -> 250 times, measured while the load runs;
-- CPU ms per message, per role for ours; peak RSS per role for ours (benchmarks/memory.py).
+- CPU ms per message, per role for ours; peak RSS per role for ours (benchmarks/memory.py);
+- load CPU ms per message: what smtp-source, smtp-sink and this harness (the probe) used of the same cores.
 
 Output: one table per scenario on stdout (benchmarks/report.py), then one JSON line with every figure.
 Progress and errors go to stderr. Everything started is stopped and the work directory removed on every exit
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -273,6 +275,8 @@ async def measure(system: str, load: Load, args: BenchArgs, smtp_port: int, sink
     probe_settings = ProbeSettings(HOST, smtp_port, load.size_kib * 1024, sender=SENDER, recipient=RECIPIENT)
     baseline_messages, baseline_recipients = sink.received, sink.recipients
     stop_probe = asyncio.Event()
+    children_before, harness_before = _cpu_seconds(resource.RUSAGE_CHILDREN), _cpu_seconds(resource.RUSAGE_SELF)
+    sink_before = tree_cpu_seconds(sink.pid) if sink.pid else None
     started = time.monotonic()
     source = await asyncio.create_subprocess_exec(
         *smtp_source_command(find_tool("smtp-source"), load, smtp_port, args.reuse_connections),
@@ -292,6 +296,8 @@ async def measure(system: str, load: Load, args: BenchArgs, smtp_port: int, sink
             await source.wait()
             await asyncio.gather(probe_task, return_exceptions=True)
     accept_end = time.monotonic()
+    # smtp-source was reaped just now, and is the only child of this process that ended since it started.
+    source_cpu = _cpu_seconds(resource.RUSAGE_CHILDREN) - children_before
     probe: ProbeResult = await probe_task
     if source.returncode != 0:
         raise BenchError(f"smtp-source failed ({source.returncode}): {stderr.decode(errors='replace').strip()}")
@@ -317,9 +323,18 @@ async def measure(system: str, load: Load, args: BenchArgs, smtp_port: int, sink
         result.sink_expected = baseline_messages + total
         delivered_at = await sink.wait_for(result.sink_expected, deadline.within(DELIVERY_TIMEOUT))
     result.deliver_seconds = delivered_at - started
+    load_cpu = {"smtp-source": source_cpu, "harness": _cpu_seconds(resource.RUSAGE_SELF) - harness_before}
+    if sink_before is not None and sink.pid:
+        load_cpu["smtp-sink"] = tree_cpu_seconds(sink.pid) - sink_before
+    result.load_cpu_ms_per_message = {tool: 1000.0 * seconds / total for tool, seconds in sorted(load_cpu.items())}
     result.delivered_per_s = rate(total, result.deliver_seconds)
     result.delivered_recipients_per_s = rate(recipients, result.deliver_seconds)
     return result
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def note_duplicates(result: SideResult, sink: SmtpSink, load: Load) -> None:

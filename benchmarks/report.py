@@ -31,8 +31,10 @@ LABELS = {
     "p90_ms": "accept p90 ms",
     "p99_ms": "accept p99 ms",
     "cpu_ms_per_message": "CPU ms/message",
+    "load_cpu_ms_per_message": "load CPU ms/message",
 }
-ROLE_LABELS = {"cpu_ms_per_message": "  CPU ms/message {role}", "peak_rss_mib": "peak RSS MiB {role}"}
+ROLE_LABELS = {"cpu_ms_per_message": "  CPU ms/message {role}", "peak_rss_mib": "peak RSS MiB {role}",
+               "load_cpu_ms_per_message": "  load CPU ms/message {role}"}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """One measured run of one system under one load (`SideResult`), and its figures as a flat dict.
 
 `round_figures(result)` turns a run into {figure key: value}: the rates, the probe's latency percentiles, the
-CPU milliseconds per message (in total, and per role as "cpu_ms_per_message.<role>") and, for ours, each
-role's peak RSS ("peak_rss_mib.<role>"). Figures a run did not measure are absent. `figures(rounds)` is each
-figure's median over the rounds that measured it. Pure: nothing here does I/O.
+CPU milliseconds per message (in total, and per role as "cpu_ms_per_message.<role>"), the same for the load's
+own processes ("load_cpu_ms_per_message", and per tool: smtp-source, smtp-sink, the harness with its latency
+probe) and, for ours, each role's peak RSS ("peak_rss_mib.<role>"). Figures a run did not measure are absent.
+`figures(rounds)` is each figure's median over the rounds that measured it. Pure: nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class SideResult:
     signing: dict[str, float] = field(default_factory=dict)
     # CPU milliseconds per accepted message: per role for ours, all processes together for Postfix.
     cpu_ms_per_message: dict[str, float] = field(default_factory=dict)
+    # CPU milliseconds per accepted message of what makes and measures the load on the same cores:
+    # "smtp-source", "smtp-sink", and "harness" (this process: the latency probe, the sink's counters).
+    load_cpu_ms_per_message: dict[str, float] = field(default_factory=dict)
     # ours only: per role, the largest RSS of any of its processes while the load ran (MiB), sampled from
     # /proc/PID/status VmRSS, and the kernel's high-water mark VmHWM.
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
@@ -61,6 +65,9 @@ def round_figures(result: SideResult) -> dict[str, float]:
         values["cpu_ms_per_message"] = sum(result.cpu_ms_per_message.values())
         if len(result.cpu_ms_per_message) > 1 or result.system != "postfix":
             values.update({f"cpu_ms_per_message.{role}": ms for role, ms in result.cpu_ms_per_message.items()})
+    if result.load_cpu_ms_per_message:
+        values["load_cpu_ms_per_message"] = sum(result.load_cpu_ms_per_message.values())
+        values.update({f"load_cpu_ms_per_message.{tool}": ms for tool, ms in result.load_cpu_ms_per_message.items()})
     values.update({f"peak_rss_mib.{role}": mib for role, mib in result.peak_rss_mib.items()})
     return {key: value for key, value in values.items() if value is not None}
 

@@ -158,6 +158,11 @@ class SmtpSink:
     def exited(self) -> bool:
         return self._process is None or self._process.returncode is not None
 
+    @property
+    def pid(self) -> int | None:
+        """The running sink's process id (None before `start` and after it exited)."""
+        return None if self.exited() or self._process is None else self._process.pid
+
     async def wait_for(self, count: int, deadline: float) -> float:
         """Monotonic time at which the sink had received `count` messages; TimeoutError after `deadline`."""
         await self._wait(lambda: self.received >= count, deadline,

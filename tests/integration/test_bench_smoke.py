@@ -49,6 +49,10 @@ def test_benchmark_runs_every_scenario_on_a_tiny_load() -> None:
         for key in ("accepted_per_s", "delivered_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_ms_per_message"):
             assert figures[key] >= 0, (system, key)
         assert figures["delivered_per_s"] > 0 and figures["p50_ms"] > 0
+        # The CPU the load itself took from the same cores: smtp-source, smtp-sink, the harness (probe).
+        assert figures["load_cpu_ms_per_message.smtp-source"] > 0, (system, figures)
+        assert figures["load_cpu_ms_per_message.smtp-sink"] >= 0, (system, figures)  # /proc counts 10 ms ticks
+        assert figures["load_cpu_ms_per_message.harness"] > 0, (system, figures)
     assert {f"cpu_ms_per_message.{role}" for role in ROLES} <= set(standard["ours"])
     assert standard["ratio"]["accepted_per_s"] > 0 and standard["ratio"]["p99_ms"] > 0
 

@@ -303,8 +303,10 @@ def test_probe_body_has_the_requested_payload_and_crlf_lines() -> None:
 
 def _results() -> dict[str, dict[str, list[SideResult]]]:
     ours = SideResult("ours", accepted_per_s=300.0, delivered_per_s=250.0,
-                      cpu_ms_per_message={"frontend": 1.0, "queue": 0.5})
-    postfix = SideResult("postfix", accepted_per_s=600.0, delivered_per_s=500.0, cpu_ms_per_message={"postfix": 2.0})
+                      cpu_ms_per_message={"frontend": 1.0, "queue": 0.5},
+                      load_cpu_ms_per_message={"harness": 0.25, "smtp-sink": 0.125, "smtp-source": 0.125})
+    postfix = SideResult("postfix", accepted_per_s=600.0, delivered_per_s=500.0, cpu_ms_per_message={"postfix": 2.0},
+                         load_cpu_ms_per_message={"harness": 0.5, "smtp-sink": 0.25, "smtp-source": 0.25})
     signed = SideResult("signed", accepted_per_s=270.0, delivered_per_s=225.0)
     bulk_ours = SideResult("ours", load="bulk", recipients_per_message=100, accepted_per_s=30.0,
                            delivered_per_s=20.0, delivered_recipients_per_s=2000.0, sink_extra=3)
@@ -327,6 +329,10 @@ def test_one_table_per_scenario_with_ratios() -> None:
     assert standard.startswith("standard: 3000 x 4 KiB, 20 sessions; median of 3 rounds")
     assert "ours/postfix" in standard and "600.0" in standard and "0.50" in standard
     assert "CPU ms/message frontend" in standard and "CPU ms/message postfix" not in standard
+    # What the load generator, the sink and the harness used of the same cores, per message, for each system.
+    rows = {line.strip().split("  ")[0]: line.split() for line in standard.splitlines()}
+    assert rows["load CPU ms/message"][-3:] == ["0.5", "1.0", "0.50"]
+    assert rows["load CPU ms/message smtp-source"][-3:] == ["0.1", "0.2", "0.50"]
     assert "signed/ours" in signed and "0.90" in signed
     assert "delivered recipients/s" in bulk and "duplicate recipients at sink" in bulk
     assert "peak RSS MiB frontend" in large and "RSS above 200 MiB (ours): frontend 250.0 MiB" in large
@@ -345,6 +351,8 @@ def test_json_line_carries_every_figure_of_every_scenario() -> None:
     assert scenarios["standard"]["ours"]["cpu_ms_per_message"] == 1.5
     assert scenarios["standard"]["ours"]["cpu_ms_per_message.queue"] == 0.5
     assert scenarios["standard"]["postfix"]["cpu_ms_per_message"] == 2.0
+    assert scenarios["standard"]["ours"]["load_cpu_ms_per_message"] == 0.5
+    assert scenarios["standard"]["postfix"]["load_cpu_ms_per_message.smtp-sink"] == 0.25
     assert "p99_ms" not in scenarios["standard"]["postfix"]
     assert scenarios["signed"]["ratio"]["accepted_per_s"] == 0.9
     assert scenarios["layout 1/1"]["ratio"]["accepted_per_s"] == pytest.approx(1.1)
