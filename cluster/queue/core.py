@@ -31,6 +31,7 @@ never delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -81,6 +82,8 @@ log = logging.getLogger("mtacluster.queue")
 READY_ONLY = frozenset({State.READY})
 
 Send = Callable[[bytes, BusMessage], Awaitable[None]]
+# The same, for a sender that never waits (shard.py's socket): answers from a callback go out at once.
+SendNow = Callable[[bytes, BusMessage], None]
 # Usage entries older than 24 hours are deleted from the spool this often (seconds).
 PRUNE_INTERVAL = 60.0
 # Admin operations that need the whole queue: answered once it is loaded.
@@ -89,7 +92,7 @@ WHOLE_QUEUE_OPS = frozenset({"list", "flush"})
 
 class ShardCore:
     def __init__(self, config: Config, index: int, spool: Spool, clock: Callable[[], float], send: Send,
-                 epoch: str | None = None, directory: Path | None = None) -> None:
+                 epoch: str | None = None, directory: Path | None = None, send_now: SendNow | None = None) -> None:
         self.config = config
         self.index = index
         self.label = str(index)
@@ -97,8 +100,9 @@ class ShardCore:
         self.epoch = epoch or secrets.token_hex(8)
         self.ready = False
         self._send = send
+        self._send_now = send_now
         self._tasks: set[asyncio.Task[None]] = set()
-        # Injects read in this turn, waiting for the task that stores them together (`handle`).
+        # Injects read in this turn, stored together at the end of the turn (`handle`).
         self._injects: list[tuple[bytes, Inject]] = []
         top = frozenset(d.lower() for d in config.metrics.top_domains)
         self.shaper = Shaper(config.shaping, config.delivery.destination_concurrency,
@@ -236,14 +240,20 @@ class ShardCore:
             log.error("shard %d: request handler failed", self.index, exc_info=task.exception())
 
     async def idle(self) -> None:
-        """Wait until no request handler runs any more (including those started meanwhile)."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        """Wait until no request handler runs and no commit waits any more (including those started meanwhile)."""
+        while self._tasks or self._injects or not self.io.idle.is_set():
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            elif self._injects:
+                await asyncio.sleep(0)  # they are taken at the end of this turn
+            else:
+                await self.io.idle.wait()
 
     async def settle(self, grace: float) -> None:
-        """Let the requests being handled finish (up to `grace` seconds), then cancel the rest."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=grace)
+        """Let the requests being handled (and the messages being stored) finish (up to `grace` seconds), then
+        cancel the rest."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle(), grace)
         leftovers = list(self._tasks)
         for task in leftovers:
             task.cancel()
@@ -257,10 +267,10 @@ class ShardCore:
 
     async def handle(self, identity: bytes, message: BusMessage) -> None:
         if isinstance(message, Inject):
-            # Every Inject read in this turn is stored by one task, in one batch (inject.py).
+            # Every Inject read in this turn goes into one batch, stored at the end of the turn (inject.py).
             self._injects.append((identity, message))
             if len(self._injects) == 1:
-                self.spawn(self._inject_turn())
+                asyncio.get_running_loop().call_soon(self._inject_turn)
         elif isinstance(message, Heartbeat):
             ack = self.workers.on_heartbeat(identity, message, self.clock())
             await self._send(identity, dataclasses.replace(ack, state=self.drain.state))
@@ -282,11 +292,20 @@ class ShardCore:
         else:
             await self._send(identity, Error(f"a shard does not accept {message.TYPE!r} messages"))
 
-    async def _inject_turn(self) -> None:
+    def _inject_turn(self) -> None:
         taken, self._injects = self._injects, []
-        answers = await self.injector.handle_many([inject for _, inject in taken])
-        for (identity, _), answer in zip(taken, answers, strict=True):
-            await self._send(identity, answer)
+        self.injector.begin_many([inject for _, inject in taken],
+                                 lambda position, answer: self._answer(taken[position][0], answer))
+
+    def _answer(self, identity: bytes, answer: BusMessage) -> None:
+        """Send an answer from a callback: at once through `send_now`, else from a task."""
+        if self._send_now is not None:
+            self._send_now(identity, answer)
+        else:
+            self.spawn(self._send_later(identity, answer))
+
+    async def _send_later(self, identity: bytes, answer: BusMessage) -> None:
+        await self._send(identity, answer)
 
     async def _transfer(self, identity: bytes, transfer: Transfer) -> None:
         await self.loaded.wait()  # a resend of a message not loaded yet must be recognised (drain.py)

@@ -1,11 +1,13 @@
 """Storing new mail in one shard: Inject -> Stored (after fsync) or InjectRefused.
 
-Inputs: an Inject (cluster/bus/schemas.py) from a frontend or another shard's outbox, the free space of the
-spool's file system (`DiskSpace`, refreshed by maintenance.py). Outputs: the answer to send, and the stored
-message handed to `on_stored` (the shard schedules it and tracks it for delay warnings).
-Durability (ARCHITECTURE.md contract 1): Stored is answered only after the transaction holding the message
-committed (group commit, spoolio.py). A message the dispatcher will send at once is stored with its recipients
-in flight, and its body handed to the dispatcher (dispatch.py: one transaction per message).
+Inputs: an Inject (cluster/bus/schemas.py) from a frontend or another shard's outbox, the free space of the spool's
+file system (`DiskSpace`, refreshed by maintenance.py). Outputs: the answer to send, and the stored message handed
+to `on_stored` (the shard schedules it and tracks it for delay warnings). Durability (ARCHITECTURE.md contract 1):
+Stored is answered only after the transaction holding the message committed (group commit, spoolio.py):
+`begin_many(injects, answer)` calls `answer` from the fsync's completion itself (commit.py), before the rest of that
+turn's work; the messages are handed on (scheduled, logged) once all of that fsync's are answered. A message the
+dispatcher will send at once is stored with its recipients in flight, and its body handed to the dispatcher
+(dispatch.py: one transaction per message).
 Failure modes: below `queue.min_free_space` free, or when the spool reports a full disk, new mail is refused with
 452 4.3.1; any other spool error with 451 4.3.0. Each refusal writes one log line (`NOQUEUE: reject: ...`, as
 Postfix does) and counts in `mtacluster_queue_injects_refused_total`.
@@ -13,6 +15,7 @@ Postfix does) and counts in `mtacluster_queue_injects_refused_total`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -62,53 +65,61 @@ class Injector:
         self._at_once = dispatched_at_once
         self._keep_body = keep_body
         self._stored = metrics.STORED.labels(self.label)
+        # Messages answered Stored whose scheduling waits for the end of the answers (`_hand_on`), by batch.
+        self._handing_on: list[tuple[Batch, list[Message]]] = []
 
-    async def handle(self, inject: Inject) -> Stored | InjectRefused:
-        return (await self.handle_many([inject]))[0]
-
-    async def handle_many(self, injects: list[Inject]) -> list[Stored | InjectRefused]:
-        """The answer to each Inject, in order: those that can be stored are, in one batch (one group-commit
-        part, so one spool transaction for every Inject read in one turn of the shard)."""
-        answers: list[Stored | InjectRefused | None] = [None] * len(injects)
+    def begin_many(self, injects: list[Inject], answer: Callable[[int, Stored | InjectRefused], None]) -> None:
+        """Store the messages of `injects` in one batch (one group-commit part, so one spool transaction for every
+        Inject read in one turn of the shard); `answer(position, reply)` gets each one's Stored from the fsync's
+        completion itself, or its refusal (at once, or when the batch cannot be committed)."""
         messages: list[tuple[int, Message]] = []
         batch = Batch()
         now = self.clock()
         for position, inject in enumerate(injects):
             if not inject.recipients or any(not r for r in inject.recipients):
-                answers[position] = self._refuse(inject, "no_recipients", 554, "5.5.1", "No valid recipients",
-                                                 count=False)
+                answer(position, self._refuse(inject, "no_recipients", 554, "5.5.1", "No valid recipients",
+                                              count=False))
             elif self.short_of_space():
-                answers[position] = self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
+                answer(position, self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage"))
             else:
                 client = inject.client
                 if not all(type(k) is str and type(v) is str for k, v in client.items()):
                     client = {str(k): str(v) for k, v in client.items()}
                 message = self._add(batch, inject.sender, inject.recipients, inject.body, client, now)
                 messages.append((position, message))
-        if messages:
-            try:
-                await self.io.commit(batch)
-            except SpoolError as exc:
-                log.error("shard %d: cannot store %d messages: %s", self.index, len(messages), exc)
+        if not messages:
+            return
+
+        def durable(error: SpoolError | None) -> None:
+            if error is not None:
+                log.error("shard %d: cannot store %d messages: %s", self.index, len(messages), error)
                 for position, _ in messages:
                     inject = injects[position]
-                    answers[position] = (
-                        self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
-                        if exc.disk_full else
-                        self._refuse(inject, "spool_error", 451, "4.3.0", "Queue storage failed, try again"))
-            else:
-                self._stored.inc(len(messages))
-                writer = direct(log)  # the text line without the logging module's record (cluster/logs.py)
-                for position, message in messages:
-                    self._follow(batch, message)
-                    if writer is not None:
-                        writer.write(log, f"{message.queue_id}: from=<{message.sender}>, size={message.size}, "
-                                          f"nrcpt={len(message.recipients)} (queue active)")
-                    else:
-                        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id,
-                                 message.sender, message.size, len(message.recipients))
-                    answers[position] = Stored(injects[position].req, message.queue_id)
-        return [answer for answer in answers if answer is not None]
+                    answer(position, self._refuse(inject, "disk_full", 452, "4.3.1", "Insufficient system storage")
+                           if error.disk_full else
+                           self._refuse(inject, "spool_error", 451, "4.3.0", "Queue storage failed, try again"))
+                return
+            for position, message in messages:  # the clients are waiting for their 250
+                answer(position, Stored(injects[position].req, message.queue_id))
+            self._stored.inc(len(messages))
+            if not self._handing_on:  # the rest once every message of this fsync is answered
+                asyncio.get_running_loop().call_soon(self._hand_on)
+            self._handing_on.append((batch, [message for _, message in messages]))
+
+        self.io.commit_then(batch, durable)
+
+    def _hand_on(self) -> None:
+        handing_on, self._handing_on = self._handing_on, []
+        writer = direct(log)  # the text line without the logging module's record (cluster/logs.py)
+        for batch, messages in handing_on:
+            for message in messages:
+                self._follow(batch, message)
+                if writer is not None:
+                    writer.write(log, f"{message.queue_id}: from=<{message.sender}>, size={message.size}, "
+                                      f"nrcpt={len(message.recipients)} (queue active)")
+                else:
+                    log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id,
+                             message.sender, message.size, len(message.recipients))
 
     def short_of_space(self) -> bool:
         """True below `queue.min_free_space` free: new mail (and transfers) are refused with 452 4.3.1."""
@@ -121,15 +132,6 @@ class Injector:
         log.warning("NOQUEUE: reject: from=<%s> nrcpt=%d: %d %s %s", inject.sender, len(inject.recipients), code,
                     enhanced, text)
         return InjectRefused(inject.req, code, enhanced, text)
-
-    async def store(self, sender: str, recipients: list[str], body: bytes, client: dict[str, str]) -> Message:
-        """Store a new message (group commit); it is handed to `on_stored` once durable."""
-        batch = Batch()
-        message = self._add(batch, sender, recipients, body, client, self.clock())
-        await self.io.commit(batch)
-        self._stored.inc()
-        self._follow(batch, message)
-        return message
 
     def _add(self, batch: Batch, sender: str, recipients: list[str], body: bytes, client: dict[str, str],
              now: float) -> Message:

@@ -1,13 +1,13 @@
 """A spool in memory: the second implementation of the `Spool` interface (spool.py), for tests.
 
-It keeps what a committed transaction holds and nothing else, so a shard built on it behaves like one on
-SQLite minus the disk: `load()` after `close()`/`open()` returns what was committed (a restart), as new
-objects that share nothing with the caller's. Failure injection: `fail_commits(n, disk_full)` makes the next
-n commits raise SpoolError without changing anything (as a failed SQLite transaction rolls back);
-`hold_commits()` makes commits wait (in the spool's thread) until `release_commits()`, to let a test
-order concurrent transactions; `free_bytes` is what `free_space()` reports; `damage(queue_id)` makes the
-record fail its checks when its body is read (as a checksum mismatch does in spool.py).
-Not durable across processes: never used by `serve`.
+It keeps what a committed transaction holds and nothing else, so a shard built on it behaves like one on SQLite
+minus the disk: `load()` after `close()`/`open()` returns what was committed (a restart), as new objects that share
+nothing with the caller's. Failure injection: `fail_commits(n, disk_full)` makes the next n commits raise
+SpoolError without changing anything (as a failed SQLite transaction rolls back); `hold_commits()` makes the
+durability step wait (`sync`, in the spool's thread) until `release_commits()`, to let a test order concurrent
+transactions (what `write` applied shows meanwhile, as in SQLite's log); `free_bytes` is what `free_space()`
+reports; `damage(queue_id)` makes the record fail its checks when its body is read (as a checksum mismatch does in
+spool.py). Not durable across processes: never used by `serve`.
 """
 
 from __future__ import annotations
@@ -74,11 +74,18 @@ class MemorySpool:
         return LoadResult(reader.messages, [], reader.backoffs)
 
     def commit(self, batch: Batch) -> None:
-        self._check_open()
+        self.write(batch)
+        self.sync()
+
+    def sync(self) -> None:
+        """Durable at once, unless `hold_commits` holds it (in the spool's thread) until `release_commits`."""
         if not self._gate.is_set():
             self.waiting.set()
             self._gate.wait()
             self.waiting.clear()
+
+    def write(self, batch: Batch) -> None:
+        self._check_open()
         with self._lock:
             if self._failures > 0:
                 self._failures -= 1

@@ -92,7 +92,7 @@ class Shard:
         self.index = index
         directory = Path(config.queue.spool_dir) / f"shard-{index}"
         self.core = ShardCore(config, index, spool or SqliteSpool(directory), clock, self.send,
-                              directory=directory if spool is None else None)
+                              directory=directory if spool is None else None, send_now=self.send_now)
         self._socket: zmq.asyncio.Socket | None = None
         # The same socket used directly (no future per frame): frames are sent and read without blocking, and
         # `_input` is set when the socket's descriptor or a look after a send finds frames waiting.
@@ -191,6 +191,10 @@ class Shard:
     # -- the bus ------------------------------------------------------------------------------------------
 
     async def send(self, identity: bytes, message: BusMessage) -> None:
+        self.send_now(identity, message)
+
+    def send_now(self, identity: bytes, message: BusMessage) -> None:
+        """Send without waiting (what `send` does; this one can be called from a callback)."""
         raw = self._raw
         if raw is None:
             return

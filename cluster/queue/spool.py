@@ -9,7 +9,9 @@ Operations (all blocking; the shard calls them from one dedicated thread):
     load()                 the whole of `reader()` at once (tools and tests)
     commit(batch)          one transaction: store new messages (with their bodies), update recipient states,
                            remove finished messages, set or end destination backoffs; returns after the
-                           transaction is durable (fsync)
+                           transaction is durable (fsync): `write(batch)` then `sync()`
+    write(batch)           the same transaction, written but not yet durable (the caller's thread: the event loop)
+    sync()                 make every transaction written so far durable (fsync; the spool's thread)
     read_bodies(ids)       message bodies for dispatch (bodies are not kept in memory), each checked against
                            its record's checksum; a damaged record is left out and named (`Bodies.damaged`)
     load_usage()           the per-user sending counters (cluster.queue.usage), committed by `commit` too
@@ -17,14 +19,21 @@ Operations (all blocking; the shard calls them from one dedicated thread):
                            <queue_id>.body), then drop it from the db
     free_space()           bytes available to unprivileged users on the spool's file system
 
-SQLite runs in WAL mode with synchronous=FULL: a commit appends to the write-ahead log and fsyncs it, so one
-fsync makes a whole batch durable (group commit), and a crash at any point leaves the last committed state.
+SQLite runs in WAL mode. A transaction appends to the write-ahead log (`write`, synchronous=NORMAL: no fsync
+there), and `sync` fsyncs the log itself: every transaction written before it began is then durable, the same
+guarantee as synchronous=FULL (which fsyncs the log at each commit), while the shard writes on its event loop
+and waits for the fsync in another thread (cluster/queue/commit.py). A crash at any point leaves the last
+synced state or a later one (the log's checksums end it at the last whole transaction). Checkpoints (copying
+the log into the database file, which fsyncs both) run in a thread of their own on a connection of their own
+once the log holds CHECKPOINT_PAGES pages not yet copied, never in a commit; one connection serves everything
+else, one thread at a time (a lock).
 A body of `BODY_FILE_MIN` bytes or more is not put in its row but in a file of its own,
-`<directory>/bodies/<queue_id>`, written and fsynced (with the directory) before the transaction that stores
-the row, and unlinked after the transaction that removes it: a 1 MiB blob cost about 3 ms of CPU in the
-write-ahead log, its checkpoint and the freeing of its overflow pages, the file about 0.4 ms
-(ARCHITECTURE.md performance notes). A crash between the two steps leaves a file without a row, which `open()`
-removes; a row whose file is missing is a damaged record (quarantined when its body is read).
+`<directory>/bodies/<queue_id>`, written with the transaction that stores the row and fsynced (with the
+directory) by the same `sync`, before the log; it is unlinked once the transaction that removes it is synced:
+a 1 MiB blob cost about 3 ms of CPU in the write-ahead log, its checkpoint and the freeing of its overflow
+pages, the file about 0.4 ms (ARCHITECTURE.md performance notes). A crash before that `sync` ends leaves a file
+without a row, which `open()` removes, or a row whose file is missing or short: a damaged record (quarantined
+when its body is read) of a message that was never answered Stored.
 Each message row carries a checksum of its immutable parts (sender, arrival, body, recipient addresses). It
 is checked when the body is read for delivery, not at load (a restart reads no body: ARCHITECTURE.md performance
 notes): a mismatch means the record is damaged, and the shard quarantines it then (spoolio.py) instead of
@@ -42,11 +51,15 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import sqlite3
+import struct
+import threading
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -137,6 +150,10 @@ class Spool(Protocol):
 
     def commit(self, batch: Batch) -> None: ...
 
+    def write(self, batch: Batch) -> None: ...
+
+    def sync(self) -> None: ...
+
     def read_bodies(self, queue_ids: Iterable[str]) -> Bodies: ...
 
     def load_usage(self) -> list[UsageEntry]: ...
@@ -197,6 +214,7 @@ _ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT ''", "code": "INTEGER NOT NULL 
 _ADDED_MESSAGE_COLUMNS = {"body_file": "INTEGER NOT NULL DEFAULT 0"}
 _LEGACY_REPLY = re.compile(r"^(?P<code>[245]\d\d)(?:[ -](?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?\b\s*(?P<text>.*)$",
                            re.S)
+_log = logging.getLogger("mtacluster.queue")
 # Page size of a new spool: a 4 KiB page holds one 2 KiB message and wastes the rest (1.8x the data on disk).
 PAGE_SIZE = 16384
 # Messages per chunk when the queue is read at start (one spool-thread call, one turn of the event loop).
@@ -210,6 +228,11 @@ BODY_FILE_MIN = 128 * 1024
 BODIES = "bodies"
 _FILE_NAME = re.compile(r"[A-Za-z0-9]{1,64}")
 VACUUM_PAGES = 256
+# A checkpoint starts (in its own thread) once the write-ahead log holds this many pages (SQLite's default).
+CHECKPOINT_PAGES = 1000
+# The wal-index header (-shm): two copies of the 48-byte header, then nBackfill; mxFrame is at offset 16.
+_SHM_HEADER = 100
+_SHM_FRAMES = struct.Struct("=I")
 _KINDS = {k.value for k in OutcomeKind}
 _STATE_OF = {s.value: s for s in State}
 IN_FLIGHT = State.IN_FLIGHT.value
@@ -279,9 +302,19 @@ class SqliteSpool:
         self._bodies = self.directory / BODIES
         # Queue ids whose body is in a file (those left at open, and stored since): a removal unlinks only these.
         self._in_files: set[str] = set()
+        # Body files written and not yet fsynced; files of removed messages, to unlink once the removal is durable.
+        self._unsynced: set[str] = set()
+        self._doomed: list[str] = []
         self._db: sqlite3.Connection | None = None
         self._lock: int | None = None
         self._reader: SqliteReader | None = None
+        # The connection serves the event loop's writes and the spool thread's reads: one at a time.
+        self._using = threading.Lock()
+        self._wal: int | None = None  # descriptor of the write-ahead log, for `sync`
+        self._shm: int | None = None  # descriptor of its index, for `_log_pages`
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._checkpointing: Future[None] | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -303,7 +336,9 @@ class SqliteSpool:
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            db.execute("PRAGMA synchronous=FULL")
+            # Durability comes from `sync` (module docstring); checkpoints from `_checkpoint`, never in a write.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")
             db.executescript(_SCHEMA)
             present = {row[1] for row in db.execute("PRAGMA table_info(recipients)")}
             for name, definition in _ADDED_COLUMNS.items():
@@ -314,10 +349,15 @@ class SqliteSpool:
                 if name not in present:
                     db.execute(f"ALTER TABLE messages ADD COLUMN {name} {definition}")
             self._sweep_body_files(db)
+            self._db = db
+            self.sync()  # the schema, and the log file's name in the directory
+            _fsync_directory(self.directory)
         except (OSError, sqlite3.Error) as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
             self._release_lock()
             raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from None
-        self._db = db
 
     def _sweep_body_files(self, db: sqlite3.Connection) -> None:
         """Remove body files whose row is gone: a crash after the file was written and before its row was
@@ -353,9 +393,20 @@ class SqliteSpool:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._checkpointer is not None:
+            self._checkpointer.shutdown(wait=True)
+            self._checkpointer = None
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
+            self._checkpoint_db = None
+        with self._using:
+            if self._db is not None:
+                self._db.close()  # the last connection: SQLite checkpoints (fsynced) and removes the log
+                self._db = None
+        for descriptor in (self._wal, self._shm):
+            if descriptor is not None:
+                os.close(descriptor)
+        self._wal = self._shm = None
         self._release_lock()
 
     def load(self) -> LoadResult:
@@ -380,6 +431,75 @@ class SqliteSpool:
             raise SpoolError(f"cannot read the spool in {self.directory}: {exc}") from None
 
     def commit(self, batch: Batch) -> None:
+        self.write(batch)
+        self.sync()
+
+    def sync(self) -> None:
+        """Make the write-ahead log durable (fdatasync, as SQLite's own synchronous=FULL does): every transaction
+        written before this call is durable when it returns. Then, if the log holds CHECKPOINT_PAGES pages not yet
+        copied into the database, a checkpoint starts in the background."""
+        with self._using:  # what was written before this sync began
+            files, self._unsynced = self._unsynced, set()
+            doomed, self._doomed = self._doomed, []
+        try:
+            for queue_id in files:  # the body files first: a durable row never points to a lost file
+                with contextlib.suppress(FileNotFoundError):  # its row failed or was removed since
+                    descriptor = os.open(self._bodies / queue_id, os.O_RDONLY)
+                    try:
+                        os.fsync(descriptor)
+                    finally:
+                        os.close(descriptor)
+            if files:
+                _fsync_directory(self._bodies)
+            wal = self._wal = _current(self._wal, self.directory / "spool.sqlite3-wal")
+            os.fdatasync(wal)
+        except OSError as exc:
+            with self._using:
+                self._unsynced |= files
+                self._doomed[:0] = doomed
+            raise SpoolError(f"cannot make the spool durable (fsync of its log in {self.directory}): {exc}") from None
+        if doomed:
+            with self._using:
+                self._unlink_body_files(doomed)
+        if (self._checkpointing is None or self._checkpointing.done()) and self._log_pages() >= CHECKPOINT_PAGES:
+            if self._checkpointer is None:
+                self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="spool-checkpoint")
+            self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+    def _log_pages(self) -> int:
+        """Pages in the log not yet copied into the database: mxFrame - nBackfill from the wal-index header
+        (the -shm file; SQLite's documented WAL-index format, native byte order). The log file's size says
+        nothing here: the log is written again from its start after each complete checkpoint."""
+        try:
+            self._shm = _current(self._shm, self.directory / "spool.sqlite3-shm")
+            header = os.pread(self._shm, _SHM_HEADER, 0)
+        except OSError:
+            return 0  # no log index (yet): nothing to copy
+        if len(header) < _SHM_HEADER:
+            return 0
+        frames: int = _SHM_FRAMES.unpack_from(header, 16)[0]
+        backfilled: int = _SHM_FRAMES.unpack_from(header, 96)[0]
+        return max(0, frames - backfilled)
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database file (its own connection; writers go on meanwhile). SQLite fsyncs the
+        log before and the database after; the log starts over at the next write once it is all copied."""
+        try:
+            if self._checkpoint_db is None:
+                self._checkpoint_db = sqlite3.connect(self.directory / "spool.sqlite3", isolation_level=None,
+                                                      check_same_thread=False)
+                self._checkpoint_db.execute("PRAGMA synchronous=FULL")
+            self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the log only grows meanwhile; the next sync tries again
+            _log.warning("spool %s: checkpoint failed: %s", self.directory, exc)
+
+
+    def write(self, batch: Batch) -> None:
+        """One transaction, written to the log but not yet durable: `sync()` makes it so."""
+        with self._using:
+            self._write(batch)
+
+    def _write(self, batch: Batch) -> None:
         db = self.db
         in_files = self._write_body_files(batch)
         try:
@@ -434,12 +554,12 @@ class SqliteSpool:
             raise SpoolError(f"spool transaction failed: {exc}", disk_full=full) from None
         self._in_files |= in_files
         if self._in_files:
-            # Durable: the removed messages' files can go (a crash before this leaves them to open()'s sweep).
-            self._unlink_body_files([q for q in batch.removals if q in self._in_files])
+            # Their files go once the removal is durable (`sync`; a crash before leaves them to open()'s sweep).
+            self._doomed.extend(q for q in batch.removals if q in self._in_files)
 
     def _write_body_files(self, batch: Batch) -> set[str]:
-        """Write the batch's big bodies to their files and make them durable (each file, then the directory)
-        before the transaction that stores their rows; the queue ids whose body is in a file."""
+        """Write the batch's big bodies to their files (`sync` makes them durable, each file, then the directory,
+        before the log); the queue ids whose body is in a file."""
         in_files: set[str] = set()
         descriptors: list[int] = []
         try:
@@ -456,14 +576,7 @@ class SqliteSpool:
                     written = 0
                     while written < len(view):
                         written += os.write(descriptor, view[written:])
-            for descriptor in descriptors:
-                os.fsync(descriptor)
-            if in_files:
-                directory = os.open(self._bodies, os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+            self._unsynced |= in_files  # made durable by `sync`, with the transaction that stores their rows
         except OSError as exc:
             self._unlink_body_files(in_files)
             raise SpoolError(f"cannot write a message body file: {exc}",
@@ -477,12 +590,14 @@ class SqliteSpool:
         """Unlink the body files of these messages (best effort: what is left, open()'s sweep removes)."""
         for queue_id in queue_ids:
             self._in_files.discard(queue_id)
+            self._unsynced.discard(queue_id)
             with contextlib.suppress(OSError):
                 os.unlink(self._bodies / queue_id)
 
     def load_usage(self) -> list[UsageEntry]:
         try:
-            rows = self.db.execute("SELECT entry_id, user, at, messages, recipients FROM usage").fetchall()
+            with self._using:
+                rows = self.db.execute("SELECT entry_id, user, at, messages, recipients FROM usage").fetchall()
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot read the usage counters: {exc}") from None
         return [UsageEntry(str(e), str(u), float(a), int(m), int(r)) for e, u, a, m, r in rows]
@@ -494,12 +609,13 @@ class SqliteSpool:
         db = self.db
         for queue_id in queue_ids:
             try:
-                row = db.execute("SELECT sender, arrival, checksum, body, body_file FROM messages WHERE queue_id=?",
-                                 (queue_id,)).fetchone()
-                if row is None:
-                    continue
-                addresses = [a for (a,) in db.execute("SELECT address FROM recipients WHERE queue_id=? ORDER BY idx",
-                                                      (queue_id,))]
+                with self._using:
+                    row = db.execute("SELECT sender, arrival, checksum, body, body_file FROM messages "
+                                     "WHERE queue_id=?", (queue_id,)).fetchone()
+                    if row is None:
+                        continue
+                    addresses = [a for (a,) in db.execute(
+                        "SELECT address FROM recipients WHERE queue_id=? ORDER BY idx", (queue_id,))]
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot read {queue_id}: {exc}") from None
             sender, arrival, stored_sum, body, body_file = row
@@ -527,7 +643,9 @@ class SqliteSpool:
 
     def _body(self, queue_id: str) -> bytes | None:
         try:
-            row = self.db.execute("SELECT body, body_file FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
+            with self._using:
+                row = self.db.execute("SELECT body, body_file FROM messages WHERE queue_id=?",
+                                      (queue_id,)).fetchone()
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot read {queue_id}: {exc}") from None
         if row is None:
@@ -544,8 +662,9 @@ class SqliteSpool:
     def quarantine(self, queue_id: str, reason: str) -> Quarantined:
         """Write every column of the record to a file (fsynced), then drop it from the database."""
         db = self.db
-        message = db.execute("SELECT * FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
-        recipients = db.execute("SELECT * FROM recipients WHERE queue_id=?", (queue_id,)).fetchall()
+        with self._using:
+            message = db.execute("SELECT * FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
+            recipients = db.execute("SELECT * FROM recipients WHERE queue_id=?", (queue_id,)).fetchall()
         record = {"queue_id": queue_id, "reason": reason,
                   "message": list(message) if message else None, "recipients": [list(r) for r in recipients]}
         safe_name = "".join(c if c.isalnum() else "_" for c in queue_id)[:64] or "unnamed"
@@ -556,16 +675,19 @@ class SqliteSpool:
             f.flush()
             os.fsync(f.fileno())
         if _FILE_NAME.fullmatch(queue_id):  # a body in its own file goes beside the record, as <name>.body
-            self._in_files.discard(queue_id)
+            with self._using:  # the event loop's writes look at `_in_files`
+                self._in_files.discard(queue_id)
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self._bodies / queue_id, self.directory / "quarantine" / f"{safe_name}.body")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
-            db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
-            db.execute("COMMIT")
+            with self._using:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
+                db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
+                db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot quarantine {queue_id}: {exc}") from None
+        self.sync()
         return Quarantined(queue_id, reason, str(path))
 
     def free_space(self) -> int:
@@ -656,6 +778,24 @@ class SqliteReader:
             self._db.close()
             self._db = None
         self._done = True
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _current(descriptor: int | None, path: Path) -> int:
+    """An open descriptor of `path`: `descriptor` while it is still that file, else a new one (SQLite removes
+    the log and its index when the last connection closes, and makes new ones at the next open)."""
+    if descriptor is not None:
+        if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+            return descriptor
+        os.close(descriptor)
+    return os.open(path, os.O_RDONLY)
 
 
 def _give_back_pages(db: sqlite3.Connection) -> None:

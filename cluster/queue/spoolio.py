@@ -4,8 +4,9 @@ Inputs: a `Spool` (spool.py: the SQLite one, or the in-memory one of memspool.py
 Outputs: `open()` (a reader of the stored queue) and `read_chunk` (its next messages, recipients that were in
 flight at the last stop made ready again, committed), `commit(batch)` through the `GroupCommitter` (returns
 once the transaction is durable), `read_bodies`, `read_headers`, `free_space`, `close`. Every blocking spool
-call runs in one dedicated thread, so the spool never sees two calls at once; the chunks of a load take turns
-with the commits there.
+call runs in one dedicated thread, and so does each transaction's fsync; only the write of a transaction (no
+fsync) runs on the event loop (commit.py), and the spool lets one call at a time use its connection. The
+chunks of a load take turns with the fsyncs in that thread.
 Failure modes: every spool failure is a `SpoolError` raised to the caller of the operation that failed. A body
 whose record fails its checksum is not returned by `read_bodies`: the record is quarantined (moved aside,
 spool.py) in the same spool call and `on_damaged` is told, so the shard forgets it instead of delivering it.
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from cluster.queue.commit import BackoffChanges, GroupCommitter
+from cluster.queue.commit import BackoffChanges, Done, GroupCommitter
 from cluster.queue.records import RecipientUpdate, State
 from cluster.queue.spool import Batch, Bodies, LoadResult, Quarantined, Spool, SpoolReader
 from cluster.queue.usage import UsageEntry
@@ -82,6 +83,15 @@ class SpoolIO:
 
     async def commit(self, batch: Batch, company: float = 0.0) -> None:
         await self._committer.submit(batch, company)
+
+    def commit_then(self, batch: Batch, done: Done, company: float = 0.0) -> None:
+        """Commit `batch` (group commit); `done(None)` once durable, `done(SpoolError)` if not (commit.py)."""
+        self._committer.submit_then(batch, done, company)
+
+    @property
+    def idle(self) -> asyncio.Event:
+        """Set while no commit waits or runs."""
+        return self._committer.idle
 
     async def load_usage(self) -> list[UsageEntry]:
         """The per-user usage entries the spool holds (cluster.queue.usage)."""

@@ -1,4 +1,4 @@
-"""Group commit: injects that arrive while a transaction runs share the next one."""
+"""Group commit: injects that arrive while a transaction is made durable share the next one."""
 
 from __future__ import annotations
 
@@ -15,19 +15,33 @@ from cluster.queue.spool import Batch, LoadResult, Quarantined, SpoolError
 
 
 class SlowSpool:
-    """Records each commit's size; the first commit blocks until released, so later submits pile up."""
+    """Records each transaction's size and the thread of each step; the first fsync (`sync`) blocks until released,
+    so later submits pile up."""
 
     def __init__(self) -> None:
         self.commits: list[int] = []
         self.release = threading.Event()
         self.fail_next = False
+        self.fail_sync = False
+        self.threads: set[tuple[str, int]] = set()
 
     def commit(self, batch: Batch) -> None:
-        self.release.wait(5)
+        self.write(batch)
+        self.sync()
+
+    def write(self, batch: Batch) -> None:
+        self.threads.add(("write", threading.get_ident()))
         if self.fail_next:
             self.fail_next = False
             raise SpoolError("disk on fire")
         self.commits.append(len(batch.stores))
+
+    def sync(self) -> None:
+        self.threads.add(("sync", threading.get_ident()))
+        self.release.wait(5)
+        if self.fail_sync:
+            self.fail_sync = False
+            raise SpoolError("fsync failed")
 
     def open(self) -> None: ...
 
@@ -63,6 +77,7 @@ async def test_concurrent_submits_share_transactions() -> None:
         others = [asyncio.create_task(committer.submit(one(f"Q{i}"))) for i in range(1, 20)]
         await asyncio.sleep(0.05)
         assert not first.done()  # nobody is answered before their transaction is durable
+        assert spool.commits == [1]  # the others wait for that fsync, then share transactions
         spool.release.set()
         await asyncio.gather(first, *others)
         runner.cancel()
@@ -70,6 +85,41 @@ async def test_concurrent_submits_share_transactions() -> None:
     assert sum(spool.commits) == 20
     assert spool.commits[0] == 1 and max(spool.commits) == 8  # batched, capped at batch_max
     assert committer.transactions == len(spool.commits) <= 4
+
+
+async def test_the_event_loop_writes_and_the_spool_thread_fsyncs() -> None:
+    """The loop never waits for the disk: only the fsync runs in the spool's thread."""
+    spool = SlowSpool()
+    spool.release.set()
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=8)
+        runner = asyncio.create_task(committer.run())
+        await asyncio.gather(*(committer.submit(one(f"Q{i}")) for i in range(5)))
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    loop_thread = threading.get_ident()
+    assert {("write", loop_thread)} == {t for t in spool.threads if t[0] == "write"}
+    syncs = {t for t in spool.threads if t[0] == "sync"}
+    assert len(syncs) == 1 and loop_thread not in {ident for _, ident in syncs}
+
+
+async def test_a_failed_fsync_fails_every_submit_of_its_transaction() -> None:
+    spool = SlowSpool()
+    spool.fail_sync = True
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=8)
+        runner = asyncio.create_task(committer.run())
+        first = asyncio.create_task(committer.submit(one("A")))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(committer.submit(one("B")))  # waits for the next transaction
+        await asyncio.sleep(0.01)
+        spool.release.set()
+        with pytest.raises(SpoolError, match="fsync failed"):
+            await first
+        await second  # its own transaction, durable
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert spool.commits == [1, 1] and committer.transactions == 1
 
 
 async def test_a_failed_transaction_fails_every_submit_in_it() -> None:
@@ -105,11 +155,11 @@ async def test_the_writer_survives_an_unexpected_error() -> None:
     class BrokenOnce(SlowSpool):
         calls = 0
 
-        def commit(self, batch: Batch) -> None:
+        def write(self, batch: Batch) -> None:
             self.calls += 1
             if self.calls == 1:
                 raise KeyError("a bug")
-            super().commit(batch)
+            super().write(batch)
 
     spool = BrokenOnce()
     spool.release.set()

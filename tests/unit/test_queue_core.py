@@ -32,6 +32,7 @@ from cluster.bus.schemas import (
     Stored,
 )
 from cluster.config import config_from_dict
+from cluster.queue.commit import Done
 from cluster.queue.core import ShardCore
 from cluster.queue.memspool import MemorySpool
 from cluster.queue.records import Message, Recipient, State
@@ -383,17 +384,17 @@ async def test_a_failed_outcome_commit_makes_the_recipients_ready_again() -> Non
 
 
 async def test_injects_read_in_one_turn_are_stored_by_one_batch() -> None:
-    """Issue 12: every Inject read in one turn goes into one group-commit part (one task, one commit future); each
+    """Issue 12: every Inject read in one turn goes into one group-commit part (no task, no future); each
     gets its own Stored only once that part is committed, and a refused one does not hold the others back."""
     async with shard() as h:
         commits: list[Batch] = []
-        commit = h.core.io.commit
+        commit_then = h.core.io.commit_then
 
-        async def counting(batch: Batch, company: float = 0.0) -> None:
+        def counting(batch: Batch, done: Done, company: float = 0.0) -> None:
             commits.append(batch)
-            await commit(batch, company)
+            commit_then(batch, done, company)
 
-        h.core.io.commit = counting  # type: ignore[method-assign]
+        h.core.io.commit_then = counting  # type: ignore[method-assign]
         for req, recipients in enumerate((["r@f.test"], [], ["s@f.test", "t@g.test"], ["u@f.test"]), start=1):
             await h.core.handle(FRONTEND, Inject(req, "a@sender.test", recipients, BODY))
         assert not h.peer.sent  # nothing is answered before the batch is committed
@@ -653,3 +654,53 @@ async def test_a_damaged_record_found_when_its_body_is_read_is_quarantined_not_d
         assert await h.deliveries() == []
         (line,) = [line for line in lines_about(caplog, damaged) if "damaged" in line]
         assert "checksum mismatch" in line and "not delivered" in line
+
+
+async def test_stored_goes_out_from_the_fsync_completion_without_a_task_per_inject() -> None:
+    """Accept latency (issue 12): the answers are sent right where the fsync's completion is handled, through the
+    sender that never waits, all of them before any of those messages is scheduled, and no task is made per
+    inject; nothing is answered before the fsync."""
+    config = config_from_dict({"metrics": {"listen": ""}}, environ={})
+    spool, peer = MemorySpool(), Peer()
+    sent_now: list[tuple[bytes, BusMessage, int]] = []
+    core = ShardCore(config, 0, spool, VirtualClock(), peer.send,
+                     send_now=lambda identity, message: sent_now.append(
+                         (identity, message, len(core.scheduler.messages))))
+    await core.load()
+    writer = asyncio.create_task(core.io.run_writer())
+    try:
+        spool.hold_commits()
+        await core.handle(FRONTEND, Inject(1, "a@sender.test", ["r@d.test"], BODY))
+        await until(spool.waiting.is_set)  # written, its fsync held
+        for req in (2, 3, 4):  # these share the next transaction
+            await core.handle(FRONTEND, Inject(req, "a@sender.test", ["r@d.test"], BODY))
+        assert not core._tasks and not sent_now
+        spool.release_commits()
+        await until(lambda: len(sent_now) == 4)
+        assert all(identity == FRONTEND and isinstance(stored, Stored) for identity, stored, _ in sent_now)
+        assert [scheduled for _, _, scheduled in sent_now] == [0, 1, 1, 1]  # answered first, then scheduled
+        await core.idle()
+        assert all(stored.queue_id in core.scheduler.messages for _, stored, _ in sent_now)
+        assert not peer.sent
+    finally:
+        spool.release_commits()
+        await core.settle(5)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await core.close()
+
+
+async def test_a_stopping_shard_answers_the_messages_being_stored() -> None:
+    async with shard() as h:
+        h.spool.hold_commits()
+        await h.core.handle(FRONTEND, Inject(1, "a@sender.test", ["r@d.test"], BODY))
+        await until(h.spool.waiting.is_set)
+        settling = asyncio.create_task(h.core.settle(5))
+        try:
+            await asyncio.sleep(0)
+            assert not settling.done()  # it waits for the fsync of the message being stored
+        finally:
+            h.spool.release_commits()
+        await settling
+        (stored,) = h.peer.take(Stored, FRONTEND)
+        assert stored.req == 1

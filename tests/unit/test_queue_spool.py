@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -345,3 +346,34 @@ def test_client_facts_text_is_the_compact_sorted_json_and_per_message_facts_are_
     first, second = records.client_text(shared), records.client_text(dict(shared))
     assert first is second and first == '{"helo":"client.test","ip":"192.0.2.1"}'
     assert Message("Q", "", 0.0, [Recipient(0, "a@b.test")], 1, facts).client == facts
+
+
+def test_the_log_is_checkpointed_in_the_background_never_in_a_write(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write on the event loop must not copy the log into the database (a checkpoint: two fsyncs and megabytes
+    of copying); the spool's fsync starts one in a thread of its own once the log is long enough."""
+    monkeypatch.setattr("cluster.queue.spool.CHECKPOINT_PAGES", 200)
+    spool = SqliteSpool(tmp_path / "shard-0")
+    spool.open()
+    database = tmp_path / "shard-0" / "spool.sqlite3"
+    try:
+        before = database.stat().st_size
+        body = b"x" * (100 * 1024)  # below BODY_FILE_MIN: in the log
+        assert len(body) < BODY_FILE_MIN
+        for i in range(200):  # ~1,300 pages of 16 KiB: past SQLite's own automatic checkpoint (1,000 pages)
+            spool.write(Batch(stores=[message(f"Q{i:03}", ["a@x.test"])], bodies={f"Q{i:03}": body}))
+        assert database.stat().st_size == before  # all of it is in the log
+        spool.sync()
+        deadline = time.monotonic() + 10
+        while database.stat().st_size < 200 * len(body) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert database.stat().st_size >= 200 * len(body)  # copied by the background checkpoint
+        assert len(spool.load().messages) == 200
+        # The log file keeps its size, but what it holds was copied: a small transaction starts no checkpoint.
+        checkpoint = spool._checkpointing
+        assert checkpoint is not None
+        checkpoint.result(timeout=10)
+        spool.commit(Batch(stores=[message("Q99", ["a@x.test"])], bodies={"Q99": b"small"}))
+        assert spool._checkpointing is checkpoint
+    finally:
+        spool.close()
