@@ -13,7 +13,9 @@ with a delivered Result as soon as it is read, all those read in one turn togeth
 system of the whole process, from /proc/PID/stat) is counted from the first Inject until every message was
 Stored and every job's Result sent and the shard has gone quiet. Printed: messages stored, recipients delivered
 (a Deliver for a job a worker already holds is not counted twice), wall seconds, shard CPU ms per message (and
-its system part), spool transactions per message (from the shard's /metrics); the last line is a JSON object.
+its system part), spool transactions per message (from the shard's /metrics), and the time from sending an
+Inject to reading its Stored (p50, p99: the shard's share of the accept latency, fsync included); the last line
+is a JSON object.
 
 Failure modes: the shard not ready within READY_TIMEOUT, or the run not finished within `--time-limit`,
 raises SystemExit with the tail of the shard's log; the shard is always stopped (SIGTERM, then SIGKILL).
@@ -36,6 +38,7 @@ import zmq
 from benchmarks.cluster_instance import mtacluster_command
 from benchmarks.cluster_metrics import scrape, sum_by_name
 from benchmarks.ports import free_ports
+from benchmarks.stats import percentile
 from cluster.bus.schemas import (
     Deliver,
     HeartbeatAck,
@@ -161,10 +164,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         cpu_start, started = shard_cpu_seconds(process.pid), time.monotonic()
         sent = stored = refused = 0
         req = 0
+        sent_at: dict[int, float] = {}
+        latencies: list[float] = []
 
         def inject() -> None:
             nonlocal sent, req
             req += 1
+            sent_at[req] = time.monotonic()
             frontend.send(Inject(req, "sender@bench.example", [f"user{sent}@{domains[sent % len(domains)]}"],
                                  body, {"client_address": "127.0.0.1", "helo": "bench"}).encode())
             sent += 1
@@ -199,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                     answer = decode(frame)
                     if isinstance(answer, Stored):
                         stored += 1
+                        latencies.append(now - sent_at.pop(answer.req, now))
                     elif isinstance(answer, InjectRefused):
                         refused += 1
                     else:
@@ -215,7 +222,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 "delivered": float(sum(w.results for w in workers)), "wall_seconds": round(elapsed, 2),
                 "cpu_ms_per_message": round(1000 * cpu / max(1, stored), 3),
                 "system_ms_per_message": round(1000 * system / max(1, stored), 3),
-                "transactions_per_message": round(transactions / max(1, stored), 3)}
+                "transactions_per_message": round(transactions / max(1, stored), 3),
+                "stored_p50_ms": round(1000 * (percentile(latencies, 0.5) or 0.0), 2),
+                "stored_p99_ms": round(1000 * (percentile(latencies, 0.99) or 0.0), 2)}
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)

@@ -22,3 +22,4 @@ def test_shard_alone_benchmark_runs_tiny(rate: str) -> None:
     figures = json.loads(result.stdout.splitlines()[-1])
     assert (figures["messages"], figures["refused"], figures["delivered"]) == (200, 0, 200)
     assert figures["cpu_ms_per_message"] > 0 and 0 < figures["transactions_per_message"] <= 3
+    assert 0 < figures["stored_p50_ms"] <= figures["stored_p99_ms"]
