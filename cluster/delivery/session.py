@@ -165,7 +165,8 @@ class SmtpSession:
         # One read timer per session, moved lazily (an `asyncio.timeout` per read costs a timer and a context):
         # `_deadline` is when the reply being waited for is late; the timer fires at or before it.
         self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
         self.capabilities = Capabilities.helo_only()
         self.transactions = 0
         # Most transactions on this connection before it is closed (traffic shaping); 0 = the cache's default.
@@ -245,10 +246,11 @@ class SmtpSession:
         deadline = self._loop.time() + timeout
         self._deadline = deadline
         timer = self._timer
-        if timer is None or timer.when() > deadline:
+        if timer is None or self._timer_at > deadline:
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer_at = deadline
 
     def _fire(self) -> None:
         """The read timer: a wait still going at its deadline fails with TimeoutError; one whose deadline moved
@@ -259,6 +261,7 @@ class SmtpSession:
             return
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._fire)
+            self._timer_at = self._deadline
             return
         for waiter in waiters:
             waiter.set_exception(TimeoutError())
