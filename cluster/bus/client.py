@@ -237,11 +237,18 @@ class BusLink:
             self._watching = loop
         if timeout is not None and timeout <= 0:
             return self._readable()
-        deadline = None if timeout is None else loop.time() + timeout
-        timer = None if timeout is None else loop.call_later(timeout, self._wake)
+        expired = False
+
+        def expire() -> None:
+            # A flag, not a look at the clock: uvloop may run a timer a little before loop.time() reaches it.
+            nonlocal expired
+            expired = True
+            self._wake()
+
+        timer = None if timeout is None else loop.call_later(timeout, expire)
         try:
             while not self._readable():
-                if deadline is not None and loop.time() >= deadline:
+                if expired:
                     return False
                 wakeup = self._wakeup = loop.create_future()
                 try:

@@ -44,6 +44,9 @@ from cluster.smtp.replies import Reply
 
 # Body bytes written before waiting for the socket to drain (each wait bounded by data_block_timeout).
 WRITE_BLOCK = 256 * 1024
+# Seconds by which a read timer may run before its deadline and still count as reached (uvloop rounds timers to
+# milliseconds).
+TIMER_SLACK = 0.002
 
 
 class HostUnavailable(Exception):
@@ -259,7 +262,7 @@ class SmtpSession:
         waiters = [w for w in (self._reply_waiter, self._drained) if w is not None and not w.done()]
         if not waiters:
             return
-        if self._loop.time() < self._deadline:
+        if self._loop.time() < self._deadline - TIMER_SLACK:  # moved on (uvloop may fire a little early)
             self._timer = self._loop.call_at(self._deadline, self._fire)
             self._timer_at = self._deadline
             return

@@ -347,3 +347,21 @@ async def test_a_direct_link_is_woken_by_frames_and_by_its_own_sends(endpoint: s
     finally:
         await link.close()
         await router.stop()
+
+
+def test_a_direct_link_times_out_under_uvloop_however_its_timer_rounds(endpoint: str) -> None:
+    """uvloop runs a timer up to a millisecond before loop.time() reaches it: a receive with nothing coming
+    must still return when its timeout fires (it once waited on without a timer, and the worker never
+    heartbeated again)."""
+    import uvloop
+
+    async def receives() -> None:
+        link = BusLink(endpoint, None, name="shard 0", direct=True)
+        try:
+            for number in range(40):
+                timeout = 0.0004 + number * 0.0003
+                assert await asyncio.wait_for(link.receive(timeout), 2) == []
+        finally:
+            await link.close()
+
+    uvloop.run(receives())
