@@ -16,6 +16,10 @@
 - Reconnection: ZeroMQ reconnects by itself (every `RECONNECT_INTERVAL_MS`) after the shard goes away or
   restarts, CURVE handshake included. Nothing is queued for a shard that is not connected (ZMQ_IMMEDIATE): a
   restarted shard never receives a burst of stale requests whose senders already gave up.
+- Direct mode (`direct=True`, the worker's links: only `send` and `receive`, no `request` or `start`): sends go
+  to ZeroMQ without the asyncio layer (`send_now`), and `receive` waits on the socket's descriptor through a
+  reader of its own; after sends, one look per loop turn for frames whose notification a send took in (the
+  descriptor is edge-triggered). That saves the asyncio layer's Future, poll and flag arithmetic per frame.
 - Liveness: `last_heard` is when the shard last sent anything; `heard_within(s)` tells callers (readiness
   probes) whether it is alive. With `liveness=S`, ZeroMQ heartbeats the connection itself (ZMTP PING every S/3)
   and drops it after S seconds of silence, so a paused shard or a cut link is noticed even when TCP is not
@@ -74,7 +78,8 @@ class BusLink:
     """One DEALER socket to one shard: requests matched to answers by `req`, plus one-way traffic."""
 
     def __init__(self, endpoint: str, keys: CurveKeys | None, *, name: str,
-                 context: zmq.asyncio.Context | None = None, liveness: float | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, liveness: float | None = None,
+                 direct: bool = False) -> None:
         self.endpoint = endpoint
         self.name = name
         context = context or zmq.asyncio.Context.instance()
@@ -96,6 +101,11 @@ class BusLink:
         self._pending: dict[int, asyncio.Future[BusMessage]] = {}
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
+        # Direct mode (see `direct`): the descriptor's reader, the receive waiting for it, a look pending.
+        self._direct = direct
+        self._watching: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._look_pending = False
 
     def heard_within(self, seconds: float) -> bool:
         return time.monotonic() - self.last_heard < seconds
@@ -105,6 +115,8 @@ class BusLink:
     async def send(self, message: BusMessage | bytes) -> bool:
         """Send without waiting; False when the shard is not connected or the socket refused."""
         frame = message if isinstance(message, bytes) else message.encode()
+        if self._direct:
+            return self.send_now(frame)
         try:
             await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -114,6 +126,40 @@ class BusLink:
             log.warning("%s (%s): cannot send: %s", self.name, self.endpoint, exc)
             return False
         return True
+
+    def send_now(self, frame: bytes) -> bool:
+        """`send` without the asyncio layer (direct mode): the frame goes to ZeroMQ at once; False when the
+        shard is not connected or the socket refused."""
+        try:
+            self._plain.send(frame, _NOBLOCK)
+        except zmq.Again:
+            log.debug("%s (%s): not connected, frame not sent", self.name, self.endpoint)
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("%s (%s): cannot send: %s", self.name, self.endpoint, exc)
+            return False
+        # A send may take in the socket's pending notifications, frames waiting to be read among them, without
+        # the descriptor signalling again (ZeroMQ's descriptor is edge-triggered): look once this turn's sends
+        # are done, and wake a waiting `receive` if frames wait.
+        if not self._look_pending and self._wakeup is not None:
+            self._look_pending = True
+            asyncio.get_running_loop().call_soon(self._look_after_sends)
+        return True
+
+    def _look_after_sends(self) -> None:
+        self._look_pending = False
+        if not self.socket.closed and self._readable():
+            self._wake()
+
+    def _on_descriptor(self) -> None:
+        # Reading EVENTS also resets the descriptor: without it, the loop would see it readable over and over.
+        if not self.socket.closed and self._readable():
+            self._wake()
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     async def request(self, build: Callable[[int], BusMessage], timeout: float, *,
                       connect_timeout: float | None = None) -> BusMessage:
@@ -125,6 +171,8 @@ class BusLink:
         """
         if self._closed:  # the process is stopping: the caller answers as for a shard that is away
             raise NoAnswer(self, 0.0, False, "is closed (this process is stopping)")
+        if self._direct:
+            raise RuntimeError(f"{self.name}: request() is not for a link in direct mode")
         if self._receiver is None or self._receiver.done():
             raise RuntimeError(f"{self.name}: request() needs start() to be running")
         req = next(self._numbers)
@@ -165,7 +213,10 @@ class BusLink:
         plain = self._plain
         others: list[BusMessage] = []
         if not self._readable():  # nothing waiting: wait for up to `timeout`
-            if timeout is None:
+            if self._direct:
+                if not await self._wait_readable(timeout):
+                    return []
+            elif timeout is None:
                 # With no timeout, the wait is the read of the next frame: one Future, where the asyncio poll
                 # makes a poller and several (this runs once per answer a frontend waits for).
                 frames = await self.socket.recv_multipart()
@@ -189,6 +240,38 @@ class BusLink:
             if message is not None and not self._settle(message):
                 others.append(message)
         return others
+
+    async def _wait_readable(self, timeout: float | None) -> bool:
+        """Direct mode: wait up to `timeout` for frames, woken by the descriptor (a reader of our own, not the
+        asyncio layer's poll and its Future per call) or by a send that took in their notification."""
+        loop = asyncio.get_running_loop()
+        if self._watching is not loop:
+            loop.add_reader(self._plain.fileno(), self._on_descriptor)
+            self._watching = loop
+        if timeout is not None and timeout <= 0:
+            return self._readable()
+        expired = False
+
+        def expire() -> None:
+            # A flag, not a look at the clock: uvloop may run a timer a little before loop.time() reaches it.
+            nonlocal expired
+            expired = True
+            self._wake()
+
+        timer = None if timeout is None else loop.call_later(timeout, expire)
+        try:
+            while not self._readable():
+                if expired:
+                    return False
+                wakeup = self._wakeup = loop.create_future()
+                try:
+                    await wakeup
+                finally:
+                    self._wakeup = None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return True
 
     def _readable(self) -> bool:
         if self.socket.closed:  # the shadow does not know: never touch a closed socket through it
@@ -217,6 +300,8 @@ class BusLink:
 
     def start(self, on_message: OnMessage | None = None) -> None:
         """Receive in the background: answers settle requests, everything else goes to `on_message`."""
+        if self._direct:
+            raise RuntimeError(f"{self.name}: start() is not for a link in direct mode (call receive())")
         if self._receiver is None or self._receiver.done():
             self._receiver = asyncio.create_task(self._receive_forever(on_message or self._unexpected))
 
@@ -246,6 +331,10 @@ class BusLink:
             if not future.done():
                 future.set_exception(NoAnswer(self, 0.0, True, "was closed before it answered"))
         self._pending.clear()
+        if self._watching is not None:
+            self._watching.remove_reader(self._plain.fileno())
+            self._watching = None
+        self._wake()
         self.socket.close(linger=0)
 
 

@@ -1,4 +1,4 @@
-"""One outbound SMTP connection over asyncio streams, driven by the sans-I/O `cluster.smtp.client`.
+"""One outbound SMTP connection: an asyncio Protocol feeding the sans-I/O `cluster.smtp.client`.
 
 `SmtpSession.open(target, settings)` connects, reads the greeting, says EHLO (HELO when EHLO gets 5xx, RFC 5321
 3.2), upgrades with STARTTLS when offered (RFC 3207; opportunistic without a certificate check unless
@@ -42,9 +42,11 @@ from cluster.smtp.client import (
 )
 from cluster.smtp.replies import Reply
 
-READ_CHUNK = 65536
 # Body bytes written before waiting for the socket to drain (each wait bounded by data_block_timeout).
 WRITE_BLOCK = 256 * 1024
+# Seconds by which a read timer may run before its deadline and still count as reached (uvloop rounds timers to
+# milliseconds).
+TIMER_SLACK = 0.002
 
 
 class HostUnavailable(Exception):
@@ -122,16 +124,52 @@ def _network_reply(text: str, enhanced: str = "4.4.2") -> Reply:
     return replies.delivery_trouble(text, enhanced)
 
 
+class _ClientProtocol(asyncio.Protocol):
+    """The transport's events, handed to the session that owns the connection (one object per connection)."""
+
+    def __init__(self, session: SmtpSession) -> None:
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        self.session._data_received(data)
+
+    def eof_received(self) -> bool:
+        self.session._connection_lost(None)
+        return False  # close our side too: a server that stopped talking takes no further commands
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session._paused = True
+
+    def resume_writing(self) -> None:
+        self.session._resume_writing()
+
+
 class SmtpSession:
-    def __init__(self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 settings: SessionSettings, source: Source = DEFAULT_SOURCE) -> None:
+    def __init__(self, target: Target, settings: SessionSettings, source: Source = DEFAULT_SOURCE) -> None:
         self.target = target
         self.source = source
         self.remote = target.label
-        self._reader = reader
-        self._writer = writer
         self._settings = settings
         self._conn = ClientConnection()
+        self._loop = asyncio.get_running_loop()
+        self._protocol = _ClientProtocol(self)
+        self._transport: asyncio.Transport | None = None
+        # The one wait in progress: for a whole reply (`_reply_waiter`) or for the socket to drain (`_drained`).
+        self._reply_waiter: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._paused = False
+        # Why the connection cannot be read any more: the server closed it (None inside `_lost`), a socket error,
+        # or a reply that breaks the protocol (SmtpProtocolError, raised at the next read).
+        self._lost = False
+        self._lost_error: Exception | None = None
+        # One read timer per session, moved lazily (an `asyncio.timeout` per read costs a timer and a context):
+        # `_deadline` is when the reply being waited for is late; the timer fires at or before it.
+        self._deadline = 0.0
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
         self.capabilities = Capabilities.helo_only()
         self.transactions = 0
         # Most transactions on this connection before it is closed (traffic shaping); 0 = the cache's default.
@@ -149,24 +187,87 @@ class SmtpSession:
             raise HostUnavailable(_network_reply(
                 f"egress source {source.name} ({source.address}) cannot reach {target.label}: other IP version",
                 "4.4.1"), target.label)
+        session = cls(target, settings, source)
+        loop = session._loop
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(target.address, target.port, limit=READ_CHUNK * 4, local_addr=local_addr),
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: session._protocol, target.address, target.port, local_addr=local_addr),
                 settings.connect_timeout)
-        except TimeoutError:
-            raise HostUnavailable(_network_reply(
-                f"connect to {target.label}:{target.port}: timed out", "4.4.1"), target.label) from None
-        except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise HostUnavailable(_network_reply(
-                f"connect to {target.label}:{target.port}: {why}", "4.4.1"), target.label) from None
-        session = cls(target, reader, writer, settings, source)
+        except BaseException as exc:
+            session._closed = True
+            metrics.CONNECTIONS_OPEN.dec()
+            if isinstance(exc, TimeoutError):
+                raise HostUnavailable(_network_reply(
+                    f"connect to {target.label}:{target.port}: timed out", "4.4.1"), target.label) from None
+            if isinstance(exc, OSError):
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise HostUnavailable(_network_reply(
+                    f"connect to {target.label}:{target.port}: {why}", "4.4.1"), target.label) from None
+            raise
+        session._transport = transport
         try:
             await session._start()
         except BaseException:  # HostUnavailable, or the job being cancelled: never leave the socket open
             session.close()
             raise
         return session
+
+    # -- the transport's events (through _ClientProtocol) -----------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        if self._lost:
+            return
+        try:
+            self._conn.receive_data(data)
+        except SmtpProtocolError as exc:
+            self._lost, self._lost_error = True, exc
+            self._wake()
+            return
+        if self._reply_waiter is not None and self._conn.reply_ready:
+            self._wake()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost, self._lost_error = True, exc
+        self._wake()
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _resume_writing(self) -> None:
+        self._paused = False
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._reply_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _arm(self, timeout: float) -> None:
+        deadline = self._loop.time() + timeout
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer_at = deadline
+
+    def _fire(self) -> None:
+        """The read timer: a wait still going at its deadline fails with TimeoutError; one whose deadline moved
+        on gets the timer again; with no wait, the timer is dropped."""
+        self._timer = None
+        waiters = [w for w in (self._reply_waiter, self._drained) if w is not None and not w.done()]
+        if not waiters:
+            return
+        if self._loop.time() < self._deadline - TIMER_SLACK:  # moved on (uvloop may fire a little early)
+            self._timer = self._loop.call_at(self._deadline, self._fire)
+            self._timer_at = self._deadline
+            return
+        for waiter in waiters:
+            waiter.set_exception(TimeoutError())
 
     async def _start(self) -> None:
         greeting = await self._read("greeting", self._settings.greeting_timeout)
@@ -211,12 +312,18 @@ class SmtpSession:
                                   self.remote)
         context = self._settings.ssl_context or client_ssl_context(self._settings.tls_mode)
         server_name = self.target.name if self._settings.tls_mode == "verify" else None
+        transport = self._transport
+        assert transport is not None
         try:
-            await self._writer.start_tls(context, server_hostname=server_name,
-                                         ssl_handshake_timeout=self._settings.helo_timeout)
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            upgraded = await self._loop.start_tls(transport, self._protocol, context, server_hostname=server_name,
+                                                  ssl_handshake_timeout=self._settings.helo_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             raise HostUnavailable(_network_reply(f"TLS handshake with {self.remote} failed: {exc}", "4.7.5"),
                                   self.remote) from None
+        if upgraded is None:  # the connection went away during the handshake
+            raise HostUnavailable(_network_reply(f"TLS handshake with {self.remote} failed: connection lost",
+                                                 "4.7.5"), self.remote)
+        self._transport = upgraded
         self.tls = True
         self._conn = ClientConnection.after_starttls()
         # RFC 3207 4.2: forget what the server said before TLS and ask again.
@@ -331,25 +438,40 @@ class SmtpSession:
         return await self._read(command.verb, timeout)
 
     async def _write(self, data: bytes, timeout: float) -> None:
-        """Send `data`, waiting (at most `timeout` per block) only while the kernel does not take it at once:
-        a command group or a small message goes out in one write with no wait at all."""
-        writer = self._writer
+        """Send `data`, waiting (at most `timeout` per block) only while the transport holds more than its high
+        water mark: a command group or a small message goes out in one write with no wait at all."""
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            raise HostUnavailable(_network_reply(f"lost connection with {self.remote} while sending"), self.remote)
         try:
             if len(data) <= WRITE_BLOCK:
-                writer.write(data)
-                if writer.transport.get_write_buffer_size():
-                    await asyncio.wait_for(writer.drain(), timeout)
+                transport.write(data)
+                if self._paused:
+                    await self._drain(timeout)
                 return
             view = memoryview(data)
             for start in range(0, len(data), WRITE_BLOCK):
-                writer.write(view[start:start + WRITE_BLOCK])
-                if writer.transport.get_write_buffer_size():
-                    await asyncio.wait_for(writer.drain(), timeout)
+                transport.write(view[start:start + WRITE_BLOCK])
+                if self._paused:
+                    await self._drain(timeout)
         except TimeoutError:
             raise HostUnavailable(_network_reply(f"timeout writing to {self.remote}"), self.remote) from None
         except (OSError, RuntimeError) as exc:
             raise HostUnavailable(_network_reply(f"lost connection with {self.remote} while sending: {exc}"),
                                   self.remote) from None
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait until the transport takes more (resume_writing), within `timeout`."""
+        while self._paused:
+            if self._lost:
+                raise HostUnavailable(_network_reply(f"lost connection with {self.remote} while sending"),
+                                      self.remote)
+            self._drained = self._loop.create_future()
+            self._arm(timeout)
+            try:
+                await self._drained
+            finally:
+                self._drained = None
 
     async def _read(self, what: str, timeout: float) -> Reply:
         """The next reply, which must answer `what`."""
@@ -368,38 +490,55 @@ class SmtpSession:
         return reply
 
     async def _receive_reply(self, what: str, timeout: float) -> tuple[str, Reply]:
-        """Read from the socket until a whole reply is in (SmtpProtocolError for a broken one)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    answer = self._conn.next_reply()
-                    if answer is not None:
-                        break
-                    data = await self._reader.read(READ_CHUNK)
-                    if not data:
-                        raise HostUnavailable(_network_reply(
-                            f"lost connection with {self.remote} while waiting for the reply to {what}"), self.remote)
-                    self._conn.receive_data(data)
-        except TimeoutError:
-            text = f"timeout after {timeout:g}s waiting for the reply to {what} from {self.remote}"
-            raise HostUnavailable(_network_reply(text), self.remote) from None
-        except OSError as exc:
-            raise HostUnavailable(_network_reply(f"lost connection with {self.remote}: {exc}"), self.remote) from None
-        return answer
+        """Wait until the protocol has a whole reply (SmtpProtocolError for a broken one)."""
+        while True:
+            if self._lost:
+                error = self._lost_error
+                if isinstance(error, SmtpProtocolError):
+                    raise error
+                if error is None:
+                    text = f"lost connection with {self.remote} while waiting for the reply to {what}"
+                else:
+                    text = f"lost connection with {self.remote}: {error}"
+                raise HostUnavailable(_network_reply(text), self.remote)
+            waiter = self._reply_waiter = self._loop.create_future()
+            self._arm(timeout)
+            try:
+                await waiter
+            except TimeoutError:
+                text = f"timeout after {timeout:g}s waiting for the reply to {what} from {self.remote}"
+                raise HostUnavailable(_network_reply(text), self.remote) from None
+            finally:
+                self._reply_waiter = None
+            answer = self._conn.next_reply()
+            if answer is not None:
+                return answer
 
     @property
     def usable(self) -> bool:
-        """Worth keeping for another transaction: open, and not closed by the server meanwhile."""
-        return not self._closed and not self._writer.is_closing() and not self._reader.at_eof()
+        """Worth keeping for another transaction: open, not closed by the server meanwhile, and nothing received
+        that nobody asked for (e.g. a 421 while idle)."""
+        transport = self._transport
+        return (not self._closed and not self._lost and transport is not None and not transport.is_closing()
+                and not self._conn.has_unread_bytes)
 
     def close(self, polite: bool = False) -> None:
         """Close now. `polite` sends QUIT first without waiting for its reply (RFC 5321 4.1.1.10 asks for
-        QUIT; waiting for the 221 would only delay us)."""
+        QUIT; waiting for the 221 would only delay us); otherwise (a failed conversation) the connection is
+        aborted: unsent bytes are dropped, so a server that stopped reading does not keep it open."""
         if self._closed:
             return
         self._closed = True
         metrics.CONNECTIONS_OPEN.dec()
-        if polite and not self._writer.is_closing():
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        if polite and not self._lost and not transport.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
-                self._writer.write(Command.quit().line)
-        self._writer.close()
+                transport.write(Command.quit().line)
+            transport.close()  # after the QUIT has gone out
+        else:
+            transport.abort()  # an unusable conversation: what it still had to send is dropped, not flushed

@@ -91,7 +91,9 @@ class _ShardLink:
 
 
 def _bus_link(index: int, endpoint: str, config: Config) -> BusLink:
-    return BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}", liveness=config.queue.worker_timeout)
+    # direct: sends and waits on the socket itself, without pyzmq's asyncio layer (a Future and a poll per frame).
+    return BusLink(endpoint, cluster_keys(config.bus), name=f"shard {index}", liveness=config.queue.worker_timeout,
+                   direct=True)
 
 
 class Worker:

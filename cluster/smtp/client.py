@@ -271,6 +271,14 @@ class ReplyParser:
         return bool(self._ready)
 
     @property
+    def replies_ready(self) -> int:
+        return len(self._ready)
+
+    @property
+    def last_ready(self) -> Reply | None:
+        return self._ready[-1] if self._ready else None
+
+    @property
     def has_partial(self) -> bool:
         return bool(self._buffer) or self._code is not None
 
@@ -307,7 +315,17 @@ class ClientConnection:
         return dot_stuff(body)
 
     def receive_data(self, data: bytes) -> None:
-        self._parser.feed(data)
+        """Parse bytes from the server. More whole replies than commands sent is a protocol error at once (a
+        server talking out of turn must not fill our memory while nobody reads)."""
+        parser = self._parser
+        parser.feed(data)
+        if parser.replies_ready > len(self._awaiting):
+            raise SmtpProtocolError(f"reply nobody asked for: {parser.last_ready}")
+
+    @property
+    def reply_ready(self) -> bool:
+        """A whole reply is waiting to be taken with `next_reply`."""
+        return self._parser.next_reply_ready
 
     def next_reply(self) -> tuple[str, Reply] | None:
         """The next complete reply and the command it answers, or None if more bytes are needed."""

@@ -43,6 +43,14 @@ class Script:
     # server dropped just as we reused it (its FIN crossing our pipelined MAIL/RCPT/DATA on the wire).
     drop_on_reuse: bool = False
     tls: ssl.SSLContext | None = None
+    # Say this (a 421, say) after the final reply, with the connection left open: a server talking out of turn
+    # to a connection that sits idle in the client's cache.
+    after_final: str = ""
+    # Seconds to wait after 354 before reading the message (a slow reader: the client must wait for the socket
+    # to drain); None: never read it (the client's write times out).
+    read_body_after: float | None = 0.0
+    # Never answer the end of the message (the client's wait for the final reply times out).
+    silent_final: bool = False
 
 
 class ScriptedServer:
@@ -55,15 +63,17 @@ class ScriptedServer:
         self._writers: list[asyncio.StreamWriter] = []
         self._handlers: list[asyncio.Task[Any]] = []
         self._server: asyncio.Server | None = None
+        self._stopping = asyncio.Event()
         self.port = port
 
     async def start(self) -> ScriptedServer:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=64 * 1024 * 1024)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def stop(self) -> None:
         assert self._server is not None
+        self._stopping.set()
         self._server.close()
         for writer in self._writers:
             writer.close()
@@ -123,10 +133,17 @@ class ScriptedServer:
                     if not script.data.startswith("354"):
                         continue
                     await writer.drain()
+                    if script.read_body_after is None:
+                        writer.transport.pause_reading()  # nothing more taken from the socket
+                        await self._stopping.wait()
+                        return
+                    await asyncio.sleep(script.read_body_after)
                     first = await reader.readline()
                     body = first if first == b".\r\n" else first + await reader.readuntil(b"\r\n.\r\n")
                     self.messages.append((sender, recipients, body))
-                    say(script.final)
+                    if script.silent_final:
+                        continue
+                    say(script.final, *([script.after_final] if script.after_final else []))
                     if script.close_after_transaction:
                         await writer.drain()
                         writer.close()
@@ -342,3 +359,40 @@ async def test_verified_tls_refuses_a_server_without_starttls(servers: list[Scri
     (outcome,) = await run(smarthost(server, tls="verify"), "a@d.test")
     assert (outcome.kind, outcome.enhanced) == ("deferred", "4.7.10")
     assert "MAIL" not in server.commands
+
+
+async def test_a_reply_that_never_comes_defers_after_its_timeout(servers: list[ScriptedServer]) -> None:
+    server = await serve(servers, Script(silent_final=True))
+    (outcome,) = await run(smarthost(server, data_done_timeout=0.3), "a@d.test")
+    assert (outcome.kind, outcome.code) == ("deferred", 451)
+    assert "timeout after 0.3s waiting for the reply to message" in outcome.text
+
+
+async def test_a_reply_sent_to_an_idle_connection_retires_it(servers: list[ScriptedServer]) -> None:
+    server = await serve(servers, Script(after_final="421 4.4.2 idle too long, closing soon"))
+    deliverer = smarthost(server)
+    assert (await run(deliverer, "a@d.test"))[0].kind == "delivered"
+    # The 421 came while the connection sat in the cache: it is not reused, and a fresh one carries the next
+    # message once (the stray reply is never taken as the answer to its MAIL).
+    outcomes = await run(deliverer, "b@d.test")
+    assert [(o.recipient, o.kind, o.code) for o in outcomes] == [("b@d.test", "delivered", 250)]
+    assert server.connections == 2 and server.commands.count("MAIL") == 2
+
+
+BIG = ["250-scripted.test", "250-PIPELINING", "250 SIZE 100000000"]
+
+
+async def test_a_large_message_to_a_slow_reader_waits_for_the_socket(servers: list[ScriptedServer]) -> None:
+    server = await serve(servers, Script(read_body_after=0.3, ehlo=BIG))
+    body = b"".join(b"line %07d of a long message\r\n" % n for n in range(200_000))  # 6.6 MB
+    (outcome,) = await run(smarthost(server), "a@d.test", body=body)
+    assert outcome.kind == "delivered"
+    assert server.messages[0][2] == body + b".\r\n"
+
+
+async def test_a_message_nobody_reads_times_out_while_sending(servers: list[ScriptedServer]) -> None:
+    server = await serve(servers, Script(read_body_after=None, ehlo=BIG))
+    body = b"".join(b"line %07d of a long message\r\n" % n for n in range(1_000_000))  # 33 MB
+    (outcome,) = await run(smarthost(server, data_block_timeout=0.3), "a@d.test", body=body)
+    assert (outcome.kind, outcome.code) == ("deferred", 451)
+    assert "timeout writing to" in outcome.text

@@ -315,3 +315,53 @@ async def test_liveness_drops_the_connection_to_a_paused_shard(endpoint: str, li
         assert shard.stdout is not None
         shard.stdout.close()
         await link.close()
+
+
+async def test_a_direct_link_is_woken_by_frames_and_by_its_own_sends(endpoint: str) -> None:
+    """Direct mode (the worker's links): sends skip pyzmq's asyncio layer and `receive` waits on the socket's
+    descriptor itself; a receive that waits while this side keeps sending still gets every answer."""
+    router = Router(endpoint, lambda request: [Error(text=request.op)]).start()
+    link = BusLink(endpoint, None, name="shard 0", direct=True)
+    got: list[BusMessage] = []
+    try:
+        started = time.monotonic()
+        assert await link.receive(0.2) == [] and time.monotonic() - started >= 0.15  # nothing came: the timeout
+        with pytest.raises(RuntimeError, match="direct mode"):
+            link.start()
+        with pytest.raises(RuntimeError, match="direct mode"):
+            await link.request(ping(), 1)
+
+        async def receive_all() -> None:
+            while len(got) < 200:
+                got.extend(await link.receive(None))
+
+        receiving = asyncio.create_task(receive_all())
+        deadline = time.monotonic() + 5
+        for number in range(200):
+            while not link.send_now(AdminRequest(req=number + 1, op=f"m{number}").encode()):
+                assert time.monotonic() < deadline, "never connected"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
+        await asyncio.wait_for(receiving, 5)
+        assert got == [Error(text=f"m{number}") for number in range(200)]
+    finally:
+        await link.close()
+        await router.stop()
+
+
+def test_a_direct_link_times_out_under_uvloop_however_its_timer_rounds(endpoint: str) -> None:
+    """uvloop runs a timer up to a millisecond before loop.time() reaches it: a receive with nothing coming
+    must still return when its timeout fires (it once waited on without a timer, and the worker never
+    heartbeated again)."""
+    import uvloop
+
+    async def receives() -> None:
+        link = BusLink(endpoint, None, name="shard 0", direct=True)
+        try:
+            for number in range(40):
+                timeout = 0.0004 + number * 0.0003
+                assert await asyncio.wait_for(link.receive(timeout), 2) == []
+        finally:
+            await link.close()
+
+    uvloop.run(receives())

@@ -168,6 +168,13 @@ def test_connection_pairs_pipelined_replies_with_their_commands() -> None:
 
 def test_unsolicited_reply_is_a_protocol_error() -> None:
     conn = ClientConnection.after_starttls()
-    conn.receive_data(b"250 surprise\r\n")
     with pytest.raises(SmtpProtocolError, match="nobody asked"):
-        conn.next_reply()
+        conn.receive_data(b"250 surprise\r\n")  # at once: a server talking out of turn is not buffered
+
+
+def test_replies_beyond_the_commands_sent_are_refused_as_they_arrive() -> None:
+    conn = ClientConnection()
+    conn.receive_data(b"220 hello\r\n")  # the greeting is owed
+    conn.send(Command.noop())
+    with pytest.raises(SmtpProtocolError, match="nobody asked for: 250 2"):
+        conn.receive_data(b"250 1\r\n250 2\r\n")
