@@ -41,6 +41,7 @@ class Outbound:
         self._user_pools = {user.lower(): pool for user, pool in egress.users.items()}
         self._domain_pools = {domain_key(domain): pool for domain, pool in egress.sender_domains.items()}
         self._default_pool = "default" if "default" in egress.pools else ""
+        self._unsigned: dict[str, Prepared] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Outbound:
@@ -51,13 +52,18 @@ class Outbound:
     def pool_for(self, sender: str, user: str | None) -> str:
         if user is not None and (pool := self._user_pools.get(user.lower())):
             return pool
+        if not self._domain_pools:  # the usual case: no per-domain pools, nothing to look up
+            return self._default_pool
         _, at, domain = sender.rpartition("@")
         return (self._domain_pools.get(domain_key(domain)) if at else None) or self._default_pool
 
     async def prepare(self, data: bytes, *, sender: str, user: str | None, relayed: bool) -> Prepared:
         pool = self.pool_for(sender, user)
         if self.signer is None or not relayed:
-            return Prepared(pool=pool)
+            unsigned = self._unsigned.get(pool)
+            if unsigned is None:  # one per pool name (the configured pools and ""): it is immutable
+                unsigned = self._unsigned[pool] = Prepared(pool=pool)
+            return unsigned
         if len(data) > THREAD_ABOVE:
             signing = await asyncio.to_thread(self.signer.sign, data)
         else:
