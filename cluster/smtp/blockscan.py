@@ -39,17 +39,17 @@ class BlockScan:
     too_long: bool
 
 
-def scan_block(data: bytes | bytearray, end: int, limit: int) -> BlockScan:
-    """What data[:end] holds; `end` >= 1 and data[end - 1] is an LF (the block ends a line).
+def scan_block(data: bytes | bytearray, end: int, limit: int, start: int = 0) -> BlockScan:
+    """What data[start:end] holds; `end` > `start` and data[end - 1] is an LF (the block ends a line).
 
     Line lengths by windows, as the DATA reader's bytes path does: a line over `limit` is a run of at least
     `limit` octets without LF, which covers one of the windows of (limit + 1) // 2 octets laid end to end from
     a piece's start; only a piece with a window without LF has its lines measured one by one."""
-    bare = data.find(b"\x00", 0, end) >= 0
-    first = data.find(b"\n", 0, end) + 1
+    bare = data.find(b"\x00", start, end) >= 0
+    first = data.find(b"\n", start, end) + 1 - start
     eight_bit = too_long = False
     window = (limit + 1) // 2
-    start = 0
+    block_start = start
     while start < end:
         stop = end
         if end - start > PIECE:
@@ -70,7 +70,7 @@ def scan_block(data: bytes | bytearray, end: int, limit: int) -> BlockScan:
         if not too_long and windows and not line_feeds[:windows * window].reshape(windows, window).any(axis=1).all():
             ends = np.flatnonzero(line_feeds)
             longest = int(np.diff(ends).max()) if len(ends) > 1 else 0
-            if start:  # a piece's first line is a whole line too (pieces end lines)
+            if start > block_start:  # a piece's first line is a whole line too (pieces end lines)
                 longest = max(longest, int(ends[0]) + 1)
             too_long = longest > limit
         start = stop

@@ -236,7 +236,7 @@ class ChunkReader:
     def __init__(self, max_text_line: int, max_message_size: int) -> None:
         self.max_text_line = max_text_line
         self.max_message_size = max_message_size
-        self._body = bytearray()
+        self._pieces: list[bytes] = []  # joined once, at the end (as DataReader's)
         self._size = 0
         self._remaining = 0
         self._keep = True
@@ -258,19 +258,48 @@ class ChunkReader:
     def feed(self, buffer: bytearray) -> bool:
         """Consume up to the rest of the current chunk from `buffer`; True once the chunk is complete."""
         take = min(self._remaining, len(buffer))
-        piece = bytes(buffer[:take])
+        with memoryview(buffer) as view:  # one copy (a bytearray slice would be a second)
+            piece = view[:take].tobytes()
         del buffer[:take]
         self._remaining -= take
         if self._keep and piece:
-            self._check(piece)
+            if len(piece) < BIG_BLOCK or not self._check_big(piece):
+                self._check(piece)
             self._size += len(piece)
             if self._size > self.max_message_size:
                 self.too_big = True
             if self.refused:
-                self._body.clear()
+                self._pieces.clear()
             else:
-                self._body += piece
+                self._pieces.append(piece)
         return self._remaining == 0
+
+    def _check_big(self, piece: bytes) -> bool:
+        """`_check` for a big piece, its complete lines scanned by numpy (cluster/smtp/blockscan.py); False,
+        having changed nothing, when the piece needs the exact line-by-line `_check` (a bare CR, LF or NUL: the
+        line lengths by LF are then not the lines; or no LF in it)."""
+        start = 1 if self._carry_cr and piece.startswith(b"\n") else 0  # the CRLF the last chunk began
+        end = piece.rfind(b"\n") + 1
+        if (self._carry_cr and not start) or end <= start:
+            return False
+        tail = piece[end:]  # the start of a line, no LF in it
+        carry = tail.endswith(b"\r")
+        text = tail[:-1] if carry else tail
+        scan = scan_block(piece, end, self.max_text_line, start)
+        if scan.bare or b"\r" in text or b"\x00" in text:
+            return False
+        limit = self.max_text_line
+        if start:  # the carried CR ended its line (whose length the last piece's check counted)
+            self._current_line_length = 0
+        if self._current_line_length + scan.first > limit or scan.too_long:
+            self.line_too_long = True
+        if scan.eight_bit or not text.isascii():
+            self._has_8bit = True
+        self._carry_cr = carry
+        self._current_line_length = len(text)
+        if self._current_line_length + 2 > limit:
+            self.line_too_long = True
+        return True
 
     def _check(self, piece: bytes) -> None:
         text = (b"\r" if self._carry_cr else b"") + piece
@@ -305,10 +334,10 @@ class ChunkReader:
             if self._current_line_length + 2 > self.max_text_line:
                 self.line_too_long = True
         if self._current_line_length and not self.refused:
-            self._body += CRLF
+            self._pieces.append(CRLF)
         refused = self.refused
         return DataResult(
-            data=None if refused else bytes(self._body),
+            data=None if refused else b"".join(self._pieces),
             size=self._size,
             bare_line_ending=self.bare_line_ending,
             line_too_long=self.line_too_long,

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks import body_path
 from benchmarks.cluster_instance import ClusterSettings, cpu_seconds_from_stat, render_config, role_from_cmdline
 from benchmarks.cluster_metrics import shard_summary, signing_summary, sum_by_name
 from benchmarks.e2e import parse_args, settings_summary, smtp_source_command
@@ -421,3 +422,14 @@ def test_cpu_seconds_from_proc_stat_survives_spaces_in_the_command_name() -> Non
     stat = "1234 (python -m x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0"
     assert cpu_seconds_from_stat(stat, 100) == 3.0
     assert cpu_seconds_from_stat(stat.replace(" 250 50 0 0 ", " 250 50 70 30 "), 100, reaped_children=True) == 4.0
+
+
+def test_body_path_measures_every_step_of_a_big_body(tmp_path: Path) -> None:
+    """benchmarks/body_path.py, run tiny (one repeat of a 200 KiB message: big enough for every big-body path)."""
+    figures = body_path.measure(200 * 1024, 64 * 1024, 1, 1, str(tmp_path))
+    assert set(figures) == {"data_reader", "chunk_reader", "inject_encode", "inject_decode", "dot_stuff",
+                            "spool_store_remove"}
+    assert all(value > 0 for value in figures.values())
+    assert list(tmp_path.iterdir()) == []  # its spool is removed
+    body = body_path.message(4096)
+    assert body.startswith(body_path.HEADER) and body.endswith(b"X\r\n") and len(body) <= 4096

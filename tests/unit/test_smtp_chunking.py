@@ -6,7 +6,9 @@ import pytest
 
 from cluster.smtp import replies
 from cluster.smtp.address import Address
+from cluster.smtp.blockscan import BIG_BLOCK
 from cluster.smtp.events import MessageReceived, SessionEnded
+from cluster.smtp.lines import ChunkReader
 from cluster.smtp.replies import Reply
 from cluster.smtp.server import ServerSettings
 from tests.support.smtp_driver import QUEUED, Session, greeted, run, server_settings
@@ -153,3 +155,29 @@ def test_smtp_chunking_turns_chunking_on_and_off() -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_dict({"smtp": {"chunking": "yes"}}, environ={})
     assert caught.value.key == "smtp.chunking"
+
+
+LINES = b"x" * 78 + b"\r\n"
+BIG_CHUNK = LINES * (BIG_BLOCK // len(LINES) + 1)  # checked by numpy (cluster/smtp/blockscan.py)
+
+
+@pytest.mark.parametrize(("chunks", "bare", "too_long", "eight_bit"), [
+    ([BIG_CHUNK + b"ab\rcd", b"\r\n"], True, False, False),  # a CR inside the unfinished last line
+    ([BIG_CHUNK + b"ab\0", b"\r\n"], True, False, False),
+    ([BIG_CHUNK + b"ab\r", b"\n" + BIG_CHUNK], False, False, False),  # the CRLF split over two chunks
+    ([BIG_CHUNK + b"ab\r", b"c" + BIG_CHUNK], True, False, False),
+    ([BIG_CHUNK + b"y" * 997, b"\r\n" + BIG_CHUNK], False, False, False),  # 999 + CRLF > 1000 would be too long
+    ([BIG_CHUNK + b"y" * 999, b"\r\n" + BIG_CHUNK], False, True, False),
+    ([BIG_CHUNK + b"y" * 998 + b"\r", b"\n" + BIG_CHUNK], False, False, False),
+    ([BIG_CHUNK + b"\xc3\xa9\r\n" + BIG_CHUNK], False, False, True),
+    ([BIG_CHUNK[:-1], b"\n" + BIG_CHUNK.replace(b"x" * 78, b"z" * 1100, 1)], False, True, False),
+])
+def test_big_chunks_are_judged_as_the_line_by_line_check_does(chunks: list[bytes], bare: bool, too_long: bool,
+                                                              eight_bit: bool) -> None:
+    reader = ChunkReader(1000, 10**8)
+    for chunk in chunks:
+        reader.start_chunk(len(chunk), keep=True)
+        assert reader.feed(bytearray(chunk))
+    result = reader.result()
+    assert (result.bare_line_ending, result.line_too_long, result.has_8bit) == (bare, too_long, eight_bit)
+    assert (result.data == b"".join(chunks)) == (not bare and not too_long)

@@ -171,7 +171,8 @@ def test_data_reader_matches_reference(stream: bytes, cuts: list[int], max_text_
 
 @contextlib.contextmanager
 def every_block_big() -> Iterator[None]:
-    """The DataReader checks every block of lines as a big one (numpy, cluster/smtp/blockscan.py), however small."""
+    """The readers check every block of lines (DATA) or chunk piece (BDAT) as a big one (numpy,
+    cluster/smtp/blockscan.py), however small."""
     saved = lines.BIG_BLOCK
     lines.BIG_BLOCK = 1
     try:
@@ -271,6 +272,12 @@ def test_path_parsers_only_raise_address_errors(text: str, smtputf8: bool) -> No
     max_size=st.integers(min_value=0, max_value=200),
 )
 def test_chunk_reader_matches_reference(stream: bytes, sizes: list[int], max_text_line: int, max_size: int) -> None:
+    chunk_reader_matches_reference(stream, sizes, max_text_line, max_size)
+    with every_block_big():
+        chunk_reader_matches_reference(stream, sizes, max_text_line, max_size)
+
+
+def chunk_reader_matches_reference(stream: bytes, sizes: list[int], max_text_line: int, max_size: int) -> None:
     reader = ChunkReader(max_text_line, max_size)
     rest = stream
     for size in [*sizes, len(stream)]:
