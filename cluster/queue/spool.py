@@ -451,8 +451,12 @@ class SqliteSpool:
                         os.close(descriptor)
             if files:
                 _fsync_directory(self._bodies)
-            wal = self._wal = _current(self._wal, self.directory / "spool.sqlite3-wal")
-            os.fdatasync(wal)
+            try:
+                wal = self._wal = _current(self._wal, self.directory / "spool.sqlite3-wal")
+            except FileNotFoundError:  # no log: nothing was written since it was last copied and removed
+                wal = None
+            if wal is not None:
+                os.fdatasync(wal)
         except OSError as exc:
             with self._using:
                 self._unsynced |= files
@@ -474,8 +478,10 @@ class SqliteSpool:
             self._shm = _current(self._shm, self.directory / "spool.sqlite3-shm")
             header = os.pread(self._shm, _SHM_HEADER, 0)
         except OSError:
-            return 0  # no log index (yet): nothing to copy
-        if len(header) < _SHM_HEADER:
+            header = b""
+        if len(header) < _SHM_HEADER:  # no index to read: judge by the log's size (may checkpoint more often)
+            with contextlib.suppress(OSError):
+                return (self.directory / "spool.sqlite3-wal").stat().st_size // PAGE_SIZE
             return 0
         frames: int = _SHM_FRAMES.unpack_from(header, 16)[0]
         backfilled: int = _SHM_FRAMES.unpack_from(header, 96)[0]
