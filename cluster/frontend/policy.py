@@ -158,7 +158,10 @@ class PolicyChain(SessionPolicy):
         return None
 
     def settles_rcpt(self, facts: SessionFacts) -> bool:
-        return all(check.settles_rcpt(facts) for check in self.checks)
+        for check in self.checks:  # noqa: SIM110 (a loop, not all() of a generator: it runs per RCPT)
+            if not check.settles_rcpt(facts):
+                return False
+        return True
 
     async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
         for check in self.checks:
