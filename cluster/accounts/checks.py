@@ -87,6 +87,9 @@ class AccountChecks(SessionPolicy):
         facts.trace_headers = [decision.spf.header_field()] if decision.spf is not None else []
         return decision.refusal
 
+    def settles_rcpt(self, facts: SessionFacts) -> bool:
+        return not self.policy.asks_at_rcpt(facts.user, facts.trusted_network)
+
     async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
         if not self.policy.asks_at_rcpt(facts.user, facts.trusted_network):
             return None

@@ -581,9 +581,12 @@ def _well_formed_outcome(item: Any) -> Outcome | None:
     refuses with the reason. A Result carries one per recipient, 100 for a 100-recipient message."""
     if type(item) is not dict:
         return None
-    values = {**_OUTCOME_DEFAULTS, **item}
-    if values.keys() != _OUTCOME_FIELDS:  # a field missing or unknown, or "status" (a previous release)
-        return None
+    if len(item) == len(_OUTCOME_FIELDS) and item.keys() == _OUTCOME_FIELDS:
+        values = item  # every field, as a worker of this release sends them: the decoded map itself is used
+    else:
+        values = {**_OUTCOME_DEFAULTS, **item}
+        if values.keys() != _OUTCOME_FIELDS:  # a field missing or unknown, or "status" (a previous release)
+            return None
     kind, code, port = values["kind"], values["code"], values["port"]
     connect, transfer = values["connect_seconds"], values["transfer_seconds"]
     if (type(kind) is not str or type(code) is not int or not 100 <= code <= 599

@@ -12,6 +12,9 @@ session sends its positive reply.
                                               failed AUTH when it is 5xx). Checks never see the password.
     check_mail(facts, sender, params)         MAIL FROM (sender None: the null reverse-path <>)
     check_rcpt(facts, recipient)              RCPT TO; `facts.sender` is the transaction's sender
+    settles_rcpt(facts)                       (not async) True when check_rcpt would return None for any
+                                              recipient of these facts without waiting: the session then
+                                              accepts the RCPT without running the check (once per recipient)
     check_message(facts, message)             end of DATA, before the message is stored
     message_stored(facts, stored)             after the attempt to store it (stored: every shard said Stored);
                                               lets a check undo what it did at check_message
@@ -110,6 +113,12 @@ class SessionPolicy:
     async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
         return None
 
+    def settles_rcpt(self, facts: SessionFacts) -> bool:
+        """True when `check_rcpt` returns None for every recipient of `facts` without waiting (it is then not
+        asked). A check that has its own check_rcpt says when, by its own settles_rcpt; until it does, it is
+        always asked."""
+        return type(self).check_rcpt is SessionPolicy.check_rcpt
+
     async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
         return None
 
@@ -147,6 +156,12 @@ class PolicyChain(SessionPolicy):
             if (reply := await check.check_rcpt(facts, recipient)) is not None:
                 return reply
         return None
+
+    def settles_rcpt(self, facts: SessionFacts) -> bool:
+        for check in self.checks:  # noqa: SIM110 (a loop, not all() of a generator: it runs per RCPT)
+            if not check.settles_rcpt(facts):
+                return False
+        return True
 
     async def check_message(self, facts: SessionFacts, message: MessageReceived) -> Reply | None:
         for check in self.checks:
@@ -200,6 +215,9 @@ class RelayPolicy(SessionPolicy):
         if facts.may_relay:  # before the domain's key is made: nothing to look up (once per recipient)
             return None
         return self.check_recipient(False, recipient.ascii_domain)
+
+    def settles_rcpt(self, facts: SessionFacts) -> bool:
+        return facts.may_relay
 
 
 class SubmissionPolicy(SessionPolicy):

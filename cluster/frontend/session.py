@@ -403,6 +403,9 @@ class InboundSession(asyncio.Protocol):
             if isinstance(event, MailRequested):
                 decision = self._mail(event)
             elif isinstance(event, RcptRequested):
+                if self.policy.settles_rcpt(self.facts):  # nothing to ask (a trusted client): no coroutines
+                    self._rcpt_accepted(event)
+                    continue
                 decision = self._rcpt(event)
             elif isinstance(event, MessageReceived):
                 decision = self._message(event)
@@ -633,6 +636,12 @@ class InboundSession(asyncio.Protocol):
             self.facts.recipients.append(event.recipient)
         self.conn.respond(refusal or replies.RECIPIENT_OK)
         return True
+
+    def _rcpt_accepted(self, event: RcptRequested) -> None:
+        """`_rcpt` when the policy settles the RCPT without a question (`SessionPolicy.settles_rcpt`)."""
+        assert self.conn is not None
+        self.facts.recipients.append(event.recipient)
+        self.conn.respond(replies.RECIPIENT_OK)
 
     async def _message(self, event: MessageReceived) -> bool:
         assert self.conn is not None

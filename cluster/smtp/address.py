@@ -126,8 +126,9 @@ def _plain_parts(local: str, domain: str) -> bool:
                 or (len(domain) > _MAX_LABEL and max(map(len, domain.split("."))) > _MAX_LABEL))
 
 
-def _plain_path(text: str) -> Address | None:
-    """`<local@domain>` of the everyday form (see is_plain_address) as an Address; None: ask the full parser."""
+def plain_path(text: str) -> Address | None:
+    """`<local@domain>` of the everyday form (see is_plain_address) as an Address; None: ask the full parser.
+    (What parse_forward_path and parse_reverse_path give for such a path; the SMTP machine asks it first.)"""
     match = _PLAIN_PATH.fullmatch(text)
     if match is None or len(text) > MAX_PATH:
         return None
@@ -185,7 +186,7 @@ def parse_reverse_path(text: str, *, smtputf8: bool = False) -> Address | None:
     stripped = text.strip(" ")
     if stripped == "<>":
         return None
-    return _plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_sender)
+    return plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_sender)
 
 
 def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
@@ -196,7 +197,7 @@ def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
     stripped = text.strip(" ")
     if len(stripped) == 12 and stripped.lower() == "<postmaster>":
         return Address(stripped[1:-1], "")
-    return _plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_recipient)
+    return plain_path(stripped) or _parse_path(stripped, smtputf8=smtputf8, error=replies.bad_recipient)
 
 
 def _parse_path(text: str, *, smtputf8: bool, error: _ErrorFactory) -> Address:

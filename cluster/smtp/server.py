@@ -46,6 +46,7 @@ from cluster.smtp.address import (
     parse_forward_path,
     parse_mail_parameters,
     parse_reverse_path,
+    plain_path,
     split_path_and_parameters,
 )
 from cluster.smtp.events import (
@@ -603,15 +604,21 @@ class ServerConnection(ByteMachine[Event, DecisionEvent]):
         if argument[:3].upper() != "TO:":
             self._error(replies.RCPT_SYNTAX)
             return
-        path_text, params_text = split_path_and_parameters(argument[3:])
-        try:
-            params = parse_mail_parameters(params_text) if params_text else {}
-            if params and set(params) - _RCPT_PARAMETERS - self.settings.extra_rcpt_parameters:
-                raise SmtpSyntaxError(replies.UNKNOWN_RCPT_PARAMETER)
-            recipient = parse_forward_path(path_text, smtputf8=transaction.smtputf8)
-        except SmtpSyntaxError as problem:
-            self._error(problem.reply)
-            return
+        # The everyday "<local@domain>" and nothing after it: the Address the split and the parser would make.
+        plain = plain_path(argument[3:].strip(" "))
+        if plain is not None:
+            recipient: Address = plain
+            params: dict[str, str | None] = {}
+        else:
+            path_text, params_text = split_path_and_parameters(argument[3:])
+            try:
+                params = parse_mail_parameters(params_text) if params_text else {}
+                if params and set(params) - _RCPT_PARAMETERS - self.settings.extra_rcpt_parameters:
+                    raise SmtpSyntaxError(replies.UNKNOWN_RCPT_PARAMETER)
+                recipient = parse_forward_path(path_text, smtputf8=transaction.smtputf8)
+            except SmtpSyntaxError as problem:
+                self._error(problem.reply)
+                return
         if not recipient.domain:
             # RFC 5321 4.1.1.3: <Postmaster> without a domain means the postmaster of this server.
             recipient = Address(recipient.local_part, self.settings.hostname)

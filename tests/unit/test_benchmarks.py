@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import body_path
+from benchmarks import body_path, cpu_samples
 from benchmarks.cluster_instance import ClusterSettings, cpu_seconds_from_stat, render_config, role_from_cmdline
 from benchmarks.cluster_metrics import shard_summary, signing_summary, sum_by_name
 from benchmarks.e2e import parse_args, settings_summary, smtp_source_command
@@ -433,3 +433,19 @@ def test_body_path_measures_every_step_of_a_big_body(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # its spool is removed
     body = body_path.message(4096)
     assert body.startswith(body_path.HEADER) and body.endswith(b"X\r\n") and len(body) <= 4096
+
+
+
+def test_cpu_samples_are_summarised_by_function_without_startup() -> None:
+    lines = [
+        "main (x.py:1);work (w.py:5);encode (s.py:9) 600\n",
+        "main (x.py:1);work (w.py:6) 300\n",
+        "main (x.py:1);work (w.py:7);work (w.py:8) 100\n",  # recursion: counted once inclusive
+        "[other threads] 1000\n",
+        "main (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1);x (y.py:1) 5000\n",  # an import: left out
+        "not a sample\n",
+    ]
+    total, own, inclusive = cpu_samples.summarise(lines)
+    assert total == 2000
+    assert own == {"encode (s.py)": 600, "work (w.py)": 400, "[other threads]": 1000}
+    assert inclusive["work (w.py)"] == 1000 and inclusive["main (x.py)"] == 1000 and inclusive["encode (s.py)"] == 600

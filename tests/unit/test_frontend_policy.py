@@ -6,6 +6,8 @@ import datetime
 import email.utils
 import random
 
+from cluster.accounts.checks import AccountChecks
+from cluster.accounts.policy import AccountPolicy
 from cluster.frontend.policy import (
     SUBMISSION,
     PolicyChain,
@@ -125,3 +127,30 @@ async def test_relay_needs_a_trusted_network_or_auth_and_submission_needs_auth()
     assert replies.AUTH_REQUIRED.to_bytes() == b"530 5.7.0 Authentication required\r\n"
     anonymous.user = "alice"
     assert await submission.check_mail(anonymous, None, {}) is None
+
+
+async def test_a_rcpt_is_settled_without_asking_only_when_every_check_would_say_yes() -> None:
+    """`settles_rcpt` lets the session skip check_rcpt: it must be True only where check_rcpt is None anyway."""
+
+    class Refuses(SessionPolicy):
+        async def check_rcpt(self, facts: SessionFacts, recipient: Address) -> Reply | None:
+            return RELAY_DENIED
+
+    relay = RelayPolicy(["127.0.0.0/8"], ["local.test"])
+    trusted = SessionFacts("127.0.0.1", trusted_network=True)
+    outsider = SessionFacts("192.0.2.1")
+    authenticated = SessionFacts("192.0.2.1", user="alice")
+    elsewhere = Address("bob", "elsewhere.test")
+    chain = PolicyChain((SubmissionPolicy(), relay))
+    assert chain.settles_rcpt(trusted) and await chain.check_rcpt(trusted, elsewhere) is None
+    assert chain.settles_rcpt(authenticated) and await chain.check_rcpt(authenticated, elsewhere) is None
+    assert not chain.settles_rcpt(outsider) and await chain.check_rcpt(outsider, elsewhere) == RELAY_DENIED
+    assert SessionPolicy().settles_rcpt(outsider)  # the default check_rcpt says yes to everyone
+    assert not PolicyChain((relay, Refuses())).settles_rcpt(trusted)  # its own check_rcpt: always asked
+
+
+def test_the_accounts_settle_a_rcpt_only_for_a_trusted_client_without_a_user() -> None:
+    checks = AccountChecks(AccountPolicy.__new__(AccountPolicy))  # settles_rcpt reads no state of the policy
+    assert checks.settles_rcpt(SessionFacts("127.0.0.1", trusted_network=True))
+    assert not checks.settles_rcpt(SessionFacts("127.0.0.1", trusted_network=True, user="alice"))  # daily limit
+    assert not checks.settles_rcpt(SessionFacts("192.0.2.1"))  # whether a local recipient exists

@@ -115,6 +115,20 @@ def test_space_after_colon_is_tolerated() -> None:
     assert session.replies[-2:] == [replies.SENDER_OK, replies.RECIPIENT_OK]
 
 
+def test_every_spelling_of_a_rcpt_gives_the_parsers_address() -> None:
+    """The everyday path is taken without the split and the full parser: the same Address either way."""
+    paths = [b"<c@d.example>", b"  <c.e@d-f.example>  ", b"<c@d.example> NOTIFY=NEVER", b"<\"c d\"@d.example>",
+             b"<Postmaster>", b"<c..e@d.example>", b"<c@-d.example>"]
+    session = run([greeted(b"MAIL FROM:<a@b.example>", *(b"RCPT TO:" + path for path in paths))])
+    requested = [event.recipient for event in session.events if isinstance(event, RcptRequested)]
+    expected = [Address("c", "d.example"), Address("c.e", "d-f.example"), Address("c d", "d.example"),
+                Address("Postmaster", session.conn.settings.hostname)]
+    assert requested == expected and [str(a) for a in requested[:3]] == ["c@d.example", "c.e@d-f.example",
+                                                                         '"c d"@d.example']
+    assert [reply.code for reply in session.replies[-7:]] == [250, 250, replies.UNKNOWN_RCPT_PARAMETER.code, 250,
+                                                              250, 501, 501]
+
+
 def test_message_flags_follow_mail_parameters() -> None:
     body = "Subject: caf\u00e9\r\n\r\n\u00fcber\r\n".encode()
     chunk = greeted(b"MAIL FROM:<a@b.example> BODY=8BITMIME SMTPUTF8", b"RCPT TO:<c@d.example>", b"DATA")
