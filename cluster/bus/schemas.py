@@ -490,6 +490,10 @@ def _decode_map(payload: dict[str, Any]) -> BusMessage:
     cls = MESSAGE_TYPES.get(payload.pop("t", None))
     if cls is None:
         raise SchemaError("unknown or missing message type")
+    if cls is Deliver:
+        deliver = _plain_deliver(payload)
+        if deliver is not None:
+            return deliver
     unknown = set(payload).difference(_field_names(cls))
     if unknown:
         raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
@@ -504,6 +508,29 @@ def _decode_map(payload: dict[str, Any]) -> BusMessage:
     if check is not None:
         check(message)
     return message
+
+
+_DELIVER_FIELDS = 13  # every field of Deliver
+
+
+def _plain_deliver(payload: dict[str, Any]) -> Deliver | None:
+    """The worker's everyday frame: a Deliver with every field, each of its exact type and the counts not
+    negative, is made by filling its dict (no keyword call, no generic type table). Anything else (None) takes
+    the general path, which says what is wrong."""
+    if len(payload) != _DELIVER_FIELDS:
+        return None
+    get = payload.get
+    recipients = get("recipients")
+    attempt, seq, incarnation = get("attempt"), get("seq"), get("incarnation")
+    if not (type(recipients) is list and type(attempt) is int and type(seq) is int and type(incarnation) is int
+            and attempt >= 0 and seq >= 0 and incarnation >= 0 and type(get("body")) is bytes
+            and type(get("max_deliveries")) is int and all(type(r) is str for r in recipients)
+            and all(type(get(name)) is str for name in ("job_id", "queue_id", "sender", "domain", "epoch", "pool",
+                                                         "source"))):
+        return None
+    deliver: Deliver = object.__new__(Deliver)
+    deliver.__dict__.update(payload)
+    return deliver
 
 
 def _decode_outcomes(raw: Any) -> list[Outcome]:

@@ -115,6 +115,7 @@ class Deliverer:
         self._config = config
         self._delivery = config.delivery
         self._router = Router(config.delivery)
+        self._top_domains = frozenset(config.metrics.top_domains)
         self._resolver = resolver
         self._cache = cache
         self._rng = rng or random.Random()
@@ -142,11 +143,15 @@ class Deliverer:
             for outcome in await self._deliver_domain(job, domain, recipients):
                 decided[outcome.recipient] = outcome
         outcomes = [decided[recipient] for recipient in job.recipients]
-        top = self._config.metrics.top_domains
+        top = self._top_domains
+        if len(outcomes) == 1:
+            one = outcomes[0]
+            metrics.attempt_counted(one.kind._value_, one.recipient.rpartition("@")[2], top, one.enhanced, one.code)
+            return outcomes
         # Recipients with the same result counted together (a 100-recipient job: one increment, not 100).
         same = Counter((o.kind._value_, o.recipient.rpartition("@")[2], o.enhanced, o.code) for o in outcomes)
         for (kind, domain, enhanced, code), count in same.items():
-            metrics.attempt_counted(kind, metrics.domain_label(domain, top), enhanced, code, count)
+            metrics.attempt_counted(kind, domain, top, enhanced, code, count)
         return outcomes
 
     async def _deliver_domain(self, job: Deliver, domain: str, recipients: list[str]) -> list[Outcome]:

@@ -46,12 +46,21 @@ def _attempt_children(outcome: str, domain: str, status: str) -> tuple[Counter, 
     return ATTEMPTS.labels(outcome=outcome, domain=domain), STATUS.labels(status_class=status)
 
 
-def attempt_counted(outcome: str, domain: str, enhanced: str, code: int, recipients: int = 1) -> None:
-    """Count `recipients` recipients' attempts with the same outcome, domain label and status in ATTEMPTS and
-    STATUS. The label children are looked up once per label set (prometheus_client's `labels()` costs more than
-    the increment); the label values are bounded (outcome kinds, top domains + "other", status classes), so is
-    the cache."""
-    by_outcome, by_status = _attempt_children(outcome, domain, status_class(enhanced, code))
+@functools.lru_cache(maxsize=4096)
+def attempt_children_for(outcome: str, recipient_domain: str, top_domains: frozenset[str], enhanced: str,
+                         code: int) -> tuple[Counter, Counter]:
+    """The ATTEMPTS and STATUS children for an attempt, from its raw facts (the domain label and the status
+    class worked out once per distinct set: the usual outcomes repeat)."""
+    return _attempt_children(outcome, domain_label(recipient_domain, top_domains), status_class(enhanced, code))
+
+
+def attempt_counted(outcome: str, recipient_domain: str, top_domains: frozenset[str], enhanced: str, code: int,
+                    recipients: int = 1) -> None:
+    """Count `recipients` recipients' attempts with the same outcome, recipient domain and status in ATTEMPTS
+    and STATUS. The label children are looked up once per label set (prometheus_client's `labels()` costs more
+    than the increment); the label values are bounded (outcome kinds, top domains + "other", status classes),
+    so is the cache."""
+    by_outcome, by_status = attempt_children_for(outcome, recipient_domain, top_domains, enhanced, code)
     by_outcome.inc(recipients)
     by_status.inc(recipients)
 

@@ -113,10 +113,10 @@ def ip_literal(host: str) -> str | None:
 
 async def find_targets(resolver: MxResolver, route: SmtpRoute, max_addresses: int,
                        rng: random.Random | None = None) -> list[Target] | DnsFailure:
-    rng = rng or random.Random()
     literal = ip_literal(route.host)
     if literal is not None:
-        return [Target(route.host.strip("[]"), literal, route.port)]
+        return [_literal_target(route.host, literal, route.port)]
+    rng = rng or random.Random()
     domain = domain_key(route.host)
     hosts: list[str]
     if route.mx_lookup:
@@ -157,6 +157,11 @@ async def find_targets(resolver: MxResolver, route: SmtpRoute, max_addresses: in
     if temporary_failure:
         return DnsFailure(451, "4.4.3", f"Temporary DNS failure looking up the addresses of {', '.join(hosts)}")
     return DnsFailure(451, "4.4.4", f"No address found for the mail hosts of {domain} ({', '.join(hosts)})")
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_target(host: str, address: str, port: int) -> Target:
+    return Target(host.strip("[]"), address, port)
 
 
 def order_mx(records: list[tuple[int, str]], rng: random.Random) -> list[str]:

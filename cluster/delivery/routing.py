@@ -45,6 +45,9 @@ class ErrorRoute:
 
 Route = SmtpRoute | LocalRoute | ErrorRoute
 
+# Routes kept per domain spelling; past this many the memo starts again (a flood of one-off domains).
+ROUTES_KEPT = 10_000
+
 _BRACKETED = re.compile(r"smtp:\[([^\]]+)\](?::(\d+))?")
 _MX_HOST = re.compile(r"smtp:([A-Za-z0-9.-]+)(?::(\d+))?")
 _ERROR = re.compile(r"error:([45])\.(\d{1,3})\.(\d{1,3})(?: (.*))?")
@@ -73,6 +76,7 @@ class Router:
         self._port = config.port
         self._table: Mapping[str, str] = {domain_key(key): value for key, value in config.transports.items()}
         self._smarthost: SmtpRoute | None = None
+        self._routes: dict[str, Route] = {}
         if config.smarthost:
             host, port = split_host_port(config.smarthost, 25)
             self._smarthost = SmtpRoute(host, port, mx_lookup=False)
@@ -90,6 +94,15 @@ class Router:
         return None
 
     def route(self, domain: str) -> Route:
+        """The route for `domain` (kept per domain: the table and the smarthost do not change while we run)."""
+        route = self._routes.get(domain)
+        if route is None:
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            route = self._routes[domain] = self._route(domain)
+        return route
+
+    def _route(self, domain: str) -> Route:
         entry = self.table_entry(domain)
         if entry is not None:
             return parse_transport(entry, self._port)

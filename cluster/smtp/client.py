@@ -98,23 +98,27 @@ class Command:
 
     @classmethod
     def data(cls) -> Command:
-        return cls._build("DATA")
+        return _DATA
 
     @classmethod
     def rset(cls) -> Command:
-        return cls._build("RSET")
+        return _RSET
 
     @classmethod
     def noop(cls) -> Command:
-        return cls._build("NOOP")
+        return _NOOP
 
     @classmethod
     def quit(cls) -> Command:
-        return cls._build("QUIT")
+        return _QUIT
 
     @classmethod
     def starttls(cls) -> Command:
-        return cls._build("STARTTLS")
+        return _STARTTLS
+
+
+# The commands without an argument, made once (a Command is immutable).
+_DATA, _RSET, _NOOP, _QUIT, _STARTTLS = (Command._build(verb) for verb in ("DATA", "RSET", "NOOP", "QUIT", "STARTTLS"))
 
 
 def pipeline_groups(commands: list[Command]) -> list[list[Command]]:

@@ -32,8 +32,13 @@ class Reply:
 
     @property
     def text(self) -> str:
-        """All lines joined with a space: the server's words, for logs and DSN Diagnostic-Code."""
-        return " ".join(line for line in self.lines if line)
+        """All lines joined with a space: the server's words, for logs and DSN Diagnostic-Code (made once per
+        Reply and kept on the instance: a parsed reply is shared by every delivery it answers)."""
+        text: str | None = self.__dict__.get("_text")
+        if text is None:
+            text = " ".join(line for line in self.lines if line)
+            object.__setattr__(self, "_text", text)  # not a field: equality and hashing ignore it
+        return text
 
     @property
     def is_positive(self) -> bool:

@@ -294,3 +294,23 @@ def test_a_value_msgpack_cannot_pack_still_fails_as_before() -> None:
     with pytest.raises(TypeError):
         Error(cast(str, object())).encode()
     assert Error("next", 1).encode() == _field_by_field(Error("next", 1))  # the packer is clean again
+FULL_DELIVER = {"t": "deliver", "job_id": "j", "queue_id": "q", "sender": "s@o.test", "recipients": ["r@d.test"],
+                "domain": "d.test", "body": b"b", "attempt": 1, "seq": 4, "epoch": "e", "incarnation": 2,
+                "pool": "", "max_deliveries": 0, "source": ""}
+
+
+def test_a_full_deliver_takes_the_plain_path_and_equals_the_general_one() -> None:
+    plain = decode(msgpack.packb(FULL_DELIVER))
+    general = Deliver(**{k: v for k, v in FULL_DELIVER.items() if k != "t"})  # type: ignore[arg-type]
+    assert plain == general and hash(plain.job_id) == hash(general.job_id)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plain.job_id = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("change", [
+    {"seq": -1}, {"attempt": True}, {"incarnation": 1.0}, {"recipients": ["r@d.test", 5]}, {"body": "text"},
+    {"epoch": None}, {"max_deliveries": "0"}, {"source": b"s"}, {"queue_id": 7},
+])
+def test_a_full_deliver_with_one_bad_field_is_still_refused(change: dict[str, object]) -> None:
+    with pytest.raises(SchemaError):
+        decode(msgpack.packb({**FULL_DELIVER, **change}))
