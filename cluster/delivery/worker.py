@@ -120,6 +120,9 @@ class Worker:
     async def _addresses(self, host: str) -> list[str]:
         return list((await self.resolver.addresses(host)).addresses)
 
+    def _jobs_held(self) -> float:
+        return float(sum(len(link.jobs) for link in self._links))
+
     def is_ready(self) -> bool:
         if not self._links:
             return False
@@ -135,6 +138,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._links = [_ShardLink(i, endpoint, self.config) for i, endpoint in enumerate(self.config.queue.shards)]
+        # Read when scraped (two locked gauge updates per job otherwise): the jobs held, waiting or running.
+        metrics.JOBS_IN_FLIGHT.set_function(self._jobs_held)
         for link in self._links:
             self._serving[link.index] = asyncio.create_task(self._serve_link(link))
         pruning = asyncio.create_task(self._prune_forever())
@@ -266,7 +271,6 @@ class Worker:
             task = link.jobs.pop(job_id, None)
             if task is not None:
                 task.cancel()
-                metrics.JOBS_IN_FLIGHT.dec()
         if actions.dropped:
             log.info("shard %d revoked %d jobs we had not started (handed out again while we were cut off)",
                      link.index, len(actions.dropped))
@@ -288,7 +292,6 @@ class Worker:
             return
         task = asyncio.create_task(self._run_job(link, job))
         link.jobs[job.job_id] = task
-        metrics.JOBS_IN_FLIGHT.inc()
 
     async def _run_job(self, link: _ShardLink, job: Deliver) -> None:
         started = time.perf_counter()
@@ -298,18 +301,15 @@ class Worker:
                     await link.acked.wait()
                 if not link.session.start(job.job_id):
                     link.jobs.pop(job.job_id, None)
-                    metrics.JOBS_IN_FLIGHT.dec()
                     return  # revoked while it waited: another worker has it now
                 outcomes = await self._outcomes(job) if job.recipients else []
         except asyncio.CancelledError:
-            if link.jobs.pop(job.job_id, None) is not None:
-                metrics.JOBS_IN_FLIGHT.dec()
+            link.jobs.pop(job.job_id, None)
             raise
         frame = Result(job_id=job.job_id, worker=self.name, outcomes=outcomes).encode()
         link.session.finish(job.job_id, frame)
         await link.send(frame)
         link.jobs.pop(job.job_id, None)
-        metrics.JOBS_IN_FLIGHT.dec()
         metrics.DURATION.observe(time.perf_counter() - started)
 
     async def _outcomes(self, job: Deliver) -> list[Outcome]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from prometheus_client import REGISTRY
 
 from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, Result, decode
 from cluster.config import Config, config_from_dict
@@ -180,15 +181,18 @@ async def test_in_flight_jobs_are_listed_in_heartbeats(config: Config, tmp_path:
                 if beat.in_flight == ["slow1"]:
                     assert beat.free == 2
                     break
+        assert REGISTRY.get_sample_value("mtacluster_delivery_jobs_in_flight") == 1  # read when scraped
     finally:
         stop.set()
         # The stuck job is abandoned within the shutdown grace period.
         await asyncio.wait_for(task, 15)
+        held_after_stop = REGISTRY.get_sample_value("mtacluster_delivery_jobs_in_flight")
         shard.close()
         for writer in held:
             writer.close()
         silent.close()
         await silent.wait_closed()
+    assert held_after_stop == 0
 
 
 async def test_shard_restart_is_noticed_and_bad_frames_ignored(running: tuple[Worker, FakeShard]) -> None:
