@@ -432,6 +432,14 @@ async def test_results_read_in_one_turn_are_recorded_in_one_ledger_pass() -> Non
             return await apply(queue_ids, *args)
 
         h.core.ledger.apply = counting  # type: ignore[method-assign]
+        commits: list[Batch] = []
+        commit = h.core.io.commit
+
+        async def kept(batch: Batch, company: float = 0.0) -> None:
+            commits.append(batch)
+            await commit(batch, company)
+
+        h.core.io.commit = kept  # type: ignore[method-assign]
         before = h.core.io.transactions
         for job in jobs:
             outcomes = [Outcome(r, OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx.test[192.0.2.1]")
@@ -440,6 +448,9 @@ async def test_results_read_in_one_turn_are_recorded_in_one_ledger_pass() -> Non
         await h.core.idle()
         assert passes == [[job.queue_id for job in jobs]]
         assert h.core.io.transactions == before + 1
+        # Every message is done: its rows are removed, and no recipient update is written for them first.
+        (batch,) = commits
+        assert sorted(batch.removals) == sorted(job.queue_id for job in jobs) and not batch.updates
         assert not h.spool.queue_ids() and not any(q in h.core.scheduler.messages for q in queue_ids)
 
 
