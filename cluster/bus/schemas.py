@@ -486,6 +486,9 @@ def decode(frame: bytes | memoryview) -> BusMessage:
         raise
 
 
+_FIELD_SETS: dict[type, frozenset[str]] = {}
+
+
 def _decode_map(payload: dict[str, Any]) -> BusMessage:
     cls = MESSAGE_TYPES.get(payload.pop("t", None))
     if cls is None:
@@ -494,9 +497,11 @@ def _decode_map(payload: dict[str, Any]) -> BusMessage:
         deliver = _plain_deliver(payload)
         if deliver is not None:
             return deliver
-    unknown = set(payload).difference(_field_names(cls))
-    if unknown:
-        raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    known = _FIELD_SETS.get(cls)
+    if known is None:
+        known = _FIELD_SETS[cls] = frozenset(_field_names(cls))
+    if not payload.keys() <= known:
+        raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(set(payload).difference(known))}")
     if cls is Result:
         payload["outcomes"] = _decode_outcomes(payload.get("outcomes", []))
     try:

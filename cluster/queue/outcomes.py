@@ -79,7 +79,9 @@ class OutcomeRecorder:
         connection_trouble = all(
             change.new.state is State.DEFERRED and _connection_level(reported.get(change.new.address.lower()))
             for change in changes)
-        if self.scheduler.note_destination(job.domain, connection_trouble, now, self.retry.delay(1)):
+        # The backoff (a first retry's delay) is drawn only when it may be used: every recipient deferred.
+        backoff = self.retry.delay(1) if connection_trouble else 0.0
+        if self.scheduler.note_destination(job.domain, connection_trouble, now, backoff):
             log.warning("shard %d: destination %s backed off after repeated deferrals", self.index, job.domain)
         # Handed to the ledger now, not when the task runs: nothing decided for the message after this
         # moment can overtake them (ledger.py, step 2).
