@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import json
 import os
 import shutil
@@ -32,12 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
-from types import FrameType
 
 from benchmarks.cluster_instance import cpu_seconds_from_stat, mtacluster_command
 from benchmarks.ports import HOST, free_ports
+from benchmarks.profiled import run_profiled, summary
 
 SENDER = "bench@bench.example"
 RECIPIENT = "sink@bench.example"
@@ -45,7 +43,6 @@ HELO = "bench.example"
 READY_TIMEOUT = 30.0
 WARMUP_MESSAGES = 200
 SOURCE_VARIABLE = "FRONTEND_ALONE_SOURCE"
-SAMPLE_INTERVAL = 0.001  # seconds of CPU between two samples of the sampling profiler
 
 
 def stub_shard(port: int) -> None:
@@ -82,62 +79,13 @@ def use_source() -> None:
 
 
 def profiled_frontend(config: str, output: str) -> int:
-    """`mtacluster serve frontend --config CONFIG` profiled; written to OUTPUT at the end.
-
-    OUTPUT ending in ".prof": cProfile with a CPU clock (pstats format; exact call counts, but its overhead
-    triples the CPU and inflates small functions). Otherwise a sampler: SIGPROF every millisecond of the
-    process's CPU (ITIMER_PROF), the main thread's stack at each, written as collapsed stacks (flamegraph.pl
-    input) followed by nothing else; `summarize_samples` prints the top functions by self and total time."""
+    """`mtacluster serve frontend --config CONFIG` profiled into OUTPUT (benchmarks/profiled.py)."""
     use_source()
     from cluster.cli.common import load
     from cluster.roles import serve
 
     loaded = load(argparse.Namespace(config=config))
-    if output.endswith(".prof"):
-        profiler = cProfile.Profile(time.process_time)
-        profiler.enable()
-        try:
-            return serve("frontend", loaded)
-        finally:
-            profiler.disable()
-            profiler.dump_stats(output)
-    stacks: Counter[str] = Counter()
-
-    def sample(signum: int, frame: FrameType | None) -> None:
-        names = []
-        while frame is not None:
-            code = frame.f_code
-            names.append(f"{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})")
-            frame = frame.f_back
-        stacks[";".join(reversed(names))] += 1
-
-    signal.signal(signal.SIGPROF, sample)
-    signal.setitimer(signal.ITIMER_PROF, SAMPLE_INTERVAL, SAMPLE_INTERVAL)
-    try:
-        return serve("frontend", loaded)
-    finally:
-        signal.setitimer(signal.ITIMER_PROF, 0, 0)
-        Path(output).write_text("".join(f"{stack} {count}\n" for stack, count in stacks.most_common()))
-
-
-def summarize_samples(path: str, top: int = 40) -> str:
-    """The functions with the most samples of their own (self) and under them (total), from collapsed stacks."""
-    own: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    samples = 0
-    for line in Path(path).read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        count = int(count_text)
-        samples += count
-        frames = stack.split(";")
-        own[frames[-1]] += count
-        for name in set(frames):
-            total[name] += count
-    lines = [f"{samples} samples"]
-    for title, counter in (("self", own), ("total", total)):
-        lines.append(f"--- top {top} by {title} ---")
-        lines += [f"{100 * count / samples:5.1f}%  {name}" for name, count in counter.most_common(top)]
-    return "\n".join(lines)
+    return run_profiled(lambda: serve("frontend", loaded), output)
 
 
 def render_config(workdir: Path, smtp_port: int, shard_port: int, metrics_port: int) -> str:
@@ -274,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return profiled_frontend(*args.profiled_frontend)
     result = run(args)
     if args.profile and not args.profile.endswith(".prof"):
-        print(summarize_samples(args.profile))
+        print(summary(args.profile))
     print(f"frontend CPU ms/message, median of {args.rounds}: {result['median']:.3f}")
     print(json.dumps(result))
     return 0

@@ -28,29 +28,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import zmq
 import zmq.asyncio
 
 from benchmarks.cluster_instance import mtacluster_command
 from benchmarks.ports import HOST, free_ports
+from benchmarks.profiled import run_profiled, summary
 from benchmarks.sink import SmtpSink
 from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, OutcomeKind, Result, decode
 
 EPOCH = "worker-alone"
-SAMPLE_INTERVAL = 0.001  # seconds of the worker's CPU time between two samples of the sampling profiler
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -152,60 +148,10 @@ def worker_command(config: Path, profile: str | None) -> list[str]:
 
 
 def profiled_worker(config: str, output: str) -> int:
-    """`mtacluster serve worker --config CONFIG`, profiled into OUTPUT when it stops.
-
-    OUTPUT ending in ".prof": cProfile on a CPU clock (pstats; exact call counts, but its overhead about
-    triples the CPU and inflates small functions). Otherwise a sampler: SIGPROF after every millisecond of the
-    process's CPU time (ITIMER_PROF), the Python stack at each, written as collapsed stacks (flamegraph.pl
-    input); `--summarize FILE` prints the functions with the most samples."""
+    """`mtacluster serve worker --config CONFIG`, profiled into OUTPUT when it stops (benchmarks/profiled.py)."""
     from cluster.cli import main as cluster_main
 
-    argv = ["serve", "worker", "--config", config]
-    if output.endswith(".prof"):
-        profiler = cProfile.Profile(time.process_time)
-        profiler.enable()
-        try:
-            return cluster_main(argv)
-        finally:
-            profiler.disable()
-            profiler.dump_stats(output)
-    stacks: Counter[str] = Counter()
-
-    def sample(signum: int, frame: FrameType | None) -> None:
-        names = []
-        while frame is not None:
-            code = frame.f_code
-            names.append(f"{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})")
-            frame = frame.f_back
-        stacks[";".join(reversed(names))] += 1
-
-    signal.signal(signal.SIGPROF, sample)
-    signal.setitimer(signal.ITIMER_PROF, SAMPLE_INTERVAL, SAMPLE_INTERVAL)
-    try:
-        return cluster_main(argv)
-    finally:
-        signal.setitimer(signal.ITIMER_PROF, 0, 0)
-        Path(output).write_text("".join(f"{stack} {count}\n" for stack, count in stacks.most_common()))
-
-
-def summarize(path: str, top: int = 45) -> str:
-    """The functions with the most samples of their own (self) and in all (total), from collapsed stacks."""
-    own: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    samples = 0
-    for line in Path(path).read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        count = int(count_text)
-        samples += count
-        frames = stack.split(";")
-        own[frames[-1]] += count
-        for name in set(frames):
-            total[name] += count
-    lines = [f"{samples} samples"]
-    for title, counter in (("self", own), ("total", total)):
-        lines.append(f"--- top {top} by {title} ---")
-        lines += [f"{100 * count / samples:5.1f}%  {name}" for name, count in counter.most_common(top)]
-    return "\n".join(lines)
+    return run_profiled(lambda: cluster_main(["serve", "worker", "--config", config]), output)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, object]:
@@ -270,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profiled_worker:
         return profiled_worker(*args.profiled_worker)
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summary(args.summarize, top=45))
         return 0
     result = asyncio.run(measure(args))
     print(f"worker CPU {result['cpu_ms_per_message']} ms/message, {result['messages_per_second']} messages/s "
