@@ -450,6 +450,9 @@ class InboundSession(asyncio.Protocol):
         except (ConnectionError, OSError) as exc:
             log.debug("session with %s ended: %s", self.client_ip, exc)
             return False
+        except Exception:  # a bug in a check: this session ends (its earlier replies flushed), the others go on
+            log.exception("session with %s: a decision failed", self.client_ip)
+            return False
         self._decision = decision
         if asyncio.isfuture(waiting_for) and getattr(waiting_for, "_asyncio_future_blocking", False):
             waiting_for._asyncio_future_blocking = False  # what a task does with the future it is given
@@ -683,9 +686,13 @@ class InboundSession(asyncio.Protocol):
         except OSError as exc:  # ssl.SSLError, ConnectionError and handshake timeouts are all OSErrors
             metrics.TLS_HANDSHAKES.labels(result="failure").inc()
             log.info("TLS handshake with %s failed: %s", self.client_ip, exc)
-            self.transport.abort()
+            self._lost_in_handshake()
             return False
+        except BaseException:  # cancelled (the frontend stops) or a bug
+            self._lost_in_handshake()
+            raise
         if transport is None:  # the connection closed during the handshake
+            self._lost_in_handshake()
             return False
         self.transport = transport
         if discarded:
@@ -696,6 +703,16 @@ class InboundSession(asyncio.Protocol):
         if self.security.tls_settings is not None:
             conn.settings = self.security.tls_settings
         return True
+
+    def _lost_in_handshake(self) -> None:
+        """A TLS handshake that did not complete: the connection belongs to the TLS layer, which does not tell this
+        session when it closes (asyncio's and uvloop's SSL protocols call connection_lost only once the handshake
+        is done). Close it and mark the session gone here, so that it is released when the decision ends."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._lost = True
+        self.deadline = None
+        self.host.deadlines.forget(self)
 
     async def _auth_command(self, argument: str) -> bool:
         """The AUTH command: the policy may refuse it before any exchange (e.g. a client guessing passwords)."""
