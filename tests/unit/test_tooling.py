@@ -1,0 +1,17 @@
+"""The test support's port picker: ports outside the kernel's range for outgoing connections, never the same twice."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests.support.tooling import free_port
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
+    low, high = (int(field) for field in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert not any(low <= port <= high for port in ports), [p for p in ports if low <= p <= high][:5]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # still free
