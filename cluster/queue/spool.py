@@ -23,7 +23,8 @@ SQLite runs in WAL mode. A transaction appends to the write-ahead log (`write`, 
 there), and `sync` fsyncs the log itself: every transaction written before it began is then durable, the same
 guarantee as synchronous=FULL (which fsyncs the log at each commit), while the shard writes on its event loop
 and waits for the fsync in another thread (cluster/queue/commit.py). A crash at any point leaves the last
-synced state or a later one (the log's checksums end it at the last whole transaction). Checkpoints (copying
+synced state or a later one (the log's checksums end it at the last whole transaction). A failed fsync stops
+the spool until it is opened again (a later fsync could succeed over pages the kernel dropped). Checkpoints (copying
 the log into the database file, which fsyncs both) run in a thread of their own on a connection of their own
 once the log holds CHECKPOINT_PAGES pages not yet copied, never in a commit; one connection serves everything
 else, one thread at a time (a lock).
@@ -230,6 +231,12 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9]{1,64}")
 VACUUM_PAGES = 256
 # A checkpoint starts (in its own thread) once the write-ahead log holds this many pages (SQLite's default).
 CHECKPOINT_PAGES = 1000
+# The log starts over from its beginning only when a write finds every page of it copied, and a background
+# checkpoint always lags the committer's next write by a little: once the log file is longer than this, a sync
+# that finds at most RESTART_PAGES pages left copies them itself (no write runs during a sync), so that the next
+# write starts the log over instead of the log growing for ever.
+WAL_RESTART_BYTES = 16 * 1024 * 1024
+RESTART_PAGES = 64
 # The wal-index header (-shm): two copies of the 48-byte header, then nBackfill; mxFrame is at offset 16.
 _SHM_HEADER = 100
 _SHM_FRAMES = struct.Struct("=I")
@@ -315,6 +322,10 @@ class SqliteSpool:
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
         self._checkpointing: Future[None] | None = None
+        # Set by a failed fsync: the log holds transactions whose pages the kernel may have dropped, so nothing
+        # more is written or called durable until the spool is opened again (SQLite's recovery reads what is on
+        # disk then).
+        self._broken: str | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -438,6 +449,7 @@ class SqliteSpool:
         """Make the write-ahead log durable (fdatasync, as SQLite's own synchronous=FULL does): every transaction
         written before this call is durable when it returns. Then, if the log holds CHECKPOINT_PAGES pages not yet
         copied into the database, a checkpoint starts in the background."""
+        self._check_not_broken()
         with self._using:  # what was written before this sync began
             files, self._unsynced = self._unsynced, set()
             doomed, self._doomed = self._doomed, []
@@ -461,14 +473,38 @@ class SqliteSpool:
             with self._using:
                 self._unsynced |= files
                 self._doomed[:0] = doomed
+            # After a failed fsync, a later one may succeed although the pages it failed on never reach the disk
+            # (Linux reports the error once): the transactions written after them would then be lost with them
+            # at a power loss. So the spool stops here, and the shard refuses mail until it is restarted.
+            self._broken = f"an fsync of the spool in {self.directory} failed ({exc}); restart the shard"
+            _log.error("spool %s: fsync failed: %s; nothing more is stored until the shard restarts",
+                       self.directory, exc)
             raise SpoolError(f"cannot make the spool durable (fsync of its log in {self.directory}): {exc}") from None
         if doomed:
             with self._using:
                 self._unlink_body_files(doomed)
-        if (self._checkpointing is None or self._checkpointing.done()) and self._log_pages() >= CHECKPOINT_PAGES:
+        try:
+            self._after_sync(wal)
+        except (OSError, RuntimeError) as exc:  # the data is durable all the same: say so, and log this
+            _log.warning("spool %s: cannot start a checkpoint: %s", self.directory, exc)
+
+    def _after_sync(self, wal: int | None) -> None:
+        """Start a checkpoint in the background when the log holds CHECKPOINT_PAGES pages not yet copied, or copy
+        the last few pages now when the log file has grown past WAL_RESTART_BYTES (see there)."""
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        pending = self._log_pages()
+        if pending and wal is not None and pending <= RESTART_PAGES and os.fstat(wal).st_size > WAL_RESTART_BYTES:
+            self._checkpoint()
+        elif pending >= CHECKPOINT_PAGES or (pending and wal is not None
+                                             and os.fstat(wal).st_size > WAL_RESTART_BYTES):
             if self._checkpointer is None:
                 self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="spool-checkpoint")
             self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+    def _check_not_broken(self) -> None:
+        if self._broken is not None:
+            raise SpoolError(self._broken)
 
     def _log_pages(self) -> int:
         """Pages in the log not yet copied into the database: mxFrame - nBackfill from the wal-index header
@@ -502,6 +538,7 @@ class SqliteSpool:
 
     def write(self, batch: Batch) -> None:
         """One transaction, written to the log but not yet durable: `sync()` makes it so."""
+        self._check_not_broken()
         with self._using:
             self._write(batch)
 

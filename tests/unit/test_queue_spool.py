@@ -377,3 +377,56 @@ def test_the_log_is_checkpointed_in_the_background_never_in_a_write(tmp_path: Pa
         assert spool._checkpointing is checkpoint
     finally:
         spool.close()
+
+
+def test_the_log_starts_over_instead_of_growing_while_the_shard_commits(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log is written from its start again only when a write finds all of it copied; a background checkpoint
+    always lags the next write, so without the spool copying the last pages itself the log grows for ever."""
+    monkeypatch.setattr("cluster.queue.spool.CHECKPOINT_PAGES", 100)
+    monkeypatch.setattr("cluster.queue.spool.WAL_RESTART_BYTES", 1024 * 1024)
+    spool = SqliteSpool(tmp_path / "shard-0")
+    spool.open()
+    wal = tmp_path / "shard-0" / "spool.sqlite3-wal"
+    body = b"y" * (20 * 1024)
+    largest = 0
+    try:
+        for i in range(600):  # ~12 MiB through the log, one transaction each, as the committer does
+            spool.commit(Batch(stores=[message(f"Q{i:04}", ["a@x.test"])], bodies={f"Q{i:04}": body}))
+            largest = max(largest, wal.stat().st_size)
+        assert largest < 6 * 1024 * 1024, largest
+        assert len(spool.load().messages) == 600
+    finally:
+        spool.close()
+
+
+def test_after_a_failed_fsync_nothing_more_is_written_until_the_spool_is_opened_again(
+        spool: SqliteSpool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux reports a failed writeback once: a later fsync may succeed although the pages of the earlier
+    transactions never reached the disk, so calling anything durable after a failure could lose acknowledged mail."""
+    import cluster.queue.spool as spool_module
+
+    real = spool_module.os.fdatasync
+    failures = iter([OSError(5, "Input/output error")])
+
+    def failing_once(descriptor: int) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real(descriptor)
+
+    monkeypatch.setattr(spool_module.os, "fdatasync", failing_once)
+    with pytest.raises(SpoolError, match="fsync"):
+        spool.commit(Batch(stores=[message("Q1", ["a@x.test"])], bodies={"Q1": b"one"}))
+    with pytest.raises(SpoolError, match="restart the shard"):
+        spool.write(Batch(stores=[message("Q2", ["a@x.test"])], bodies={"Q2": b"two"}))
+    with pytest.raises(SpoolError, match="restart the shard"):
+        spool.sync()
+    spool.close()
+    reopened = SqliteSpool(tmp_path / "shard-0")
+    reopened.open()
+    try:
+        reopened.commit(Batch(stores=[message("Q3", ["a@x.test"])], bodies={"Q3": b"three"}))
+        assert "Q3" in {m.queue_id for m in reopened.load().messages}
+    finally:
+        reopened.close()
