@@ -722,6 +722,10 @@ class SqliteSpool:
                 self._in_files.discard(queue_id)
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self._bodies / queue_id, self.directory / "quarantine" / f"{safe_name}.body")
+        # Both directory entries durable before the row goes: after a power loss a body back in bodies/ with no
+        # row would be removed at open as a leftover, and a record file not in quarantine/ would be lost.
+        _fsync_directory(self.directory / "quarantine")
+        _fsync_directory(self._bodies)
         try:
             with self._using:
                 db.execute("BEGIN IMMEDIATE")
