@@ -245,14 +245,18 @@ class Worker:
         interval = self.config.queue.heartbeat_interval
         next_beat = time.monotonic()
         while True:
-            # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
-            for message in await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN):
-                await self._on_message(link, message)
-            await asyncio.sleep(0)
-            if time.monotonic() >= next_beat:
-                await self._heartbeat(link)
-                self._shards_connected()
-                next_beat = time.monotonic() + interval
+            try:
+                # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
+                for message in await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN):
+                    await self._on_message(link, message)
+                await asyncio.sleep(0)
+                if time.monotonic() >= next_beat:
+                    await self._heartbeat(link)
+                    self._shards_connected()
+                    next_beat = time.monotonic() + interval
+            except Exception:  # a bug must not silence this shard's link for good (nothing awaits this task)
+                log.exception("shard %d: the link's loop failed; going on", link.index)
+                await asyncio.sleep(min(interval, 1.0))
 
     async def _on_message(self, link: _ShardLink, message: BusMessage) -> None:
         if isinstance(message, HeartbeatAck):

@@ -346,3 +346,24 @@ async def test_a_worker_cut_off_from_its_shard_starts_nothing_until_told_which_j
     result = await shard.next_of(Result)
     assert isinstance(result, Result) and result.job_id == "mine"
     assert [r for m in sink.messages() for r in m.recipients] == ["b@dest.test"]
+
+
+async def test_a_failure_in_the_link_loop_is_logged_and_the_link_goes_on(
+        running: tuple[Worker, FakeShard], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    worker, shard = running
+    real = Worker._on_message
+    failures = [RuntimeError("a bug in handling a frame")]
+
+    async def failing_once(self: Worker, link: object, message: object) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, link, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Worker, "_on_message", failing_once)
+    await shard.next_of(Heartbeat)
+    await shard.ack()  # handled by the failing handler
+    await shard.next_of(Heartbeat)  # the loop went on: it still heartbeats, and acks are handled again
+    async with asyncio.timeout(5):
+        while not worker.is_ready():
+            await asyncio.sleep(0.02)
+    assert "the link's loop failed" in caplog.text and not failures
