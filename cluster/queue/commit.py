@@ -14,7 +14,8 @@ SpoolError that made it fail (ARCHITECTURE.md contract 1: Stored only after fsyn
 `company` (the outcomes of deliveries) starts no transaction of its own unless none started within that many
 seconds: at a steady load it rides along with the next store, one fsync for both. A failed fsync fails every
 batch of its transaction, whose changes may nevertheless be in the spool (a message stored so may be delivered
-after a restart although its client was told to send it again: a duplicate, never a loss).
+after a restart although its client was told to send it again: a duplicate, never a loss); the spool then
+refuses everything until the shard restarts (cluster/queue/spool.py).
 """
 
 from __future__ import annotations
