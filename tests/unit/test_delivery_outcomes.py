@@ -35,11 +35,17 @@ def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_error_transport_and_domain_labels() -> None:
+def error_transports() -> Deliverer:
+    """A deliverer whose transports fail top.test permanently and rare.test temporarily; top.test is a labelled
+    domain of the metrics, rare.test counts as "other"."""
     config = config_from_dict({"delivery": {"transports": {"top.test": "error:5.7.1 Not here",
                                                            "rare.test": "error:4.2.1 Later"}},
                                "metrics": {"top_domains": ["top.test"]}}, environ={})
-    deliverer = Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100))
+    return Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100))
+
+
+async def test_error_transport_and_domain_labels() -> None:
+    deliverer = error_transports()
     before_top = sample("mtacluster_delivery_attempts_total", {"outcome": "failed", "domain": "top.test"})
     before_other = sample("mtacluster_delivery_attempts_total", {"outcome": "deferred", "domain": "other"})
     before_class = sample("mtacluster_delivery_status_total", {"status_class": "5.7"})
@@ -55,10 +61,7 @@ async def test_error_transport_and_domain_labels() -> None:
 
 async def test_recipients_with_the_same_result_are_counted_each() -> None:
     """Attempts are counted per recipient, also when identical ones are added up in one increment."""
-    config = config_from_dict({"delivery": {"transports": {"top.test": "error:5.7.1 Not here",
-                                                           "rare.test": "error:4.2.1 Later"}},
-                               "metrics": {"top_domains": ["top.test"]}}, environ={})
-    deliverer = Deliverer(config, StaticMxResolver({}), ConnectionCache(30, 100))
+    deliverer = error_transports()
     before_top = sample("mtacluster_delivery_attempts_total", {"outcome": "failed", "domain": "top.test"})
     before_other = sample("mtacluster_delivery_attempts_total", {"outcome": "deferred", "domain": "other"})
     before_class = sample("mtacluster_delivery_status_total", {"status_class": "4.2"})
