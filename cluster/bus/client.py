@@ -119,25 +119,25 @@ class BusLink:
             return self.send_now(frame)
         try:
             await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.debug("%s (%s): not connected, frame not sent", self.name, self.endpoint)
-            return False
         except zmq.ZMQError as exc:
-            log.warning("%s (%s): cannot send: %s", self.name, self.endpoint, exc)
-            return False
+            return self._not_sent(exc)
         return True
+
+    def _not_sent(self, exc: zmq.ZMQError) -> bool:
+        """A send that failed: logged (at debug level when the shard is just not connected); False."""
+        if isinstance(exc, zmq.Again):
+            log.debug("%s (%s): not connected, frame not sent", self.name, self.endpoint)
+        else:
+            log.warning("%s (%s): cannot send: %s", self.name, self.endpoint, exc)
+        return False
 
     def send_now(self, frame: bytes) -> bool:
         """`send` without the asyncio layer (direct mode): the frame goes to ZeroMQ at once; False when the
         shard is not connected or the socket refused."""
         try:
             self._plain.send(frame, _NOBLOCK)
-        except zmq.Again:
-            log.debug("%s (%s): not connected, frame not sent", self.name, self.endpoint)
-            return False
         except zmq.ZMQError as exc:
-            log.warning("%s (%s): cannot send: %s", self.name, self.endpoint, exc)
-            return False
+            return self._not_sent(exc)
         # A send may take in the socket's pending notifications, frames waiting to be read among them, without
         # the descriptor signalling again (ZeroMQ's descriptor is edge-triggered): look once this turn's sends
         # are done, and wake a waiting `receive` if frames wait.
