@@ -35,7 +35,7 @@ import yaml
 
 from cluster.users import add_user
 from tests.support.harness import REPO, DnsServer, SmtpSink, port_open, wait_for, write_config
-from tests.support.tooling import free_port, require_tool
+from tests.support.tooling import free_port, free_ports_in_a_row, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -49,27 +49,6 @@ NORMAL_MESSAGES = 12
 MAX_MESSAGE_SIZE = 65536
 # The one user of the users file: logs in with SMTP AUTH and reads the Maildir "reader" over POP3.
 USER, PASSWORD = "reader@mailbox.test", "correct horse battery staple"
-
-
-def consecutive_free_ports(count: int) -> int:
-    """A base port such that base..base+count-1 were all free a moment ago (`up` uses base + index)."""
-    for _ in range(50):
-        base = free_port()
-        if base + count >= 65536:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise AssertionError(f"no {count} consecutive free ports")
 
 
 @dataclass
@@ -136,7 +115,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     sink = SmtpSink(base / "sink").start()
     dns = DnsServer([("dns.test", "mx.dns.test", 10)], {"mx.dns.test": "127.0.0.1"}).start()
     smtp_port, pop3_port, lmtp_port = free_port(), free_port(), free_port()
-    metrics_base = consecutive_free_ports(PROCESSES)
+    metrics_base = free_ports_in_a_row(PROCESSES)
     ca = trustme.CA()
     cert_file, key_file = issue_certificate(ca, base)
     users_file = base / "users"

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import poplib
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import uuid
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.harness import REPO, SmtpSink, port_open, wait_for, write_config
-from tests.support.tooling import free_port
+from tests.support.tooling import free_port, free_ports_in_a_row
 
 pytestmark = pytest.mark.integration
 
@@ -43,25 +41,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def free_port_run(count: int) -> int:
-    """A base port such that base..base+count-1 were all free a moment ago (`up` gives child N base + N)."""
-    for _ in range(50):
-        base = free_port()
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise AssertionError(f"no run of {count} free ports found")
-
-
 def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     sink = SmtpSink(tmp_path / "sink").start()
     smtp_port = free_port()
     pop3_port, lmtp_port = free_port(), free_port()
-    metrics_port = free_port_run(6)
+    metrics_port = free_ports_in_a_row(6)
     config = write_config(tmp_path / "up.toml", {
         "smtp": {"listen": [f"127.0.0.1:{smtp_port}"], "hostname": "up.test"},
         "queue": {"shards": [f"tcp://127.0.0.1:{free_port()}"], "spool_dir": str(tmp_path / "spool")},
@@ -101,6 +85,7 @@ def test_up_runs_every_role_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
+            up.wait(10)
         sink.stop()
 
 
@@ -126,6 +111,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
+            up.wait(10)
 
 
 def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None:
@@ -155,3 +141,4 @@ def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None
     finally:
         if up.poll() is None:
             up.kill()
+            up.wait(10)

@@ -5,6 +5,7 @@ A missing tool skips the test on a laptop but fails it in CI (CI=true): a skippe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -41,23 +42,34 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     thousands of connections) an outgoing connection of any process may take it before the server that was to
     listen on it starts, or restarts after a kill -9 ("address already in use"). Ports outside the range are
     only ever taken by someone binding them on purpose."""
+    return free_ports_in_a_row(1, host, kind)
+
+
+def free_ports_in_a_row(count: int, host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """The first of `count` consecutive ports that were all free a moment ago (`mtacluster up` gives its child N
+    the metrics port base + N). Ports are handed out in order from a random start, so no port of this run's
+    `free_port` or `free_ports_in_a_row` is handed out twice."""
     global _next_port
     low, high = _listening_range()
     for _ in range(50):
-        port = 0
-        if high > low:  # the next port of the range, from a random start: no port is handed out twice in a run
-            _next_port = random.randrange(low, high) if _next_port is None else _next_port + 1
-            if not low <= _next_port < high:
-                _next_port = low
-            port = _next_port
-        with socket.socket(socket.AF_INET, kind) as s:
+        base = 0
+        if high > low:
+            base = random.randrange(low, high) if _next_port is None else _next_port
+            if not low <= base <= high - count:
+                base = low
+            _next_port = base + count
+        with contextlib.ExitStack() as held:
             try:
-                s.bind((host, port))
+                for port in range(base, base + count) if base else [0]:
+                    s = held.enter_context(socket.socket(socket.AF_INET, kind))
+                    s.bind((host, port))
+                    if not base:
+                        bound: int = s.getsockname()[1]
+                        return bound
             except OSError:
                 continue
-            bound: int = s.getsockname()[1]
-            return bound
-    raise OSError(f"no free port on {host} in {low}-{high}")
+            return base
+    raise OSError(f"no {count} free ports in a row on {host} in {low}-{high}")
 
 
 def _listening_range() -> tuple[int, int]:
