@@ -149,13 +149,7 @@ class ClusterInstance:
         if process is None:
             return
         children = list(self.role_pids())
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, STOP_TIMEOUT)
         for pid in children:
             # Each child runs in a session of its own; a child that outlived the supervisor is killed here.
             with contextlib.suppress(ProcessLookupError):
@@ -186,6 +180,17 @@ def _role_of(pid: int) -> str | None:
     except OSError:
         return None
     return role_from_cmdline([part.decode(errors="replace") for part in raw.split(b"\0") if part])
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM `process` (when it still runs), wait up to `timeout` seconds, then SIGKILL it; reaped either way."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def cpu_seconds_from_stat(stat: str, ticks_per_second: int, reaped_children: bool = False) -> float:

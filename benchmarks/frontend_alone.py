@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.cluster_instance import cpu_seconds_from_stat, mtacluster_command
+from benchmarks.cluster_instance import cpu_seconds_from_stat, mtacluster_command, stop_process
 from benchmarks.ports import HOST, free_ports
 from benchmarks.profiled import run_profiled, summary
 
@@ -173,11 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                       f"({used:.2f} s CPU, {wall:.1f} s wall, {args.messages / wall:.0f} messages/s)",
                       file=sys.stderr)
         finally:
-            frontend.send_signal(signal.SIGTERM)
-            try:
-                frontend.wait(30)
-            except subprocess.TimeoutExpired:
-                frontend.kill()
+            stop_process(frontend, 30)
             stub.kill()
             stub.wait()
         text = tail(log, 10**6)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import zmq
 
-from benchmarks.cluster_instance import mtacluster_command
+from benchmarks.cluster_instance import mtacluster_command, stop_process
 from benchmarks.cluster_metrics import scrape, sum_by_name
 from benchmarks.ports import free_ports
 from benchmarks.stats import percentile
@@ -229,12 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(30)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 15)
         context.destroy(linger=0)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)], check=False)

@@ -40,7 +40,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from benchmarks.cluster_instance import mtacluster_command
+from benchmarks.cluster_instance import mtacluster_command, stop_process
 from benchmarks.ports import HOST, free_ports
 from benchmarks.profiled import run_profiled, summary
 from benchmarks.sink import SmtpSink
@@ -183,11 +183,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
         rss = peak_rss_mib(process.pid)
     finally:
         shard.cancel()
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        await asyncio.to_thread(stop_process, process, 30)
         log.close()
         socket.close(linger=0)
         context.term()
