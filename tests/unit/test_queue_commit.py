@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -67,11 +68,22 @@ def one(queue_id: str) -> Batch:
     return Batch(stores=[Message(queue_id, "", 0.0, [Recipient(0, "a@b.test")], 1)], bodies={queue_id: b"x"})
 
 
+@contextlib.asynccontextmanager
+async def running(spool: SlowSpool, batch_max: int = 8) -> AsyncIterator[GroupCommitter]:
+    """A committer on `spool` with its writer task running (and the spool's thread), stopped at the end."""
+    with ThreadPoolExecutor(1) as executor:
+        committer = GroupCommitter(spool, executor, batch_max=batch_max)
+        runner = asyncio.create_task(committer.run())
+        try:
+            yield committer
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_concurrent_submits_share_transactions() -> None:
     spool = SlowSpool()
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=8)
-        runner = asyncio.create_task(committer.run())
+    async with running(spool) as committer:
         first = asyncio.create_task(committer.submit(one("Q0")))
         await asyncio.sleep(0)
         others = [asyncio.create_task(committer.submit(one(f"Q{i}"))) for i in range(1, 20)]
@@ -80,8 +92,6 @@ async def test_concurrent_submits_share_transactions() -> None:
         assert spool.commits == [1]  # the others wait for that fsync, then share transactions
         spool.release.set()
         await asyncio.gather(first, *others)
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     assert sum(spool.commits) == 20
     assert spool.commits[0] == 1 and max(spool.commits) == 8  # batched, capped at batch_max
     assert committer.transactions == len(spool.commits) <= 4
@@ -91,12 +101,8 @@ async def test_the_event_loop_writes_and_the_spool_thread_fsyncs() -> None:
     """The loop never waits for the disk: only the fsync runs in the spool's thread."""
     spool = SlowSpool()
     spool.release.set()
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=8)
-        runner = asyncio.create_task(committer.run())
+    async with running(spool) as committer:
         await asyncio.gather(*(committer.submit(one(f"Q{i}")) for i in range(5)))
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     loop_thread = threading.get_ident()
     assert {("write", loop_thread)} == {t for t in spool.threads if t[0] == "write"}
     syncs = {t for t in spool.threads if t[0] == "sync"}
@@ -106,9 +112,7 @@ async def test_the_event_loop_writes_and_the_spool_thread_fsyncs() -> None:
 async def test_a_failed_fsync_fails_every_submit_of_its_transaction() -> None:
     spool = SlowSpool()
     spool.fail_sync = True
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=8)
-        runner = asyncio.create_task(committer.run())
+    async with running(spool) as committer:
         first = asyncio.create_task(committer.submit(one("A")))
         await asyncio.sleep(0.01)
         second = asyncio.create_task(committer.submit(one("B")))  # waits for the next transaction
@@ -117,8 +121,6 @@ async def test_a_failed_fsync_fails_every_submit_of_its_transaction() -> None:
         with pytest.raises(SpoolError, match="fsync failed"):
             await first
         await second  # its own transaction, durable
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     assert spool.commits == [1, 1] and committer.transactions == 1
 
 
@@ -126,15 +128,11 @@ async def test_a_failed_transaction_fails_every_submit_in_it() -> None:
     spool = SlowSpool()
     spool.fail_next = True
     spool.release.set()
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=8)
-        runner = asyncio.create_task(committer.run())
+    async with running(spool) as committer:
         results = await asyncio.gather(committer.submit(one("A")), committer.submit(one("B")),
                                        return_exceptions=True)
         assert all(isinstance(r, SpoolError) for r in results)
         await committer.submit(one("C"))
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     assert spool.commits == [1]
 
 
@@ -142,12 +140,8 @@ async def test_a_failed_transaction_fails_every_submit_in_it() -> None:
 async def test_batch_max_is_respected(batch_max: int) -> None:
     spool = SlowSpool()
     spool.release.set()
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=batch_max)
-        runner = asyncio.create_task(committer.run())
+    async with running(spool, batch_max=batch_max) as committer:
         await asyncio.gather(*(committer.submit(one(f"Q{i}")) for i in range(10)))
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     assert sum(spool.commits) == 10 and max(spool.commits) <= batch_max
 
 
@@ -163,14 +157,10 @@ async def test_the_writer_survives_an_unexpected_error() -> None:
 
     spool = BrokenOnce()
     spool.release.set()
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=8)
-        runner = asyncio.create_task(committer.run())
+    async with running(spool) as committer:
         with pytest.raises(SpoolError, match="a bug"):
             await committer.submit(one("A"))
         await committer.submit(one("B"))
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     assert spool.commits == [1]
 
 
@@ -178,20 +168,14 @@ async def test_a_part_that_waits_for_company_rides_along_with_the_next_transacti
     """Issue 12: outcomes (submitted with `company`) start no transaction of their own while stores follow."""
     spool = SlowSpool()
     spool.release.set()
-    with ThreadPoolExecutor(1) as executor:
-        committer = GroupCommitter(spool, executor, batch_max=8)
-        runner = asyncio.create_task(committer.run())
-        try:
-            waiting = asyncio.create_task(committer.submit(one("w1"), company=60))
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert not waiting.done() and spool.commits == [] and committer.transactions == 0
-            await committer.submit(one("s1"))
-            await waiting
-            assert spool.commits == [2] and committer.transactions == 1
-            # Alone, it goes once its time is up.
-            await asyncio.wait_for(committer.submit(one("w2"), company=0.01), 5)
-            assert spool.commits == [2, 1]
-        finally:
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+    async with running(spool) as committer:
+        waiting = asyncio.create_task(committer.submit(one("w1"), company=60))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done() and spool.commits == [] and committer.transactions == 0
+        await committer.submit(one("s1"))
+        await waiting
+        assert spool.commits == [2] and committer.transactions == 1
+        # Alone, it goes once its time is up.
+        await asyncio.wait_for(committer.submit(one("w2"), company=0.01), 5)
+        assert spool.commits == [2, 1]
