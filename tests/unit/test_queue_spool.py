@@ -224,17 +224,22 @@ def test_a_new_spool_packs_small_messages_and_shrinks_when_drained(spool: Sqlite
     assert database.stat().st_size < full / 4
 
 
-def test_a_spool_of_an_older_layout_keeps_its_pages_and_loads(tmp_path: Path) -> None:
-    directory = tmp_path / "shard-0"
+def older_layout_spool(directory: Path, body: bytes, client: str, row_checksum: str) -> None:
+    """A spool file of an older layout (4 KiB pages, no body_file column) holding message Q1 for a@x.test."""
     directory.mkdir()
     db = sqlite3.connect(directory / "spool.sqlite3")
     db.executescript(OLD_SCHEMA)
     db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, 0, -1, ?, ?)",
-               ("Q1", "s@sender.test", 1.5, 4, '{"ip": "192.0.2.1"}',
-                checksum("s@sender.test", 1.5, b"body", ["a@x.test"]), b"body"))
+               ("Q1", "s@sender.test", 1.5, len(body), client, row_checksum, body))
     db.execute("INSERT INTO recipients VALUES ('Q1', 0, 'a@x.test', 'ready', 0, 0.0, '', '')")
     db.commit()
     db.close()
+
+
+def test_a_spool_of_an_older_layout_keeps_its_pages_and_loads(tmp_path: Path) -> None:
+    directory = tmp_path / "shard-0"
+    older_layout_spool(directory, b"body", '{"ip": "192.0.2.1"}',
+                       checksum("s@sender.test", 1.5, b"body", ["a@x.test"]))
     spool = SqliteSpool(directory)
     spool.open()
     assert spool.db.execute("PRAGMA page_size").fetchone()[0] == 4096
@@ -315,15 +320,7 @@ def test_new_rows_carry_a_crc32_and_rows_of_the_previous_release_still_verify(sp
 
 def test_a_spool_without_the_body_file_column_gets_it_and_reads_its_bodies(tmp_path: Path) -> None:
     directory = tmp_path / "shard-0"
-    directory.mkdir()
-    db = sqlite3.connect(directory / "spool.sqlite3")
-    db.executescript(OLD_SCHEMA)
-    db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, 0, -1, ?, ?)",
-               ("Q1", "s@sender.test", 1.5, len(BIG), "{}",
-                legacy_checksum("s@sender.test", 1.5, BIG, ["a@x.test"]), BIG))
-    db.execute("INSERT INTO recipients VALUES ('Q1', 0, 'a@x.test', 'ready', 0, 0.0, '', '')")
-    db.commit()
-    db.close()
+    older_layout_spool(directory, BIG, "{}", legacy_checksum("s@sender.test", 1.5, BIG, ["a@x.test"]))
     spool = SqliteSpool(directory)
     spool.open()
     assert spool.read_bodies(["Q1"]) == {"Q1": BIG}
