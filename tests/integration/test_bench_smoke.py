@@ -4,7 +4,6 @@ figure the issue asks for (issue 12). The measurement itself stays out of the ti
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 
 from tests.support.harness import REPO
-from tests.support.tooling import in_ci, require_tool
+from tests.support.tooling import require_root, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +24,7 @@ TINY = ["--messages", "20", "--rounds", "1", "--probe-sessions", "1",
 def test_benchmark_runs_every_scenario_on_a_tiny_load() -> None:
     for tool in ("postfix", "smtp-source", "smtp-sink"):
         require_tool(tool)
-    if os.geteuid() != 0:
-        message = "the private Postfix instance of the benchmark must be started as root"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    require_root("the private Postfix instance of the benchmark must be started as root")
     result = subprocess.run([sys.executable, "-m", "benchmarks.e2e", *TINY], cwd=REPO, capture_output=True,
                             text=True, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

@@ -22,7 +22,7 @@ import pytest
 from cluster.bus.security import generate_key_file
 from tests.support.faults import Load, Tally, ip, netns, wait_delivered
 from tests.support.harness import REPO, Cluster, RoleProcess, SmtpSink, wait_for, write_config
-from tests.support.tooling import free_port, in_ci, require_tool
+from tests.support.tooling import free_port, require_root, require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -177,11 +177,7 @@ def test_a_30s_cut_between_shard_and_workers_in_network_namespaces(tmp_path: Pat
     """Shard, workers and frontend+sink on three hosts (network namespaces joined by veth pairs, CURVE on); the
     shard-worker link goes down for 30 s under load and comes back: no restart, nothing lost, duplicates counted."""
     require_tool("ip")
-    if os.geteuid() != 0:
-        message = "network namespaces need root"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    require_root("network namespaces need root")
     tag = f"f{os.getpid() % 10000}"
     net = f"10.{os.getpid() % 250}"
     keys = tmp_path / "curve.keys"

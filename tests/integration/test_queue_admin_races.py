@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.harness import REPO, Cluster, SmtpSink, wait_for, write_config
 from tests.support.scripted_smtp import ScriptedSmtpServer
-from tests.support.tooling import free_port, in_ci, require_tool
+from tests.support.tooling import free_port, require_root, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -131,11 +131,7 @@ def test_overlapping_admin_commands_deliver_nothing_twice(tmp_path: Path, sink_p
 
 @contextlib.contextmanager
 def small_file_system(path: Path, size: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        message = "mounting a tmpfs needs root"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    require_root("mounting a tmpfs needs root")
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run([require_tool("mount"), "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
     try:

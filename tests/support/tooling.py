@@ -11,6 +11,7 @@ import random
 import shutil
 import socket
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -25,11 +26,21 @@ def require_tool(name: str) -> str:
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}", f"/usr/local/bin/{name}") if os.path.exists(p)), None
     )
     if path is None:
-        message = f"{name} is not installed (install it as .ci/run does)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"{name} is not installed (install it as .ci/run does)")
     return path
+
+
+def require_root(why: str) -> None:
+    """Skip (locally) or fail (in CI) unless the tests run as root; `why` says what needs it."""
+    if os.geteuid() != 0:
+        skip_or_fail(why)
+
+
+def skip_or_fail(message: str) -> NoReturn:
+    """A test that cannot run here: skipped on a laptop, failed in CI (CI=true), where a skip would prove nothing."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 _next_port: int | None = None

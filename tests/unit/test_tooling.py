@@ -1,12 +1,16 @@
-"""The test support's port picker: ports outside the kernel's range for outgoing connections, never the same twice."""
+"""The test support: the port picker (ports outside the kernel's range for outgoing connections, never the same
+twice) and the guard of tests that cannot run here (skipped on a laptop, failed in CI)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from pathlib import Path
 
-from tests.support.tooling import free_port, free_ports_in_a_row
+import pytest
+
+from tests.support.tooling import free_port, free_ports_in_a_row, require_root, require_tool
 
 
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
@@ -25,3 +29,17 @@ def test_a_run_of_ports_is_free_and_no_later_free_port_falls_inside_it() -> None
     with contextlib.ExitStack() as held:
         for port in range(base, base + 6):
             held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+
+
+def test_a_test_that_cannot_run_here_fails_in_ci_and_is_skipped_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="needs root"):
+        require_root("this needs root")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        require_tool("no-such-tool-anywhere")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        require_root("this needs root")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    require_root("this needs root")  # root: runs
