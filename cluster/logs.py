@@ -24,6 +24,7 @@ A write that fails goes the usual way too (the logging module reports it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -77,27 +78,24 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info or record.exc_text or record.stack_info:
             return super().format(record)
-        created = record.created
+        record.message = message = record.getMessage()
+        return (f"{self.asctime(record.created)} {self.role}[{record.process}] {record.levelname} {record.name}: "
+                f"{message}")
+
+    def asctime(self, created: float) -> str:
+        """The formatter's %(asctime)s of a record made at `created`: strftime once per second, then ",msecs"."""
         second = int(created)
         if second != self._second:
             self._second, self._stamp = second, time.strftime(self.default_time_format, self.converter(second))
-        record.message = message = record.getMessage()
-        return (f"{self._stamp},{int((created - second) * 1000):03d} {self.role}[{record.process}] "
-                f"{record.levelname} {record.name}: {message}")
-
-
-def text_formatter(role: str) -> logging.Formatter:
-    return TextFormatter(role)
+        return f"{self._stamp},{int((created - second) * 1000):03d}"
 
 
 class DirectText:
     """Writes INFO lines of the text format straight to the handler `configure` installed (module docstring)."""
 
-    def __init__(self, handler: logging.StreamHandler[Any], role: str) -> None:
+    def __init__(self, handler: logging.StreamHandler[Any], formatter: TextFormatter) -> None:
         self.handler = handler
-        self.role = role
-        self._second = -1
-        self._stamp = ""
+        self.formatter = formatter
         # Lines of this turn not written yet (logger name and message), and when the first of them came.
         self._pending: list[str] = []
         self._since = 0.0
@@ -121,7 +119,7 @@ class DirectText:
     def write(self, logger: logging.Logger, message: str) -> None:
         """`logger.info("%s", message)` as the text formatter writes it: "asctime role[pid] INFO name: message",
         written at the end of this turn of the event loop (at once without one)."""
-        with self.handler.lock or _NO_LOCK:
+        with self.handler.lock or contextlib.nullcontext():
             pending = self._pending
             pending.append(f"{logger.name}: {message}\n")
             if len(pending) > 1:
@@ -136,15 +134,12 @@ class DirectText:
 
     def flush(self) -> None:
         """Write the lines gathered so far, if any, in one write (they carry the time of the first)."""
-        with self.handler.lock or _NO_LOCK:
+        with self.handler.lock or contextlib.nullcontext():
             if not self._pending:
                 return
             lines, self._pending = self._pending, []
-            now = self._since
-            second = int(now)
-            if second != self._second:  # the formatter's asctime: strftime of localtime, then ",msecs"
-                self._stamp, self._second = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), second
-            prefix = f"{self._stamp},{int((now - second) * 1000):03d} {self.role}[{os.getpid()}] INFO "
+            formatter = self.formatter
+            prefix = f"{formatter.asctime(self._since)} {formatter.role}[{os.getpid()}] INFO "
             stream = self.handler.stream
             try:
                 stream.write(prefix + prefix.join(lines) if len(lines) > 1 else prefix + lines[0])
@@ -155,17 +150,6 @@ class DirectText:
         for line in lines:
             name, _, message = line[:-1].partition(": ")
             logging.getLogger(name).info("%s", message)
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 
 
 class TextHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -207,7 +191,8 @@ def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     handler = TextHandler()
-    handler.setFormatter(JsonFormatter(role) if fmt == "json" else text_formatter(role))
+    text = TextFormatter(role)
+    handler.setFormatter(JsonFormatter(role) if fmt == "json" else text)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -215,4 +200,4 @@ def configure(role: str, fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     if _direct is not None:
         _direct.flush()  # lines of the handler this one replaces
-    _direct = handler.direct = None if _structured else DirectText(handler, role)
+    _direct = handler.direct = None if _structured else DirectText(handler, text)
