@@ -17,9 +17,10 @@
   restarts, CURVE handshake included. Nothing is queued for a shard that is not connected (ZMQ_IMMEDIATE): a
   restarted shard never receives a burst of stale requests whose senders already gave up.
 - Direct mode (`direct=True`, the worker's links: only `send` and `receive`, no `request` or `start`): sends go
-  to ZeroMQ without the asyncio layer (`send_now`), and `receive` waits on the socket's descriptor through a
-  reader of its own; after sends, one look per loop turn for frames whose notification a send took in (the
-  descriptor is edge-triggered). That saves the asyncio layer's Future, poll and flag arithmetic per frame.
+  to ZeroMQ without the asyncio layer (`send_now`), and `receive` waits on the socket's descriptor through
+  `FrameWatch` (cluster/bus/watch.py, the piece the shard's socket uses too: its own reader, and one look per
+  loop turn after sends for frames whose notification a send took in). That saves the asyncio layer's Future,
+  poll and flag arithmetic per frame.
 - Liveness: `last_heard` is when the shard last sent anything; `heard_within(s)` tells callers (readiness
   probes) whether it is alive. With `liveness=S`, ZeroMQ heartbeats the connection itself (ZMTP PING every S/3)
   and drops it after S seconds of silence, so a paused shard or a cut link is noticed even when TCP is not
@@ -45,6 +46,7 @@ import zmq.asyncio
 
 from cluster.bus.schemas import BusMessage, Error, SchemaError, decode
 from cluster.bus.security import CurveKeys, secure_client
+from cluster.bus.watch import FrameWatch
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,7 @@ log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MS = 100
 # Frames read from the socket in one `receive` call before other tasks get a turn.
 FRAMES_PER_TURN = 100
-# Plain ints: pyzmq's flag enums cost a Python-level enum operation each time they meet an int.
-_POLLIN = int(zmq.POLLIN)
+# A plain int: pyzmq's flag enums cost a Python-level enum operation each time they meet an int.
 _NOBLOCK = int(zmq.NOBLOCK)
 
 OnMessage = Callable[[BusMessage], Awaitable[None]]
@@ -95,17 +96,13 @@ class BusLink:
         self.socket.connect(endpoint)
         # The same socket without the asyncio layer: frames already waiting are read without a Future each.
         self._plain: zmq.Socket[bytes] = zmq.Socket.shadow(self.socket.underlying)
-        self._poll_items = [(self._plain, _POLLIN)]
+        self._watch = FrameWatch(self._plain)
         self.last_heard = float("-inf")
         self._numbers = itertools.count(1)
         self._pending: dict[int, asyncio.Future[BusMessage]] = {}
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
-        # Direct mode (see `direct`): the descriptor's reader, the receive waiting for it, a look pending.
-        self._direct = direct
-        self._watching: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Future[None] | None = None
-        self._look_pending = False
+        self._direct = direct  # see the module's docstring
 
     def heard_within(self, seconds: float) -> bool:
         return time.monotonic() - self.last_heard < seconds
@@ -138,28 +135,8 @@ class BusLink:
             self._plain.send(frame, _NOBLOCK)
         except zmq.ZMQError as exc:
             return self._not_sent(exc)
-        # A send may take in the socket's pending notifications, frames waiting to be read among them, without
-        # the descriptor signalling again (ZeroMQ's descriptor is edge-triggered): look once this turn's sends
-        # are done, and wake a waiting `receive` if frames wait.
-        if not self._look_pending and self._wakeup is not None:
-            self._look_pending = True
-            asyncio.get_running_loop().call_soon(self._look_after_sends)
+        self._watch.sent()  # a send may take in the notice of frames waiting (bus/watch.py)
         return True
-
-    def _look_after_sends(self) -> None:
-        self._look_pending = False
-        if not self.socket.closed and self._readable():
-            self._wake()
-
-    def _on_descriptor(self) -> None:
-        # Reading EVENTS also resets the descriptor: without it, the loop would see it readable over and over.
-        if not self.socket.closed and self._readable():
-            self._wake()
-
-    def _wake(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
 
     async def request(self, build: Callable[[int], BusMessage], timeout: float, *,
                       connect_timeout: float | None = None) -> BusMessage:
@@ -242,43 +219,16 @@ class BusLink:
         return others
 
     async def _wait_readable(self, timeout: float | None) -> bool:
-        """Direct mode: wait up to `timeout` for frames, woken by the descriptor (a reader of our own, not the
-        asyncio layer's poll and its Future per call) or by a send that took in their notification."""
-        loop = asyncio.get_running_loop()
-        if self._watching is not loop:
-            loop.add_reader(self._plain.fileno(), self._on_descriptor)
-            self._watching = loop
+        """Direct mode: wait up to `timeout` for frames, woken by the descriptor or by a send that took in their
+        notification (bus/watch.py)."""
         if timeout is not None and timeout <= 0:
             return self._readable()
-        expired = False
-
-        def expire() -> None:
-            # A flag, not a look at the clock: uvloop may run a timer a little before loop.time() reaches it.
-            nonlocal expired
-            expired = True
-            self._wake()
-
-        timer = None if timeout is None else loop.call_later(timeout, expire)
-        try:
-            while not self._readable():
-                if expired:
-                    return False
-                wakeup = self._wakeup = loop.create_future()
-                try:
-                    await wakeup
-                finally:
-                    self._wakeup = None
-        finally:
-            if timer is not None:
-                timer.cancel()
-        return True
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        return await self._watch.wait(deadline)
 
     def _readable(self) -> bool:
-        if self.socket.closed:  # the shadow does not know: never touch a closed socket through it
-            raise zmq.ZMQError(zmq.ENOTSUP)
-        # A zero-timeout zmq_poll of this one socket: it reads ZMQ_EVENTS as getsockopt does (resetting the
-        # descriptor), without pyzmq's option enum and flag enum around `get(EVENTS)` (2 us instead of 3.6).
-        return bool(zmq.zmq_poll(self._poll_items, 0))
+        # Raises ZMQError once the link is closed (the shadow does not know the socket is gone).
+        return self._watch.readable()
 
     def _decode(self, frame: bytes) -> BusMessage | None:
         try:
@@ -332,10 +282,7 @@ class BusLink:
             if not future.done():
                 future.set_exception(NoAnswer(self, 0.0, True, "was closed before it answered"))
         self._pending.clear()
-        if self._watching is not None:
-            self._watching.remove_reader(self._plain.fileno())
-            self._watching = None
-        self._wake()
+        self._watch.close()  # and a waiting receive is woken (it raises ZMQError)
         self.socket.close(linger=0)
 
 

@@ -45,6 +45,7 @@ from cluster.bus.schemas import (
     decode,
 )
 from cluster.bus.security import cluster_keys, secure_server, start_authenticator
+from cluster.bus.watch import FrameWatch
 from cluster.config import Config
 from cluster.queue.core import ShardCore
 from cluster.queue.maintenance import TIMER_INTERVAL
@@ -67,7 +68,6 @@ FRAME_SLACK = 1024 * 1024
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
-_POLLIN = int(zmq.POLLIN)
 # The send of pyzmq's compiled socket: the Python-level `Socket.send` only adds DRAFT options (routing_id,
 # group) the shard never uses, then calls this (half the cost of a small frame's send, issue 12).
 _SEND: Callable[[zmq.Socket[bytes], bytes, int], object] = zmq.backend.Socket.send
@@ -95,11 +95,9 @@ class Shard:
                               directory=directory if spool is None else None, send_now=self.send_now)
         self._socket: zmq.asyncio.Socket | None = None
         # The same socket used directly (no future per frame): frames are sent and read without blocking, and
-        # `_input` is set when the socket's descriptor or a look after a send finds frames waiting.
+        # waited for through its descriptor (cluster/bus/watch.py, as the worker's direct links do).
         self._raw: zmq.Socket[bytes] | None = None
-        self._input = asyncio.Event()
-        self._look_pending = False
-        self._tick_timer: asyncio.TimerHandle | None = None
+        self._watch: FrameWatch | None = None
 
     def is_ready(self) -> bool:
         return self.core.ready
@@ -143,7 +141,7 @@ class Shard:
                 raise OSError(f"cannot listen on {endpoint}: {exc}") from None
             self._socket = socket
             self._raw = zmq.Socket.shadow(socket.underlying)
-            asyncio.get_running_loop().add_reader(self._raw.fileno(), self._input.set)
+            self._watch = FrameWatch(self._raw)
             others = [asyncio.create_task(coro) for coro in (
                 self._serve_loop(), self.core.dispatcher.run(), self.core.outbox.forward_loop(context),
                 self.core.drain.watch_peers(context))]
@@ -174,12 +172,10 @@ class Shard:
                 await self.core.dispatcher.unmark()  # mail stored in flight but never sent is ready again
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
-            if self._tick_timer is not None:
-                self._tick_timer.cancel()
-                self._tick_timer = None
-            if self._raw is not None:
-                asyncio.get_running_loop().remove_reader(self._raw.fileno())
-                self._raw = None
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
+            self._raw = None
             if self._socket is not None:
                 self._socket.close(linger=0)
                 self._socket = None
@@ -205,23 +201,8 @@ class Shard:
             _SEND(raw, payload, _NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("shard %d: cannot send %s: %s", self.index, message.TYPE, exc)
-        # A send may have taken in the socket's pending notifications, frames waiting to be read among them,
-        # without the descriptor saying so again: look once the sends of this turn are done (ZeroMQ's rule for
-        # its edge-triggered descriptor).
-        if not self._look_pending:
-            self._look_pending = True
-            asyncio.get_running_loop().call_soon(self._look_after_sends)
-
-    def _look_after_sends(self) -> None:
-        self._look_pending = False
-        self._look_for_input()
-
-    def _look_for_input(self) -> bool:
-        """True (and `_input` set) when frames are waiting to be read."""
-        if self._raw is not None and cast(int, self._raw.get(zmq.EVENTS)) & _POLLIN:
-            self._input.set()
-            return True
-        return False
+        if self._watch is not None:
+            self._watch.sent()  # a send may take in the notice of frames waiting (bus/watch.py)
 
     def _recv(self) -> list[bytes | memoryview] | None:
         """The next waiting message's frames, or None when none is waiting: the identity as bytes, the others as
@@ -256,21 +237,17 @@ class Shard:
 
     async def _serve_loop(self) -> None:
         """Read frames and tick the maintenance in one loop, so that expiry only runs once the socket is empty."""
-        assert self._raw is not None
-        next_tick = time.monotonic() + TIMER_INTERVAL
-        last_drained = time.monotonic()
+        watch = self._watch
+        assert watch is not None
         loop = asyncio.get_running_loop()
+        next_tick = time.monotonic() + TIMER_INTERVAL
+        wake_at = loop.time() + TIMER_INTERVAL  # the same moment on the loop's clock (the watch's timer)
+        last_drained = time.monotonic()
         while True:
             drained = False
-            if not self._look_for_input():
-                self._input.clear()
-                wait = next_tick - time.monotonic()
-                if wait > 0:
-                    # One timer per tick, not a timeout per wait: it wakes the wait when the tick is due.
-                    if self._tick_timer is None:
-                        self._tick_timer = loop.call_later(wait, self._tick_due)
-                    await self._input.wait()
-            if self._look_for_input():
+            # Frames (at once when some wait already) or the tick's time; the waits of one tick share one timer.
+            tick_due = not await watch.wait(wake_at)
+            if not tick_due:
                 for _ in range(FRAMES_PER_TURN):
                     frames = self._recv()
                     if frames is None:
@@ -283,7 +260,7 @@ class Shard:
             now = time.monotonic()
             if drained:
                 last_drained = now
-            if now >= next_tick:
+            if tick_due or now >= next_tick:
                 stalled = now - next_tick
                 if stalled >= STALL:
                     log.warning("shard %d was stalled for %.1fs (paused?): that time does not count as the "
@@ -292,10 +269,7 @@ class Shard:
                 # Under a flood that never leaves the socket empty, expiry still runs once a worker_timeout.
                 self.core.tick(now, expire=drained or now - last_drained >= self.config.queue.worker_timeout)
                 next_tick = now + TIMER_INTERVAL
-
-    def _tick_due(self) -> None:
-        self._tick_timer = None
-        self._input.set()
+                wake_at = loop.time() + TIMER_INTERVAL
 
     async def _on_frames(self, frames: list[bytes | memoryview]) -> None:
         if len(frames) < 2 or type(frames[0]) is not bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +24,17 @@ def test_shard_alone_benchmark_runs_tiny(rate: str) -> None:
     assert (figures["messages"], figures["refused"], figures["delivered"]) == (200, 0, 200)
     assert figures["cpu_ms_per_message"] > 0 and 0 < figures["transactions_per_message"] <= 3
     assert 0 < figures["stored_p50_ms"] <= figures["stored_p99_ms"]
+
+
+def test_shard_alone_runs_several_recipients_from_a_source_directory_profiled(tmp_path: Path) -> None:
+    """--recipients, --source (the shard imports `cluster` from that directory) and --cpu-profile (the CPU-time
+    sampler's collapsed stacks) together; the per-thread CPU figures come with them."""
+    profile = tmp_path / "shard.txt"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.shard_alone", "--messages", "60", "--recipients", "3",
+                             "--source", str(REPO), "--cpu-profile", str(profile), "--time-limit", "60"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert (figures["messages"], figures["refused"], figures["delivered"]) == (60, 0, 180)
+    assert figures["thread_main_ms_per_message"] > 0
+    assert "_serve_loop (shard.py" in profile.read_text()
