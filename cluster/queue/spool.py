@@ -232,14 +232,17 @@ VACUUM_PAGES = 256
 # A checkpoint starts (in its own thread) once the write-ahead log holds this many pages (SQLite's default).
 CHECKPOINT_PAGES = 1000
 # The log starts over from its beginning only when a write finds every page of it copied, and a background
-# checkpoint always lags the committer's next write by a little: once the log file is longer than this, a sync
-# that finds at most RESTART_PAGES pages left copies them itself (no write runs during a sync), so that the next
-# write starts the log over instead of the log growing for ever.
+# checkpoint always lags the committer's next write by a little: once the log holds more than this (its frames
+# since it last started over, not the file's size: the file keeps its size, up to WAL_SIZE_LIMIT), a sync that
+# finds at most RESTART_PAGES pages left copies them itself (no write runs during a sync), so that the next write
+# starts the log over instead of the log growing for ever. (Judged by the file's size, every sync after the first
+# 16 MiB copied the log itself: two more fsyncs per transaction.)
 WAL_RESTART_BYTES = 16 * 1024 * 1024
 RESTART_PAGES = 64
 # The wal-index header (-shm): two copies of the 48-byte header, then nBackfill; mxFrame is at offset 16.
 _SHM_HEADER = 100
 _SHM_FRAMES = struct.Struct("=I")
+_WAL_FRAME_HEADER = 24  # bytes before each page in the log
 _KINDS = {k.value for k in OutcomeKind}
 _STATE_OF = {s.value: s for s in State}
 IN_FLIGHT = State.IN_FLIGHT.value
@@ -307,6 +310,9 @@ class SqliteSpool:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self._bodies = self.directory / BODIES
+        # The write-ahead log and its index, as strings (stat'ed at every sync: no Path made each time).
+        self._wal_path = str(self.directory / "spool.sqlite3-wal")
+        self._shm_path = str(self.directory / "spool.sqlite3-shm")
         # Queue ids whose body is in a file (those left at open, and stored since): a removal unlinks only these.
         self._in_files: set[str] = set()
         # Body files written and not yet fsynced; files of removed messages, to unlink once the removal is durable.
@@ -318,7 +324,8 @@ class SqliteSpool:
         # The connection serves the event loop's writes and the spool thread's reads: one at a time.
         self._using = threading.Lock()
         self._wal: int | None = None  # descriptor of the write-ahead log, for `sync`
-        self._shm: int | None = None  # descriptor of its index, for `_log_pages`
+        self._shm: int | None = None  # descriptor of its index, for `_log_frames`
+        self._page_size = PAGE_SIZE  # this spool's (an older one has 4 KiB pages), read at open
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
         self._checkpointing: Future[None] | None = None
@@ -345,6 +352,7 @@ class SqliteSpool:
                 # and pages freed by delivered mail go back to the file system (ARCHITECTURE.md performance notes).
                 db.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # Durability comes from `sync` (module docstring); checkpoints from `_checkpoint`, never in a write.
@@ -464,7 +472,7 @@ class SqliteSpool:
             if files:
                 _fsync_directory(self._bodies)
             try:
-                wal = self._wal = _current(self._wal, self.directory / "spool.sqlite3-wal")
+                wal = self._wal = _current(self._wal, self._wal_path)
             except FileNotFoundError:  # no log: nothing was written since it was last copied and removed
                 wal = None
             if wal is not None:
@@ -493,11 +501,12 @@ class SqliteSpool:
         the last few pages now when the log file has grown past WAL_RESTART_BYTES (see there)."""
         if self._checkpointing is not None and not self._checkpointing.done():
             return
-        pending = self._log_pages()
-        if pending and wal is not None and pending <= RESTART_PAGES and os.fstat(wal).st_size > WAL_RESTART_BYTES:
+        frames, backfilled = self._log_frames()
+        pending = frames - backfilled
+        long = wal is not None and frames * (self._page_size + _WAL_FRAME_HEADER) > WAL_RESTART_BYTES
+        if 0 < pending <= RESTART_PAGES and long:
             self._checkpoint()
-        elif pending >= CHECKPOINT_PAGES or (pending and wal is not None
-                                             and os.fstat(wal).st_size > WAL_RESTART_BYTES):
+        elif pending >= CHECKPOINT_PAGES or (pending > 0 and long):
             if self._checkpointer is None:
                 self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="spool-checkpoint")
             self._checkpointing = self._checkpointer.submit(self._checkpoint)
@@ -506,22 +515,23 @@ class SqliteSpool:
         if self._broken is not None:
             raise SpoolError(self._broken)
 
-    def _log_pages(self) -> int:
-        """Pages in the log not yet copied into the database: mxFrame - nBackfill from the wal-index header
-        (the -shm file; SQLite's documented WAL-index format, native byte order). The log file's size says
-        nothing here: the log is written again from its start after each complete checkpoint."""
+    def _log_frames(self) -> tuple[int, int]:
+        """Pages in the log since it last started over, and how many of them were copied into the database:
+        mxFrame and nBackfill from the wal-index header (the -shm file; SQLite's documented WAL-index format,
+        native byte order). The log file's size says nothing here: the log is written again from its start after
+        each complete checkpoint."""
         try:
-            self._shm = _current(self._shm, self.directory / "spool.sqlite3-shm")
+            self._shm = _current(self._shm, self._shm_path)
             header = os.pread(self._shm, _SHM_HEADER, 0)
         except OSError:
             header = b""
         if len(header) < _SHM_HEADER:  # no index to read: judge by the log's size (may checkpoint more often)
             with contextlib.suppress(OSError):
-                return (self.directory / "spool.sqlite3-wal").stat().st_size // PAGE_SIZE
-            return 0
+                return os.stat(self._wal_path).st_size // self._page_size, 0
+            return 0, 0
         frames: int = _SHM_FRAMES.unpack_from(header, 16)[0]
         backfilled: int = _SHM_FRAMES.unpack_from(header, 96)[0]
-        return max(0, frames - backfilled)
+        return frames, min(frames, backfilled)
 
     def _checkpoint(self) -> None:
         """Copy the log into the database file (its own connection; writers go on meanwhile). SQLite fsyncs the
@@ -835,7 +845,7 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
-def _current(descriptor: int | None, path: Path) -> int:
+def _current(descriptor: int | None, path: str) -> int:
     """An open descriptor of `path`: `descriptor` while it is still that file, else a new one (SQLite removes
     the log and its index when the last connection closes, and makes new ones at the next open)."""
     if descriptor is not None:

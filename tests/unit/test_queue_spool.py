@@ -427,3 +427,42 @@ def test_after_a_failed_fsync_nothing_more_is_written_until_the_spool_is_opened_
         assert "Q3" in {m.queue_id for m in reopened.load().messages}
     finally:
         reopened.close()
+
+
+def test_once_the_log_started_over_small_commits_do_not_each_copy_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log file keeps its size after it starts over: judged by that size, every sync after the first
+    WAL_RESTART_BYTES of log copied the log itself (a checkpoint, two more fsyncs, per transaction). Judged by
+    the frames written since the log started over, a copy comes once per WAL_RESTART_BYTES of log."""
+    monkeypatch.setattr("cluster.queue.spool.CHECKPOINT_PAGES", 100)
+    monkeypatch.setattr("cluster.queue.spool.WAL_RESTART_BYTES", 1024 * 1024)
+    copies = 0
+    real = SqliteSpool._checkpoint
+
+    def counted(self: SqliteSpool) -> None:
+        nonlocal copies
+        copies += 1
+        real(self)
+
+    monkeypatch.setattr(SqliteSpool, "_checkpoint", counted)
+    spool = SqliteSpool(tmp_path / "shard-0")
+    spool.open()
+    wal = tmp_path / "shard-0" / "spool.sqlite3-wal"
+    try:
+        body = b"z" * 4096
+        for i in range(200):  # past WAL_RESTART_BYTES, so the log file stays longer than that from here on
+            spool.commit(Batch(stores=[message(f"A{i:04}", ["a@x.test"])], bodies={f"A{i:04}": b"y" * 20_000}))
+        assert wal.stat().st_size > 1024 * 1024
+        checkpoint = spool._checkpointing
+        if checkpoint is not None:
+            checkpoint.result(timeout=10)
+        copies = 0
+        for i in range(300):  # one small message stored and the one before removed per transaction
+            removals = [f"Q{i - 1:04}"] if i else []
+            spool.commit(Batch(stores=[message(f"Q{i:04}", ["a@x.test"])], bodies={f"Q{i:04}": body},
+                               removals=removals))
+        # ~2 pages per transaction: the log reaches 1 MiB about every 30 transactions
+        assert copies <= 30, copies
+        assert len(spool.load().messages) == 200 + 1
+    finally:
+        spool.close()
