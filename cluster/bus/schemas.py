@@ -4,6 +4,12 @@ Transport: each shard binds one ZeroMQ ROUTER socket on its endpoint (`queue.sha
 and the admin CLI connect DEALER sockets to it. Every ZeroMQ message is one frame: a msgpack map whose key "t"
 names the message type. Unknown types and malformed maps are answered with `Error` (never a crash).
 
+Compatibility (ARCHITECTURE.md, the bus): a field this release does not know, in a message or in a nested map
+(an outcome, a transferred recipient), is ignored, so a later release may add an optional field (one with a
+default) and still talk to this one during a rolling upgrade; a missing required field, or a known field of the
+wrong type, is still refused. A new field that must not be ignored needs a new message type, which an older
+release answers with Error.
+
 Frontend -> shard (submission; ARCHITECTURE.md contract 1)
     Inject(req, sender, recipients, body, client)      one message, only this shard's recipients
     shard -> Stored(req, queue_id)                      after the spool transaction holding it is fsynced
@@ -477,10 +483,17 @@ def decode(frame: bytes | memoryview) -> BusMessage:
         raise SchemaError(f"not msgpack: {exc}") from None
     if not isinstance(payload, dict):
         raise SchemaError("not a msgpack map")
-    req = payload.get("req")
     try:
-        return _decode_map(payload)
+        cls = MESSAGE_TYPES.get(payload.pop("t", None))
+        if cls is None:
+            raise SchemaError("unknown or missing message type")
+        if cls is Deliver:
+            deliver = _plain_deliver(payload)
+            if deliver is not None:
+                return deliver
+        return _checked_message(cls, payload)
     except SchemaError as exc:
+        req = payload.get("req")
         if isinstance(req, int) and not isinstance(req, bool):
             exc.req = req
         raise
@@ -489,19 +502,14 @@ def decode(frame: bytes | memoryview) -> BusMessage:
 _FIELD_SETS: dict[type, frozenset[str]] = {}
 
 
-def _decode_map(payload: dict[str, Any]) -> BusMessage:
-    cls = MESSAGE_TYPES.get(payload.pop("t", None))
-    if cls is None:
-        raise SchemaError("unknown or missing message type")
-    if cls is Deliver:
-        deliver = _plain_deliver(payload)
-        if deliver is not None:
-            return deliver
+def _checked_message(cls: type[BusMessage], payload: dict[str, Any]) -> BusMessage:
+    """The message of class `cls` from its map (without "t"), every field checked; fields this release does
+    not know are ignored (a later release's optional fields: ARCHITECTURE.md, the bus)."""
     known = _FIELD_SETS.get(cls)
     if known is None:
         known = _FIELD_SETS[cls] = frozenset(_field_names(cls))
     if not payload.keys() <= known:
-        raise SchemaError(f"{cls.TYPE}: unknown fields {sorted(set(payload).difference(known))}")
+        payload = {name: value for name, value in payload.items() if name in known}
     if cls is Result:
         payload["outcomes"] = _decode_outcomes(payload.get("outcomes", []))
     try:
@@ -544,26 +552,31 @@ def _decode_outcomes(raw: Any) -> list[Outcome]:
     outcomes = []
     for item in raw:
         outcome = _well_formed_outcome(item)
-        if outcome is not None:
-            outcomes.append(outcome)
-            continue
-        if not isinstance(item, dict):
-            raise SchemaError("result.outcomes: expected a list of maps")
-        if "status" in item and "kind" not in item:  # a worker of the previous release
-            item = dict(item)
-            item["kind"] = item.pop("status")
-        kind = item.get("kind")
-        if kind not in WORKER_KINDS:
-            raise SchemaError(f"result.outcomes.kind: {kind!r} is not one of {[str(k) for k in WORKER_KINDS]}")
-        try:
-            outcome = Outcome(**item)
-        except TypeError as exc:
-            raise SchemaError(f"result: bad outcome: {exc}") from None
-        _check_types(outcome, "result.outcomes")
-        if not 100 <= outcome.code <= 599 or kind_of_code(outcome.code) is not outcome.kind:
-            raise SchemaError(f"result.outcomes.code: {outcome.code} does not fit kind {str(outcome.kind)!r}")
-        outcomes.append(outcome)
+        outcomes.append(outcome if outcome is not None else _checked_outcome(item))
     return outcomes
+
+
+def _checked_outcome(item: Any) -> Outcome:
+    """The Outcome of one outcome map, every field checked (fields this release does not know are ignored);
+    SchemaError naming what is wrong."""
+    if not isinstance(item, dict):
+        raise SchemaError("result.outcomes: expected a list of maps")
+    if "status" in item and "kind" not in item:  # a worker of the previous release
+        item = dict(item)
+        item["kind"] = item.pop("status")
+    if not item.keys() <= _OUTCOME_FIELDS:
+        item = {name: value for name, value in item.items() if name in _OUTCOME_FIELDS}
+    kind = item.get("kind")
+    if kind not in WORKER_KINDS:
+        raise SchemaError(f"result.outcomes.kind: {kind!r} is not one of {[str(k) for k in WORKER_KINDS]}")
+    try:
+        outcome = Outcome(**item)
+    except TypeError as exc:
+        raise SchemaError(f"result: bad outcome: {exc}") from None
+    _check_types(outcome, "result.outcomes")
+    if not 100 <= outcome.code <= 599 or kind_of_code(outcome.code) is not outcome.kind:
+        raise SchemaError(f"result.outcomes.code: {outcome.code} does not fit kind {str(outcome.kind)!r}")
+    return outcome
 
 
 def kind_of_code(code: int) -> OutcomeKind:
@@ -575,7 +588,8 @@ def kind_of_code(code: int) -> OutcomeKind:
 _KIND_OF_CLASS = {2: OutcomeKind.DELIVERED, 5: OutcomeKind.FAILED}
 _DEFERRED = OutcomeKind.DEFERRED  # a module constant: an enum member looked up on its class is slow on 3.11
 _WORKER_KIND_NAMED = {kind.value: kind for kind in WORKER_KINDS}
-_OUTCOME_FIELDS = frozenset(f.name for f in dataclasses.fields(Outcome))
+_OUTCOME_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))
+_OUTCOME_FIELDS = frozenset(_OUTCOME_NAMES)
 _OUTCOME_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Outcome) if f.default is not dataclasses.MISSING}
 _NUMBER_TYPES = (int, float)
 
@@ -590,8 +604,10 @@ def _well_formed_outcome(item: Any) -> Outcome | None:
         values = item  # every field, as a worker of this release sends them: the decoded map itself is used
     else:
         values = {**_OUTCOME_DEFAULTS, **item}
-        if values.keys() != _OUTCOME_FIELDS:  # a field missing or unknown, or "status" (a previous release)
+        if not values.keys() >= _OUTCOME_FIELDS:  # a field missing, or "status" (a previous release)
             return None
+        # Only the fields (a later release's are ignored: ARCHITECTURE.md, the bus), in the dataclass's order.
+        values = {name: values[name] for name in _OUTCOME_NAMES}
     kind, code, port = values["kind"], values["code"], values["port"]
     connect, transfer = values["connect_seconds"], values["transfer_seconds"]
     if (type(kind) is not str or type(code) is not int or not 100 <= code <= 599

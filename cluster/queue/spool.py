@@ -342,7 +342,7 @@ class SqliteSpool:
 
     def open(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_directory(self.directory)
             (self.directory / "quarantine").mkdir(exist_ok=True)
             self._bodies.mkdir(exist_ok=True)
             self._take_lock()
@@ -601,8 +601,10 @@ class SqliteSpool:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._unlink_body_files(in_files)  # their rows were not stored
+        except BaseException as exc:
+            self._unlink_body_files(in_files)  # their rows were not stored (whatever stopped the transaction)
+            if not isinstance(exc, sqlite3.Error):
+                raise
             full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
             raise SpoolError(f"spool transaction failed: {exc}", disk_full=full) from None
         self._in_files |= in_files
@@ -835,6 +837,21 @@ class SqliteReader:
             self._db.close()
             self._db = None
         self._done = True
+
+
+def make_directory(path: Path) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)`, with each directory it creates made durable in its parent
+    (the parent fsynced): a crash after the spool answered Stored must not lose the directory holding it."""
+    if path.is_dir():
+        return
+    make_directory(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return  # made meanwhile by someone else, who makes it durable
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(path: Path) -> None:

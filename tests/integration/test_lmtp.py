@@ -88,9 +88,12 @@ async def test_each_recipient_is_stored_fsynced_and_reported(tmp_path: Path) -> 
                                                                             "failed", "5.1.3")
     assert ok.text.startswith("Delivered to the mailbox as ") and ok.remote == "127.0.0.1[127.0.0.1]"
     assert again[0].kind == "delivered"
-    first, _ = files(tmp_path / "maildir", "u1")
-    assert first.name in ok.text
-    assert first.read_bytes() == b"Return-Path: <s@o.test>\r\n" + BODY
+    # Each file by the name its reply gave, not by the order of names (not zero-padded, a Maildir name does
+    # not sort as text in the order of delivery: M99999 comes after M200000 within one second).
+    stored = {path.name: path for path in files(tmp_path / "maildir", "u1")}
+    named = [outcome.text.removeprefix("Delivered to the mailbox as ") for outcome in (ok, again[0])]
+    assert sorted(stored) == sorted(named)
+    assert stored[named[0]].read_bytes() == b"Return-Path: <s@o.test>\r\n" + BODY
     assert len(files(tmp_path / "maildir", "u2")) == 1
     assert list((tmp_path / "maildir" / "u1" / "tmp").iterdir()) == []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import cast
 
 import msgpack
@@ -37,6 +38,7 @@ from cluster.bus.schemas import (
     is_plain_address,
     recipient_problem,
 )
+from cluster.queue.transfer import message_of
 from cluster.smtp import replies
 from cluster.smtp.address import _parse_path as full_parse
 from cluster.smtp.address import parse_forward_path, parse_reverse_path
@@ -78,7 +80,7 @@ def test_a_big_body_is_joined_to_the_frame_as_msgpack_would_pack_it(message: Inj
     b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"t": "nope"}), msgpack.packb({"req": 1}),
     msgpack.packb({"t": "stored", "req": 1}),
     msgpack.packb({"t": "stored", "req": "1", "queue_id": "q"}),
-    msgpack.packb({"t": "stored", "req": 1, "queue_id": "q", "extra": 1}),
+    msgpack.packb({"t": "stored", "req": 1, "extra": 1}),  # an unknown field does not stand for a missing one
     msgpack.packb({"t": "inject", "req": 1, "sender": "", "recipients": [1], "body": b"", "client": {}}),
     msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [{"bad": 1}]}),
 ])
@@ -187,7 +189,7 @@ _GOOD_OUTCOME = {"recipient": "r@d.test", "kind": "delivered", "code": 250, "enh
     {"recipient": 5}, {"recipient": None}, {"kind": "sent"}, {"kind": "expired", "code": 451}, {"kind": 2},
     {"code": 550}, {"code": 99}, {"code": 600}, {"code": True}, {"code": 250.0}, {"enhanced": None},
     {"text": b"ok"}, {"remote": 1}, {"port": -1}, {"port": True}, {"connect_seconds": -0.5},
-    {"transfer_seconds": "1"}, {"extra": 1}, {"text": ...}, {"kind": ...},
+    {"transfer_seconds": "1"}, {"text": ...}, {"kind": ...}, {"code": ..., "extra": 1}, {"port": "25", "x": 1},
 ])
 def test_an_outcome_a_worker_could_send_is_checked_field_by_field(change: dict[str, object]) -> None:
     """Every check of an outcome, on the quick way a worker's well-formed outcomes take (`kind`, not the
@@ -314,3 +316,105 @@ def test_a_full_deliver_takes_the_plain_path_and_equals_the_general_one() -> Non
 def test_a_full_deliver_with_one_bad_field_is_still_refused(change: dict[str, object]) -> None:
     with pytest.raises(SchemaError):
         decode(msgpack.packb({**FULL_DELIVER, **change}))
+
+
+# Fields a later release might add (ARCHITECTURE.md, the bus: a field this release does not know is ignored).
+LATER = {"batch": [1, 2], "compact": {"k": b"v"}, "status": "sent", "z": None}
+
+
+def _with_later_fields(frame: bytes) -> bytes:
+    payload = msgpack.unpackb(frame)
+    payload.update(LATER)
+    for item in payload.get("outcomes", []):
+        item.update(LATER)
+    return cast(bytes, msgpack.packb(payload, use_bin_type=True))
+
+
+@pytest.mark.parametrize("message", [
+    Stored(7, "Q1"), Error("bad", 3), InjectRefused(7, 452, "4.3.1", "full"),
+    Inject(1, "a@b.test", ["c@d.test"], b"body", {"ip": "1"}),
+    Deliver("j", "q", "s@x.test", ["a@b.test"], "b.test", b"\x00body", 1, 5, "e", 1, "p", 2, "s"),
+    Deliver("j", "q", "", ["a@b.test"], "b.test", b"b", 1),
+    Heartbeat("w", 3, ["a"], 1, "e", 1, 2.5, ["b"]), HeartbeatAck(0, "ep", 1, 5, ["a"], [], "serving"),
+    Result("j", "w", [Outcome("a@b.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx[1.2.3.4]", 25, 0.5, 1),
+                      Outcome("c@b.test", OutcomeKind.DEFERRED, 451, "4.4.1", "busy")]),
+    Transfer(1, "q", 0, "a@b.test", 1.5, False, {"a": "b"},
+             [{"address": "x@y.test", "state": "ready", "attempts": 0, "next_attempt": 0.0, "last": None}], b"b"),
+    AdminRequest(1, "ping"), Granted(1, "e", 1, 2), AuthStatus(1, 2, 0.5),
+])
+def test_fields_of_a_later_release_are_ignored(message: BusMessage) -> None:
+    """A later release may add optional fields (batching, a compact Result) during a rolling upgrade: this
+    release reads the message as if they were not there, nested outcomes too, on the fast paths as on the
+    checked ones, and writes it back byte for byte as it would have."""
+    decoded = decode(_with_later_fields(message.encode()))
+    assert decoded == message
+    assert decoded.encode() == message.encode()
+
+
+def test_a_transferred_recipient_with_fields_of_a_later_release_is_stored_alike() -> None:
+    """A Transfer's recipient maps are read field by field (cluster/queue/transfer.py): unknown ones, there
+    and in the last outcome, change nothing that is stored."""
+    last = {"kind": "deferred", "code": 451, "enhanced": "4.4.1", "text": "busy", "remote": "mx"}
+    sent = Transfer(1, "q", 0, "a@b.test", 1.5, False, {}, [{"address": "x@y.test", "state": "deferred",
+                                                            "attempts": 2, "next_attempt": 9.5, "last": last}], b"b")
+    payload = msgpack.unpackb(sent.encode())
+    payload["recipients"][0].update(LATER)
+    payload["recipients"][0]["last"].update(LATER)
+    later = cast(Transfer, decode(msgpack.packb(payload, use_bin_type=True)))
+    assert message_of(later).recipients == message_of(sent).recipients
+
+
+def _outcome_maps() -> st.SearchStrategy[dict[str, object]]:
+    """Outcome maps near a worker's: each field kept, left out or given an odd value; unknown fields added."""
+    odd = st.sampled_from([None, -1, 0, 99, 250, 354, 451, 550, 600, 1.5, -0.5, "", "x", b"x", True,
+                           "delivered", "deferred", "failed", "expired", [], {}])
+    changes = st.dictionaries(st.sampled_from(sorted(_GOOD_OUTCOME)), st.one_of(st.just(...), odd), max_size=3)
+    later = st.dictionaries(st.sampled_from(["status", "batch", "zz", "kind2"]), odd, max_size=2)
+    return st.builds(lambda change, extra: {k: v for k, v in {**_GOOD_OUTCOME, **change, **extra}.items()
+                                            if v is not ...}, changes, later)
+
+
+def _checked_or_none(check: Callable[[], object]) -> object:
+    try:
+        return check()
+    except SchemaError:
+        return None
+
+
+@settings(max_examples=500)
+@given(_outcome_maps())
+def test_the_fast_outcome_path_agrees_with_the_checked_one(item: dict[str, object]) -> None:
+    """Whatever the fast path takes, the checked path takes alike (and its dict is the fields in their order);
+    unknown fields change neither; a Result decodes its outcome as the checked path does."""
+    checked = _checked_or_none(lambda: schemas._checked_outcome(dict(item)))
+    fast = schemas._well_formed_outcome(dict(item))
+    if fast is not None:
+        assert fast == checked and tuple(fast.__dict__) == tuple(f.name for f in dataclasses.fields(Outcome))
+    if "kind" in item or "status" not in item:  # "status" without "kind" is a previous release's kind
+        known = {k: v for k, v in item.items() if k in _GOOD_OUTCOME}
+        assert _checked_or_none(lambda: schemas._checked_outcome(known)) == checked
+    frame = msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [item]})
+    decoded = _checked_or_none(lambda: cast(Result, decode(frame)).outcomes)
+    assert decoded == (None if checked is None else [checked])
+
+
+def _deliver_maps() -> st.SearchStrategy[dict[str, object]]:
+    odd = st.sampled_from([None, -1, 0, 3, 1.0, "", "x", b"x", True, [], ["r@d.test"], ["r@d.test", 5]])
+    names = sorted(k for k in FULL_DELIVER if k != "t")
+    changes = st.dictionaries(st.sampled_from(names), st.one_of(st.just(...), odd), max_size=2)
+    later = st.dictionaries(st.sampled_from(["batch", "compact", "zz"]), odd, max_size=2)
+    return st.builds(lambda change, extra: {k: v for k, v in {**FULL_DELIVER, **change, **extra}.items()
+                                            if v is not ...}, changes, later)
+
+
+@settings(max_examples=500)
+@given(_deliver_maps())
+def test_the_plain_deliver_path_agrees_with_the_checked_one(payload: dict[str, object]) -> None:
+    fields = {k: v for k, v in payload.items() if k != "t"}
+    checked = _checked_or_none(lambda: schemas._checked_message(Deliver, dict(fields)))
+    plain = schemas._plain_deliver(dict(fields))
+    if plain is not None:
+        assert plain == checked
+    known = {k: v for k, v in fields.items() if k in FULL_DELIVER}
+    assert _checked_or_none(lambda: schemas._checked_message(Deliver, known)) == checked
+    assert _checked_or_none(lambda: decode(msgpack.packb(payload))) == checked

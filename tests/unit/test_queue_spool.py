@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import time
@@ -287,6 +288,42 @@ def test_body_files_without_a_row_are_removed_at_open(spool: SqliteSpool, tmp_pa
     reopened.commit(Batch(removals=["KEPT"]))  # known as a file body after the reopen: unlinked
     assert body_files(tmp_path) == []
     reopened.close()
+
+
+def test_a_row_that_cannot_be_bound_leaves_no_body_file(spool: SqliteSpool, tmp_path: Path) -> None:
+    """An error that is not SQLite's (here a number SQLite cannot hold) rolls the transaction back and
+    removes the body files it wrote at once, not at the next start's sweep."""
+    odd = message("ODD", ["a@x.test"])
+    odd.recipients[0].attempts = 2 ** 70
+    with pytest.raises(OverflowError):
+        spool.commit(Batch(stores=[message("BIG2", ["b@x.test"]), odd], bodies={"BIG2": BIG, "ODD": BIG}))
+    assert body_files(tmp_path) == []
+    assert spool.load().messages == []
+    spool.commit(Batch(stores=[message("BIG2", ["b@x.test"])], bodies={"BIG2": BIG}))  # the spool goes on
+    assert body_files(tmp_path) == ["BIG2"] and spool.read_bodies(["BIG2"]) == {"BIG2": BIG}
+
+
+def test_a_new_spool_directory_is_made_durable_in_its_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shard directory's own entry lives in its parent: fsynced when the directory is created (each
+    directory created on the way too), so a power loss cannot take the whole spool away after a Stored."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    root = tmp_path.resolve()
+    spool = SqliteSpool(root / "spool" / "shard-0")
+    spool.open()
+    spool.close()
+    assert str(root) in synced and str(root / "spool") in synced
+    synced.clear()
+    again = SqliteSpool(root / "spool" / "shard-0")  # an existing directory: nothing more to do for it
+    again.open()
+    again.close()
+    assert str(root) not in synced and str(root / "spool") not in synced
 
 
 def test_a_damaged_or_missing_body_file_is_a_damaged_record(spool: SqliteSpool, tmp_path: Path) -> None:
