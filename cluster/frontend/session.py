@@ -789,14 +789,16 @@ class InboundSession(asyncio.Protocol):
                     if outbound is not None else None)
         # RFC 7208 9.1: Received-SPF (from the checks) above our Received field.
         header = b"".join(self.facts.trace_headers) + header
-        body = (prepared.header if prepared is not None else b"") + header + data
+        if prepared is not None:
+            header = prepared.header + header
         client = {"ip": self.client_ip, "helo": conn.helo_name or "", "protocol": protocol,
                   "trace_id": trace_id}
         if prepared is not None and prepared.pool:
             client["pool"] = prepared.pool
         shards = self.host.shards
         assert shards is not None  # sessions start only once the shard client is up
-        reply, queue_ids = await shards.inject(sender, recipients, body, client)
+        # The header fields and the message are joined once, into the Inject frame (not into a body first).
+        reply, queue_ids = await shards.inject(sender, recipients, data, client, head=header)
         if reply.is_positive:
             accepted, received = metrics.accepted(self.listener.kind)
             metrics.count(accepted)
