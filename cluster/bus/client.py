@@ -138,9 +138,10 @@ class BusLink:
         self._watch.sent()  # a send may take in the notice of frames waiting (bus/watch.py)
         return True
 
-    async def request(self, build: Callable[[int], BusMessage], timeout: float, *,
+    async def request(self, build: Callable[[int], BusMessage | bytes], timeout: float, *,
                       connect_timeout: float | None = None) -> BusMessage:
-        """Send `build(req)` and return the answer carrying `req`; raise NoAnswer after `timeout` seconds.
+        """Send `build(req)` (a message, or its encoded frame) and return the answer carrying `req`; raise
+        NoAnswer after `timeout` seconds.
 
         The send itself waits (within the timeout) for a connection, so a shard that is just restarting gets
         the request as soon as it is back. With `connect_timeout`, a shard not connected within that long is
@@ -156,7 +157,8 @@ class BusLink:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BusMessage] = loop.create_future()
         self._pending[req] = future
-        frame = build(req).encode()
+        built = build(req)
+        frame = built if isinstance(built, bytes) else built.encode()
         connect_within = timeout if connect_timeout is None else min(timeout, connect_timeout)
         started = time.monotonic()
         try:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from cluster.bus.client import BusLink, NoAnswer
 from cluster.bus.ring import shard_for_address
-from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, Inject, InjectRefused, Stored
+from cluster.bus.schemas import AdminReply, AdminRequest, BusMessage, InjectRefused, Stored, inject_frame
 from cluster.bus.security import CurveKeys
 from cluster.frontend import metrics
 from cluster.smtp import replies
@@ -134,14 +134,12 @@ class ShardClient:
         log.info("shard %d is %s: new mail for its domains goes %s", index, state,
                  "to it again" if serving else "to the other shards")
 
-    async def _inject_one(self, index: int, sender: str, recipients: list[str], body: bytes,
+    async def _inject_one(self, index: int, sender: str, recipients: list[str], body: tuple[bytes, ...],
                           client: dict[str, str]) -> Stored | InjectRefused | None:
         link = self.links[index]
         started = time.perf_counter()
         try:
-            answer = await link.request(
-                lambda req: Inject(req=req, sender=sender, recipients=recipients, body=body, client=client),
-                self.timeout)
+            answer = await link.request(lambda req: inject_frame(req, sender, recipients, body, client), self.timeout)
         except NoAnswer as missing:
             log.warning("%s did not store a message: %s", link.name, missing)
             return None
@@ -162,8 +160,12 @@ class ShardClient:
             return None
 
     async def inject(self, sender: str, recipients: Sequence[str], body: bytes,
-                     client: dict[str, str]) -> tuple[Reply, list[str]]:
-        """Store one message on every shard that owns some of its recipients: (reply for the client, queue ids)."""
+                     client: dict[str, str], *, head: bytes = b"") -> tuple[Reply, list[str]]:
+        """Store one message on every shard that owns some of its recipients: (reply for the client, queue ids).
+
+        The stored body is `head + body` (head: the trace header fields the frontend puts on top), joined once,
+        into each Inject frame (cluster.bus.schemas.inject_frame), not into a body first."""
+        body_parts = (head, body) if head else (body,)
         parts: dict[int, list[str]] = {}
         if len(self.shards) == 1 and not self.excluded:  # one shard owns every domain: nothing to look up
             if recipients:
@@ -184,10 +186,11 @@ class ShardClient:
                     part.append(recipient)
         if len(parts) == 1:  # the usual case: no task per shard needed
             [(index, part)] = parts.items()
-            answers: list[Stored | InjectRefused | None] = [await self._inject_one(index, sender, part, body, client)]
+            answers: list[Stored | InjectRefused | None] = [await self._inject_one(index, sender, part, body_parts,
+                                                                                      client)]
         else:
             answers = list(await asyncio.gather(*(
-                self._inject_one(index, sender, part, body, client) for index, part in parts.items())))
+                self._inject_one(index, sender, part, body_parts, client) for index, part in parts.items())))
         refusals = [a for a in answers if isinstance(a, InjectRefused)]
         if refusals:
             worst = max(refusals, key=lambda r: r.code)

@@ -141,7 +141,7 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_commands_and_replies_are_counted_by_each_end_of_data_and_by_the_end_of_the_session() -> None:
+async def test_commands_and_replies_are_counted_as_they_happen_and_seen_at_every_read() -> None:
     commands = "mtacluster_smtp_commands_total"
     replies_total = "mtacluster_smtp_replies_total"
     rcpt, quit_, ok, go_ahead = ({"command": "RCPT"}, {"command": "QUIT"}, {"class": "2xx"}, {"class": "3xx"})
@@ -157,10 +157,10 @@ async def test_commands_and_replies_are_counted_by_each_end_of_data_and_by_the_e
                 await asyncio.to_thread(client.rcpt, recipient)
             code, _ = await asyncio.to_thread(client.data, b"Subject: x\r\n\r\nbody\r\n")
             assert code == 250
-            # Counted by the end of DATA, while the session is still open.
+            # Every command and reply so far, while the session is still open.
             assert _sample(commands, rcpt) == before["rcpt"] + 2
             assert _sample(replies_total, go_ahead) == before["3xx"] + 1
-            assert _sample(replies_total, ok) == before["2xx"] + 5  # 220, EHLO, MAIL, two RCPT: not yet the 250
+            assert _sample(replies_total, ok) == before["2xx"] + 6  # 220, EHLO, MAIL, two RCPT, the 250
         finally:
             await asyncio.to_thread(client.quit)
         await _until(lambda: _sample(commands, quit_) == before["quit"] + 1, "QUIT never counted")

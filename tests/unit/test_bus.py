@@ -76,6 +76,20 @@ def test_a_big_body_is_joined_to_the_frame_as_msgpack_would_pack_it(message: Inj
     assert decode(frame) == message
 
 
+@pytest.mark.parametrize("parts", [
+    (b"Received: x\r\n", BIG),  # a frontend's header fields, then a big message: joined into the frame
+    (b"", BIG), (BIG,),
+    (b"Received: x\r\n", b"small body\r\n"),  # under BIG_BODY: the ordinary encode
+    (b"X" * (BIG_BODY - 10), b"Y" * 10),  # exactly BIG_BODY octets in all
+])
+def test_an_inject_frame_from_body_parts_is_the_frame_of_the_joined_body(parts: tuple[bytes, ...]) -> None:
+    client = {"ip": "127.0.0.1", "trace_id": "t"}
+    frame = schemas.inject_frame(5, "a@b.test", ["c@d.test"], parts, client)
+    message = Inject(req=5, sender="a@b.test", recipients=["c@d.test"], body=b"".join(parts), client=client)
+    assert frame == message.encode()
+    assert decode(frame) == message
+
+
 @pytest.mark.parametrize("frame", [
     b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"t": "nope"}), msgpack.packb({"req": 1}),
     msgpack.packb({"t": "stored", "req": 1}),
