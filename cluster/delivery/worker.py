@@ -46,8 +46,8 @@ from cluster.bus.schemas import (
     HeartbeatAck,
     Outcome,
     OutcomeKind,
-    Result,
     recipient_problem,
+    result_frame,
     sender_problem,
 )
 from cluster.bus.security import cluster_keys
@@ -274,12 +274,19 @@ class Worker:
         re-queues jobs missing from it)."""
         interval = self.config.queue.heartbeat_interval
         next_beat = time.monotonic()
+        handled = 0  # frames handled since this loop last gave the other tasks a turn on purpose
         while True:
             try:
-                # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
-                for message in await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN):
+                # A bounded batch, then the heartbeat check. A receive that finds no frame waits, which gives the
+                # other tasks (the deliveries) their turn; after FRAMES_PER_TURN frames without such a wait
+                # (frames kept coming), they get one on purpose.
+                messages = await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN)
+                for message in messages:
                     await self._on_message(link, message)
-                await asyncio.sleep(0)
+                handled += len(messages)
+                if handled >= FRAMES_PER_TURN:
+                    handled = 0
+                    await asyncio.sleep(0)
                 if time.monotonic() >= next_beat:
                     await self._heartbeat(link)
                     self._shards_connected()
@@ -369,7 +376,7 @@ class Worker:
         if not session.start(job_id):
             return  # revoked while it waited: another worker has it now (or handed back at a stop)
         outcomes = await self._outcomes(job) if job.recipients else []
-        frame = Result(job_id=job_id, worker=self.name, outcomes=outcomes).encode()
+        frame = result_frame(job_id, self.name, outcomes)
         session.finish(job_id, frame)
         await link.send(frame)
         metrics.DURATION.observe(time.perf_counter() - received)
