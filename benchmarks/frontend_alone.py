@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import checkout
 from benchmarks.cluster_instance import cpu_seconds_from_stat, mtacluster_command, stop_process
 from benchmarks.ports import HOST, free_ports
 from benchmarks.profiled import run_profiled, summary
@@ -67,14 +68,8 @@ def stub_shard(port: int) -> None:
 
 
 def use_source() -> None:
-    """Import `cluster` from the directory in $FRONTEND_ALONE_SOURCE, if set: ahead of the editable install of
-    this checkout, whose import hook would otherwise win over sys.path."""
-    source = os.environ.get(SOURCE_VARIABLE)
-    if source:
-        sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in type(finder).__module__]
-        sys.path.insert(0, source)
-        for name in [name for name in sys.modules if name == "cluster" or name.startswith("cluster.")]:
-            del sys.modules[name]
+    """Import `cluster` from the directory in $FRONTEND_ALONE_SOURCE, if set (benchmarks/checkout.py)."""
+    checkout.use_source(SOURCE_VARIABLE)
 
 
 def profiled_frontend(config: str, output: str) -> int:

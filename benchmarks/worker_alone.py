@@ -6,6 +6,7 @@
 .venv/bin/python -m benchmarks.worker_alone --profile /tmp/worker.stacks   # CPU-time sampler
 .venv/bin/python -m benchmarks.worker_alone --summarize /tmp/worker.stacks  # its top functions
 .venv/bin/python -m benchmarks.worker_alone --profile /tmp/worker.prof     # cProfile on a CPU clock
+.venv/bin/python -m benchmarks.worker_alone --source /tmp/old               # the worker from /tmp/old/cluster
 ```
 
 What runs: `smtp-sink` (benchmarks/sink.py) on a free port; one `mtacluster serve worker` process whose
@@ -40,6 +41,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from benchmarks import checkout
 from benchmarks.cluster_instance import mtacluster_command, stop_process
 from benchmarks.ports import HOST, free_ports
 from benchmarks.profiled import run_profiled, summary
@@ -47,6 +49,7 @@ from benchmarks.sink import SmtpSink
 from cluster.bus.schemas import Deliver, Heartbeat, HeartbeatAck, OutcomeKind, Result, decode
 
 EPOCH = "worker-alone"
+SOURCE_VARIABLE = "WORKER_ALONE_SOURCE"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -141,14 +144,36 @@ async def scripted_shard(socket: zmq.asyncio.Socket, run: Run) -> None:
                 run.finished.set()
 
 
-def worker_command(config: Path, profile: str | None) -> list[str]:
-    if profile is None:
-        return [*mtacluster_command(), "serve", "worker", "--config", str(config)]
-    return [sys.executable, "-m", "benchmarks.worker_alone", "--profiled-worker", str(config), profile]
+def worker_command(config: Path, profile: str | None, source: str | None = None) -> list[str]:
+    me = [sys.executable, "-m", "benchmarks.worker_alone"]
+    if profile is not None:
+        return [*me, "--profiled-worker", str(config), profile]
+    if source is not None:
+        return [*me, "--from-source", "serve", "worker", "--config", str(config)]
+    return [*mtacluster_command(), "serve", "worker", "--config", str(config)]
+
+
+def worker_environment(source: str | None) -> dict[str, str]:
+    """The worker's environment: this one, plus the checkout to import `cluster` from (`--source`)."""
+    environment = dict(os.environ)
+    if source is not None:
+        environment[SOURCE_VARIABLE] = str(Path(source).resolve())
+    return environment
+
+
+def from_source(argv: list[str]) -> int:
+    """`mtacluster ARGV` with `cluster` from $WORKER_ALONE_SOURCE (benchmarks/checkout.py)."""
+    checkout.use_source(SOURCE_VARIABLE)
+    import cluster
+    from cluster.cli import main as cluster_main
+
+    print(f"worker_alone: cluster from {Path(cluster.__file__).parent}", file=sys.stderr, flush=True)
+    return cluster_main(argv)
 
 
 def profiled_worker(config: str, output: str) -> int:
     """`mtacluster serve worker --config CONFIG`, profiled into OUTPUT when it stops (benchmarks/profiled.py)."""
+    checkout.use_source(SOURCE_VARIABLE)
     from cluster.cli import main as cluster_main
 
     return run_profiled(lambda: cluster_main(["serve", "worker", "--config", config]), output)
@@ -166,8 +191,8 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
     config = workdir / "mtacluster.toml"
     config.write_text(render_config(shard_port, sink_port, metrics_port, workdir))
     log = (workdir / "worker.log").open("wb")
-    process = subprocess.Popen(worker_command(config, args.profile), stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(worker_command(config, args.profile, args.source), stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=worker_environment(args.source))
     total = args.warmup + args.messages
     run = Run(total, args.warmup, args.in_flight, args.recipients, message_body(args.size), process.pid)
     shard = asyncio.create_task(scripted_shard(socket, run))
@@ -193,7 +218,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
     return {"messages": args.messages, "recipients": args.recipients, "in_flight": args.in_flight,
             "size": args.size, "cpu_ms_per_message": round(cpu * 1000 / args.messages, 4),
             "wall_seconds": round(wall, 3), "messages_per_second": round(args.messages / wall, 1),
-            "peak_rss_mib": round(rss, 1), "load_average": os.getloadavg()[0]}
+            "peak_rss_mib": round(rss, 1), "load_average": os.getloadavg()[0], "source": args.source or ""}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the whole run")
     parser.add_argument("--profile", help="profile the worker into this file: collapsed stacks of a CPU-time "
                         "sampler, or cProfile (CPU clock) when it ends in .prof")
+    parser.add_argument("--source", metavar="DIR", help="run the worker with `cluster` from DIR (A/B runs)")
+    parser.add_argument("--from-source", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--summarize", metavar="FILE", help="print the top functions of a sampler profile")
     parser.add_argument("--profiled-worker", nargs=2, metavar=("CONFIG", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_source is not None:
+        return from_source(args.from_source)
     if args.profiled_worker:
         return profiled_worker(*args.profiled_worker)
     if args.summarize:

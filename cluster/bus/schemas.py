@@ -482,6 +482,20 @@ class Error(BusMessage):
 # field by field.
 _NESTED: frozenset[type[BusMessage]] = frozenset({Result, AdminRequest, AdminReply})
 
+
+def result_frame(job_id: str, worker: str, outcomes: list[Outcome]) -> bytes:
+    """The frame of `Result(job_id, worker, outcomes).encode()`, the same bytes, made without the message object
+    and the general nested encoding (a worker sends one per job): each Outcome goes as its dict (its fields, in
+    order; msgpack packs the kind, a str enum, as its string), through the shared packer."""
+    if all(type(outcome) is Outcome for outcome in outcomes):
+        try:
+            frame: bytes = _PACKER.pack({"job_id": job_id, "worker": worker,
+                                         "outcomes": [outcome.__dict__ for outcome in outcomes], "t": Result.TYPE})
+            return frame
+        except TypeError:  # a field msgpack cannot pack as it is: the long way, which says so
+            _PACKER.reset()
+    return Result(job_id=job_id, worker=worker, outcomes=outcomes).encode()
+
 MESSAGE_TYPES: dict[str, type[BusMessage]] = {
     cls.TYPE: cls
     for cls in (Inject, Stored, InjectRefused, Transfer, Heartbeat, HeartbeatAck, Deliver, Result, AdminRequest,

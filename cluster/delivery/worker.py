@@ -2,10 +2,13 @@
 
 Protocol (cluster/bus/schemas.py): one bus link (cluster/bus/client.py) per shard in `queue.shards`; the
 protocol state of each is a `ShardSession` (delivery/shard_session.py). Every `queue.heartbeat_interval` the
-worker sends it a Heartbeat (free slots, jobs held, Results kept, seen). Each Deliver starts an asyncio task that
-waits for a delivery slot, then for the shard to be unfenced (acked within half of `queue.worker_timeout`), then
-delivers; its outcomes go back as Result(job_id, worker, outcomes), kept until the shard revokes the job. An ack
-can drop jobs that have not started (revoked: no longer ours) and ask for lost Results again. A HeartbeatAck
+worker sends it a Heartbeat (free slots, jobs held, Results kept, seen). Each link has at most
+`delivery.concurrency` job runners (asyncio tasks made as the load needs them and kept): a Deliver goes to an
+idle runner, or waits in the link's queue (FIFO) for the next runner that finishes. A runner waits for the
+shard to be unfenced (acked within half of `queue.worker_timeout`), starts the job unless it was revoked
+meanwhile, and delivers; its outcomes go back as Result(job_id, worker, outcomes), kept until the shard revokes
+the job. An ack can drop jobs that have not started (revoked: no longer ours; a runner skips them) and ask for
+lost Results again. A HeartbeatAck
 from a new shard epoch means the shard restarted and forgot us: the worker heartbeats again at once so the
 shard learns its credits.
 
@@ -19,7 +22,9 @@ Result that cannot be sent is skipped; the Result stays listed as finished, and 
 worker that dies meanwhile leaves the job to the shard's lease: a counted possible duplicate, never a loss).
 A new `queue.shards` (`reload_shards`, SIGHUP or a changed file) is taken without a restart.
 On stop, jobs that have not started are handed back at once (a last heartbeat without them), running jobs get
-`SHUTDOWN_GRACE` seconds to finish, and the rest come back to the shard through their leases.
+`SHUTDOWN_GRACE` seconds to finish, and the rest come back to the shard through their leases. A job whose run
+raises unexpectedly outside the delivery (a bug) is logged with its queue id and dropped from our heartbeats,
+so its shard hands it out again; the runner goes on with the next job.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 
 from cluster.bus.client import BusLink
 from cluster.bus.schemas import (
@@ -40,8 +46,8 @@ from cluster.bus.schemas import (
     HeartbeatAck,
     Outcome,
     OutcomeKind,
-    Result,
     recipient_problem,
+    result_frame,
     sender_problem,
 )
 from cluster.bus.security import cluster_keys
@@ -78,9 +84,15 @@ class _ShardLink:
         # instead of waiting for TCP retransmissions to resume after the cut heals.
         self.bus = _bus_link(index, endpoint, config)
         self.session = ShardSession(config.delivery.concurrency, config.queue.worker_timeout / 2)
-        self.jobs: dict[str, asyncio.Task[None]] = {}
-        # Bounds the deliveries running at once even if the shard sends more jobs than it had credits for.
-        self.slots = asyncio.Semaphore(config.delivery.concurrency)
+        # The job runners: at most `concurrency` (bounds the deliveries running at once even if the shard sends
+        # more jobs than it had credits for), made as jobs come and kept. A runner with nothing to do waits on a
+        # future in `idle`; a job no runner is free for waits in `queue` with the time it was received.
+        self.concurrency = config.delivery.concurrency
+        self.runners: set[asyncio.Task[None]] = set()
+        self.idle: list[asyncio.Future[tuple[Deliver, float] | None]] = []
+        self.queue: deque[tuple[Deliver, float]] = deque()
+        # Set when the worker stops: runners then take no further job and end.
+        self.closing = False
         # Set by every ack: fenced jobs wait for it.
         self.acked = asyncio.Event()
         # The shard's last ack said it is drained (cluster/queue/drain.py).
@@ -88,6 +100,21 @@ class _ShardLink:
 
     async def send(self, frame: bytes) -> bool:
         return await self.bus.send(frame)
+
+    def held(self) -> int:
+        """Jobs taken from this shard and not finished: waiting for a runner (or an ack) or running."""
+        return len(self.session.waiting) + len(self.session.running)
+
+    def next_job(self) -> tuple[Deliver, float] | None:
+        """The next queued job for a runner that just finished one, or None (also once the link is closing)."""
+        return self.queue.popleft() if self.queue and not self.closing else None
+
+    def wake_idle(self) -> None:
+        """Wake every idle runner with no job: it ends (the link is closing)."""
+        idle, self.idle = self.idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 def _bus_link(index: int, endpoint: str, config: Config) -> BusLink:
@@ -121,7 +148,7 @@ class Worker:
         return list((await self.resolver.addresses(host)).addresses)
 
     def _jobs_held(self) -> float:
-        return float(sum(len(link.jobs) for link in self._links))
+        return float(sum(link.held() for link in self._links))
 
     def is_ready(self) -> bool:
         if not self._links:
@@ -185,9 +212,11 @@ class Worker:
                 changed += 1
         for link in self._links[len(shards):]:
             await self._stop_serving(link.index)
-            for task in link.jobs.values():
+            link.closing = True
+            link.wake_idle()
+            for task in link.runners:
                 task.cancel()
-            await asyncio.gather(*link.jobs.values(), return_exceptions=True)
+            await asyncio.gather(*link.runners, return_exceptions=True)
             await link.bus.close()
             changed += 1
         del self._links[len(shards):]
@@ -202,31 +231,32 @@ class Worker:
     async def _hand_back_waiting(self) -> None:
         """Drop the jobs that have not started and say so in a last heartbeat: their shards re-queue them now
         (they were never attempted: no duplicate possible)."""
-        cancelled: list[asyncio.Task[None]] = []
         for link in self._links:
             waiting = list(link.session.waiting)
             for job_id in waiting:
                 link.session.abandon(job_id)
-                task = link.jobs.get(job_id)
-                if task is not None:
-                    task.cancel()
-                    cancelled.append(task)
+            # No runner takes another job; idle ones end, one waiting for an ack finds its job gone.
+            link.closing = True
+            link.queue.clear()
+            link.wake_idle()
+            link.acked.set()
+            link.acked.clear()
             if waiting:
                 log.info("shard %d: handing back %d jobs not started", link.index, len(waiting))
             await link.send(link.session.heartbeat(self.name, time.monotonic()).encode())
-        await asyncio.gather(*cancelled, return_exceptions=True)
 
     async def _finish_jobs(self) -> None:
-        running = [task for link in self._links for task in link.jobs.values()]
-        if not running:
+        runners = [task for link in self._links for task in link.runners]
+        if not runners:
             return
-        _, abandoned = await asyncio.wait(running, timeout=SHUTDOWN_GRACE)
-        for task in abandoned:
+        await asyncio.wait(runners, timeout=SHUTDOWN_GRACE)
+        abandoned = sum(len(link.session.running) for link in self._links)
+        for task in runners:
             task.cancel()
         if abandoned:
             log.info("abandoned %d jobs at shutdown; their shards take them back when the leases expire",
-                     len(abandoned))
-            await asyncio.gather(*abandoned, return_exceptions=True)
+                     abandoned)
+        await asyncio.gather(*runners, return_exceptions=True)
 
     async def _heartbeat(self, link: _ShardLink) -> None:
         if self._stopping:
@@ -244,12 +274,19 @@ class Worker:
         re-queues jobs missing from it)."""
         interval = self.config.queue.heartbeat_interval
         next_beat = time.monotonic()
+        handled = 0  # frames handled since this loop last gave the other tasks a turn on purpose
         while True:
             try:
-                # A bounded batch, then a turn for the other tasks (the deliveries) and the heartbeat check.
-                for message in await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN):
+                # A bounded batch, then the heartbeat check. A receive that finds no frame waits, which gives the
+                # other tasks (the deliveries) their turn; after FRAMES_PER_TURN frames without such a wait
+                # (frames kept coming), they get one on purpose.
+                messages = await link.bus.receive(max(0.0, next_beat - time.monotonic()), FRAMES_PER_TURN)
+                for message in messages:
                     await self._on_message(link, message)
-                await asyncio.sleep(0)
+                handled += len(messages)
+                if handled >= FRAMES_PER_TURN:
+                    handled = 0
+                    await asyncio.sleep(0)
                 if time.monotonic() >= next_beat:
                     await self._heartbeat(link)
                     self._shards_connected()
@@ -270,11 +307,8 @@ class Worker:
 
     async def _on_ack(self, link: _ShardLink, ack: HeartbeatAck) -> None:
         link.drained = ack.state == "drained"
+        # Revoked jobs leave the session's waiting jobs here: a runner skips them (`ShardSession.start`).
         actions = link.session.on_ack(ack, time.monotonic())
-        for job_id in actions.dropped:
-            task = link.jobs.pop(job_id, None)
-            if task is not None:
-                task.cancel()
         if actions.dropped:
             log.info("shard %d revoked %d jobs we had not started (handed out again while we were cut off)",
                      link.index, len(actions.dropped))
@@ -294,27 +328,58 @@ class Worker:
         if not link.session.accept(job):
             log.warning("shard %d sent job %s again while we hold it; ignored", link.index, job.job_id)
             return
-        task = asyncio.create_task(self._run_job(link, job))
-        link.jobs[job.job_id] = task
+        entry = (job, time.perf_counter())
+        idle = link.idle
+        while idle:
+            waiter = idle.pop()
+            if not waiter.done():
+                waiter.set_result(entry)
+                return
+        if len(link.runners) < link.concurrency:
+            runner = asyncio.create_task(self._runner(link, entry))
+            link.runners.add(runner)
+            runner.add_done_callback(link.runners.discard)
+        else:
+            link.queue.append(entry)
 
-    async def _run_job(self, link: _ShardLink, job: Deliver) -> None:
-        started = time.perf_counter()
-        try:
-            async with link.slots:
-                while link.session.fenced(time.monotonic()) and job.job_id in link.session.waiting:
-                    await link.acked.wait()
-                if not link.session.start(job.job_id):
-                    link.jobs.pop(job.job_id, None)
-                    return  # revoked while it waited: another worker has it now
-                outcomes = await self._outcomes(job) if job.recipients else []
-        except asyncio.CancelledError:
-            link.jobs.pop(job.job_id, None)
-            raise
-        frame = Result(job_id=job.job_id, worker=self.name, outcomes=outcomes).encode()
-        link.session.finish(job.job_id, frame)
+    async def _runner(self, link: _ShardLink, entry: tuple[Deliver, float]) -> None:
+        """Run jobs of one link one after the other: this one, then the queued ones, then whatever comes."""
+        loop = asyncio.get_running_loop()
+        while True:
+            job, received = entry
+            try:
+                await self._run_job(link, job, received)
+            except asyncio.CancelledError:
+                link.session.abandon(job.job_id)  # not finished here: no longer ours to report
+                raise
+            except Exception:  # a bug outside the delivery: the shard hands the job out again; go on
+                link.session.abandon(job.job_id)
+                log.exception("queue_id=%s job=%s: running the job failed; handing it back", job.queue_id,
+                              job.job_id)
+            following = link.next_job()
+            if following is None:
+                if link.closing:
+                    return
+                waiter: asyncio.Future[tuple[Deliver, float] | None] = loop.create_future()
+                link.idle.append(waiter)
+                following = await waiter
+                if following is None:
+                    return  # woken to end: the worker stops
+            entry = following
+
+    async def _run_job(self, link: _ShardLink, job: Deliver, received: float) -> None:
+        session = link.session
+        job_id = job.job_id
+        if session.fenced(time.monotonic()):
+            while session.fenced(time.monotonic()) and job_id in session.waiting:
+                await link.acked.wait()
+        if not session.start(job_id):
+            return  # revoked while it waited: another worker has it now (or handed back at a stop)
+        outcomes = await self._outcomes(job) if job.recipients else []
+        frame = result_frame(job_id, self.name, outcomes)
+        session.finish(job_id, frame)
         await link.send(frame)
-        link.jobs.pop(job.job_id, None)
-        metrics.DURATION.observe(time.perf_counter() - started)
+        metrics.DURATION.observe(time.perf_counter() - received)
 
     async def _outcomes(self, job: Deliver) -> list[Outcome]:
         """One outcome per recipient: bad addresses fail at once, the rest go to the deliverer."""

@@ -367,3 +367,68 @@ async def test_a_failure_in_the_link_loop_is_logged_and_the_link_goes_on(
         while not worker.is_ready():
             await asyncio.sleep(0.02)
     assert "the link's loop failed" in caplog.text and not failures
+
+
+async def test_jobs_beyond_concurrency_wait_in_order_and_a_revoked_waiting_job_never_runs(config: Config) -> None:
+    """One runner (concurrency 1): the later jobs wait in the link's queue; the shard revokes the second while
+    it waits, so only the first, third and fourth reach the smarthost, in that order, and no more runners are
+    made than `delivery.concurrency`."""
+    async with held_smarthost() as smarthost:
+        one_at_a_time = config_from_dict({
+            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{smarthost.port}", "concurrency": 1},
+            "metrics": {"listen": ""},
+        }, environ={})
+        shard = FakeShard(one_at_a_time.queue.shards[0])
+        worker = Worker(one_at_a_time, name="w-queue", resolver=StaticMxResolver({}))
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await shard.next_of(Heartbeat)
+            for job_id in ("first", "second", "third", "fourth"):
+                await shard.send(job(job_id, f"{job_id}@dest.test").encode())
+            async with asyncio.timeout(5):
+                while not smarthost.held:
+                    await asyncio.sleep(0.01)
+            link = worker._links[0]
+            assert [entry[0].job_id for entry in link.queue] == ["second", "third", "fourth"]
+            assert len(link.runners) == 1
+            await shard.ack(revoked=["second"])
+            async with asyncio.timeout(5):
+                while "second" in link.session.waiting:
+                    await asyncio.sleep(0.01)
+            smarthost.release.set()  # each session is answered 421: the jobs end deferred, one after the other
+            results = [await shard.next_of(Result) for _ in range(3)]
+            assert [r.job_id for r in results if isinstance(r, Result)] == ["first", "third", "fourth"]
+            assert len(smarthost.held) == 3 and len(link.runners) == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+            shard.close()
+
+
+async def test_a_job_whose_run_fails_outside_the_delivery_is_handed_back_and_the_runner_goes_on(
+        running: tuple[Worker, FakeShard], sink: SmtpSink, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    worker, shard = running
+    real = Worker._outcomes
+    failures = [RuntimeError("a bug outside the delivery")]
+
+    async def failing_once(self: Worker, deliver: Deliver) -> list[object]:
+        if failures:
+            raise failures.pop()
+        return await real(self, deliver)  # type: ignore[return-value]
+
+    monkeypatch.setattr(Worker, "_outcomes", failing_once)
+    await shard.next_of(Heartbeat)
+    await shard.send(job("broken", "a@dest.test").encode())
+    async with asyncio.timeout(5):  # no longer ours: left out of the heartbeats, so the shard hands it out again
+        while True:
+            beat = await shard.next_of(Heartbeat)
+            if isinstance(beat, Heartbeat) and not beat.in_flight and not failures:
+                break
+    assert "queue_id=Qbroken job=broken: running the job failed" in caplog.text
+    await shard.send(job("next", "b@dest.test").encode())
+    result = await shard.next_of(Result)
+    assert isinstance(result, Result) and result.job_id == "next" and result.outcomes[0].kind == "delivered"
+    assert beat.finished == [] and len(worker._links[0].runners) == 1

@@ -213,6 +213,16 @@ def test_an_outcome_a_worker_could_send_is_checked_field_by_field(change: dict[s
         decode(msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [item]}))
 
 
+def test_a_worker_s_result_frame_is_the_result_s_own_encoding() -> None:
+    outcomes = [Outcome("r@d.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok", "mx[192.0.2.1]", 25, 0.25, 0.5),
+                Outcome("s@d.test", OutcomeKind.FAILED, 550, "5.1.1", "no such user \u00e9", "mx", 2525),
+                Outcome("t@d.test", OutcomeKind.DEFERRED, 451, "4.4.2", "later")]
+    for some in ([], outcomes[:1], outcomes):
+        frame = schemas.result_frame("job-1", "worker-a", some)
+        assert frame == Result("job-1", "worker-a", some).encode()
+        assert decode(frame) == Result("job-1", "worker-a", some)
+
+
 def test_outcomes_travel_as_plain_maps_and_come_back_equal() -> None:
     outcomes = [Outcome(f"r{i}@d.test", OutcomeKind.DEFERRED, 451, "4.2.0", "later", "mx[192.0.2.1]", 25, 0.5, i)
                 for i in range(3)] + [Outcome("s@d.test", OutcomeKind.DELIVERED, 250, "2.0.0", "ok")]
