@@ -53,6 +53,7 @@ from benchmarks.scenarios import SCENARIOS, SYSTEMS, Load, parse_layout, parse_l
 from benchmarks.sink import SinkError, SmtpSink
 from benchmarks.smtp_probe import ProbeResult, ProbeSettings, SmtpProbeError, run_probe, send_one
 from benchmarks.stats import rate, summarize_latencies
+from cluster.config import UpConfig, up_processes
 
 SENDER = "bench@bench.example"
 RECIPIENT = "sink@bench.example"
@@ -146,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     large.add_argument("--rss-limit", type=float, default=RSS_LIMIT_MIB,
                        help="flag roles whose peak RSS goes above this many MiB")
     ours = parser.add_argument_group("mtacluster")
-    ours.add_argument("--frontends", type=_positive, default=2, help="mtacluster frontends (up.frontends)")
-    ours.add_argument("--workers", type=_positive, default=2, help="mtacluster workers (up.workers)")
+    up_frontends, up_workers = up_processes(UpConfig())  # what `mtacluster up` starts on this machine
+    ours.add_argument("--frontends", type=_positive, default=up_frontends,
+                      help="mtacluster frontends (up.frontends; default: as `mtacluster up` here)")
+    ours.add_argument("--workers", type=_positive, default=up_workers,
+                      help="mtacluster workers (up.workers; default: as `mtacluster up` here)")
     ours.add_argument("--compare-layout", type=_layout, action="append", default=[], metavar="F/W",
                       help="also run ours with F frontends and W workers on the standard load, beside ours "
                            "(repeatable); its table compares it with ours")

@@ -262,13 +262,34 @@ class MailboxConfig:
 
 @dataclass(frozen=True)
 class UpConfig:
-    # Processes started by `mtacluster up`.
-    frontends: int = 2
-    workers: int = 2
+    # Processes started by `mtacluster up`; 0 = scaled to the CPUs this process may use (`up_processes`): one
+    # frontend per CPU and one worker per two CPUs, at least one each. A frontend spends about twice a worker's CPU
+    # on a message, and on 2 CPUs 2 frontends and 1 worker took less CPU per message and answered sooner than 2 and
+    # 2 (ARCHITECTURE.md, "Performance notes").
+    frontends: int = 0
+    workers: int = 0
     # Also start one mailbox process (after the workers): node 0 of mailbox.nodes.
     mailbox: bool = True
     # Restart a child that exits unexpectedly, after this delay.
     restart_delay: Duration = Duration(1)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's cpuset counts; a CPU quota does not)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def up_processes(up: UpConfig, cpus: int | None = None) -> tuple[int, int]:
+    """(frontends, workers) that `mtacluster up` starts: the configured counts, or for 0 the counts scaled to
+    `cpus` (default: `usable_cpus()`), one frontend per CPU and one worker per two CPUs, at least one each."""
+    if cpus is None and (up.frontends == 0 or up.workers == 0):
+        cpus = usable_cpus()
+    frontends = up.frontends or max(1, cpus or 1)
+    workers = up.workers or max(1, (cpus or 1) // 2)
+    return frontends, workers
 
 
 # RFC 6376 5.4.1: the header fields a signer should sign ("From" is required, and we oversign it). Message-ID,
@@ -660,8 +681,8 @@ def _check_bounds(config: Config) -> None:
         raise ConfigError("log.format", f'expected "text" or "json", got {config.log.format!r}')
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("log.level", f'expected "DEBUG", "INFO", "WARNING" or "ERROR", got {config.log.level!r}')
-    at_least("up.frontends", config.up.frontends, 1)
-    at_least("up.workers", config.up.workers, 1)
+    at_least("up.frontends", config.up.frontends, 0)
+    at_least("up.workers", config.up.workers, 0)
     _check_dkim(config.dkim)
     _check_mailbox(config.mailbox)
     _check_egress(config.egress)

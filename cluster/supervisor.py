@@ -1,7 +1,8 @@
 """`mtacluster up`: run the whole cluster on one machine as child processes, and watch them.
 
 Starts every queue shard of `queue.shards`, `up.frontends` frontends (sharing the SMTP port with SO_REUSEPORT),
-`up.workers` workers and one mailbox process (when `up.mailbox`), each as `python -m cluster serve ROLE`. Each child
+`up.workers` workers (for 0, counts scaled to the CPUs: `config.up_processes`) and one mailbox process (when
+`up.mailbox`), each as `python -m cluster serve ROLE`. Each child
 gets its own metrics port: the port of `metrics.listen` plus the child's index. A child that exits unexpectedly
 is restarted after `up.restart_delay`. SIGTERM or SIGINT stops the frontends first (no new mail), then the shards,
 then the workers, then the mailbox: a stopping shard dispatches nothing more and waits (bounded) for the Results
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config import Config, split_host_port
+from cluster.config import Config, split_host_port, up_processes
 
 GRACE_SECONDS = 15.0
 # Shards stop before workers: they stop dispatching and collect the Results of the jobs in flight first; the
@@ -73,11 +74,12 @@ def plan_children(config: Config, config_path: str | None) -> list[Child]:
 
     for index in range(len(config.queue.shards)):
         add("queue", ["--shard", str(index)])
-    for _ in range(config.up.workers):
+    frontends, workers = up_processes(config.up)
+    for _ in range(workers):
         add("worker", [])
     if config.up.mailbox:
         add("mailbox", [])
-    for _ in range(config.up.frontends):
+    for _ in range(frontends):
         add("frontend", [])
     return children
 
@@ -151,9 +153,10 @@ class Supervisor:
         for child in self.children:
             self._start(child)
         submission = self.config.smtp.submission_listen + self.config.smtp.submissions_listen
+        frontends, workers = up_processes(self.config.up)
         print(f"mtacluster up: pid={os.getpid()} {len(self.children)} processes "
-              f"(shards={len(self.config.queue.shards)} workers={self.config.up.workers} "
-              f"frontends={self.config.up.frontends} mailbox={int(self.config.up.mailbox)}); "
+              f"(shards={len(self.config.queue.shards)} workers={workers} "
+              f"frontends={frontends} mailbox={int(self.config.up.mailbox)}); "
               f"SMTP on {', '.join(self.config.smtp.listen) or 'nothing'}; "
               f"submission on {', '.join(submission) or 'nothing'}; "
               f"spool under {self.config.queue.spool_dir}; Ctrl-C stops", flush=True)

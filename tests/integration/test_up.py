@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.config import UpConfig, up_processes
 from tests.support.harness import REPO, SmtpSink, port_open, wait_for, write_config
 from tests.support.tooling import free_port, free_ports_in_a_row
 
@@ -126,7 +127,9 @@ def test_up_on_built_in_defaults_is_what_make_run_starts(tmp_path: Path) -> None
         up = subprocess.Popen([sys.executable, "-m", "cluster", "up"], stdout=log, stderr=subprocess.STDOUT,
                               cwd=tmp_path, env=env)
     try:
-        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= 6, 30, "6 ready lines")
+        # a shard, a mailbox node, and the frontends and workers scaled to this machine's CPUs
+        ready = 2 + sum(up_processes(UpConfig()))
+        wait_for(lambda: log_path.read_text().count("mtacluster: ready") >= ready, 30, f"{ready} ready lines")
         assert "smtp=127.0.0.1:2525" in log_path.read_text()
         assert "lmtp=127.0.0.1:2424 pop3=127.0.0.1:1110" in log_path.read_text()
         with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:

@@ -24,7 +24,7 @@ from benchmarks.scenarios import parse_layout, parse_layout_system, round_plan
 from benchmarks.sink import parse_conversation, parse_counter, sink_command
 from benchmarks.smtp_probe import make_body
 from benchmarks.stats import percentile, rate, ratio, summarize_latencies
-from cluster.config import config_from_dict
+from cluster.config import UpConfig, config_from_dict, up_processes
 
 # --- percentiles, rates, ratios
 
@@ -88,7 +88,8 @@ def test_defaults_match_the_issue() -> None:
     assert args.profile_dir is None
     assert args.time_limit <= 420
     assert (args.rounds, args.bulk_rounds, args.large_rounds) == (3, 2, 2)
-    assert (args.frontends, args.workers, args.compare_layouts) == (2, 2, ())
+    # ours runs what `mtacluster up` starts on this machine (its defaults scale with the CPUs)
+    assert (args.frontends, args.workers, args.compare_layouts) == (*up_processes(UpConfig()), ())
 
 
 def test_flags_are_parsed() -> None:

@@ -23,7 +23,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config.queue.max_lifetime == 5 * 86400
     assert config.delivery.port == 25 and config.delivery.max_mx_addresses == 5
     assert config.delivery.destination_concurrency == 20
-    assert config.up.frontends == 2 and config.up.workers == 2
+    assert config.up.frontends == 0 and config.up.workers == 0  # scaled to the CPUs (test_supervisor.py)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [(30, 30), (1.5, 1.5), ("90s", 90), ("5m", 300), ("2h", 7200),
@@ -70,6 +70,8 @@ def test_file_and_environment_override(tmp_path: Path) -> None:
     ({"smtp": {"shutdown_grace": "-1s"}}, "smtp.shutdown_grace"),
     ({"smtp": {"shutdown_grace": "2h"}}, "smtp.shutdown_grace"),
     ({"smtp": {"shutdown_grace": "soon"}}, "smtp.shutdown_grace"),
+    ({"up": {"frontends": -1}}, "up.frontends"),
+    ({"up": {"workers": -2}}, "up.workers"),
 ])
 def test_bad_values_name_the_key(raw: dict[str, dict[str, object]], key: str) -> None:
     with pytest.raises(ConfigError) as info:

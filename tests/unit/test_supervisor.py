@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from cluster.config import config_from_dict
+import pytest
+
+from cluster import config as config_module
+from cluster.config import UpConfig, config_from_dict, up_processes
 from cluster.supervisor import plan_children
+
+
+@pytest.fixture
+def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults of `up` scale with the CPUs: these tests see the 2 CPUs of the project's machine."""
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 2)
 
 
 def test_plan_starts_shards_then_workers_then_mailbox_then_frontends_with_own_metrics_ports() -> None:
@@ -21,15 +30,33 @@ def test_plan_starts_shards_then_workers_then_mailbox_then_frontends_with_own_me
     assert ports == [f'"127.0.0.1:{9600 + i}"' for i in range(8)]
 
 
-def test_plan_without_config_file_or_metrics() -> None:
+def test_plan_without_config_file_or_metrics(two_cpus: None) -> None:
     config = config_from_dict({"metrics": {"listen": ""}}, environ={})
     children = plan_children(config, None)
-    assert len(children) == 6
+    assert len(children) == 5  # shard, 1 worker, mailbox, 2 frontends
     assert all("--config" not in c.args for c in children)
     assert all("MTACLUSTER_METRICS_LISTEN" not in c.env or c.env["MTACLUSTER_METRICS_LISTEN"] == ""
                for c in children)
 
 
-def test_plan_without_mailbox() -> None:
+def test_plan_without_mailbox(two_cpus: None) -> None:
     config = config_from_dict({"up": {"mailbox": False}}, environ={})
-    assert [c.role for c in plan_children(config, None)] == ["queue", "worker", "worker", "frontend", "frontend"]
+    assert [c.role for c in plan_children(config, None)] == ["queue", "worker", "frontend", "frontend"]
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, (1, 1)), (2, (2, 1)), (3, (3, 1)), (8, (8, 4))])
+def test_default_process_counts_scale_with_the_cpus(cpus: int, expected: tuple[int, int]) -> None:
+    assert up_processes(UpConfig(), cpus) == expected
+
+
+def test_configured_process_counts_are_kept_whatever_the_cpus() -> None:
+    assert up_processes(UpConfig(frontends=3, workers=5), 1) == (3, 5)
+    assert up_processes(UpConfig(frontends=1), 8) == (1, 4)  # only the one left at 0 scales
+    assert up_processes(UpConfig(workers=2), 8) == (8, 2)
+
+
+def test_scaled_counts_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert config_module.usable_cpus() == 4
+    config = config_from_dict({"up": {"mailbox": False}}, environ={})
+    assert [c.role for c in plan_children(config, None)].count("frontend") == 4
