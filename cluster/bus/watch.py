@@ -20,14 +20,19 @@ Outputs: `readable()`; `await wait(deadline)`: True once frames wait, False when
 `deadline` (`loop.time()` units; None: no limit); waits for the same deadline share one timer (the shard waits
 for its next tick many times per tick). `wake()` ends a waiting `wait` early (it then looks again); `close()`.
 Failure modes: after `close()` the socket may be gone, so `readable()` raises ZMQError(ENOTSUP) instead of
-touching it, and so does a `wait` woken by the close; ZeroMQ errors of the poll are raised to the caller.
+touching it, and so does a `wait` woken by the close; ZeroMQ errors of the poll are raised to the caller. A
+socket that cannot be read any more (its context torn down without closing it) is logged once and its
+descriptor no longer watched; the waiting `wait` is woken and raises the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import zmq
+
+log = logging.getLogger(__name__)
 
 _POLLIN = int(zmq.POLLIN)
 
@@ -41,6 +46,7 @@ class FrameWatch:
         self._waiter: asyncio.Future[None] | None = None
         self._look_pending = False
         self._closed = False
+        self._unwatched = False  # the descriptor's reader was removed because the socket cannot be read
         # The timer of the last deadline waited for; None once it fired (or before any).
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
@@ -60,12 +66,22 @@ class FrameWatch:
 
     def _look(self) -> None:
         self._look_pending = False
-        if not self._closed and self.readable():
-            self.wake()
+        self._on_descriptor()
 
     def _on_descriptor(self) -> None:
-        if not self._closed and self.readable():
-            self.wake()
+        try:
+            if not self._closed and self.readable():
+                self.wake()
+        except zmq.ZMQError as exc:
+            # The socket cannot be read any more (its context torn down without closing it): every look fails
+            # and the descriptor stays readable, so the loop would call this (and report it) at every turn.
+            if self._loop is not None and not self._unwatched:
+                self._unwatched = True
+                log.error("bus socket (descriptor %d) cannot be read (%s); it is no longer watched",
+                          self._descriptor, exc)
+                if not self._loop.is_closed():
+                    self._loop.remove_reader(self._descriptor)
+            self.wake()  # the waiting `wait` looks again, and raises the error
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -111,6 +127,6 @@ class FrameWatch:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._loop is not None and not self._loop.is_closed():
+        if self._loop is not None and not self._loop.is_closed() and not self._unwatched:
             self._loop.remove_reader(self._descriptor)
         self.wake()

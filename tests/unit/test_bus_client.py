@@ -4,10 +4,12 @@ shard, reconnection after the shard restarts, CURVE, one-way traffic, and ZMTP l
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -365,3 +367,31 @@ def test_a_direct_link_times_out_under_uvloop_however_its_timer_rounds(endpoint:
             await link.close()
 
     uvloop.run(receives())
+
+
+async def test_a_direct_link_whose_context_is_torn_down_logs_once_and_stops_watching(
+        endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A context terminated while its socket is open makes every look at the socket fail and its descriptor
+    stay readable: one error line, the descriptor no longer watched (it was an error from the loop at every
+    turn, and the waiting receive never woke), and the receive gets the error."""
+    context = zmq.asyncio.Context()
+    link = BusLink(endpoint, None, name="shard 0", context=context, direct=True)
+    terminating = threading.Thread(target=context.term)
+    assert await link.receive(0.01) == []  # the descriptor is watched from now on
+    receiving = asyncio.create_task(link.receive(None))
+    try:
+        await asyncio.sleep(0)  # the receive runs up to its wait on the descriptor
+        terminating.start()
+        with pytest.raises(zmq.ZMQError):
+            await asyncio.wait_for(receiving, 5)
+        for _ in range(100):  # the loop turns on: nothing more is logged
+            await asyncio.sleep(0)
+        with pytest.raises(zmq.ZMQError):
+            await asyncio.wait_for(link.receive(None), 5)  # a later receive fails at once, watches nothing
+        errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "no longer watched" in errors[0], errors
+    finally:
+        receiving.cancel()
+        await link.close()
+        if terminating.ident is not None:
+            terminating.join(5)
