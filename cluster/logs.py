@@ -14,11 +14,16 @@ field that JSON cannot encode is written as its repr.
 logging module's record, formatter and handler chain when all they would do is write the text format to the
 installed handler: it gives a writer of already formatted INFO lines, byte for byte the line the formatter
 would write, or None when anything else could see the record (another handler, e.g. pytest's; a filter; the
-JSON format; INFO off), and the caller then logs as usual. Within a turn of the event loop the lines are
-gathered and written with one write at its end (100 lines for a 100-recipient Result: one system call, one
-time stamp, that of the first line); a record logged the usual way meanwhile, from any thread, writes the
-gathered lines first, so the order of lines is kept. Without a running loop each line is written at once.
-A write that fails goes the usual way too (the logging module reports it).
+JSON format; INFO off), and the caller then logs as usual. Lines are gathered and written with one write
+(100 lines for a 100-recipient Result: one system call, one time stamp, that of the first line) when the
+caller calls `flush()`: at the moment the outcomes they tell of are durable or acknowledged (the shard once
+the commit holding them has returned, and right after its Stored answers; the frontend before its 250), so a
+kill -9 loses no line of an outcome already made durable, except in the few statements between the commit's
+return and the flush. Lines nobody flushes are written at the end of the loop turn; a record logged the usual
+way meanwhile, from any thread, writes the gathered lines first, so the order of lines is kept. Without a
+running loop each line is written at once. A write that fails is reported once by the logging module
+(`Handler.handleError`, as for a record) and its lines are not written again: part of them may be in the log
+already, and an outcome must not appear twice.
 """
 
 from __future__ import annotations
@@ -144,12 +149,10 @@ class DirectText:
             try:
                 stream.write(prefix + prefix.join(lines) if len(lines) > 1 else prefix + lines[0])
                 stream.flush()
-                return
             except Exception:  # as StreamHandler.emit: the logging module reports it (logging.raiseExceptions)
-                pass
-        for line in lines:
-            name, _, message = line[:-1].partition(": ")
-            logging.getLogger(name).info("%s", message)
+                self.handler.handleError(logging.LogRecord(
+                    __name__, logging.ERROR, __file__, 0, f"{len(lines)} log lines not written, or in part", None,
+                    None))
 
 
 class TextHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -170,6 +173,13 @@ class TextHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _direct: DirectText | None = None
+
+
+def flush_direct() -> None:
+    """Write the direct lines gathered so far now (module docstring: when an outcome is durable or answered)."""
+    writer = _direct
+    if writer is not None:
+        writer.flush()
 
 
 def direct(logger: logging.Logger) -> DirectText | None:

@@ -801,6 +801,7 @@ class InboundSession(asyncio.Protocol):
             writer = logs.direct(log)  # the same line without the logging module's record and handler chain
             if writer is not None:
                 writer.write(log, line)
+                writer.flush()  # before the 250 goes out (cluster/logs.py)
             else:
                 log.info("%s", line)
         else:

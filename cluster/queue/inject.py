@@ -5,7 +5,8 @@ file system (`DiskSpace`, refreshed by maintenance.py). Outputs: the answer to s
 to `on_stored` (the shard schedules it and tracks it for delay warnings). Durability (ARCHITECTURE.md contract 1):
 Stored is answered only after the transaction holding the message committed (group commit, spoolio.py):
 `begin_many(injects, answer)` calls `answer` from the fsync's completion itself (commit.py), before the rest of that
-turn's work; the messages are handed on (scheduled, logged) once all of that fsync's are answered. A message the
+turn's work, and their log lines are written right after those answers; the messages are handed on (scheduled)
+once all of that fsync's are answered. A message the
 dispatcher will send at once is stored with its recipients in flight, and its body handed to the dispatcher
 (dispatch.py: one transaction per message).
 Failure modes: below `queue.min_free_space` free, or when the spool reports a full disk, new mail is refused with
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 from cluster.bus.schemas import Inject, InjectRefused, Stored
 from cluster.config import Config
-from cluster.logs import direct
+from cluster.logs import direct, flush_direct
 from cluster.queue import metrics
 from cluster.queue.records import Message, QueueIdFactory, Recipient
 from cluster.queue.spool import Batch, SpoolError
@@ -102,6 +103,7 @@ class Injector:
             for position, message in messages:  # the clients are waiting for their 250
                 answer(position, Stored(injects[position].req, message.queue_id))
             self._stored.inc(len(messages))
+            self._log_stored(messages)  # once answered, not a turn later (cluster/logs.py)
             if not self._handing_on:  # the rest once every message of this fsync is answered
                 asyncio.get_running_loop().call_soon(self._hand_on)
             self._handing_on.append((batch, [message for _, message in messages]))
@@ -110,16 +112,23 @@ class Injector:
 
     def _hand_on(self) -> None:
         handing_on, self._handing_on = self._handing_on, []
-        writer = direct(log)  # the text line without the logging module's record (cluster/logs.py)
         for batch, messages in handing_on:
             for message in messages:
                 self._follow(batch, message)
-                if writer is not None:
-                    writer.write(log, f"{message.queue_id}: from=<{message.sender}>, size={message.size}, "
-                                      f"nrcpt={len(message.recipients)} (queue active)")
-                else:
-                    log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id,
-                             message.sender, message.size, len(message.recipients))
+
+    @staticmethod
+    def _log_stored(messages: list[tuple[int, Message]]) -> None:
+        """One line per message answered Stored, written at once."""
+        writer = direct(log)  # the text line without the logging module's record (cluster/logs.py)
+        for _, message in messages:
+            if writer is not None:
+                writer.write(log, f"{message.queue_id}: from=<{message.sender}>, size={message.size}, "
+                                  f"nrcpt={len(message.recipients)} (queue active)")
+            else:
+                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.queue_id,
+                         message.sender, message.size, len(message.recipients))
+        if writer is not None:
+            flush_direct()
 
     def short_of_space(self) -> bool:
         """True below `queue.min_free_space` free: new mail (and transfers) are refused with 452 4.3.1."""

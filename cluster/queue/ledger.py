@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.bus.schemas import Outcome, OutcomeKind
-from cluster.logs import direct
+from cluster.logs import direct, flush_direct
 from cluster.queue import maillog, metrics
 from cluster.queue.bounces import BounceMaker
 from cluster.queue.records import LastOutcome, Message, Recipient, RecipientUpdate, State
@@ -250,6 +250,7 @@ class Ledger:
                     writer.write(log, f"{message.queue_id}: removed")
                 else:
                     log.info("%s: removed", message.queue_id)
+        flush_direct()  # the lines of what this commit made durable, now (cluster/logs.py)
         for event, count in counts.items():
             outcomes, completed = metrics.outcome_children(self.label, event.value, COMPLETED_AS.get(event))
             outcomes.inc(count)

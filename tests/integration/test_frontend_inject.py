@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import smtplib
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from prometheus_client import REGISTRY
 
+from cluster import logs
 from cluster.bus.ring import shard_for_domain
 from cluster.bus.schemas import BusMessage, Inject, InjectRefused
 from cluster.config import config_from_dict
@@ -247,3 +251,55 @@ async def test_pipelined_commands_behind_a_check_that_waits_are_answered_in_orde
                            b"250 2.0.0", b"221 2.0.0"]
         assert [inject.recipients for inject in shards[0].injects] == [["a@x.test", "b@x.test"]]
         writer.close()
+
+
+class PeekingStream:
+    """The frontend's log stream: notes, with each write, what the client could already read at that moment."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.writes: list[tuple[str, bytes]] = []
+
+    def write(self, text: str) -> int:
+        try:
+            waiting = self.client.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            waiting = b""
+        self.writes.append((text, waiting))
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+async def test_the_accepted_line_is_written_before_the_250_goes_out() -> None:
+    """The frontend's line for a stored message (cluster/logs.py direct lines) is written before the client
+    is told 250, not at the end of the loop turn after it, so the line of an acknowledged message is never
+    lost to a kill -9 in between."""
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    logs.configure("frontend", "text")
+    try:
+        async with frontend_with([stored]) as (port, _, _):
+            loop = asyncio.get_running_loop()
+            client = socket.socket()
+            client.setblocking(False)
+            stream = PeekingStream(client)
+            cast(logging.StreamHandler, root.handlers[0]).setStream(stream)  # type: ignore[type-arg]
+            try:
+                await loop.sock_connect(client, ("127.0.0.1", port))
+                reply = b""
+                for command in (b"", b"EHLO client.test\r\n", b"MAIL FROM:<s@client.test>\r\n",
+                                b"RCPT TO:<r@d.test>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n"):
+                    await loop.sock_sendall(client, command)
+                    reply = b""
+                    while not (reply.endswith(b"\r\n") and reply.split(b"\r\n")[-2][3:4] == b" "):  # a last line
+                        reply += await loop.sock_recv(client, 4096)
+                assert reply.startswith(b"250 "), reply
+            finally:
+                client.close()
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    (seen,) = [waiting for text, waiting in stream.writes if " accepted trace=" in text]
+    assert seen == b""  # the client had nothing to read yet: the 250 was not sent

@@ -203,3 +203,36 @@ async def test_direct_lines_of_one_turn_go_out_in_one_write_and_in_order(root_ha
     writer.write(logger, "at exit")
     writer.handler.flush()  # as logging.shutdown does at exit: nothing gathered is lost
     assert stream.writes[-1].endswith("INFO mtacluster.queue: at exit\n")
+
+
+class _FailingOnce(_Stream):
+    """A stream whose first write gets half its text out, then fails (a full disk, say)."""
+
+    def write(self, text: str) -> int:
+        if not self.writes:
+            self.writes.append(text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+
+async def test_a_failed_write_is_reported_once_and_no_line_is_written_twice(
+        root_handlers: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """Part of a failed write may be in the log already: its lines are not logged again (each outcome at most
+    once), and the failure is reported once, as the logging module reports a record it could not write."""
+    logs.configure("queue", "text")
+    logger = logging.getLogger("mtacluster.queue")
+    writer = logs.direct(logger)
+    assert writer is not None
+    stream = _FailingOnce()
+    writer.handler.setStream(stream)  # type: ignore[arg-type]
+    for name in ("Q1", "Q2", "Q3", "Q4"):
+        writer.write(logger, f"{name}: status=sent")
+    writer.flush()
+    writer.write(logger, "Q5: status=sent")
+    writer.flush()
+    logger.info("Q6: the usual way")
+    written = "".join(stream.writes)
+    assert all(written.count(f"Q{n}: ") <= 1 for n in range(1, 7)), written
+    assert "Q1: status=sent" in written and "Q5: status=sent" in written and "Q6: the usual way" in written
+    report = capsys.readouterr().err
+    assert report.count("--- Logging error ---") == 1 and "4 log lines not written, or in part" in report

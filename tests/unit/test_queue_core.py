@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY
@@ -507,6 +507,52 @@ async def test_one_log_line_per_outcome_grep_able_by_queue_id(caplog: pytest.Log
             queue_id, "x@a.test", "sent", "2.0.0", [0.0, 0.25, 0.5, 1.25])
         sent = REGISTRY.get_sample_value("mtacluster_queue_outcomes_total", {"shard": "0", "status": "sent"})
         assert sent is not None and sent >= 1
+
+
+class NotingStream:
+    """A log stream that notes, with each write, what `look()` says at that moment."""
+
+    def __init__(self, look: Callable[[], Any]) -> None:
+        self.look = look
+        self.writes: list[tuple[str, Any]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((text, self.look()))
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+async def test_outcome_lines_are_written_as_soon_as_the_outcome_is_durable() -> None:
+    """The direct log lines (cluster/logs.py) are written when the outcome is durable, not at the end of the
+    loop turn, so a kill -9 cannot lose the line of an outcome already committed: an arrival's line before
+    the message is even scheduled (right after its Stored), the delivery's and the removal's before the
+    commit's outcomes are counted."""
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    logs.configure("queue", "text")
+    try:
+        async with shard() as h:
+            def sent() -> float:
+                return REGISTRY.get_sample_value("mtacluster_queue_outcomes_total",
+                                                 {"shard": "0", "status": "sent"}) or 0.0
+
+            stream = NotingStream(lambda: (len(h.core.scheduler.messages), sent()))
+            cast(logging.StreamHandler, root.handlers[0]).setStream(stream)  # type: ignore[type-arg]
+            queue_id = await h.inject("a@sender.test", ["x@a.test"])
+            await h.heartbeat()
+            (job,) = await h.deliveries()
+            counted = sent()
+            await h.result(job, "delivered", 250, "2.0.0", "ok")
+            assert sent() == counted + 1
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    (arrival,) = [seen for text, seen in stream.writes if f"{queue_id}: from=<a@sender.test>" in text]
+    assert arrival[0] == 0  # written before the message was scheduled
+    (delivery,) = [(text, seen) for text, seen in stream.writes if "status=sent" in text]
+    assert f"{queue_id}: removed" in delivery[0] and delivery[1][1] == counted  # before it was counted
 
 
 async def test_admin_actions_and_refusals_are_logged(caplog: pytest.LogCaptureFixture) -> None:
