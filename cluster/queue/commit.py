@@ -6,7 +6,8 @@ Stored from there (inject.py). The writer task (`run`) does the rest. When no tr
 merges the batches submitted in this turn of the event loop (up to `batch_max` new messages) and writes them as one
 transaction in its next turn (`Spool.write`, on the event loop: no fsync, a fraction of a millisecond);
 `Spool.sync` then fsyncs it in the spool's dedicated thread. Batches submitted meanwhile wait, and are merged and
-written in the turn after that fsync returns, behind the callers it made durable. So a batch waits for at most the
+written as soon as that fsync returns, right after the callers it made durable are told (before anything else of
+that turn: scheduling and logging what was stored wait, the disk does not). So a batch waits for at most the
 fsync already running and then its own, and the event loop never waits for the disk. Destination backoffs changed
 since the last transaction (`backoffs`) ride along in the next one, so they are as durable as the recipient changes
 that caused them. Each caller's await returns once the transaction holding its batch is durable, or raises the
@@ -142,7 +143,10 @@ class GroupCommitter:
             if self._observe is not None:
                 self._observe(len(merged.stores), time.perf_counter() - started)
         if self._ready():
-            self._wake.set()  # the writer's turn comes after the callers just answered
+            # What waited meanwhile is written and its fsync started now, right after the callers were answered
+            # (their Stored are sent), before the rest of this turn (scheduling and logging what was stored):
+            # the disk works while the event loop does that.
+            self._flush()
         elif not self._pending:
             self.idle.set()
 

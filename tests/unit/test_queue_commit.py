@@ -179,3 +179,21 @@ async def test_a_part_that_waits_for_company_rides_along_with_the_next_transacti
         # Alone, it goes once its time is up.
         await asyncio.wait_for(committer.submit(one("w2"), company=0.01), 5)
         assert spool.commits == [2, 1]
+
+
+async def test_what_waited_is_written_as_soon_as_the_fsync_returns() -> None:
+    """Issue 12 (accept latency): the batches that waited for an fsync are written, and their fsync started, in
+    the turn its callers are told, before whatever those callers left for later (the shard schedules and logs
+    what was stored after answering Stored): the disk does not wait for that work."""
+    spool = SlowSpool()
+    seen: list[list[int]] = []
+    loop = asyncio.get_running_loop()
+    async with running(spool) as committer:
+        committer.submit_then(one("A"), lambda error: loop.call_soon(lambda: seen.append(list(spool.commits))))
+        await asyncio.sleep(0.01)  # A's fsync runs, blocked
+        waiting = asyncio.create_task(committer.submit(one("B")))
+        await asyncio.sleep(0.01)
+        assert spool.commits == [1]  # B waits for A's fsync
+        spool.release.set()
+        await waiting
+    assert seen == [[1, 1]]  # B was written before A's caller's follow-up ran
