@@ -26,6 +26,13 @@ Nothing a client sends raises out of the handler; a `ready()` that raises is log
 Common metrics: `mtacluster_build_info{version,role}` (always 1) and `mtacluster_up_ready{role}` (0/1, refreshed
 on every /readyz and /metrics request); the process and platform collectors come with prometheus_client.
 `domain_label()` bounds destination-domain label values to the configured top domains.
+
+`count(series, amount)` adds to a counter (or gauge) series without touching it, for per-message counts (the
+worker's; the frontend keeps its own, with per-verb tallies, in cluster/frontend/metrics.py): the amounts are
+kept as plain numbers and added to their series when the registry is read (a scrape of /metrics, or
+`REGISTRY.get_sample_value`) by `PENDING`, a collector registered when this module is first imported, so ahead
+of every series of a metrics module that imports it before making its series (a collection reaches it first: a
+read sees every count made before it). A locked increment costs more than the dict update.
 """
 
 from __future__ import annotations
@@ -33,15 +40,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from cluster.config import split_host_port
 from cluster.domains import domain_key
 from cluster.version import VERSION
 
 log = logging.getLogger(__name__)
+
+
+class _PendingCounts:
+    """Amounts for counter and gauge series, added to them when the registry is collected (module docstring)."""
+
+    def __init__(self) -> None:
+        self.amounts: dict[Counter | Gauge, float] = {}
+
+    def describe(self) -> list[Metric]:
+        return []  # no series of its own (and registering it does not collect it)
+
+    def collect(self) -> Iterator[Metric]:
+        self.flush()
+        return iter(())
+
+    def flush(self) -> None:
+        amounts, self.amounts = self.amounts, {}
+        for series, amount in amounts.items():
+            series.inc(amount)
+
+
+# Registered before the series of the modules that import this one: a collection reaches it first.
+PENDING = _PendingCounts()
+REGISTRY.register(PENDING)
+
+
+def count(series: Counter | Gauge, amount: float = 1.0) -> None:
+    """Add `amount` to a counter (or gauge: negative amounts too) series, without a lock (module docstring)."""
+    amounts = PENDING.amounts
+    amounts[series] = amounts.get(series, 0.0) + amount
 
 BUILD_INFO = Gauge("mtacluster_build_info", "Build of this process: always 1, labelled with the version and role.",
                    ["version", "role"])

@@ -38,10 +38,10 @@ class ConnectionCache:
         while sessions:
             since, session = sessions.pop()
             if now - since < self._idle_timeout and session.usable:
-                metrics.CACHE_HIT.inc()
+                metrics.count(metrics.CACHE_HIT)
                 return session
             session.close(polite=True)
-        metrics.CACHE_MISS.inc()
+        metrics.count(metrics.CACHE_MISS)
         return None
 
     def give_back(self, session: SmtpSession) -> None:

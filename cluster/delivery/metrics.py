@@ -6,9 +6,10 @@ import functools
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from cluster.observability import domain_label
+# Imported before the series below are made: its `count` collector is registered ahead of them.
+from cluster.observability import count, domain_label
 
-__all__ = ["attempt_counted", "domain_label", "status_class"]
+__all__ = ["attempt_counted", "count", "domain_label", "status_class"]
 
 ATTEMPTS = Counter("mtacluster_delivery_attempts", "Delivery attempts per recipient, by outcome and domain.",
                    ["outcome", "domain"])
@@ -59,10 +60,10 @@ def attempt_counted(outcome: str, recipient_domain: str, top_domains: frozenset[
     """Count `recipients` recipients' attempts with the same outcome, recipient domain and status in ATTEMPTS
     and STATUS. The label children are looked up once per label set (prometheus_client's `labels()` costs more
     than the increment); the label values are bounded (outcome kinds, top domains + "other", status classes),
-    so is the cache."""
+    so is the cache. The counts go to the series when the registry is read (`count`: no lock per job)."""
     by_outcome, by_status = attempt_children_for(outcome, recipient_domain, top_domains, enhanced, code)
-    by_outcome.inc(recipients)
-    by_status.inc(recipients)
+    count(by_outcome, recipients)  # added to the series when they are read (cluster/observability.py)
+    count(by_status, recipients)
 
 
 CACHE_HIT = CONNECTION_CACHE.labels(result="hit")

@@ -44,6 +44,9 @@ from cluster.smtp.replies import Reply
 
 # Body bytes written before waiting for the socket to drain (each wait bounded by data_block_timeout).
 WRITE_BLOCK = 256 * 1024
+# A message of at least this many octets is written as the body itself, then the end-of-data line (a copy of
+# a big body costs more than the second write; a small one goes in one write).
+BIG_MESSAGE = 64 * 1024
 # Seconds by which a read timer may run before its deadline and still count as reached (uvloop rounds timers to
 # milliseconds).
 TIMER_SLACK = 0.002
@@ -379,15 +382,25 @@ class SmtpSession:
                 await self._abort_transaction(None)
                 return TransactionResult({**replies, **dict.fromkeys(accepted, data_reply)}, message_sent=False)
             if self._settings.lmtp:
-                await self._write(self._conn.send_message(body, len(accepted)), self._settings.data_block_timeout)
+                await self._send_message(body, len(accepted))
                 return TransactionResult({**replies, **await self._read_lmtp_replies(accepted)}, message_sent=True)
-            await self._write(self._conn.send_message(body), self._settings.data_block_timeout)
+            await self._send_message(body, 1)
             final = await self._read("message", self._settings.data_done_timeout)
             self._raise_if_closing(final)
             return TransactionResult({**replies, **dict.fromkeys(accepted, final)}, message_sent=True)
         except BaseException:  # HostUnavailable, or the job being cancelled: the conversation is unusable
             self.close()
             raise
+
+    async def _send_message(self, body: bytes, replies: int) -> None:
+        """The message after 354, owing `replies` replies: in one write, or a big body without a copy."""
+        timeout = self._settings.data_block_timeout
+        if len(body) < BIG_MESSAGE:
+            await self._write(self._conn.send_message(body, replies), timeout)
+            return
+        for part in self._conn.send_message_parts(body, replies):
+            if part:
+                await self._write(part, timeout)
 
     async def _read_lmtp_replies(self, accepted: list[str]) -> dict[str, Reply]:
         """RFC 2033 4.2: one reply per accepted recipient, in RCPT order. When the server stops answering (it

@@ -7,6 +7,7 @@
     conn.next_reply() -> ("greeting", Reply)   # or None when more bytes are needed
     wire = conn.send(Command.ehlo("me.example"))
     wire = conn.send_message(body)             # after 354: dot-stuffed body + CRLF.CRLF; expects the final reply
+    head, tail = conn.send_message_parts(body) # the same as two parts (no copy of a body that needs no stuffing)
 
 Every `send` records which reply the client now waits for, so a pipelined group (RFC 2920) is answered in order
 and `next_reply()` says which command each reply belongs to.
@@ -147,6 +148,14 @@ def dot_stuff(body: bytes) -> bytes:
     if stuffed and not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
     return stuffed + b".\r\n"
+
+
+def dot_stuffed_parts(body: bytes) -> tuple[bytes, bytes]:
+    """`dot_stuff(body)` in two parts whose join it is: when nothing needs stuffing (the usual case), the body
+    itself and the end-of-data line, so a big body is sent without a copy; otherwise the stuffed message and b""."""
+    if not body.startswith(b".") and body.endswith(b"\r\n") and find_dot_line(body) < 0:
+        return body, b".\r\n"
+    return dot_stuff(body), b""
 
 
 def has_8bit(body: bytes) -> bool:
@@ -317,6 +326,12 @@ class ClientConnection:
         answers once per accepted recipient (RFC 2033 4.2): pass their number as `replies`."""
         self._awaiting.extend(["message"] * replies)
         return dot_stuff(body)
+
+    def send_message_parts(self, body: bytes, replies: int = 1) -> tuple[bytes, bytes]:
+        """`send_message` in two parts to write one after the other (`dot_stuffed_parts`: no copy of the body
+        when nothing needs stuffing)."""
+        self._awaiting.extend(["message"] * replies)
+        return dot_stuffed_parts(body)
 
     def receive_data(self, data: bytes) -> None:
         """Parse bytes from the server. More whole replies than commands sent is a protocol error at once (a

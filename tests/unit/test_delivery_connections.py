@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from cluster.delivery.connections import ConnectionCache
 from cluster.delivery.egress import DEFAULT_SOURCE, Source
 from cluster.delivery.mx import Target
@@ -37,6 +39,21 @@ def test_reuse_only_for_the_same_destination() -> None:
     assert cache.take(OTHER) is None
     assert cache.take(MX) is session
     assert cache.take(MX) is None
+
+
+def _lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("mtacluster_delivery_connection_cache_total", {"result": result}) or 0.0
+
+
+def test_hits_and_misses_are_in_their_series_when_read() -> None:
+    """Counted without a lock per lookup (cluster/observability.py `count`), yet a read sees every one."""
+    hits, misses = _lookups("hit"), _lookups("miss")
+    cache = cache_at([0.0])
+    assert cache.take(MX) is None
+    cache.give_back(FakeSession(MX))  # type: ignore[arg-type]
+    assert cache.take(MX) is not None
+    assert cache.take(MX) is None
+    assert (_lookups("hit"), _lookups("miss")) == (hits + 1, misses + 2)
 
 
 def test_reuse_only_from_the_same_egress_source() -> None:

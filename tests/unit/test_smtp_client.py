@@ -14,6 +14,7 @@ from cluster.smtp.client import (
     ReplyParser,
     SmtpProtocolError,
     dot_stuff,
+    dot_stuffed_parts,
     pipeline_groups,
 )
 from cluster.smtp.replies import Reply
@@ -131,6 +132,15 @@ def test_line_breaks_in_arguments_are_refused(bad: str) -> None:
 ])
 def test_dot_stuffing(body: bytes, wire: bytes) -> None:
     assert dot_stuff(body) == wire
+
+
+@given(st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"\xc3\xa9"]), max_size=20), st.booleans())
+def test_the_two_parts_of_a_stuffed_message_are_the_stuffed_message(lines: list[bytes], line_end: bool) -> None:
+    body = b"\r\n".join(lines) + (b"\r\n" if line_end else b"")
+    head, tail = dot_stuffed_parts(body)
+    assert head + tail == dot_stuff(body)
+    if not (body.startswith(b".") or b"\r\n." in body or not body.endswith(b"\r\n")):
+        assert head is body and tail == b".\r\n"  # nothing to stuff: the body itself, not a copy
 
 
 @given(st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"\xc3\xa9"]), max_size=20))
