@@ -61,6 +61,29 @@ def _seconds(value: float) -> str:
     return text.rstrip("0").rstrip(".") or "0"
 
 
+class _Tails:
+    """The text after `to=<...>, ` of the last line written: the recipients of one job share relay, delays, DSN,
+    status and reply, so a 100-recipient Result builds it once instead of a hundred times (with five delay
+    texts each)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, float, tuple[float, float, float, float], str, str, str] | None = None
+        self._text = ""
+
+    def tail(self, shown: str, delay: float, delays: tuple[float, float, float, float], dsn: str, status: str,
+             reply: str) -> str:
+        key = (shown, delay, delays, dsn, status, reply)
+        if key != self._key:
+            a, b, c, d = delays
+            self._text = (f"relay={shown}, delay={seconds(delay)}, delays={seconds(a)}/{seconds(b)}/{seconds(c)}/"
+                          f"{seconds(d)}, dsn={dsn or '-'}, status={status} ({reply})")
+            self._key = key
+        return self._text
+
+
+_tails = _Tails()
+
+
 def record(queue_id: str, address: str, status: str, last: LastOutcome | None, attempts: int,
            arrival: float, now: float, dispatched_at: float = 0.0, outcome: Outcome | None = None,
            source: str = "") -> None:
@@ -95,10 +118,8 @@ def record(queue_id: str, address: str, status: str, last: LastOutcome | None, a
     shown = f"{relay}, source={source}" if source else relay
     writer = direct(log) if extra is None else None
     if writer is not None:
-        a, b, c, d = delays
-        writer.write(log, f"{queue_id}: to=<{address}>, relay={shown}, delay={seconds(now - arrival)}, delays="
-                          f"{seconds(a)}/{seconds(b)}/{seconds(c)}/{seconds(d)}, dsn={dsn or '-'}, status={status} "
-                          f"({reply})")
+        tail = _tails.tail(shown, now - arrival, delays, dsn, status, reply)
+        writer.write(log, f"{queue_id}: to=<{address}>, {tail}")
         return
     log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)", queue_id, address, shown,
              seconds(now - arrival), *map(seconds, delays), dsn or "-", status, reply, extra=extra)

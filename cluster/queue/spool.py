@@ -275,8 +275,9 @@ def legacy_outcome(state: State, last_reply: str, remote: str) -> LastOutcome | 
 
 
 def _checksum_head(sender: str, arrival: float, addresses: Iterable[str]) -> bytes:
-    return b"".join([sender.encode("utf-8", "surrogateescape"), b"\0", repr(float(arrival)).encode(), b"\0",
-                     *(a.encode("utf-8", "surrogateescape") + b"\0" for a in addresses)])
+    """Sender, arrival and each address, each followed by a NUL, in UTF-8 (surrogates escaped): joined as text and
+    encoded once (one encode per address cost ~1 us each, 100 for a many-recipient message)."""
+    return ("\0".join([sender, repr(float(arrival)), *addresses]) + "\0").encode("utf-8", "surrogateescape")
 
 
 def checksum(sender: str, arrival: float, body: bytes, addresses: Iterable[str]) -> str:

@@ -11,6 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from cluster.bus.schemas import (
+    AdminReply,
+    AdminRequest,
     Deliver,
     Error,
     Heartbeat,
@@ -86,6 +88,23 @@ async def test_bad_frames_get_an_error(running_shard: RunningShard) -> None:
     assert running_shard.shard.is_ready()
     refused = await inject(client, 7, "a@sender.test", [], BODY)
     assert isinstance(refused, InjectRefused) and refused.code == 554
+
+
+async def test_a_message_of_several_frames_is_read_whole_and_answered_by_its_last(
+        running_shard: RunningShard) -> None:
+    """The shard reads a message frame by frame (each frame says whether another follows): the payload is the
+    last frame, whatever comes before it, and the next message starts clean."""
+    client = running_shard.client()
+    ping = AdminRequest(req=3, op="ping").encode()
+    await client.socket.send_multipart([b"first", b"second", ping])
+    answer = await client.recv()
+    assert isinstance(answer, AdminReply) and answer.req == 3 and answer.ok
+    await client.socket.send_multipart([b"\xc1not a frame", AdminRequest(req=4, op="ping").encode()])
+    answer = await client.recv()
+    assert isinstance(answer, AdminReply) and answer.req == 4
+    await client.send_raw(AdminRequest(req=5, op="ping").encode())
+    answer = await client.recv()
+    assert isinstance(answer, AdminReply) and answer.req == 5
 
 
 async def test_job_missing_from_heartbeat_goes_back_to_ready(running_shard: RunningShard) -> None:

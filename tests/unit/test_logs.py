@@ -152,6 +152,31 @@ def test_the_delivery_log_line_is_the_same_either_way(root_handlers: None, capsy
         "source=blue, delay=2, delays=0/0.25/0.5/1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4F2A)")
 
 
+def test_delivery_lines_of_recipients_sharing_an_outcome_each_get_their_own_facts(
+        root_handlers: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """The text after the address is built once for recipients sharing relay, delays, DSN, status and reply;
+    a recipient whose outcome differs in any of them gets its own."""
+    logs.configure("queue", "text")
+    assert logs.direct(maillog.log) is not None
+    sent = Outcome("x@a.test", OutcomeKind.DELIVERED, 250, "2.0.0", "Ok", "mx.a.test[192.0.2.7]", 25, 0.5, 1.25)
+    refused = Outcome("z@a.test", OutcomeKind.FAILED, 550, "5.1.1", "No such user", "mx.a.test[192.0.2.7]", 25,
+                      0.5, 1.25)
+    maillog.record("0A1B", "x@a.test", "sent", LastOutcome.of(sent), 1, 100.0, 102.0, 100.0, sent)
+    maillog.record("0A1B", "y@a.test", "sent", LastOutcome.of(sent), 1, 100.0, 102.0, 100.0, sent)
+    maillog.record("0A1B", "z@a.test", "bounced", LastOutcome.of(refused), 1, 100.0, 102.0, 100.0, refused)
+    maillog.record("0A1B", "w@a.test", "sent", LastOutcome.of(sent), 1, 100.0, 103.0, 100.0, sent)
+    lines = [line.partition("mtacluster.queue: ")[2] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "0A1B: to=<x@a.test>, relay=mx.a.test[192.0.2.7]:25, delay=2, delays=0/0.25/0.5/1.25, dsn=2.0.0, "
+        "status=sent (250 2.0.0 Ok)",
+        "0A1B: to=<y@a.test>, relay=mx.a.test[192.0.2.7]:25, delay=2, delays=0/0.25/0.5/1.25, dsn=2.0.0, "
+        "status=sent (250 2.0.0 Ok)",
+        "0A1B: to=<z@a.test>, relay=mx.a.test[192.0.2.7]:25, delay=2, delays=0/0.25/0.5/1.25, dsn=5.1.1, "
+        "status=bounced (550 5.1.1 No such user)",
+        "0A1B: to=<w@a.test>, relay=mx.a.test[192.0.2.7]:25, delay=3, delays=0/1.25/0.5/1.25, dsn=2.0.0, "
+        "status=sent (250 2.0.0 Ok)"]
+
+
 @pytest.mark.parametrize(("value", "text"), [(0.0, "0"), (-1.0, "0"), (0.001, "0"), (0.004, "0"), (0.006, "0.01"),
                                               (0.1, "0.1"), (0.25, "0.25"), (1.0, "1"), (1.999, "2"), (12.34, "12.34"),
                                               (99.999, "100"), (100.0, "100"), (3602.4, "3602")])
