@@ -63,7 +63,11 @@ class Transport:
     def close(self) -> None:
         if not self.closing:
             self.closing = True
-            self.loop.call_soon(self.protocol.connection_lost, None)
+            self.loop.call_soon(self._lost)
+
+    def _lost(self) -> None:
+        protocol, self.protocol = self.protocol, None  # as asyncio's and uvloop's transports let go of it
+        protocol.connection_lost(None)
 
     def abort(self) -> None:
         self.close()

@@ -130,6 +130,31 @@ async def test_timeout_waiting_for_a_command_closes_with_421() -> None:
         writer.close()
 
 
+@pytest.mark.parametrize(("command_timeout", "data_timeout"), [(60, 1), (1, 60)])
+async def test_the_data_timeout_runs_while_the_message_is_read_and_the_command_timeout_otherwise(
+        command_timeout: int, data_timeout: int) -> None:
+    """RFC 5321 4.5.3.2: within DATA only the data timeout applies (here the short one or the long one); the
+    command timeout applies again once the message is answered."""
+    async with frontend_with([stored], command_timeout=command_timeout, data_timeout=data_timeout) as (port, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n")
+        replies = b""
+        while replies.count(b"\r\n") < 4:
+            replies += await asyncio.wait_for(reader.readline(), 10)
+        assert replies.splitlines()[-1].startswith(b"354")
+        writer.write(b"Subject: half a message\r\n")
+        if data_timeout == 1:
+            assert (await asyncio.wait_for(reader.read(1000), 10)).startswith(b"421 4.4.2")
+        else:  # the short command timeout does not cut the message, and applies once it is answered
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1000), 2.5)
+            writer.write(b"\r\nbody\r\n.\r\n")
+            assert (await _reply(reader)).startswith(b"250 ")
+            assert (await asyncio.wait_for(reader.read(1000), 10)).startswith(b"421 4.4.2")
+        writer.close()
+
+
 def _sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
