@@ -215,11 +215,14 @@ class BusLink:
         the answers to requests, and return the other messages in arrival order."""
         plain = self._plain
         others: list[BusMessage] = []
-        if not self._readable():  # nothing waiting: wait for up to `timeout`
-            if self._direct:
-                if not await self._wait_readable(timeout):
-                    return []
-            elif timeout is None:
+        # Direct mode: the wait looks first and says whether a frame waits (one EVENTS look less per frame).
+        known = False
+        if self._direct:
+            if not await self._wait_readable(timeout):
+                return []
+            known = True
+        elif not self._readable():  # nothing waiting: wait for up to `timeout`
+            if timeout is None:
                 # With no timeout, the wait is the read of the next frame: one Future, where the asyncio poll
                 # makes a poller and several (this runs once per answer a frontend waits for).
                 frames = await self.socket.recv_multipart()
@@ -232,8 +235,9 @@ class BusLink:
                 return []
         for _ in range(limit):
             # Non-blocking reads, as the asyncio layer's own NOBLOCK reads are: EVENTS says whether one waits.
-            if not self._readable():
+            if not known and not self._readable():
                 break
+            known = False
             try:
                 frames = plain.recv_multipart(_NOBLOCK)
             except zmq.Again:
@@ -245,8 +249,8 @@ class BusLink:
         return others
 
     async def _wait_readable(self, timeout: float | None) -> bool:
-        """Direct mode: wait up to `timeout` for frames, woken by the descriptor or by a send that took in their
-        notification (bus/watch.py)."""
+        """Direct mode: wait up to `timeout` for frames (True when they wait: looked at first), woken by the
+        descriptor or by a send that took in their notification (bus/watch.py: it may end a little early)."""
         if timeout is not None and timeout <= 0:
             return self._readable()
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout

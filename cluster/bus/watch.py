@@ -18,7 +18,11 @@ frames again. So:
 Inputs: the plain socket (a shadow of an asyncio socket, or a plain one); the running loop at the first wait.
 Outputs: `readable()`; `await wait(deadline)`: True once frames wait, False when the loop's clock reached
 `deadline` (`loop.time()` units; None: no limit); waits for the same deadline share one timer (the shard waits
-for its next tick many times per tick). `wake()` ends a waiting `wait` early (it then looks again); `close()`.
+for its next tick many times per tick), and so do waits for deadlines within TIMER_SLACK of the pending timer's
+(the worker waits for its next heartbeat, a deadline it works out again from another clock each time): such a
+wait may end up to TIMER_SLACK early. A wait woken by the descriptor or the look after sends, which found frames
+waiting, returns True without asking again. `wake()` ends a waiting `wait` early (it then looks again);
+`close()`.
 Failure modes: after `close()` the socket may be gone, so `readable()` raises ZMQError(ENOTSUP) instead of
 touching it, and so does a `wait` woken by the close; ZeroMQ errors of the poll are raised to the caller. A
 socket that cannot be read any more (its context torn down without closing it) is logged once and its
@@ -35,6 +39,8 @@ import zmq
 log = logging.getLogger(__name__)
 
 _POLLIN = int(zmq.POLLIN)
+# Seconds within which a wait's deadline counts as the pending timer's (see the module docstring).
+TIMER_SLACK = 0.005
 
 
 class FrameWatch:
@@ -43,7 +49,8 @@ class FrameWatch:
         self._items = [(socket, _POLLIN)]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._descriptor = -1
-        self._waiter: asyncio.Future[None] | None = None
+        # The waiting `wait`'s future: its result is True when the waker found frames waiting.
+        self._waiter: asyncio.Future[bool] | None = None
         self._look_pending = False
         self._closed = False
         self._unwatched = False  # the descriptor's reader was removed because the socket cannot be read
@@ -71,7 +78,7 @@ class FrameWatch:
     def _on_descriptor(self) -> None:
         try:
             if not self._closed and self.readable():
-                self.wake()
+                self.wake(True)
         except zmq.ZMQError as exc:
             # The socket cannot be read any more (its context torn down without closing it): every look fails
             # and the descriptor stays readable, so the loop would call this (and report it) at every turn.
@@ -83,10 +90,11 @@ class FrameWatch:
                     self._loop.remove_reader(self._descriptor)
             self.wake()  # the waiting `wait` looks again, and raises the error
 
-    def wake(self) -> None:
+    def wake(self, readable: bool = False) -> None:
+        """End a waiting `wait`; `readable`: frames were just seen waiting (else the wait looks again)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(readable)
 
     def _time_up(self) -> None:
         # A flag (the timer gone), not a look at the clock: uvloop may run a timer a little before loop.time()
@@ -103,21 +111,30 @@ class FrameWatch:
             loop = self._loop = asyncio.get_running_loop()
             self._descriptor = self._socket.fileno()
             loop.add_reader(self._descriptor, self._on_descriptor)
-        if deadline is not None and deadline != self._deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._deadline = deadline
-            self._timer = loop.call_at(deadline, self._time_up)
+        if deadline is not None:
+            timer = self._timer
+            if timer is None:
+                if deadline == self._deadline:  # this deadline's timer fired
+                    return False
+                self._arm(loop, deadline)
+            elif self._deadline is None or abs(deadline - self._deadline) > TIMER_SLACK:
+                timer.cancel()
+                self._arm(loop, deadline)
         while True:
             if deadline is not None and self._timer is None:  # this deadline's timer fired
                 return False
-            waiter = self._waiter = loop.create_future()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            self._waiter = waiter
             try:
-                await waiter
+                seen = await waiter
             finally:
                 self._waiter = None
-            if self.readable():
+            if seen or self.readable():
                 return True
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._deadline = deadline
+        self._timer = loop.call_at(deadline, self._time_up)
 
     def close(self) -> None:
         """Stop watching (before the socket is closed); a waiting `wait` is woken and raises ZMQError."""

@@ -136,9 +136,13 @@ class Deliverer:
 
     async def deliver(self, job: Deliver) -> list[Outcome]:
         by_domain: dict[str, list[str]] = {}
+        keys: dict[str, str] = {}  # each spelling's domain key worked out once per job (100 recipients, 1 domain)
         for recipient in job.recipients:
             domain = recipient.rpartition("@")[2] or job.domain
-            by_domain.setdefault(domain_key(domain), []).append(recipient)
+            key = keys.get(domain)
+            if key is None:
+                key = keys[domain] = domain_key(domain)
+            by_domain.setdefault(key, []).append(recipient)
         decided: dict[str, Outcome] = {}
         for domain, recipients in by_domain.items():
             for outcome in await self._deliver_domain(job, domain, recipients):

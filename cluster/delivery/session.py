@@ -368,8 +368,6 @@ class SmtpSession:
                     raise HostUnavailable(mail_reply, self.remote)
                 await self._abort_transaction(data_reply)
                 return TransactionResult(dict.fromkeys(recipients, mail_reply), message_sent=False)
-            for reply in replies.values():
-                self._raise_if_closing(reply)
             accepted = [r for r in recipients if _completed(replies[r])]
             if not accepted:
                 await self._abort_transaction(data_reply)

@@ -230,6 +230,17 @@ async def test_each_recipient_keeps_its_own_outcome_when_replies_repeat(servers:
     assert len({id(o) for o in outcomes}) == len(recipients)
 
 
+async def test_recipients_of_one_domain_in_any_spelling_share_a_transaction(servers: list[ScriptedServer]) -> None:
+    """Recipients are grouped by domain key (lower case, no final dot): each spelling's key is worked out once per
+    job, and every spelling of one domain goes in the same transaction; outcomes keep the job's order."""
+    server = await serve(servers, Script())
+    recipients = ["a@D.Test", "b@d.test", "c@Other.test", "d@other.TEST", "e@d.test.", "f@D.TEST"]
+    outcomes = await run(smarthost(server), *recipients)
+    assert [(o.recipient, o.kind) for o in outcomes] == [(r, "delivered") for r in recipients]
+    assert sorted(sorted(message[1]) for message in server.messages) == [
+        ["a@D.Test", "b@d.test", "e@d.test.", "f@D.TEST"], ["c@Other.test", "d@other.TEST"]]
+
+
 async def test_4xx_for_some_recipients_defers_only_those(servers: list[ScriptedServer]) -> None:
     server = await serve(servers, Script(rcpt=lambda a: "452 4.2.2 mailbox full" if a.startswith("full") else
                                          "250 ok"))

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 import zmq
 
-from cluster.bus.watch import FrameWatch
+from cluster.bus.watch import TIMER_SLACK, FrameWatch
 
 FRAMES = 20_000
 WINDOW = 64  # frames the dealer keeps on their way: the sends of one side meet the other's arrivals
@@ -132,6 +132,35 @@ def test_a_deadline_ends_the_wait_and_its_timer_serves_every_wait_for_it(use_uvl
             assert await watch.wait(loop.time() + 5) is True
             assert _read_all(router)[0][1] == b"hello"
             assert watch.readable() is False
+        finally:
+            watch.close()
+            context.destroy(linger=0)
+
+    _run(waits, use_uvloop=use_uvloop)
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_a_nearby_deadline_keeps_the_pending_timer_and_an_earlier_one_moves_it(use_uvloop: bool) -> None:
+    """The worker works its heartbeat deadline out again before every wait: deadlines within TIMER_SLACK of the
+    pending timer's keep that timer (none made and cancelled per wait); an earlier one must still end on time."""
+    async def waits() -> None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        router, _dealer = _pair(context)
+        watch = FrameWatch(router)
+        try:
+            loop = asyncio.get_running_loop()
+            far = loop.time() + 30
+            for deadline in (far, far + TIMER_SLACK / 2, far - TIMER_SLACK / 2):
+                waiting = asyncio.create_task(watch.wait(deadline))
+                await asyncio.sleep(0.01)  # waiting, the frame never comes: given up (as a found frame ends it)
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+                if deadline == far:
+                    timer = watch._timer
+                assert timer is not None and watch._timer is timer
+            started = time.monotonic()
+            assert await asyncio.wait_for(watch.wait(loop.time() + 0.05), 5) is False
+            assert time.monotonic() - started < 2
         finally:
             watch.close()
             context.destroy(linger=0)
