@@ -8,9 +8,8 @@ idle runner, or waits in the link's queue (FIFO) for the next runner that finish
 shard to be unfenced (acked within half of `queue.worker_timeout`), starts the job unless it was revoked
 meanwhile, and delivers; its outcomes go back as Result(job_id, worker, outcomes), kept until the shard revokes
 the job. An ack can drop jobs that have not started (revoked: no longer ours; a runner skips them) and ask for
-lost Results again. A HeartbeatAck
-from a new shard epoch means the shard restarted and forgot us: the worker heartbeats again at once so the
-shard learns its credits.
+lost Results again. A HeartbeatAck from a new shard epoch means the shard restarted and forgot us: the worker
+heartbeats again at once so the shard learns its credits.
 
 Failure modes: an undecodable or unexpected frame is logged and dropped (never a crash). A Deliver for a job
 already held is ignored. A recipient (or sender) address the SMTP server would refuse fails at once with
