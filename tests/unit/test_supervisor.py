@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cluster import config as config_module
@@ -57,6 +59,45 @@ def test_configured_process_counts_are_kept_whatever_the_cpus() -> None:
 
 def test_scaled_counts_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(config_module, "cpu_quota", lambda: None)  # whatever limit the machine running this has
     assert config_module.usable_cpus() == 4
     config = config_from_dict({"up": {"mailbox": False}}, environ={})
     assert [c.role for c in plan_children(config, None)].count("frontend") == 4
+
+
+def cgroups(monkeypatch: pytest.MonkeyPatch, root: Path, membership: str, files: dict[str, str]) -> None:
+    """A cgroup file system under `root` holding `files` (path -> content), and this process's membership."""
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    (root / "self-cgroup").write_text(membership)
+    monkeypatch.setattr(config_module, "CGROUP_ROOT", root)
+    monkeypatch.setattr(config_module, "CGROUP_MEMBERSHIP", root / "self-cgroup")
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+
+
+def test_scaled_counts_follow_a_cgroup_v2_cpu_limit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A container limited to 2 CPUs (`docker run --cpus 2`, a Kubernetes limit) on a 16-CPU host: its affinity
+    mask still holds 16 CPUs, and 16 frontends and 8 workers would share 2 CPUs' worth of time."""
+    cgroups(monkeypatch, tmp_path, "0::/kubepods/pod1/box\n", {
+        "cgroup.controllers": "cpu memory", "cpu.max": "max 100000",
+        "kubepods/cpu.max": "max 100000", "kubepods/pod1/cpu.max": "200000 100000",
+        "kubepods/pod1/box/cpu.max": "max 100000"})
+    assert config_module.cpu_quota() == 2.0
+    assert config_module.usable_cpus() == 2
+    config = config_from_dict({"up": {"mailbox": False}}, environ={})
+    assert [c.role for c in plan_children(config, None)] == ["queue", "worker", "frontend", "frontend"]
+
+
+def test_scaled_counts_follow_a_cgroup_v1_cpu_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cgroups(monkeypatch, tmp_path, "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000",
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"})
+    assert config_module.cpu_quota() == 1.5
+    assert config_module.usable_cpus() == 2  # a part of a CPU counts as one
+
+
+def test_without_a_cpu_limit_the_affinity_mask_decides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cgroups(monkeypatch, tmp_path, "0::/user.slice\n", {"unified/user.slice/cpu.max": "max 100000"})
+    assert config_module.cpu_quota() is None
+    assert config_module.usable_cpus() == 16
