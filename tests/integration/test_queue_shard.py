@@ -43,6 +43,7 @@ async def test_inject_deliver_result_cycle(running_shard: RunningShard) -> None:
     assert by_domain["a.test"].body == BODY and by_domain["a.test"].attempt == 1
     assert by_domain["a.test"].queue_id == stored.queue_id and by_domain["a.test"].sender == "a@sender.test"
 
+    sent = time.time()
     await worker.send(Result(by_domain["a.test"].job_id, "w1", [
         Outcome("x@a.test", "delivered", 250, "2.0.0", "ok", "mx.a.test[192.0.2.7]"),
         Outcome("y@A.test", "failed", 550, "5.1.1", "no such user", "mx.a.test[192.0.2.7]")]))
@@ -51,21 +52,35 @@ async def test_inject_deliver_result_cycle(running_shard: RunningShard) -> None:
     message = running_shard.shard.scheduler.messages[stored.queue_id]
     await until(lambda: [r.state for r in message.recipients] == [State.DELIVERED, State.FAILED, State.DEFERRED],
                 what="the outcomes applied")
+    applied = time.time()
     deferred = message.recipients[2]
     assert deferred.attempts == 1 and deferred.last == LastOutcome(OutcomeKind.DEFERRED, 421, "4.4.2", "try later")
-    assert 26 <= deferred.next_attempt - time.time() <= 34  # retry_first=30 with +-10 % jitter
+    # retry_first=30 with +-10 % jitter, counted from the moment the outcome was applied: between `sent` and
+    # `applied` (bounds taken around it, not from "now", so a slow machine cannot push it out of range).
+    assert sent + 27 <= deferred.next_attempt <= applied + 33
     # The failure of y@A.test makes a DSN from <> to the sender, whose domain this (only) shard owns.
     dsn = await worker.recv_type(Deliver)
     assert (dsn.sender, dsn.recipients, dsn.domain) == ("", ["a@sender.test"], "sender.test")
     assert b"Final-Recipient: rfc822; y@A.test" in dsn.body and b"Status: 5.1.1" in dsn.body
     assert running_shard.shard.scheduler.workers["w1"].credits == 9
     assert list(running_shard.shard.scheduler.jobs) == [dsn.job_id]
-    await until(lambda: REGISTRY.get_sample_value("mtacluster_queue_recipients", {"shard": "0", "state": "in_flight"})
-                == 1, what="gauges refreshed")
-    assert sample("mtacluster_queue_recipients", state="deferred") == 1
-    assert sample("mtacluster_queue_messages", state="deferred") == 1
-    assert sample("mtacluster_queue_messages", state="in_flight") == 1
-    assert sample("mtacluster_queue_workers_connected") == 1
+    # The gauges are set on the shard's timer tick: one tick may have run between the two Results (in_flight
+    # already 1, deferred still 0), and gauges of shard "0" outlive earlier tests in this process. So wait for
+    # the whole expected picture at once, not for one gauge and then read the others.
+    expected = {("recipients", "in_flight"): 1.0, ("recipients", "deferred"): 1.0,
+                ("messages", "in_flight"): 1.0, ("messages", "deferred"): 1.0, ("workers_connected", ""): 1.0}
+    gauges: dict[tuple[str, str], float | None] = {}
+
+    def gauges_refreshed() -> bool:
+        for name, state in expected:
+            labels = {"shard": "0", "state": state} if state else {"shard": "0"}
+            gauges[name, state] = REGISTRY.get_sample_value(f"mtacluster_queue_{name}", labels)
+        return gauges == expected
+
+    try:
+        await until(gauges_refreshed, what="gauges refreshed")
+    except AssertionError as timeout:
+        raise AssertionError(f"gauges {gauges} never became {expected}") from timeout
     assert sample("mtacluster_queue_recipients_completed_total", outcome="delivered") >= 1
     assert sample("mtacluster_queue_bounces_generated_total", kind="failed") >= 1
     assert sample("mtacluster_queue_spool_commit_batch_messages_count") >= 2
