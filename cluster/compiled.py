@@ -2,17 +2,14 @@
 
 `make` compiles the modules listed under `[tool.mtacluster.compiled]` in pyproject.toml (tools/compile_native.py)
 into extension modules beside their sources, plus the group's shared library, and writes the manifest
-`cluster/_compiled.json`: the SHA-256 of every compiled source, and of every module of the package they import
-(`depends`: mypyc builds against those modules' types, so a field whose type changed there would fail in the
-compiled code), and the mypyc (mypy) version. Python's import
+`cluster/_compiled.json`: the SHA-256 of every compiled source and the mypyc (mypy) version. Python's import
 system prefers an extension module to a `.py` of the same name, so without a guard an edited source would lose
 silently to its old compiled copy (a developer edits a module and runs pytest).
 
 `install()` runs once, from `cluster/__init__.py`, before any other module of the package is imported. It reads
-the manifest and hashes the listed sources and their `depends` (about 1 ms). The build is used only as a whole: the
-compiled modules call each other's compiled code directly and share their native classes, so one changed source
-(or `depends` module) makes the whole build stale, and then every module is imported from its `.py` (one warning
-on stderr says which source changed).
+the manifest and hashes the listed sources (about 1 ms). The build is used only as a whole: the compiled modules
+call each other's compiled code directly and share their native classes, so one changed source makes the whole
+build stale, and then every module is imported from its `.py` (one warning on stderr says which source changed).
 A finder put first on `sys.meta_path` loads the `.py` of any module of the package that has an extension module
 beside it but is not part of a valid build (stale, missing from the manifest, or no manifest at all).
 
@@ -88,8 +85,6 @@ def inspect(package_dir: Path) -> Build:
     try:
         manifest = json.loads((package_dir / MANIFEST_NAME).read_text())
         modules: dict[str, str] = manifest["modules"]
-        # Absent from a manifest of an older build script, which did not record them: stale until `make` rebuilds.
-        depends: dict[str, str] | None = manifest.get("depends")
         compiler = str(manifest.get("compiler", "mypyc"))
         reason = str(manifest.get("reason", "not built"))
     except FileNotFoundError:
@@ -98,21 +93,7 @@ def inspect(package_dir: Path) -> Build:
         return Build("pure", (), f"unreadable {MANIFEST_NAME}")
     if not isinstance(modules, dict) or not modules:
         return Build("pure", (), reason)
-    if depends is None:
-        return Build("stale", (), f"{MANIFEST_NAME} does not name the modules the build depends on")
-    if not isinstance(depends, dict):
-        return Build("pure", (), f"unreadable {MANIFEST_NAME}")
     root = package_dir.parent
-    for module, digest in depends.items():  # compiled against these modules' types: an edit makes it stale too
-        source = module_source(root, module)
-        if not source.is_file():
-            source = source.with_suffix("") / "__init__.py"
-        try:
-            changed = source_digest(source) != digest
-        except OSError:
-            changed = True
-        if changed:
-            return Build("stale", (), f"{source.relative_to(root)} changed since the build")
     for module, digest in modules.items():
         source = module_source(root, module)
         try:

@@ -4,14 +4,13 @@
     python tools/compile_native.py --force      # build even after `make pure` (`make compiled`)
     python tools/compile_native.py --pure       # remove the build, stay pure Python until --force (`make pure`)
     python tools/compile_native.py --remove     # remove every build product (`make clean`)
-    python tools/compile_native.py --sources    # print the listed sources and the package modules they import
+    python tools/compile_native.py --sources    # print the listed sources (the Makefile's dependencies)
 
 Input: the module list under `[tool.mtacluster.compiled] modules` in pyproject.toml (the one source of truth).
 Output: `<module><EXT_SUFFIX>` beside each listed source, the group's shared library
 `cluster/_compiled__mypyc<EXT_SUFFIX>`, the C sources and compiler output under `build/mypyc/` (log:
 `build/mypyc/build.log`), and the manifest `cluster/_compiled.json` that `cluster/compiled.py` checks at import
-(the SHA-256 of each source as compiled, and of each module of the package they import, whose types the
-compiled code was built against; a source or such a module edited since then makes the whole build stale).
+(the SHA-256 of each source as compiled; a source edited since then makes the whole build stale).
 
 Failure modes: a failed compile (no C compiler, no Python headers, a mypyc error) removes every product and
 writes a manifest saying why, so the package runs pure Python; it prints one warning and exits 0, except with
@@ -58,41 +57,9 @@ def listed_sources(root: Path) -> list[str]:
     return modules
 
 
-def dependencies(root: Path, sources: list[str]) -> list[str]:
-    """The modules of the package that the listed sources import, directly or through each other (paths relative to
-    `root`, sorted; the listed ones and the guard's left out). mypyc compiles the listed modules against these
-    modules' types (a field read from one of their classes is checked as the type it had then), so an edit of one
-    of them makes the build stale as an edit of a listed source does."""
-    import ast
-
-    def files(name: str) -> list[str]:
-        parts = name.split(".")
-        if parts[0] != PACKAGE:
-            return []
-        base = "/".join(parts)
-        return [path for path in (base + ".py", base + "/__init__.py") if (root / path).is_file()][:1]
-
-    seen: set[str] = set()
-    todo = list(sources)
-    while todo:
-        source = todo.pop()
-        if source in seen:
-            continue
-        seen.add(source)
-        for node in ast.walk(ast.parse((root / source).read_bytes(), source)):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            for name in names:
-                todo.extend(path for path in files(name) if path not in seen)
-    return sorted(seen - set(sources) - NEVER_COMPILED)
-
-
 def module_name(source: str) -> str:
-    """cluster/smtp/server.py -> cluster.smtp.server (cluster/smtp/__init__.py -> cluster.smtp)."""
-    return source.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    """cluster/smtp/server.py -> cluster.smtp.server."""
+    return source.removesuffix(".py").replace("/", ".")
 
 
 def digest(path: Path) -> str:
@@ -140,8 +107,6 @@ def build(root: Path, sources: list[str], ci: bool) -> int:
     """Compile `sources` under `root`; on failure fall back to pure Python (exit 0), or exit 1 in CI."""
     remove_products(root)
     digests = {module_name(source): digest(root / source) for source in sources}
-    depends = dependencies(root, sources)
-    depend_digests = {module_name(source): digest(root / source) for source in depends}
     if not sources:
         write_manifest(root, {"modules": {}, "reason": "no module listed"})
         return 0
@@ -153,10 +118,8 @@ def build(root: Path, sources: list[str], ci: bool) -> int:
                                stdout=output, stderr=subprocess.STDOUT, check=False)
     seconds = time.monotonic() - started
     changed = [source for source in sources if digest(root / source) != digests[module_name(source)]]
-    changed += [source for source in depends if digest(root / source) != depend_digests[module_name(source)]]
     if child.returncode == 0 and not changed:
-        write_manifest(root, {"modules": digests, "depends": depend_digests, "compiler": compiler_version(),
-                              "seconds": round(seconds, 1)})
+        write_manifest(root, {"modules": digests, "compiler": compiler_version(), "seconds": round(seconds, 1)})
         print(f"compile_native: {len(sources)} modules compiled with {compiler_version()} in {seconds:.0f} s")
         return 0
     why = (f"{', '.join(changed)} changed during the build" if changed
@@ -202,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         remove_products(root)
         return 0
     sources = listed_sources(root)
-    if args.sources:  # the Makefile's dependencies: a change in any of them rebuilds
-        print(" ".join(sources + dependencies(root, sources)))
+    if args.sources:
+        print(" ".join(sources))
         return 0
     if args.pure:
         remove_products(root)

@@ -47,8 +47,7 @@ def package(tmp_path: Path) -> Iterator[Path]:
 
 
 def manifest(directory: Path, modules: dict[str, str]) -> None:
-    (directory / compiled.MANIFEST_NAME).write_text(json.dumps({"modules": modules, "depends": {},
-                                                                "compiler": "mypyc test"}))
+    (directory / compiled.MANIFEST_NAME).write_text(json.dumps({"modules": modules, "compiler": "mypyc test"}))
 
 
 def sha256(text: str) -> str:
@@ -197,33 +196,3 @@ def test_a_failed_compile_fails_the_build_in_ci(tiny_project: Path) -> None:
     assert result.returncode == 1 and "CI must not run uncompiled" in result.stderr
     assert not (tiny_project / "cluster" / compiled.MANIFEST_NAME).exists()
     assert not list((tiny_project / "cluster").glob("*.so"))
-
-
-def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(package: Path) -> None:
-    """mypyc builds against the types of the package modules the listed ones import (a field of
-    cluster/smtp/blockscan.py's BlockScan retyped int -> float made the compiled DATA reader raise TypeError while
-    the build counted as valid): an edit of such a module makes the build stale, as an edit of a listed source."""
-    manifest_text = {"modules": {"fakepkg.mod": sha256('VALUE = "source"\n')},
-                     "depends": {"fakepkg.other": sha256('VALUE = "other as compiled against"\n')}}
-    (package / compiled.MANIFEST_NAME).write_text(json.dumps(manifest_text))
-    build = compiled.inspect(package)
-    assert (build.state, build.detail) == ("stale", "fakepkg/other.py changed since the build")
-    manifest_text["depends"] = {"fakepkg.other": sha256('VALUE = "other source"\n')}
-    (package / compiled.MANIFEST_NAME).write_text(json.dumps(manifest_text))
-    assert compiled.inspect(package).state == "compiled"
-    del manifest_text["depends"]  # a build of the script before it recorded them: not to be trusted
-    (package / compiled.MANIFEST_NAME).write_text(json.dumps(manifest_text))
-    assert compiled.inspect(package).state == "stale"
-
-
-def test_the_build_records_the_package_modules_the_compiled_ones_import() -> None:
-    """What `make` rebuilds on and the manifest's `depends`: every module of the package a listed source imports,
-    directly or not (TYPE_CHECKING imports too: mypyc uses their types), not the listed ones, not the guard."""
-    listed = compile_native.listed_sources(REPO)
-    depends = compile_native.dependencies(REPO, listed)
-    assert {"cluster/smtp/blockscan.py", "cluster/smtp/scan.py", "cluster/domains.py", "cluster/config.py"} \
-        <= set(depends)
-    assert not set(depends) & (set(listed) | compile_native.NEVER_COMPILED)
-    printed = subprocess.run([sys.executable, str(REPO / "tools" / "compile_native.py"), "--sources"],
-                             capture_output=True, text=True, check=True).stdout.split()
-    assert printed == listed + depends
