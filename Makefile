@@ -4,15 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit lint bench fuzz fuzz-smoke mutate clean compiled pure
-
-# Compiled modules: tools/compile_native.py compiles the modules listed in pyproject.toml's
-# [tool.mtacluster.compiled] with mypyc, beside their sources, and writes $(COMPILED) (the manifest that
-# cluster/compiled.py checks at import). Rebuilt when a listed source changes; without a C compiler the cluster runs
-# as pure Python after one warning (with CI=true that fails the build). `make pure` removes the build and keeps it
-# off, `make compiled` builds again.
-COMPILED := cluster/_compiled.json
-COMPILED_SOURCES := $(shell $(PYTHON) tools/compile_native.py --sources 2>/dev/null)
+.PHONY: run test test-unit lint bench fuzz fuzz-smoke mutate clean
 
 # `make fuzz`: each fuzz target (fuzz/targets.py) for FUZZ_SECONDS; `make test` runs a short pass of every one.
 FUZZ_SECONDS ?= 60
@@ -27,29 +19,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-$(COMPILED): $(STAMP) pyproject.toml tools/compile_native.py $(COMPILED_SOURCES)
-	$(BIN)/python tools/compile_native.py
-
-compiled: $(STAMP)
-	$(BIN)/python tools/compile_native.py --force
-
-pure: $(STAMP)
-	$(BIN)/python tools/compile_native.py --pure
-
-run: $(STAMP) $(COMPILED)
+run: $(STAMP)
 	$(BIN)/mtacluster up
 
-test: $(STAMP) $(COMPILED) lint fuzz-smoke
+test: $(STAMP) lint fuzz-smoke
 	$(BIN)/pytest -q
 
-test-unit: $(STAMP) $(COMPILED)
+test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check cluster tests benchmarks fuzz tools
+	$(BIN)/ruff check cluster tests benchmarks fuzz
 	$(BIN)/mypy
 
-bench: $(STAMP) $(COMPILED)
+bench: $(STAMP)
 	$(BIN)/python -m benchmarks.e2e
 
 fuzz: $(STAMP)
@@ -64,5 +47,4 @@ mutate: $(STAMP)
 	cat mutants/mutmut-cicd-stats.json
 
 clean:
-	$(PYTHON) tools/compile_native.py --remove
-	rm -rf $(VENV) var build .pytest_cache .mypy_cache .ruff_cache mutants
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache mutants

@@ -4,8 +4,7 @@ Sets up uvloop, turns SIGTERM/SIGINT into a graceful stop, SIGHUP into a reload 
 without a restart (frontends and workers: `queue.shards`, read again from the configuration file), and does the
 same when the file's content changes (checked every CONFIG_POLL seconds: a stat, and a read only when the stat
 changed; a Kubernetes ConfigMap update swaps the mounted file, so it is enough), starts the role's
-/metrics /healthz /readyz HTTP listener, prints one startup line once the role is ready (it ends with
-`compiled=compiled|pure|stale`: whether the mypyc-compiled modules run, cluster/compiled.py), and returns the process
+/metrics /healthz /readyz HTTP listener, prints one startup line once the role is ready, and returns the process
 exit code.
 Failure modes: a configuration the role cannot use (port taken, spool unreadable) ends with a one-line error
 on stderr and exit code 1, never a traceback.
@@ -23,7 +22,7 @@ from typing import Protocol
 
 import uvloop
 
-from cluster import compiled, logs
+from cluster import logs
 from cluster.config import Config, ConfigError, load_config
 
 ROLES = ("frontend", "queue", "worker", "mailbox")
@@ -144,7 +143,7 @@ async def _serve(role: str, config: Config, shard: int, node: int, path: str | N
         metrics_where = f"metrics={host}:{port}"
     task = asyncio.create_task(service.run(stop))
     announced = asyncio.create_task(_announce_when_ready(service.is_ready, f"{role} pid={os.getpid()} {where} "
-                                                         f"{metrics_where} compiled={compiled.BUILD.state}"))
+                                                         f"{metrics_where}"))
     try:
         await task
     finally:

@@ -16,8 +16,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from mypy_extensions import mypyc_attr
-
 EventT = TypeVar("EventT")
 DecisionT = TypeVar("DecisionT")
 
@@ -30,7 +28,6 @@ class Paused:
     """Sentinel: a decision event awaits the glue's answer; input is buffered but not processed."""
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its base class RuntimeError
 class ProtocolUsageError(RuntimeError):
     """The glue called a state machine wrongly (e.g. an answer with no matching decision pending)."""
 

@@ -4,8 +4,7 @@ Each target runs in its own process (fuzz/engine.py; libFuzzer ends its process 
 temporary corpus plus the target's seeds in tests/fuzz_seeds/<target>/ (regression inputs included), a 10 s
 limit per input (a longer one is a hang) and crashing inputs written into that seed folder. Prints one line per
 target (inputs run, new seeds, result) and the total of inputs that ran without a finding; exits 1 if any
-target found something, 2 if atheris is not installed. The targets run the pure Python modules
-(`MTACLUSTER_PURE_PYTHON=1`, cluster/compiled.py): atheris's coverage guidance sees only Python code.
+target found something, 2 if atheris is not installed.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.compiled import PURE_VARIABLE
 from fuzz.targets import TARGETS, seed_dir
 
 _DONE = re.compile(r"Done (\d+) runs in")
@@ -36,8 +34,7 @@ def run_target(name: str, seconds: int) -> tuple[int, str | None]:
                    "-timeout=10", "-max_len=4096", "-rss_limit_mb=1536", f"-artifact_prefix={seeds}/",
                    "-print_final_stats=1"]
         result = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                                cwd=Path(__file__).resolve().parent.parent, timeout=seconds + 120,
-                                env={**os.environ, PURE_VARIABLE: "1"})
+                                cwd=Path(__file__).resolve().parent.parent, timeout=seconds + 120)
     log = result.stderr + result.stdout
     done = _DONE.search(log)
     progress = _PROGRESS.findall(log)

@@ -26,7 +26,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cluster import compiled
 from cluster.cli import config, dkim, keys, queue, serve, shaping, shard, suppression, up, user
 from cluster.cli.common import CommandFailed
 from cluster.config import ConfigError
@@ -43,7 +42,7 @@ CLOSED_PIPE_STATUS = 141
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtacluster", description="A mail transfer agent that runs as a "
                                      "cluster of small processes.")
-    parser.add_argument("--version", action="version", version=f"mtacluster {VERSION}, {compiled.BUILD.describe()}")
+    parser.add_argument("--version", action="version", version=f"mtacluster {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(commands)

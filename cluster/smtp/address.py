@@ -15,8 +15,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mypy_extensions import mypyc_attr
-
 from cluster.domains import domain_key
 from cluster.smtp import replies
 from cluster.smtp.replies import Reply
@@ -35,7 +33,6 @@ _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _ErrorFactory = Callable[[str], Reply]
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its base class ValueError
 class SmtpSyntaxError(ValueError):
     """A command argument is malformed; `reply` is what the server answers."""
 
@@ -44,17 +41,14 @@ class SmtpSyntaxError(ValueError):
         self.reply = reply
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its base class ValueError
 class AddressError(SmtpSyntaxError):
     """A reverse-path or forward-path is malformed."""
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its base class ValueError
 class ParameterError(SmtpSyntaxError):
     """The esmtp-params after a path are malformed."""
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its __dict__ filled at once
 @dataclass(frozen=True, init=False)
 class Address:
     """A mailbox: `local_part` unquoted (as its content), `domain` as written (U-label, A-label or literal).

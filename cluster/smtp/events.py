@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mypy_extensions import mypyc_attr
-
 from cluster.sansio import NeedData as NeedData
 from cluster.sansio import Paused as Paused
 from cluster.sansio import SessionEnded as SessionEnded
@@ -29,7 +27,6 @@ class MailRequested:
     size: int | None = None
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its __dict__ filled at once
 @dataclass(frozen=True, init=False)
 class RcptRequested:
     """RCPT TO was syntactically valid and within limits; the glue applies relay policy. (One per recipient:

@@ -17,12 +17,9 @@ import functools
 import re
 from dataclasses import dataclass
 
-from mypy_extensions import mypyc_attr
-
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
-@mypyc_attr(native_class=False)  # compiled (mypyc): a Python class, for its values cached in __dict__
 @dataclass(frozen=True)
 class Reply:
     code: int

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import body_path, cpu_samples, sansio_alone
+from benchmarks import body_path, cpu_samples
 from benchmarks.cluster_instance import ClusterSettings, cpu_seconds_from_stat, render_config, role_from_cmdline
 from benchmarks.cluster_metrics import shard_summary, signing_summary, sum_by_name
 from benchmarks.e2e import parse_args, settings_summary, smtp_source_command
@@ -450,14 +450,3 @@ def test_cpu_samples_are_summarised_by_function_without_startup() -> None:
     assert total == 2000
     assert own == {"encode (s.py)": 600, "work (w.py)": 400, "[other threads]": 1000}
     assert inclusive["work (w.py)"] == 1000 and inclusive["main (x.py)"] == 1000 and inclusive["encode (s.py)"] == 600
-
-
-def test_sansio_alone_runs_the_smtp_machine_and_the_bus_codec(capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/sansio_alone.py, run tiny: one conversation per message ends with QUIT, frames round-trip."""
-    settings = sansio_alone.ServerSettings.from_config(sansio_alone.SmtpConfig(hostname="mx.test"))
-    # greeting, EHLO (several lines), 250 MAIL, 250 RCPT, 354, 250 end of data, 221: over 200 octets of replies
-    assert sansio_alone.smtp_conversation(settings, sansio_alone.body(4096)) > 200
-    assert sansio_alone.bus_frames(sansio_alone.body(4096)) == 1
-    assert sansio_alone.main(["--messages", "3", "--rounds", "1"]) == 0
-    figures = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert set(figures["us_per_message"]) == {"smtp", "bus"} and all(figures["us_per_message"].values())

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import cluster
 from cluster.cli import CLOSED_PIPE_STATUS, build_parser, main
 from cluster.cli.queue import Answers, _list
 from cluster.version import VERSION
@@ -88,8 +87,7 @@ def test_bad_option_values_are_usage_errors(argv: list[str], capsys: pytest.Capt
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
-    assert exit_.value.code == 0
-    assert capsys.readouterr().out == f"mtacluster {VERSION}, {cluster.compiled.BUILD.describe()}\n"
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"mtacluster {VERSION}\n"
 
 
 @pytest.mark.parametrize(("argv", "status"), [(["config", "check"], CLOSED_PIPE_STATUS),
