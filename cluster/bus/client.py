@@ -16,11 +16,12 @@
 - Reconnection: ZeroMQ reconnects by itself (every `RECONNECT_INTERVAL_MS`) after the shard goes away or
   restarts, CURVE handshake included. Nothing is queued for a shard that is not connected (ZMQ_IMMEDIATE): a
   restarted shard never receives a burst of stale requests whose senders already gave up.
-- Direct mode (`direct=True`, the worker's links: only `send` and `receive`, no `request` or `start`): sends go
-  to ZeroMQ without the asyncio layer (`send_now`), and `receive` waits on the socket's descriptor through
-  `FrameWatch` (cluster/bus/watch.py, the piece the shard's socket uses too: its own reader, and one look per
-  loop turn after sends for frames whose notification a send took in). That saves the asyncio layer's Future,
-  poll and flag arithmetic per frame.
+- Direct mode (`direct=True`, the worker's and the frontend's links): sends go to ZeroMQ without the asyncio
+  layer (`send_now`; a request's send too), and `receive` waits on the socket's descriptor through `FrameWatch`
+  (cluster/bus/watch.py, the piece the shard's socket uses too: its own reader, and one look per loop turn
+  after sends for frames whose notification a send took in). That saves the asyncio layer's Future, poll and
+  flag arithmetic per frame (a send 2 us instead of 10). A request to a shard that is not connected tries its
+  send again every CONNECT_POLL seconds within its bounds (the asyncio layer would wait for the descriptor).
 - Liveness: `last_heard` is when the shard last sent anything; `heard_within(s)` tells callers (readiness
   probes) whether it is alive. With `liveness=S`, ZeroMQ heartbeats the connection itself (ZMTP PING every S/3)
   and drops it after S seconds of silence, so a paused shard or a cut link is noticed even when TCP is not
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MS = 100
 # Frames read from the socket in one `receive` call before other tasks get a turn.
 FRAMES_PER_TURN = 100
+# Direct mode: how often a request tries its send again while its shard is not connected (seconds).
+CONNECT_POLL = 0.01
+# Direct mode: a request frame of at least this many octets is handed to ZeroMQ without a copy (pyzmq's
+# zero-copy send costs more than copying a small frame).
+ZERO_COPY_FRAME = 64 * 1024
 # A plain int: pyzmq's flag enums cost a Python-level enum operation each time they meet an int.
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -149,8 +155,6 @@ class BusLink:
         """
         if self._closed:  # the process is stopping: the caller answers as for a shard that is away
             raise NoAnswer(self, 0.0, False, "is closed (this process is stopping)")
-        if self._direct:
-            raise RuntimeError(f"{self.name}: request() is not for a link in direct mode")
         if self._receiver is None or self._receiver.done():
             raise RuntimeError(f"{self.name}: request() needs start() to be running")
         req = next(self._numbers)
@@ -162,13 +166,16 @@ class BusLink:
         connect_within = timeout if connect_timeout is None else min(timeout, connect_timeout)
         started = time.monotonic()
         try:
-            try:
-                await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:  # not connected: wait for the connection, within bounds
+            if self._direct:
+                await self._send_when_connected(frame, connect_within)
+            else:
                 try:
-                    await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
-                except TimeoutError:
-                    raise NoAnswer(self, connect_within, False) from None
+                    await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # not connected: wait for the connection, within bounds
+                    try:
+                        await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
+                    except TimeoutError:
+                        raise NoAnswer(self, connect_within, False) from None
             # A timer on the answer itself rather than asyncio.timeout, which needs the caller to run in a task
             # (the frontend's sessions start their policy checks outside any task).
             timer = loop.call_later(max(0.0, timeout - (time.monotonic() - started)), _expire, future)
@@ -183,6 +190,23 @@ class BusLink:
             raise NoAnswer(self, timeout, False, f"cannot take the request: {exc}") from None
         finally:
             self._pending.pop(req, None)
+
+    async def _send_when_connected(self, frame: bytes, within: float) -> None:
+        """Direct mode: send `frame` now, or once the shard is connected (tried every CONNECT_POLL seconds) within
+        `within` seconds; NoAnswer (not sent) after that, or once the link is closed."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self._plain.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_FRAME)
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise NoAnswer(self, within, False) from None
+                await asyncio.sleep(CONNECT_POLL)
+                if self._closed:  # the shadow must not touch a closed socket
+                    raise NoAnswer(self, 0.0, False, "is closed (this process is stopping)") from None
+                continue
+            self._watch.sent()  # a send may take in the notice of frames waiting (bus/watch.py)
+            return
 
     # -- receiving -------------------------------------------------------------------------------------------
 
@@ -253,8 +277,6 @@ class BusLink:
 
     def start(self, on_message: OnMessage | None = None) -> None:
         """Receive in the background: answers settle requests, everything else goes to `on_message`."""
-        if self._direct:
-            raise RuntimeError(f"{self.name}: start() is not for a link in direct mode (call receive())")
         if self._receiver is None or self._receiver.done():
             self._receiver = asyncio.create_task(self._receive_forever(on_message or self._unexpected))
 

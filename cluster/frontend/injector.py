@@ -55,7 +55,8 @@ class ShardClient:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _link(self, index: int, endpoint: str) -> BusLink:
-        return BusLink(endpoint, self.keys, name=f"shard {index}", liveness=REACHABLE_WITHIN)
+        # Direct mode: requests sent and answers waited for without pyzmq's asyncio layer (cluster/bus/client.py).
+        return BusLink(endpoint, self.keys, name=f"shard {index}", liveness=REACHABLE_WITHIN, direct=True)
 
     def start(self) -> None:
         for index, link in enumerate(self.links):
