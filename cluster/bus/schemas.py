@@ -512,7 +512,9 @@ def decode(frame: bytes | memoryview) -> BusMessage:
     if not isinstance(payload, dict):
         raise SchemaError("not a msgpack map")
     try:
-        cls = MESSAGE_TYPES.get(payload.pop("t", None))
+        kind = payload.pop("t", None)
+        # Only a str names a type: a list or map there cannot even be looked up (a TypeError, not a SchemaError).
+        cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
         if cls is None:
             raise SchemaError("unknown or missing message type")
         if cls is Deliver:

@@ -97,6 +97,9 @@ def test_an_inject_frame_from_body_parts_is_the_frame_of_the_joined_body(parts: 
     msgpack.packb({"t": "stored", "req": 1, "extra": 1}),  # an unknown field does not stand for a missing one
     msgpack.packb({"t": "inject", "req": 1, "sender": "", "recipients": [1], "body": b"", "client": {}}),
     msgpack.packb({"t": "result", "job_id": "j", "worker": "w", "outcomes": [{"bad": 1}]}),
+    # A type that cannot be a dict key: a TypeError here would end the shard's (or a link's) receive loop.
+    msgpack.packb({"t": [1], "req": 3}),
+    msgpack.packb({"t": {"inject": 1}}),
 ])
 def test_malformed_frames_raise_schema_error(frame: bytes) -> None:
     with pytest.raises(SchemaError):
