@@ -169,13 +169,12 @@ class BusLink:
             if self._direct:
                 await self._send_when_connected(frame, connect_within)
             else:
+                # Bounded as a whole: pyzmq queues a send behind another one waiting for the connection, the
+                # NOBLOCK one too, and that queued send would then wait (unbounded) as long as the shard is away.
                 try:
-                    await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:  # not connected: wait for the connection, within bounds
-                    try:
-                        await asyncio.wait_for(self.socket.send(frame, copy=False), connect_within)
-                    except TimeoutError:
-                        raise NoAnswer(self, connect_within, False) from None
+                    await asyncio.wait_for(self._send_or_wait(frame), connect_within)
+                except TimeoutError:
+                    raise NoAnswer(self, connect_within, False) from None
             # A timer on the answer itself rather than asyncio.timeout, which needs the caller to run in a task
             # (the frontend's sessions start their policy checks outside any task).
             timer = loop.call_later(max(0.0, timeout - (time.monotonic() - started)), _expire, future)
@@ -190,6 +189,13 @@ class BusLink:
             raise NoAnswer(self, timeout, False, f"cannot take the request: {exc}") from None
         finally:
             self._pending.pop(req, None)
+
+    async def _send_or_wait(self, frame: bytes) -> None:
+        """Through the asyncio layer: send now, or (not connected) once the shard is connected."""
+        try:
+            await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # not connected: wait for the connection (the caller bounds the wait)
+            await self.socket.send(frame, copy=False)
 
     async def _send_when_connected(self, frame: bytes, within: float) -> None:
         """Direct mode: send `frame` now, or once the shard is connected (tried every CONNECT_POLL seconds) within

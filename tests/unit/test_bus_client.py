@@ -136,6 +136,16 @@ async def test_an_unreachable_shard_is_reported_as_such(link: BusLink) -> None:
     assert time.monotonic() - started < 5 and not early.value.sent and "no connection within 0.2s" in str(early.value)
 
 
+async def test_concurrent_requests_to_an_unreachable_shard_each_give_up_in_time(link: BusLink) -> None:
+    """pyzmq's asyncio layer queues a send behind one that waits for the connection (NOBLOCK or not): every
+    request must still end after its own bounds, not wait as long as the shard is away."""
+    started = time.monotonic()
+    results = await asyncio.wait_for(asyncio.gather(*(link.request(ping(), 0.3) for _ in range(3)),
+                                                    return_exceptions=True), 10)
+    assert all(isinstance(result, NoAnswer) and not result.sent for result in results), results
+    assert time.monotonic() - started < 5
+
+
 async def request_until_answered(link: BusLink, deadline: float) -> BusMessage:
     while True:
         try:
