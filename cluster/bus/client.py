@@ -20,8 +20,11 @@
   layer (`send_now`; a request's send too), and `receive` waits on the socket's descriptor through `FrameWatch`
   (cluster/bus/watch.py, the piece the shard's socket uses too: its own reader, and one look per loop turn
   after sends for frames whose notification a send took in). That saves the asyncio layer's Future, poll and
-  flag arithmetic per frame (a send 2 us instead of 10). A request to a shard that is not connected tries its
-  send again every CONNECT_POLL seconds within its bounds (the asyncio layer would wait for the descriptor).
+  flag arithmetic per frame (a send 2 us instead of 10). A request to a shard that is not connected waits in
+  the link's list of unsent frames: one timer per link tries the oldest every CONNECT_POLL seconds and sends
+  the waiting frames in order once the socket takes them, so an outage costs the same wakeups whether 1 or
+  300 requests wait (the asyncio layer would wait for the descriptor). A request that gives up (its own
+  bound) leaves the list at once: its frame is never sent later.
 - Liveness: `last_heard` is when the shard last sent anything; `heard_within(s)` tells callers (readiness
   probes) whether it is alive. With `liveness=S`, ZeroMQ heartbeats the connection itself (ZMTP PING every S/3)
   and drops it after S seconds of silence, so a paused shard or a cut link is noticed even when TCP is not
@@ -55,7 +58,7 @@ log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MS = 100
 # Frames read from the socket in one `receive` call before other tasks get a turn.
 FRAMES_PER_TURN = 100
-# Direct mode: how often a request tries its send again while its shard is not connected (seconds).
+# Direct mode: how often the link tries to send its waiting requests while its shard is not connected (seconds).
 CONNECT_POLL = 0.01
 # Direct mode: a request frame of at least this many octets is handed to ZeroMQ without a copy (pyzmq's
 # zero-copy send costs more than copying a small frame).
@@ -109,6 +112,10 @@ class BusLink:
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
         self._direct = direct  # see the module's docstring
+        # Direct mode: requests whose frame waits for a connection, oldest first (by req), and the one timer
+        # that retries them (None when nothing waits).
+        self._unsent: dict[int, tuple[bytes, asyncio.Future[None]]] = {}
+        self._retry: asyncio.TimerHandle | None = None
 
     def heard_within(self, seconds: float) -> bool:
         return time.monotonic() - self.last_heard < seconds
@@ -167,7 +174,7 @@ class BusLink:
         started = time.monotonic()
         try:
             if self._direct:
-                await self._send_when_connected(frame, connect_within)
+                await self._send_when_connected(req, frame, connect_within)
             else:
                 # Bounded as a whole: pyzmq queues a send behind another one waiting for the connection, the
                 # NOBLOCK one too, and that queued send would then wait (unbounded) as long as the shard is away.
@@ -197,22 +204,63 @@ class BusLink:
         except zmq.Again:  # not connected: wait for the connection (the caller bounds the wait)
             await self.socket.send(frame, copy=False)
 
-    async def _send_when_connected(self, frame: bytes, within: float) -> None:
-        """Direct mode: send `frame` now, or once the shard is connected (tried every CONNECT_POLL seconds) within
-        `within` seconds; NoAnswer (not sent) after that, or once the link is closed."""
-        deadline = time.monotonic() + within
-        while True:
+    async def _send_when_connected(self, req: int, frame: bytes, within: float) -> None:
+        """Direct mode: send `frame` now, or join the waiting frames that the link's timer sends in order once the
+        shard is connected; NoAnswer (not sent) after `within` seconds, or once the link is closed."""
+        if not self._unsent:  # frames already waiting go first
             try:
                 self._plain.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_FRAME)
             except zmq.Again:
-                if time.monotonic() >= deadline:
-                    raise NoAnswer(self, within, False) from None
-                await asyncio.sleep(CONNECT_POLL)
-                if self._closed:  # the shadow must not touch a closed socket
-                    raise NoAnswer(self, 0.0, False, "is closed (this process is stopping)") from None
+                pass
+            else:
+                self._watch.sent()  # a send may take in the notice of frames waiting (bus/watch.py)
+                return
+        if within <= 0:
+            raise NoAnswer(self, within, False)
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[None] = loop.create_future()
+        self._unsent[req] = (frame, sent)
+        if self._retry is None:
+            self._retry = loop.call_later(CONNECT_POLL, self._send_waiting)
+        # Giving up takes the frame off the list in the same step, so the timer can never send it afterwards.
+        expiry = loop.call_later(within, self._give_up, req, NoAnswer(self, within, False))
+        try:
+            await sent
+        finally:
+            expiry.cancel()
+            self._unsent.pop(req, None)  # the caller was cancelled: its frame goes nowhere either
+
+    def _give_up(self, req: int, why: Exception) -> None:
+        entry = self._unsent.pop(req, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(why)
+
+    def _send_waiting(self) -> None:
+        """The retry timer (direct mode): send the waiting frames, oldest first, until the socket refuses one;
+        try again in CONNECT_POLL seconds while any still wait."""
+        self._retry = None
+        took = False
+        while self._unsent:
+            req = next(iter(self._unsent))
+            frame, sent = self._unsent[req]
+            if sent.done():  # its caller was cancelled this turn
+                del self._unsent[req]
                 continue
+            try:
+                self._plain.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_FRAME)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:  # the request reports it (NoAnswer: cannot take the request)
+                del self._unsent[req]
+                sent.set_exception(exc)
+                continue
+            del self._unsent[req]
+            sent.set_result(None)
+            took = True
+        if took:
             self._watch.sent()  # a send may take in the notice of frames waiting (bus/watch.py)
-            return
+        if self._unsent:
+            self._retry = asyncio.get_running_loop().call_later(CONNECT_POLL, self._send_waiting)
 
     # -- receiving -------------------------------------------------------------------------------------------
 
@@ -309,6 +357,14 @@ class BusLink:
         if self._closed:
             return
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for req, (_, sent) in list(self._unsent.items()):  # never sent: they fail as for a shard that is away
+            self._pending.pop(req, None)
+            if not sent.done():
+                sent.set_exception(NoAnswer(self, 0.0, False, "is closed (this process is stopping)"))
+        self._unsent.clear()
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)

@@ -146,6 +146,62 @@ async def test_concurrent_requests_to_an_unreachable_shard_each_give_up_in_time(
     assert time.monotonic() - started < 5
 
 
+class CountingSends:
+    """Stands in for a direct link's plain socket: counts the send attempts (each one a wakeup spent on them)."""
+
+    def __init__(self, inner: zmq.Socket[bytes]) -> None:
+        self.inner = inner
+        self.attempts = 0
+
+    def send(self, frame: bytes, flags: int = 0, copy: bool = True) -> None:
+        self.attempts += 1
+        self.inner.send(frame, flags, copy=copy)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_waiting_for_an_absent_shard_costs_the_same_however_many_requests_wait(endpoint: str) -> None:
+    """A shard outage: 300 injects waiting for the shard once made 300 send attempts every 10 ms (0.4 of a core);
+    the link now retries its waiting frames on one timer, so the attempts do not grow with the waiting requests."""
+    link = BusLink(endpoint, None, name="shard 0", direct=True)
+    counting = CountingSends(link._plain)
+    link._plain = counting  # type: ignore[assignment]
+    link.start()
+    try:
+        outcomes = await asyncio.gather(*(link.request(ping(), 0.3) for _ in range(300)), return_exceptions=True)
+        assert all(isinstance(o, NoAnswer) and not o.sent for o in outcomes), outcomes[:3]
+        # About one attempt per 10 ms for the whole link (0.3 s: ~31), where each request retrying alone made ~9000.
+        assert 1 <= counting.attempts < 100, counting.attempts
+        assert link._unsent == {}  # nothing left to send once the shard comes back
+    finally:
+        await link.close()
+
+
+async def test_a_request_that_gave_up_is_not_sent_when_the_shard_appears(endpoint: str) -> None:
+    """Requests waiting for an absent shard: the one whose own timeout passed is never sent; the others reach
+    the shard in the order they were made."""
+    link = BusLink(endpoint, None, name="shard 0", direct=True)
+    link.start()
+    router: Router | None = None
+    try:
+        patient = [asyncio.create_task(link.request(ping(f"patient {n}"), 10)) for n in range(3)]
+        await asyncio.sleep(0)  # they wait first, the hasty one behind them
+        with pytest.raises(NoAnswer) as hasty:
+            await link.request(ping("hasty"), 0.2)
+        assert not hasty.value.sent
+        patient.append(asyncio.create_task(link.request(ping("patient 3"), 10)))
+        await asyncio.sleep(0)  # the last request joins the waiting frames
+        router = Router(endpoint).start()
+        answers = await asyncio.wait_for(asyncio.gather(*patient), 10)
+        assert [a.data for a in answers if isinstance(a, AdminReply)] == [{"op": f"patient {n}"} for n in range(4)]
+        assert [r.op for r in router.received] == [f"patient {n}" for n in range(4)]  # in order, no "hasty"
+    finally:
+        await link.close()
+        if router is not None:
+            await router.stop()
+
+
 async def request_until_answered(link: BusLink, deadline: float) -> BusMessage:
     while True:
         try:
