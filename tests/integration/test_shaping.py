@@ -29,6 +29,7 @@ def test_25_messages_at_5_per_second_none_bounce(tmp_path: Path) -> None:
         })
         with running(cluster):
             with smtplib.SMTP("127.0.0.1", cluster.smtp_port, timeout=10) as client:
+                started = time.time()
                 for i in range(COUNT):
                     client.sendmail("me@sender.test", [f"r{i}@slow.test"], f"Subject: {i}\r\n\r\n{i}\r\n".encode())
             accepted = time.time()
@@ -43,9 +44,14 @@ def test_25_messages_at_5_per_second_none_bounce(tmp_path: Path) -> None:
         f"r{i}@slow.test" for i in range(COUNT))
     assert all(m.sender == "me@sender.test" for m in messages)  # no bounce (a DSN has the null sender)
     first = arrivals[0]
+    timeline = {"accepted all after": round(accepted - started, 2), "first arrival after": round(first - started, 2),
+                "arrivals after the first": [round(a - first, 2) for a in arrivals]}
     # At most RATE start in any second: the k-th arrival is at least k // RATE seconds after the first (less
-    # the spread of delivery times), and the whole batch takes about (COUNT / RATE - 1) seconds, not less.
+    # the spread of delivery times), so the whole batch takes (COUNT - 1) // RATE seconds at least.
     for k, arrived in enumerate(arrivals):
-        assert arrived - first >= k // RATE - 0.35, (k, [round(a - first, 2) for a in arrivals])
-    assert arrivals[-1] - first < COUNT / RATE + 3
-    assert arrivals[-1] - accepted > COUNT / RATE - 2
+        assert arrived - first >= k // RATE - 0.35, (k, timeline)
+    # Not held back more than the limit asks: the last arrives within 3 s of the later of its earliest allowed
+    # start and its acceptance. Counting from the first arrival alone made the time the 25 accepts took (fsyncs
+    # on a loaded machine, seconds) look like slow pacing; a limiter at half the rate still ends ~5 s late.
+    allowed = max(first + (COUNT - 1) // RATE, accepted)
+    assert arrivals[-1] - allowed < 3, timeline
