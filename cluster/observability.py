@@ -28,7 +28,7 @@ on every /readyz and /metrics request); the process and platform collectors come
 `domain_label()` bounds destination-domain label values to the configured top domains.
 
 `count(series, amount)` adds to a counter (or gauge) series without touching it, for per-message counts (the
-worker's; the frontend keeps its own, with per-verb tallies, in cluster/frontend/metrics.py): the amounts are
+frontend's and the worker's; `on_collect` adds a role's own tallies, such as the frontend's per verb): the amounts are
 kept as plain numbers and added to their series when the registry is read (a scrape of /metrics, or
 `REGISTRY.get_sample_value`) by `PENDING`, a collector registered when this module is first imported, so ahead
 of every series of a metrics module that imports it before making its series (a collection reaches it first: a
@@ -57,6 +57,7 @@ class _PendingCounts:
 
     def __init__(self) -> None:
         self.amounts: dict[Counter | Gauge, float] = {}
+        self.tallies: list[Callable[[], None]] = []  # `on_collect`
 
     def describe(self) -> list[Metric]:
         return []  # no series of its own (and registering it does not collect it)
@@ -66,6 +67,8 @@ class _PendingCounts:
         return iter(())
 
     def flush(self) -> None:
+        for tally in self.tallies:
+            tally()
         amounts, self.amounts = self.amounts, {}
         for series, amount in amounts.items():
             series.inc(amount)
@@ -80,6 +83,12 @@ def count(series: Counter | Gauge, amount: float = 1.0) -> None:
     """Add `amount` to a counter (or gauge: negative amounts too) series, without a lock (module docstring)."""
     amounts = PENDING.amounts
     amounts[series] = amounts.get(series, 0.0) + amount
+
+
+def on_collect(flush: Callable[[], None]) -> None:
+    """Call `flush` (it adds a role's own tallies to their series) whenever the registry is read, as `count`'s
+    amounts are added."""
+    PENDING.tallies.append(flush)
 
 BUILD_INFO = Gauge("mtacluster_build_info", "Build of this process: always 1, labelled with the version and role.",
                    ["version", "role"])

@@ -4,73 +4,57 @@ The per-message counters are reached through the small accessors at the end (`co
 `reply_counter`, `rejections`, `accepted`, `connections`, `inject_duration`): each keeps the labelled child it
 made, because `labels()` costs more than the increment itself and runs several times per message.
 
-`count(series, amount)` adds to a counter (or gauge) series without touching it (`count_command` and
-`count_reply` count a command verb or a reply code): the amounts are kept as plain numbers and added to the
-series when the registry is read (a scrape of /metrics, or `REGISTRY.get_sample_value`),
-by `PENDING`, a collector registered ahead of every series here. A locked Prometheus increment costs more than
-the rest of handling a command, and a message makes about a dozen of them (connection, commands, replies,
-acceptance); a read always sees every count made before it.
+`count(series, amount)` (cluster/observability.py) adds to a counter (or gauge) series without touching it,
+and `count_command` and `count_reply` count a command verb or a reply code in `TALLIES`: the amounts are kept
+as plain numbers and added to the series when the registry is read (a scrape of /metrics, or
+`REGISTRY.get_sample_value`), by the collector that `cluster.observability` registers ahead of every series
+here. A locked Prometheus increment costs more than the rest of handling a command, and a message makes about
+a dozen of them (connection, commands, replies, acceptance); a read always sees every count made before it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import Metric
+from prometheus_client import Counter, Gauge, Histogram
+
+# Imported before the series below are made: its collector is registered ahead of them.
+from cluster.observability import count, on_collect
+
+__all__ = ["count", "count_command", "count_reply"]
 
 
-class _PendingCounts:
-    """Amounts for counter and gauge series, added to them when the registry is collected (module docstring)."""
+class _Tallies:
+    """Commands by verb and replies by code, as every session counts them (`count_command`, `count_reply`)."""
 
     def __init__(self) -> None:
-        self.amounts: dict[Counter | Gauge, float] = {}
-        # Commands by verb and replies by code, as every session counts them (`count_command`, `count_reply`).
         self.commands: dict[str, int] = {}
         self.replies: dict[int, int] = {}
 
-    def describe(self) -> list[Metric]:
-        return []  # no series of its own (and registering it does not collect it)
-
-    def collect(self) -> Iterator[Metric]:
-        self.flush()
-        return iter(())
-
     def flush(self) -> None:
-        amounts, self.amounts = self.amounts, {}
         commands, self.commands = self.commands, {}
         replies, self.replies = self.replies, {}
         for verb, number in commands.items():
             command_counter(verb).inc(number)
         for code, number in replies.items():
             reply_counter(code).inc(number)
-        for series, amount in amounts.items():
-            series.inc(amount)
 
 
-# Registered before the series below: a collection reaches it first, so they are up to date when read.
-PENDING = _PendingCounts()
-REGISTRY.register(PENDING)
-
-
-def count(series: Counter | Gauge, amount: float = 1.0) -> None:
-    """Add `amount` to a counter (or gauge: negative amounts too) series, without a lock (module docstring)."""
-    amounts = PENDING.amounts
-    amounts[series] = amounts.get(series, 0.0) + amount
+TALLIES = _Tallies()
+on_collect(TALLIES.flush)
 
 
 def count_command(verb: str) -> None:
     """One more COMMANDS for `verb` (as `command_counter`: a verb outside COMMAND_NAMES counts as "other"),
     kept as a plain number per verb until the registry is read: the cheapest count there is, made for every
     command of every session."""
-    commands = PENDING.commands
+    commands = TALLIES.commands
     commands[verb] = commands.get(verb, 0) + 1
 
 
 def count_reply(code: int) -> None:
     """One more REPLIES for the class of reply `code`, kept as `count_command` keeps commands."""
-    replies = PENDING.replies
+    replies = TALLIES.replies
     replies[code] = replies.get(code, 0) + 1
 
 CONNECTIONS_CURRENT = Gauge("mtacluster_smtp_connections_current", "SMTP connections open now.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, generate_latest
 
+from cluster import observability
 from cluster.frontend import metrics
 
 
@@ -16,9 +17,9 @@ def test_a_count_is_in_its_series_as_soon_as_the_registry_is_read() -> None:
     before = _connections("submission")
     metrics.count(metrics.connections("submission"), 3)
     metrics.count(metrics.connections("submission"))
-    assert metrics.PENDING.amounts  # not added yet: no lock taken per count
+    assert observability.PENDING.amounts  # not added yet: no lock taken per count
     assert _connections("submission") == before + 4
-    assert not metrics.PENDING.amounts
+    assert not observability.PENDING.amounts
 
 
 def test_a_scrape_sees_the_counts_and_a_gauge_goes_down_too() -> None:
@@ -47,9 +48,9 @@ def test_commands_and_replies_are_tallied_per_verb_and_code_and_in_their_series_
         metrics.count_command(verb)
     for code in (250, 250, 221, 550):
         metrics.count_reply(code)
-    assert metrics.PENDING.commands == {"RCPT": 2, "XYZZY": 1}  # no series touched yet
+    assert metrics.TALLIES.commands == {"RCPT": 2, "XYZZY": 1}  # no series touched yet
     assert _commands("RCPT") == before["RCPT"] + 2
     assert _commands("other") == before["other"] + 1  # a verb outside COMMAND_NAMES
     assert _replies("2xx") == before["2xx"] + 3
     assert _replies("5xx") == before["5xx"] + 1
-    assert not metrics.PENDING.commands and not metrics.PENDING.replies
+    assert not metrics.TALLIES.commands and not metrics.TALLIES.replies
