@@ -217,6 +217,14 @@ class HeldSmarthost:
     release: asyncio.Event
     held: list[asyncio.StreamWriter]
 
+    def worker_config(self, config: Config, concurrency: int) -> Config:
+        """`config`'s shards, quick heartbeats, and delivery through this smarthost with `concurrency` jobs."""
+        return config_from_dict({
+            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{self.port}", "concurrency": concurrency},
+            "metrics": {"listen": ""},
+        }, environ={})
+
 
 @contextlib.asynccontextmanager
 async def held_smarthost() -> AsyncIterator[HeldSmarthost]:
@@ -245,11 +253,7 @@ async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(con
     # The smarthost holds the job in its greeting until the shard has gone away.
     async with held_smarthost() as smarthost:
         release, held = smarthost.release, smarthost.held
-        away = config_from_dict({
-            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
-            "delivery": {"smarthost": f"127.0.0.1:{smarthost.port}", "concurrency": 3},
-            "metrics": {"listen": ""},
-        }, environ={})
+        away = smarthost.worker_config(config, 3)
         shard = FakeShard(away.queue.shards[0])
         worker = Worker(away, name="w-away", resolver=StaticMxResolver({}))
         stop = asyncio.Event()
@@ -288,11 +292,7 @@ async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(con
 async def test_stop_hands_back_jobs_not_started_and_finishes_the_running_one(config: Config) -> None:
     async with held_smarthost() as smarthost:
         release, held = smarthost.release, smarthost.held
-        one_at_a_time = config_from_dict({
-            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
-            "delivery": {"smarthost": f"127.0.0.1:{smarthost.port}", "concurrency": 1},
-            "metrics": {"listen": ""},
-        }, environ={})
+        one_at_a_time = smarthost.worker_config(config, 1)
         shard = FakeShard(one_at_a_time.queue.shards[0])
         worker = Worker(one_at_a_time, name="w-stop", resolver=StaticMxResolver({}))
         stop = asyncio.Event()
@@ -374,11 +374,7 @@ async def test_jobs_beyond_concurrency_wait_in_order_and_a_revoked_waiting_job_n
     it waits, so only the first, third and fourth reach the smarthost, in that order, and no more runners are
     made than `delivery.concurrency`."""
     async with held_smarthost() as smarthost:
-        one_at_a_time = config_from_dict({
-            "queue": {"shards": list(config.queue.shards), "heartbeat_interval": 0.1, "worker_timeout": 2},
-            "delivery": {"smarthost": f"127.0.0.1:{smarthost.port}", "concurrency": 1},
-            "metrics": {"listen": ""},
-        }, environ={})
+        one_at_a_time = smarthost.worker_config(config, 1)
         shard = FakeShard(one_at_a_time.queue.shards[0])
         worker = Worker(one_at_a_time, name="w-queue", resolver=StaticMxResolver({}))
         stop = asyncio.Event()
