@@ -14,10 +14,8 @@ Sizes accept a number of bytes or a string with a unit: "512KiB", "25MiB", "1GiB
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
-import math
 import os
 import re
 import tomllib
@@ -27,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cluster import cpu_limits
 
 ENV_PREFIX = "MTACLUSTER_"
 
@@ -276,61 +276,12 @@ class UpConfig:
     restart_delay: Duration = Duration(1)
 
 
-# Where `cpu_quota` reads the CPU limits of this process's control groups (Linux; read at each call).
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask (a container's cpuset), and no more than its CPU quota allows
-    (a container's `--cpus`, a Kubernetes CPU limit: `cpu_quota`, rounded up)."""
-    try:
-        cpus = len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cpu_quota()
-    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
-
-
-def cpu_quota() -> float | None:
-    """The CPUs' worth of time the control groups of this process allow (cgroup v2 `cpu.max`, v1
-    `cpu.cfs_quota_us` / `cpu.cfs_period_us`; the smallest on the way up to the root), or None: no limit, or
-    nothing readable (not Linux, no cgroup file system)."""
-    try:
-        memberships = CGROUP_MEMBERSHIP.read_text().splitlines()
-    except OSError:
-        return None
-    limits: list[float] = []
-    for membership in memberships:
-        _, controllers, path = [*membership.split(":", 2), "", ""][:3]
-        if controllers == "":  # cgroup v2, at the root or beside the v1 hierarchies
-            base = CGROUP_ROOT if (CGROUP_ROOT / "cgroup.controllers").exists() else CGROUP_ROOT / "unified"
-        elif "cpu" in controllers.split(","):
-            base = CGROUP_ROOT / controllers
-        else:
-            continue
-        directory = base / path.strip("/")
-        while True:
-            with contextlib.suppress(OSError, ValueError, ZeroDivisionError):
-                if controllers == "":
-                    quota, period = (directory / "cpu.max").read_text().split()
-                    if quota != "max":
-                        limits.append(int(quota) / int(period))
-                else:
-                    quota_us = int((directory / "cpu.cfs_quota_us").read_text())
-                    if quota_us > 0:
-                        limits.append(quota_us / int((directory / "cpu.cfs_period_us").read_text()))
-            if directory == base or directory.parent == directory:
-                break
-            directory = directory.parent
-    return min(limits) if limits else None
-
-
 def up_processes(up: UpConfig, cpus: int | None = None) -> tuple[int, int]:
     """(frontends, workers) that `mtacluster up` starts: the configured counts, or for 0 the counts scaled to
-    `cpus` (default: `usable_cpus()`), one frontend per CPU and one worker per two CPUs, at least one each."""
+    `cpus` (default: `cpu_limits.usable_cpus()`), one frontend per CPU and one worker per two CPUs, at least one
+    each."""
     if cpus is None and (up.frontends == 0 or up.workers == 0):
-        cpus = usable_cpus()
+        cpus = cpu_limits.usable_cpus()
     frontends = up.frontends or max(1, cpus or 1)
     workers = up.workers or max(1, (cpus or 1) // 2)
     return frontends, workers

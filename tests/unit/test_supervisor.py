@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import config as config_module
+from cluster import cpu_limits
 from cluster.config import UpConfig, config_from_dict, up_processes
 from cluster.supervisor import plan_children
 
@@ -14,7 +14,7 @@ from cluster.supervisor import plan_children
 @pytest.fixture
 def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """The defaults of `up` scale with the CPUs: these tests see the 2 CPUs of the project's machine."""
-    monkeypatch.setattr(config_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu_limits, "usable_cpus", lambda: 2)
 
 
 def test_plan_starts_shards_then_workers_then_mailbox_then_frontends_with_own_metrics_ports() -> None:
@@ -58,9 +58,9 @@ def test_configured_process_counts_are_kept_whatever_the_cpus() -> None:
 
 
 def test_scaled_counts_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(config_module, "cpu_quota", lambda: None)  # whatever limit the machine running this has
-    assert config_module.usable_cpus() == 4
+    monkeypatch.setattr(cpu_limits.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu_limits, "cpu_quota", lambda: None)  # whatever limit the machine running this has
+    assert cpu_limits.usable_cpus() == 4
     config = config_from_dict({"up": {"mailbox": False}}, environ={})
     assert [c.role for c in plan_children(config, None)].count("frontend") == 4
 
@@ -71,9 +71,9 @@ def cgroups(monkeypatch: pytest.MonkeyPatch, root: Path, membership: str, files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(content)
     (root / "self-cgroup").write_text(membership)
-    monkeypatch.setattr(config_module, "CGROUP_ROOT", root)
-    monkeypatch.setattr(config_module, "CGROUP_MEMBERSHIP", root / "self-cgroup")
-    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(cpu_limits, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpu_limits, "CGROUP_MEMBERSHIP", root / "self-cgroup")
+    monkeypatch.setattr(cpu_limits.os, "sched_getaffinity", lambda pid: set(range(16)))
 
 
 def test_scaled_counts_follow_a_cgroup_v2_cpu_limit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -83,8 +83,8 @@ def test_scaled_counts_follow_a_cgroup_v2_cpu_limit(monkeypatch: pytest.MonkeyPa
         "cgroup.controllers": "cpu memory", "cpu.max": "max 100000",
         "kubepods/cpu.max": "max 100000", "kubepods/pod1/cpu.max": "200000 100000",
         "kubepods/pod1/box/cpu.max": "max 100000"})
-    assert config_module.cpu_quota() == 2.0
-    assert config_module.usable_cpus() == 2
+    assert cpu_limits.cpu_quota() == 2.0
+    assert cpu_limits.usable_cpus() == 2
     config = config_from_dict({"up": {"mailbox": False}}, environ={})
     assert [c.role for c in plan_children(config, None)] == ["queue", "worker", "frontend", "frontend"]
 
@@ -93,11 +93,11 @@ def test_scaled_counts_follow_a_cgroup_v1_cpu_quota(monkeypatch: pytest.MonkeyPa
     cgroups(monkeypatch, tmp_path, "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n", {
         "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000",
         "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"})
-    assert config_module.cpu_quota() == 1.5
-    assert config_module.usable_cpus() == 2  # a part of a CPU counts as one
+    assert cpu_limits.cpu_quota() == 1.5
+    assert cpu_limits.usable_cpus() == 2  # a part of a CPU counts as one
 
 
 def test_without_a_cpu_limit_the_affinity_mask_decides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cgroups(monkeypatch, tmp_path, "0::/user.slice\n", {"unified/user.slice/cpu.max": "max 100000"})
-    assert config_module.cpu_quota() is None
-    assert config_module.usable_cpus() == 16
+    assert cpu_limits.cpu_quota() is None
+    assert cpu_limits.usable_cpus() == 16
