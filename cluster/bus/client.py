@@ -175,13 +175,8 @@ class BusLink:
         try:
             if self._direct:
                 await self._send_when_connected(req, frame, connect_within)
-            else:
-                # Bounded as a whole: pyzmq queues a send behind another one waiting for the connection, the
-                # NOBLOCK one too, and that queued send would then wait (unbounded) as long as the shard is away.
-                try:
-                    await asyncio.wait_for(self._send_or_wait(frame), connect_within)
-                except TimeoutError:
-                    raise NoAnswer(self, connect_within, False) from None
+            elif not await self._send_within(frame, connect_within):
+                raise NoAnswer(self, connect_within, False)
             # A timer on the answer itself rather than asyncio.timeout, which needs the caller to run in a task
             # (the frontend's sessions start their policy checks outside any task).
             timer = loop.call_later(max(0.0, timeout - (time.monotonic() - started)), _expire, future)
@@ -197,12 +192,42 @@ class BusLink:
         finally:
             self._pending.pop(req, None)
 
-    async def _send_or_wait(self, frame: bytes) -> None:
-        """Through the asyncio layer: send now, or (not connected) once the shard is connected."""
-        try:
-            await self.socket.send(frame, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # not connected: wait for the connection (the caller bounds the wait)
-            await self.socket.send(frame, copy=False)
+    async def _send_within(self, frame: bytes, within: float) -> bool:
+        """Through the asyncio layer: send now, or (not connected) once the shard is connected; False when the
+        frame did not leave within `within` seconds (it is then withdrawn and never sent).
+
+        Bounded as a whole: pyzmq queues a send behind another one waiting for the connection, the NOBLOCK one
+        too. The bound does not cancel the send it waits for (asyncio.wait_for did): pyzmq may send the frame in
+        the loop turn in which the bound passes, and a cancellation arriving after that would report a frame
+        that left as never sent. A send still pending at the bound is withdrawn (pyzmq skips a cancelled one; it
+        sends and settles its Future in one step, so a pending one has not left); a settled one is looked at."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        # pyzmq's asyncio sends return a Future (typed as an Awaitable).
+        sending = cast("asyncio.Future[object]", self.socket.send(frame, flags=zmq.NOBLOCK, copy=False))
+        waited_for_connection = False
+        while True:
+            if not sending.done():
+                try:
+                    await asyncio.wait((sending,), timeout=max(0.0, deadline - loop.time()))
+                except asyncio.CancelledError:
+                    sending.cancel()  # the caller gave up: a frame not yet sent stays unsent
+                    raise
+            if not sending.done():
+                sending.cancel()
+                # pyzmq drops the cancelled send from its queue in a done callback: let it run, or the next send
+                # (a NOBLOCK one too) would queue behind it and wait for a connection.
+                await asyncio.sleep(0)
+                return False
+            error = sending.exception()
+            if error is None:
+                return True
+            if isinstance(error, zmq.Again) and not waited_for_connection:
+                # Not connected: wait for the connection, within the same bound.
+                waited_for_connection = True
+                sending = cast("asyncio.Future[object]", self.socket.send(frame, copy=False))
+                continue
+            raise error
 
     async def _send_when_connected(self, req: int, frame: bytes, within: float) -> None:
         """Direct mode: send `frame` now, or join the waiting frames that the link's timer sends in order once the

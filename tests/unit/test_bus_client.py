@@ -460,3 +460,50 @@ async def test_a_direct_link_whose_context_is_torn_down_logs_once_and_stops_watc
         await link.close()
         if terminating.ident is not None:
             terminating.join(5)
+
+
+async def test_a_send_that_leaves_as_its_connect_wait_ends_counts_as_sent(endpoint: str) -> None:
+    """Through the asyncio layer: the shard's connection comes as the request's connect bound passes, and pyzmq
+    sends the waiting frame in the same loop turn as the bound's timer. The request used to be cancelled after
+    its frame had left and reported the shard unreachable (NoAnswer.sent False: nothing sent) while the shard
+    had it: a change the CLI calls not made, an Inject stored and retried. A frame that left is a sent request."""
+    link = BusLink(endpoint, None, name="shard 0")
+    link.start()
+    router = Router(endpoint)
+    loop = asyncio.get_running_loop()
+    # Told when the link's own side of the connection is up, without touching the link's socket.
+    context = zmq.Context.shadow(link.socket.context.underlying)
+    monitor_address = f"inproc://monitor-{id(link)}"
+    link._plain.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor = context.socket(zmq.PAIR)
+    monitor.connect(monitor_address)
+    try:
+        waiting = asyncio.create_task(link.request(ping(), 5, connect_timeout=0.2))
+        await asyncio.sleep(0)
+        bound_by = loop.time() + 0.2  # the request's connect bound passes no later than this
+
+        def shard_appears_as_the_bound_passes() -> None:
+            router.socket.bind(endpoint)
+            router.task = asyncio.create_task(router._serve())
+            assert monitor.poll(5000), "the link did not connect"
+            # The loop is held (not a wait for a condition: the turn is made to come late) until the bound has
+            # passed, so its timer and the connection are handled in the same turn.
+            time.sleep(max(0.0, bound_by - loop.time()) + 0.02)
+            link.socket.send(b"", flags=zmq.NOBLOCK)  # another send joins: pyzmq looks at the socket next turn
+
+        loop.call_later(0.05, shard_appears_as_the_bound_passes)
+        try:
+            answer: BusMessage | NoAnswer = await waiting
+        except NoAnswer as missing:
+            answer = missing
+        deadline = time.monotonic() + 2  # a frame that left reaches the shard within this (loopback)
+        while not router.received and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        got = [r for r in router.received if r.op == "ping"]
+        if got:  # the frame left: the request must not say it did not
+            assert not (isinstance(answer, NoAnswer) and not answer.sent), (answer, got)
+        assert got, ("the scenario did not happen: the frame never left", answer)
+    finally:
+        monitor.close(linger=0)
+        await link.close()
+        await router.stop()
