@@ -1,16 +1,18 @@
-"""Helpers for tests that need system tools (smtp-sink, dnsmasq, swaks, promtool...).
+"""Helpers for tests that need system tools (smtp-sink, dnsmasq, swaks, promtool...) or optional Python modules.
 
-A missing tool skips the test on a laptop but fails it in CI (CI=true): a skipped test proves nothing.
+A missing tool or module skips the test on a laptop but fails it in CI (CI=true): a skipped test proves nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 import shutil
 import socket
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -30,6 +32,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_module(name: str) -> ModuleType:
+    """A Python module of the test requirements (pyproject.toml), imported; skip (locally) or fail (in CI) when it
+    cannot be imported. Usable at a module's top level too."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        skip_or_fail(f"the Python module {name} cannot be imported ({exc}); make installs it")
+
+
 def require_root(why: str) -> None:
     """Skip (locally) or fail (in CI) unless the tests run as root; `why` says what needs it."""
     if os.geteuid() != 0:
@@ -40,7 +51,7 @@ def skip_or_fail(message: str) -> NoReturn:
     """A test that cannot run here: skipped on a laptop, failed in CI (CI=true), where a skip would prove nothing."""
     if in_ci():
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)  # a module's top level may ask too (`require_module`)
 
 
 _next_port: int | None = None

@@ -13,6 +13,7 @@ from cluster.cli import CLOSED_PIPE_STATUS, build_parser, main
 from cluster.cli.queue import Answers, _list
 from cluster.version import VERSION
 from tests.support import REPO
+from tests.support.tooling import require_module
 
 
 def test_config_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,7 +147,7 @@ def test_config_check_names_the_submission_listeners_and_refuses_them_without_tl
     assert main(["config", "check", str(twice)]) == 2
     assert "smtp.submissions_listen: 127.0.0.1:2525 is also in smtp.listen" in capsys.readouterr().err
     certificate, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    trustme = pytest.importorskip("trustme")
+    trustme = require_module("trustme")
     issued = trustme.CA().issue_cert("mx.test")
     issued.private_key_pem.write_to_path(str(key))
     certificate.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))

@@ -24,8 +24,9 @@ from cluster import config as config_module
 from cluster.cli import build_parser
 from cluster.config import Config, config_from_dict
 from tests.support import REPO
+from tests.support.tooling import require_module
 
-helm_python = pytest.importorskip("helm_python")
+helm_python = require_module("helm_python")
 
 CHART = REPO / "helm" / "mtacluster"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.tooling import require_module
 from tests.unit.test_helm_chart import CHART, VALUE_SETS, manifests, render
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-validate_utils = pytest.importorskip("kubernetes_validate.utils")
+kubernetes_validate = require_module("kubernetes_validate")
+validate_utils = require_module("kubernetes_validate.utils")
 
 # Objects of custom resource definitions, validated by their operator rather than the Kubernetes API schema.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tooling import free_port, free_ports_in_a_row, require_root, require_tool
+from tests.support.tooling import free_port, free_ports_in_a_row, require_module, require_root, require_tool
 
 
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
@@ -38,8 +38,13 @@ def test_a_test_that_cannot_run_here_fails_in_ci_and_is_skipped_elsewhere(monkey
         require_root("this needs root")
     with pytest.raises(pytest.fail.Exception, match="not installed"):
         require_tool("no-such-tool-anywhere")
+    with pytest.raises(pytest.fail.Exception, match="no_such_module_anywhere cannot be imported"):
+        require_module("no_such_module_anywhere")
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="needs root"):
         require_root("this needs root")
+    with pytest.raises(pytest.skip.Exception, match="no_such_module_anywhere cannot be imported"):
+        require_module("no_such_module_anywhere")
+    assert require_module("json").dumps([]) == "[]"  # there: imported
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     require_root("this needs root")  # root: runs
