@@ -21,6 +21,7 @@ from cluster.config import Config, config_from_dict
 from cluster.delivery.mx import StaticMxResolver
 from cluster.delivery.worker import Worker
 from tests.support.harness import SmtpSink
+from tests.support.shard import until
 from tests.support.tooling import free_port
 
 pytestmark = pytest.mark.integration
@@ -111,9 +112,7 @@ async def test_heartbeat_announces_credits_and_readiness(running: tuple[Worker, 
     assert isinstance(first, Heartbeat)
     assert (first.worker, first.free, first.in_flight) == ("worker-test", 3, [])
     await shard.next_of(Heartbeat)  # answered: the worker has now heard an ack
-    async with asyncio.timeout(5):
-        while not worker.is_ready():
-            await asyncio.sleep(0.02)
+    await until(worker.is_ready, 5, "the worker to be ready")
 
 
 async def test_jobs_are_delivered_and_results_returned(running: tuple[Worker, FakeShard], sink: SmtpSink) -> None:
@@ -261,14 +260,10 @@ async def test_result_kept_while_the_shard_is_away_and_sent_again_when_asked(con
         try:
             await shard.next_of(Heartbeat)
             await shard.send(job("kept", "x@dest.test").encode())
-            async with asyncio.timeout(5):
-                while not held:
-                    await asyncio.sleep(0.01)
+            await until(lambda: held, 5, "the smarthost to hold a session")
             shard.close()
             release.set()
-            async with asyncio.timeout(5):
-                while "kept" not in worker._links[0].session.results:
-                    await asyncio.sleep(0.02)
+            await until(lambda: "kept" in worker._links[0].session.results, 5, "the Result of kept")
             # The same shard instance is back (a network cut, not a restart): the worker lists the finished job,
             # the shard never got its Result and asks for it again.
             shard = FakeShard(away.queue.shards[0])
@@ -301,9 +296,7 @@ async def test_stop_hands_back_jobs_not_started_and_finishes_the_running_one(con
             await shard.next_of(Heartbeat)
             await shard.send(job("running", "x@dest.test").encode())
             await shard.send(job("waiting", "y@dest.test").encode())
-            async with asyncio.timeout(5):
-                while not held:
-                    await asyncio.sleep(0.01)
+            await until(lambda: held, 5, "the smarthost to hold a session")
             stop.set()  # SIGTERM: "waiting" never started, so it is handed back at once
             async with asyncio.timeout(5):
                 while True:
@@ -331,9 +324,8 @@ async def test_a_worker_cut_off_from_its_shard_starts_nothing_until_told_which_j
     worker, shard = running
     await shard.next_of(Heartbeat)  # acked once, then the shard goes quiet (acks lost in a cut)
     session = worker._links[0].session
-    async with asyncio.timeout(5):
-        while session.last_ack == float("-inf") or not session.fenced(time.monotonic()):
-            await asyncio.sleep(0.02)
+    await until(lambda: session.last_ack != float("-inf") and session.fenced(time.monotonic()), 5,
+                "the link acked once and then fenced")
     await shard.send(job("theirs", "a@dest.test").encode())
     await shard.send(job("mine", "b@dest.test").encode())
     async with asyncio.timeout(5):
@@ -363,9 +355,7 @@ async def test_a_failure_in_the_link_loop_is_logged_and_the_link_goes_on(
     await shard.next_of(Heartbeat)
     await shard.ack()  # handled by the failing handler
     await shard.next_of(Heartbeat)  # the loop went on: it still heartbeats, and acks are handled again
-    async with asyncio.timeout(5):
-        while not worker.is_ready():
-            await asyncio.sleep(0.02)
+    await until(worker.is_ready, 5, "the worker to be ready")
     assert "the link's loop failed" in caplog.text and not failures
 
 
@@ -383,16 +373,12 @@ async def test_jobs_beyond_concurrency_wait_in_order_and_a_revoked_waiting_job_n
             await shard.next_of(Heartbeat)
             for job_id in ("first", "second", "third", "fourth"):
                 await shard.send(job(job_id, f"{job_id}@dest.test").encode())
-            async with asyncio.timeout(5):
-                while not smarthost.held:
-                    await asyncio.sleep(0.01)
+            await until(lambda: smarthost.held, 5, "the smarthost to hold a session")
             link = worker._links[0]
             assert [entry[0].job_id for entry in link.queue] == ["second", "third", "fourth"]
             assert len(link.runners) == 1
             await shard.ack(revoked=["second"])
-            async with asyncio.timeout(5):
-                while "second" in link.session.waiting:
-                    await asyncio.sleep(0.01)
+            await until(lambda: "second" not in link.session.waiting, 5, "the revoked job to leave the queue")
             smarthost.release.set()  # each session is answered 421: the jobs end deferred, one after the other
             results = [await shard.next_of(Result) for _ in range(3)]
             assert [r.job_id for r in results if isinstance(r, Result)] == ["first", "third", "fourth"]
