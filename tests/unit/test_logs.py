@@ -206,13 +206,19 @@ class _Stream:
         return None
 
 
-async def test_direct_lines_of_one_turn_go_out_in_one_write_and_in_order(root_handlers: None) -> None:
+def _direct_writer_to(stream: _Stream) -> tuple[logging.Logger, logs.DirectText]:
+    """The queue role's text logging, its direct writer writing to `stream`."""
     logs.configure("queue", "text")
     logger = logging.getLogger("mtacluster.queue")
     writer = logs.direct(logger)
     assert writer is not None
-    stream = _Stream()
     writer.handler.setStream(stream)  # type: ignore[arg-type]
+    return logger, writer
+
+
+async def test_direct_lines_of_one_turn_go_out_in_one_write_and_in_order(root_handlers: None) -> None:
+    stream = _Stream()
+    logger, writer = _direct_writer_to(stream)
     writer.write(logger, "first")
     writer.write(logger, "second")
     assert stream.writes == []  # gathered until the end of this turn of the loop
@@ -244,12 +250,8 @@ async def test_a_failed_write_is_reported_once_and_no_line_is_written_twice(
         root_handlers: None, capsys: pytest.CaptureFixture[str]) -> None:
     """Part of a failed write may be in the log already: its lines are not logged again (each outcome at most
     once), and the failure is reported once, as the logging module reports a record it could not write."""
-    logs.configure("queue", "text")
-    logger = logging.getLogger("mtacluster.queue")
-    writer = logs.direct(logger)
-    assert writer is not None
     stream = _FailingOnce()
-    writer.handler.setStream(stream)  # type: ignore[arg-type]
+    logger, writer = _direct_writer_to(stream)
     for name in ("Q1", "Q2", "Q3", "Q4"):
         writer.write(logger, f"{name}: status=sent")
     writer.flush()
