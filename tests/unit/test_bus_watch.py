@@ -6,9 +6,10 @@ closed watch never touching its socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +30,20 @@ def _pair(context: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], z
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(f"tcp://127.0.0.1:{port}")
     return router, dealer
+
+
+@contextlib.contextmanager
+def _watched_router() -> Iterator[tuple[FrameWatch, zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    """A connected ROUTER/DEALER pair and a FrameWatch on the router; the watch closed (closing twice is allowed)
+    and the context destroyed at the end."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router, dealer = _pair(context)
+    watch = FrameWatch(router)
+    try:
+        yield watch, router, dealer
+    finally:
+        watch.close()
+        context.destroy(linger=0)
 
 
 def _read_all(socket: zmq.Socket[bytes]) -> list[list[bytes]]:
@@ -117,10 +132,7 @@ def test_twenty_thousand_frames_each_way_lose_no_wakeup(use_uvloop: bool) -> Non
 @pytest.mark.parametrize("use_uvloop", [False, True])
 def test_a_deadline_ends_the_wait_and_its_timer_serves_every_wait_for_it(use_uvloop: bool) -> None:
     async def waits() -> None:
-        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        router, dealer = _pair(context)
-        watch = FrameWatch(router)
-        try:
+        with _watched_router() as (watch, router, dealer):
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             deadline = loop.time() + 0.1
@@ -132,9 +144,6 @@ def test_a_deadline_ends_the_wait_and_its_timer_serves_every_wait_for_it(use_uvl
             assert await watch.wait(loop.time() + 5) is True
             assert _read_all(router)[0][1] == b"hello"
             assert watch.readable() is False
-        finally:
-            watch.close()
-            context.destroy(linger=0)
 
     _run(waits, use_uvloop=use_uvloop)
 
@@ -144,10 +153,7 @@ def test_a_nearby_deadline_keeps_the_pending_timer_and_an_earlier_one_moves_it(u
     """The worker works its heartbeat deadline out again before every wait: deadlines within TIMER_SLACK of the
     pending timer's keep that timer (none made and cancelled per wait); an earlier one must still end on time."""
     async def waits() -> None:
-        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        router, _dealer = _pair(context)
-        watch = FrameWatch(router)
-        try:
+        with _watched_router() as (watch, _router, _dealer):
             loop = asyncio.get_running_loop()
             far = loop.time() + 30
             for deadline in (far, far + TIMER_SLACK / 2, far - TIMER_SLACK / 2):
@@ -161,19 +167,13 @@ def test_a_nearby_deadline_keeps_the_pending_timer_and_an_earlier_one_moves_it(u
             started = time.monotonic()
             assert await asyncio.wait_for(watch.wait(loop.time() + 0.05), 5) is False
             assert time.monotonic() - started < 2
-        finally:
-            watch.close()
-            context.destroy(linger=0)
 
     _run(waits, use_uvloop=use_uvloop)
 
 
 def test_a_closed_watch_wakes_its_waiter_and_never_touches_the_socket() -> None:
     async def closes() -> None:
-        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        router, _dealer = _pair(context)
-        watch = FrameWatch(router)
-        try:
+        with _watched_router() as (watch, router, _dealer):
             waiting = asyncio.create_task(watch.wait())
             await asyncio.sleep(0.01)
             assert not waiting.done()
@@ -183,7 +183,5 @@ def test_a_closed_watch_wakes_its_waiter_and_never_touches_the_socket() -> None:
             router.close(linger=0)
             with pytest.raises(zmq.ZMQError):
                 watch.readable()
-        finally:
-            context.destroy(linger=0)
 
     asyncio.run(closes())
